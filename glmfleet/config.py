@@ -243,3 +243,7 @@ def settings_table() -> str:
             cells = (s.name, role_name, repr(s.default), s.doc, s.accepted)
             rows.append("| " + " | ".join(f"`{c}`" if i in (0, 2) else c for i, c in enumerate(cells)).replace("\n", " ") + " |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
