@@ -7,6 +7,7 @@ the inventory, group_data/ or --data stops the whole run with nothing changed.
 from pyinfra import host, inventory
 
 from glmfleet.config import validate_inventory
+from roles.model_weights import model_weights
 from roles.verify import verify
 from roles.vllm_service import vllm_service
 from roles.vllm_venv import vllm_venv
@@ -14,5 +15,7 @@ from roles.vllm_venv import vllm_venv
 validate_inventory(inventory)
 
 venv_switched = vllm_venv()
-started = vllm_service(restart_when=venv_switched)
+# A host whose weights fail to complete fails here, so its vLLM is never started.
+new_weights = model_weights()
+started = vllm_service(restart_when=[*venv_switched, *new_weights])
 verify(changes=started)

@@ -471,7 +471,8 @@ def sync(args) -> None:
         known = Given(args).manifest()
         if known and known["revision"] == args.revision:
             verify(args, state, known, everything)
-        preflight(args, source.sizes())
+        if args.source != "path":  # nothing is fetched: no disk is needed
+            preflight(args, source.sizes())
         if args.phase == "prepare":
             return
 

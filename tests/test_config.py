@@ -11,23 +11,31 @@ from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
 from glmfleet.config import ConfigError, all_settings, resolve, settings_table, validate_inventory
+from roles.model_weights import sync_argv
 from roles.vllm_service import render_env_file, render_unit, vllm_command, vllm_environment
+
+
+# Every deploy pins the model's commit (model_revision has no default): a site sets it once.
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+PINNED = {"model_revision": REVISION}
 
 
 def load(tmp_path, inventory: str, group_data: dict[str, str] | None = None, override: dict | None = None):
     """Write an inventory (and group_data files beside it) and load it as `pyinfra` would."""
     ctx_state.set(State())  # the loader executes the files within a pyinfra state
     (tmp_path / "inventory.py").write_text(textwrap.dedent(inventory))
-    for group, text in (group_data or {}).items():
+    group_data = dict(group_data or {})
+    group_data["all"] = f"model_revision = {REVISION!r}\n" + group_data.get("all", "")
+    for group, text in group_data.items():
         (tmp_path / "group_data").mkdir(exist_ok=True)
         (tmp_path / "group_data" / f"{group}.py").write_text(textwrap.dedent(text))
     return make_inventory(str(tmp_path / "inventory.py"), override_data=override or {}, cwd=str(tmp_path))
 
 
 def test_defaults_fill_every_declared_key():
-    cfg = resolve({})
+    cfg = resolve(PINNED)
     for name, setting in all_settings().items():
-        assert cfg[name] == setting.default
+        assert cfg[name] == (REVISION if name == "model_revision" else setting.default)
 
 
 def test_precedence_host_over_group_over_all(tmp_path):
@@ -67,7 +75,11 @@ BAD_VALUES = [
     ("vllm_extra_args", "--enable-prefix-caching", "a list of strings"),
     ("vllm_env", {"BAD-NAME": "1"}, "a mapping of variable names"),
     ("vllm_env", {"A": "two\nlines"}, "one-line strings"),
-    ("model", "not a repo", "'owner/name' or an absolute path"),
+    ("model", "not a repo", "'owner/name'"),
+    ("model", "/srv/models/glm", "'owner/name'"),
+    ("model_source", "s3", "one of 'hf', 'modelscope', 'control', 'path', 'peer'"),
+    ("model_disk_margin_gb", -1, "a number 0-100000"),
+    ("hf_endpoint", "mirror.internal", "None or an http(s) URL"),
     ("model_revision", "main", "a 40-hex commit id"),
     ("model_dir", "relative/dir", "an absolute path"),
     ("pip_index_url", "pypi.example", "an http(s) or file URL"),
@@ -121,7 +133,7 @@ def test_pyinfra_connector_keys_are_not_ours_to_reject(tmp_path):
 )
 def test_impossible_combinations_are_rejected(data, expected):
     with pytest.raises(ConfigError) as error:
-        resolve(data, "gpu-1")
+        resolve({**PINNED, **data}, "gpu-1")
     assert f"gpu-1: {expected}" in str(error.value)
 
 
@@ -134,33 +146,37 @@ def test_every_problem_of_every_host_is_reported_at_once(tmp_path):
 
 def test_secrets_are_never_echoed_in_errors():
     with pytest.raises(ConfigError) as error:
-        resolve({"vllm_api_key": 12345678})
+        resolve({**PINNED, "vllm_api_key": 12345678})
     assert "12345678" not in str(error.value)
     assert "vllm_api_key = <hidden> is invalid" in str(error.value)
 
 
 def test_secrets_stay_out_of_the_unit_and_in_the_env_file():
-    cfg = resolve({"vllm_api_key": "sk-test-4242", "hf_token": "hf_test_4242"})
+    cfg = resolve({**PINNED, "vllm_api_key": "sk-test-4242", "hf_token": "hf_test_4242"})
     assert "4242" not in " ".join(vllm_command(cfg))
     assert "4242" not in render_unit(cfg)
     env_file = render_env_file(vllm_environment(cfg))
-    assert 'VLLM_API_KEY="sk-test-4242"' in env_file and 'HF_TOKEN="hf_test_4242"' in env_file
+    assert 'VLLM_API_KEY="sk-test-4242"' in env_file
+    # The hub token is only for fetching (a root-only file the weights script reads): vLLM
+    # serves offline and never sees it.
+    assert "hf_test_4242" not in env_file and "hf_test_4242" not in " ".join(sync_argv(cfg, "hf"))
 
 
 def test_command_renders_each_key():
-    cfg = resolve({"model": "zai-org/GLM-4.7-Flash", "vllm_port": 8123, "vllm_max_model_len": 4096,
+    cfg = resolve({**PINNED, "model": "zai-org/GLM-4.7-Flash", "vllm_port": 8123, "vllm_max_model_len": 4096,
                    "vllm_served_model_name": "glm", "vllm_extra_args": ["--enable-prefix-caching"],
                    "model_revision": "a" * 40})
     argv = vllm_command(cfg)
-    assert argv[:3] == ["/opt/glmfleet/vllm/current/bin/vllm", "serve", "zai-org/GLM-4.7-Flash"]
+    # vLLM serves the verified local copy: <vllm_state_dir>/models/<owner>--<name>/<revision>
+    assert argv[:3] == ["/opt/glmfleet/vllm/current/bin/vllm", "serve", "/var/lib/vllm/models/zai-org--GLM-4.7-Flash/" + "a" * 40]
     flags = dict(zip(argv[3::2], argv[4::2]))
     assert flags["--port"] == "8123" and flags["--max-model-len"] == "4096"
-    assert flags["--served-model-name"] == "glm" and flags["--revision"] == "a" * 40
+    assert flags["--served-model-name"] == "glm" and "--revision" not in argv
     assert argv[-1] == "--enable-prefix-caching"
 
 
 def test_model_dir_serves_offline_from_the_directory():
-    cfg = resolve({"model_dir": "/srv/models/glm", "model_revision": "b" * 40})
+    cfg = resolve({**PINNED, "model_dir": "/srv/models/glm", "model_revision": "b" * 40})
     argv = vllm_command(cfg)
     assert argv[2] == "/srv/models/glm" and "--revision" not in argv
     assert argv[argv.index("--served-model-name") + 1] == cfg.model
@@ -169,12 +185,12 @@ def test_model_dir_serves_offline_from_the_directory():
 
 @pytest.mark.parametrize(("version", "drains"), [("0.17.1", False), ("0.18.0", True), ("0.22.0", True)])
 def test_shutdown_timeout_only_where_vllm_drains(version, drains):
-    argv = vllm_command(resolve({"vllm_version": version}))
+    argv = vllm_command(resolve({**PINNED, "vllm_version": version}))
     assert ("--shutdown-timeout" in argv) == drains
 
 
 def test_exec_start_quotes_what_systemd_would_split_or_expand():
-    cfg = resolve({"vllm_extra_args": ["--chat-template-content-format", "a b", "--x", "50%$HOME"]})
+    cfg = resolve({**PINNED, "vllm_extra_args": ["--chat-template-content-format", "a b", "--x", "50%$HOME"]})
     exec_start = next(line for line in render_unit(cfg).splitlines() if line.startswith("ExecStart="))
     assert exec_start.endswith('--chat-template-content-format "a b" --x 50%%$$HOME')
 
