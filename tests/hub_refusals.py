@@ -25,10 +25,12 @@ class HubRefusal:
     def __init__(self, kind: str):
         status, headers = REFUSALS[kind]
         self.requests = 0
+        self.authorizations: list[str | None] = []
 
         class Handler(BaseHTTPRequestHandler):
             def answer(handler, body: bool) -> None:
                 self.requests += 1
+                self.authorizations.append(handler.headers.get("Authorization"))
                 payload = json.dumps({"error": headers.get("X-Error-Message", "refused")}).encode()
                 handler.send_response(status)
                 for key, value in headers.items():
