@@ -92,11 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="the same as MODEL (MODEL wins when both are given)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", nargs="+", metavar="NAME", help="names the API answers to (default: MODEL)")
+    serve.add_argument(
+        "--served-model-name", nargs="+", metavar="NAME", help="names the API answers to (default: MODEL)"
+    )
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     serve.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    serve.add_argument("--api-key", nargs="+", metavar="KEY", help="require one of these keys on /v1 (beats VLLM_API_KEY)")
+    serve.add_argument(
+        "--api-key", nargs="+", metavar="KEY", help="require one of these keys on /v1 (beats VLLM_API_KEY)"
+    )
     serve.add_argument("--trust-remote-code", action="store_true")
     serve.add_argument("--tool-call-parser")
     serve.add_argument("--reasoning-parser")
@@ -147,7 +151,9 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace, unrecognize
         version=vllm_test_double.__version__,
     )
 
-    log.info("Starting vLLM test double %s -- a TEST DOUBLE that stands in for vLLM and serves no model", config.version)
+    log.info(
+        "Starting vLLM test double %s -- a TEST DOUBLE that stands in for vLLM and serves no model", config.version
+    )
     log.info("args: %s", _loggable_args(args))
     log.info("test knobs: %s", knobs)
     if unrecognized:
@@ -172,7 +178,9 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace, unrecognize
         server.server_close()
 
 
-def _run_engine(server: DoubleHTTPServer, state: EngineState, knobs: DoubleKnobs, shutdown_timeout_s: float | None) -> int:
+def _run_engine(
+    server: DoubleHTTPServer, state: EngineState, knobs: DoubleKnobs, shutdown_timeout_s: float | None
+) -> int:
     received = signal.sigtimedwait(STOP_SIGNALS, knobs.startup_delay_s)
     if received is None:
         if knobs.fail == "exit":

@@ -172,7 +172,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _metrics(self, _body: bytes) -> None:
         running, succeeded = self.server.state.counts()
         # vLLM labels its metrics with the first served model name.
-        label = '{model_name="%s"}' % _escape_label(self.server.config.served_model_names[0])
+        label = f'{{model_name="{_escape_label(self.server.config.served_model_names[0])}"}}'
         text = (
             "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
             "# TYPE vllm:num_requests_running gauge\n"
@@ -208,7 +208,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         request, model, max_tokens = self._generation_request(body)
         messages = request.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise ApiError(400, "`messages` must be a non-empty list of message objects.", "BadRequestError", "messages")
+            raise ApiError(
+                400, "`messages` must be a non-empty list of message objects.", "BadRequestError", "messages"
+            )
         texts = [(m.get("role"), _content_text(m.get("content"))) for m in messages]
         last_user_text = next((text for role, text in reversed(texts) if role == "user"), "")
         reply, finish_reason = _echo(last_user_text, max_tokens)
@@ -238,7 +240,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         prompt = request.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ApiError(400, "`prompt` must be a string or a non-empty list of strings.", "BadRequestError", "prompt")
+            raise ApiError(
+                400, "`prompt` must be a string or a non-empty list of strings.", "BadRequestError", "prompt"
+            )
         replies = [_echo(p, max_tokens) for p in prompts]
         self._generate()
         self._send_json(
@@ -272,7 +276,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         if not isinstance(request, dict):
             raise ApiError(400, "The request body must be a JSON object.", "BadRequestError")
         if request.get("stream"):
-            raise ApiError(400, "The vLLM test double does not stream; send \"stream\": false.", "BadRequestError", "stream")
+            raise ApiError(
+                400, 'The vLLM test double does not stream; send "stream": false.', "BadRequestError", "stream"
+            )
         served = self.server.config.served_model_names
         # vLLM falls back to the first served name when the request names none.
         model = request.get("model") or served[0]
@@ -289,7 +295,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         with state.running_request():
             time.sleep(config.latency_s)
             if config.fail_requests:
-                raise ApiError(500, "EngineCore encountered an issue (VLLM_TEST_DOUBLE_FAIL=error).", "InternalServerError")
+                raise ApiError(
+                    500, "EngineCore encountered an issue (VLLM_TEST_DOUBLE_FAIL=error).", "InternalServerError"
+                )
         state.record_success()
 
     # --- responses and logging ----------------------------------------------
@@ -321,7 +329,9 @@ def _content_text(content) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+        return " ".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
     raise ApiError(400, "Message content must be a string or a list of content parts.", "BadRequestError", "messages")
 
 
