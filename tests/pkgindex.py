@@ -6,9 +6,9 @@ mirror. This module fills a directory with those wheels and serves it with
 pypiserver on 127.0.0.1. The local fleet's hosts share this machine's network
 namespace, so the index URL works from inside them too.
 
-    directory = fill_index_dir(tmp / "wheels", requirements=["uv==0.13.9"])
-    with PackageIndex(directory) as index_url:   # http://127.0.0.1:PORT/simple/
-        ...
+    fill_index_dir(wheels_dir, requirements=["uv==0.13.9"])
+    with PackageIndex(wheels_dir) as index:
+        index.url   # http://127.0.0.1:PORT/simple/
 
 Needs: `uv` on PATH (it builds the double's wheel) and pypiserver in this
 interpreter (which brings pip, used to download wheels).
@@ -31,7 +31,8 @@ TEST_DOUBLE_SOURCE = Path(__file__).resolve().parent / "vllm_test_double"
 # pypiserver is started through this shim so that it dies with the process
 # that started it (PR_SET_PDEATHSIG), even when that process is killed
 # outright and its teardown never runs. Done in the child rather than in a
-# preexec_fn, which is unsafe once the parent has threads.
+# preexec_fn, which is unsafe once the parent has threads. The signal follows
+# the starting *thread*, so call start() from one that outlives the index.
 _PYPISERVER_SHIM = """\
 import ctypes, os, runpy, signal, sys
 PR_SET_PDEATHSIG = 1
@@ -41,6 +42,8 @@ if os.getppid() != int(sys.argv.pop(1)):
 runpy.run_module("pypiserver", run_name="__main__", alter_sys=True)
 """
 _PORT_ATTEMPTS = 3
+# Loopback must never go through an HTTP proxy from the environment.
+_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def build_test_double_wheel(directory: Path) -> Path:
@@ -76,7 +79,9 @@ def download_wheels(requirements: Iterable[str], directory: Path) -> list[Path]:
         return [Path(shutil.move(wheel, directory / wheel.name)) for wheel in sorted(Path(out).glob("*.whl"))]
 
 
-def fill_index_dir(directory: Path, *, extra_wheels: Iterable[Path] = (), requirements: Iterable[str] = ()) -> list[Path]:
+def fill_index_dir(
+    directory: Path, *, extra_wheels: Iterable[Path] = (), requirements: Iterable[str] = ()
+) -> list[Path]:
     """Put the test double's wheel, copies of extra_wheels and downloads of requirements into directory."""
     wheels = [build_test_double_wheel(directory)]
     for wheel in extra_wheels:
@@ -145,15 +150,17 @@ class PackageIndex:
             self._log = None
         self.port = None
 
-    def __enter__(self) -> str:
-        return self.start()
+    def __enter__(self) -> "PackageIndex":
+        self.start()
+        return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
     def _try_start(self, port: int) -> str | None:
         """Start pypiserver on port and wait until it answers; None on success, else its output."""
-        self._log = tempfile.NamedTemporaryFile(prefix="pypiserver-", suffix=".log", delete=False)
+        # Kept open while pypiserver runs; stop() closes and removes it.
+        self._log = tempfile.NamedTemporaryFile(prefix="pypiserver-", suffix=".log", delete=False)  # noqa: SIM115
         command = [
             sys.executable, "-c", _PYPISERVER_SHIM, str(os.getpid()),
             "run",
@@ -184,7 +191,7 @@ class PackageIndex:
 
 def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
+        with _direct.open(url, timeout=1) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
