@@ -336,6 +336,12 @@ def test_served_name_defaults_to_the_model_given_by_flag(start_double):
     )
 
 
+def test_positional_model_beats_the_model_flag_with_a_warning(start_double):
+    double = start_double("--model", MODEL, "--max-num-seqs", "8").wait_until_healthy()
+    assert [m["id"] for m in double.get("/v1/models").json()["data"]] == ["8"]
+    assert f"MODEL '8' overrides --model '{MODEL}'" in double.log()
+
+
 def test_chat_completion_echoes_the_last_user_message(start_double):
     double = start_double(MODEL, "--served-model-name", *SERVED).wait_until_healthy()
     messages = [

@@ -24,7 +24,9 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 SERVE_EPILOG = f"""\
 Unrecognized flags are accepted and logged, so flags this double does not
-model do not stop a unit from starting.
+model do not stop a unit from starting. The double cannot know whether an
+unrecognized flag takes a value, so give MODEL first or such flags as
+--flag=value; otherwise the value may be taken for MODEL.
 
 Test knobs (environment):
   {ENV_STARTUP_DELAY}=SECONDS
@@ -134,6 +136,9 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace, unrecognize
     model = args.model_tag or args.model
     if not model:
         parser.error("serve: a MODEL (or --model) is required")
+    if args.model and model != args.model:
+        # Often the value of an unrecognized flag, taken for MODEL (see --help).
+        log.warning("MODEL %r overrides --model %r, as in vLLM", model, args.model)
     try:
         knobs = DoubleKnobs.from_env(os.environ)
     except ValueError as error:
