@@ -352,7 +352,7 @@ class Peers(Source):
         ssh = (f"ssh -p {port} -i {self.args.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
                f"-o UserKnownHostsFile={self.args.known_hosts} -o Compression=no -o ConnectTimeout=10")
         # No -z: weights do not compress. Partial files wait in .rsync-partial/ and resume.
-        argv = ["rsync", "--archive", "--partial-dir=.rsync-partial", "--exclude=/.cache/", "-e", ssh,
+        argv = ["rsync", "--archive", "--partial-dir=.rsync-partial", "--exclude=/.cache/", *self.args.rsync_option, "-e", ssh,
                 *[f"root@{address}:{self.args.peer_path}/{p}" for p in paths], str(self.args.dir) + "/"]
         return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
 
@@ -541,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     p_sync.add_argument("--peer-path", help="the directory on the peers, as their rrsync sees it")
     p_sync.add_argument("--peer-key", help="the fleet's transfer key")
     p_sync.add_argument("--known-hosts", help="the peers' host keys")
+    p_sync.add_argument("--bwlimit", dest="rsync_option", action="append", default=[], type=lambda v: f"--bwlimit={v}",
+                        help="rsync's --bwlimit (KiB/s) for copies from peers")
     p_sync.add_argument("--margin-bytes", type=int, default=0)
     p_sync.add_argument("--verify", choices=("changed", "always"), default="changed")
     p_sync.add_argument("--progress-interval", type=float, default=10)

@@ -37,6 +37,7 @@ from glmfleet.config import (
     host_config,
     is_abs_path,
     is_int_in,
+    is_number_in,
     is_one_of,
     is_str,
     is_str_list,
@@ -96,6 +97,8 @@ SETTINGS = (
     Setting("model_verify", "changed", "'changed': re-hash only files whose size, mtime, ctime or inode changed since they "
             "were verified; 'always': re-hash every file on every run (a scrub for silent disk corruption)",
             "'changed' or 'always'", is_one_of("changed", "always")),
+    Setting("model_transfer_limit_mbps", None, "cap (MB/s) for each copy between hosts and from the control node, so copies "
+            "leave bandwidth to serving traffic (rsync --bwlimit)", "None or a number > 0", optional(is_number_in(0, 100_000))),
     Setting("model_progress_interval", 10, "seconds between progress lines of a transfer", "an integer 1-3600", is_int_in(1, 3600)),
     Setting("hf_endpoint", None, "the Hugging Face hub or a mirror of it (HF_ENDPOINT)", "None or an http(s) URL", optional(is_url)),
     Setting("hf_xet", "on", "hub transfers over xet: 'on', 'off' (HF_HUB_DISABLE_XET=1, for mirrors that serve plain HTTP), "
@@ -186,7 +189,8 @@ def sync_argv(cfg: HostConfig, source: str, phase: str = "all", peers: list[str]
         if token[0]:
             argv += ["--token-file", token[1]]
     if source == "peer":
-        argv += ["--peer-path", peer_path(cfg), "--peer-key", PEER_KEY, "--known-hosts", PEER_KNOWN_HOSTS]
+        argv += ["--peer-path", peer_path(cfg), "--peer-key", PEER_KEY, "--known-hosts", PEER_KNOWN_HOSTS,
+                 *rsync_limit(cfg)]
         for peer in peers:
             argv += ["--peer", peer]
     return argv
@@ -311,7 +315,12 @@ def authorized_line(cfg: HostConfig, public_key: str) -> str:
 # --- the control node's push -------------------------------------------------------------------
 
 
-def push_argv(host_data, src: str, dest: str, sudo: bool) -> list[str]:
+def rsync_limit(cfg: HostConfig) -> list[str]:
+    """rsync's --bwlimit counts KiB/s."""
+    return [f"--bwlimit={max(1, int(cfg.model_transfer_limit_mbps * 10**6 / 1024))}"] if cfg.model_transfer_limit_mbps else []
+
+
+def push_argv(host_data, src: str, dest: str, sudo: bool, limit: list[str] = ()) -> list[str]:
     """rsync from the control node to a host over the host's own SSH settings (as pyinfra's)."""
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", "Compression=no"]
     if host_data.get("ssh_known_hosts_file"):
@@ -323,7 +332,7 @@ def push_argv(host_data, src: str, dest: str, sudo: bool) -> list[str]:
     if host_data.get("ssh_key"):
         ssh += ["-i", str(host_data.get("ssh_key"))]
     user = f"{host_data.get('ssh_user')}@" if host_data.get("ssh_user") else ""
-    return ["rsync", "--archive", "--partial-dir=.rsync-partial", "--exclude=/.cache/", "--info=progress2", "--no-inc-recursive",
+    return ["rsync", "--archive", "--partial-dir=.rsync-partial", "--exclude=/.cache/", "--info=progress2", "--no-inc-recursive", *limit,
             "--rsh", shlex.join(ssh), *(["--rsync-path", "sudo rsync"] if sudo else []),
             f"{src.rstrip('/')}/", f"{user}{host_data.get('ssh_hostname') or host.name}:{dest}/"]
 
@@ -370,7 +379,7 @@ def fetch_steps(cfg: HostConfig, source: str, peers: list[str] = ()) -> list:
         f"mkdir -p {shlex.quote(manifest_dest)}",
         (push, push_argv(host.data, str(manifest.parent), manifest_dest, sudo), cfg.model_progress_interval),
         shlex.join(sync_argv(cfg, "control", phase="prepare")),
-        (push, push_argv(host.data, control_dir, model_path(cfg), sudo), cfg.model_progress_interval),
+        (push, push_argv(host.data, control_dir, model_path(cfg), sudo, rsync_limit(cfg)), cfg.model_progress_interval),
         shlex.join(sync_argv(cfg, "control", phase="finish")),
     ]
 

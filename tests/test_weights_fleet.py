@@ -1,0 +1,225 @@
+"""Model weights on real fleet hosts: peer fan-out from one origin copy, idempotence, corruption,
+an interrupted copy, a disk too small, the control node's push, and the unit's gate.
+
+The tests run in file order on one fleet: each step builds on the one before.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from glmfleet import localfleet
+from glmfleet.config import resolve
+from roles.model_weights import check_argv, model_path, state_path
+from tests.fleettools import ROOT, Run, data_args, testinfra_host
+from tests.pkgindex import PackageIndex
+from tests.weights_fixtures import REPO_ID, hub  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.fleet
+
+HOSTS = 4
+HF_CLI_VERSION = "2.4.0"
+SHARDS = "model-*.safetensors"
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    localfleet.up(HOSTS)
+    yield [host["name"] for host in localfleet.load_hosts()][:HOSTS]
+    if os.environ.get("GLMFLEET_KEEP_FLEET") != "1":
+        localfleet.down()
+
+
+@pytest.fixture(scope="module")
+def hub_cli_index(tmp_path_factory):
+    """huggingface_hub and its dependencies, served on loopback, as a mirror-only site has them."""
+    wheels = tmp_path_factory.mktemp("hub-cli-wheels")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(wheels),
+                    f"huggingface_hub=={HF_CLI_VERSION}"], check=True)
+    with PackageIndex(wheels) as index:
+        yield index.url
+
+
+@pytest.fixture(scope="module")
+def settings(hub, hub_cli_index):
+    return {"model": REPO_ID, "model_revision": hub.revision, "model_source": "peer", "hf_endpoint": hub.url,
+            "hf_cli_version": HF_CLI_VERSION, "pip_index_url": hub_cli_index, "model_disk_margin_gb": 0.05,
+            "model_progress_interval": 1}
+
+
+def inventory(tmp_path: Path, names: list[str]) -> Path:
+    path = tmp_path / "inventory.py"
+    path.write_text("from glmfleet.localfleet import inventory_hosts\n"
+                    f"local_fleet = [(name, data) for name, data in inventory_hosts() if name in {names!r}]\n")
+    return path
+
+
+def deploy_weights(inventory_file: Path, data: dict, background: bool = False):
+    command = [str(Path(sys.executable).parent / "pyinfra"), "-y", "--json", str(inventory_file), "tests/deploy_weights.py",
+               *data_args(data)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if background:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    return Run(completed.returncode, completed.stdout, completed.stderr)
+
+
+def host_root(name: str) -> Path:
+    return Path(next(h for h in localfleet.load_hosts() if h["name"] == name)["root"])
+
+
+def on_host(name: str, path: str) -> Path:
+    """A path inside a host, seen from this machine (hosts are directories here)."""
+    return host_root(name) / path.lstrip("/")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inodes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in sorted(directory.glob(SHARDS))}
+
+
+def check(name: str, cfg) -> tuple[int, str]:
+    """What the vLLM unit's ExecStartPre runs on the host."""
+    result = testinfra_host(name).run(shlex.join(check_argv(cfg)))
+    return result.rc, result.stderr
+
+
+@pytest.fixture(scope="module")
+def cfg(settings):
+    return resolve(settings)
+
+
+@pytest.fixture(scope="module")
+def first_run(hosts, hub, settings, tmp_path_factory):
+    mark = hub.log_mark()
+    run = deploy_weights(inventory(tmp_path_factory.mktemp("inv"), hosts), settings)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run, hub.downloads_since(mark)
+
+
+def test_fanout_reads_one_copy_from_the_origin_and_every_host_verifies(first_run, hosts, hub, cfg):
+    run, downloads = first_run
+    # The whole fleet read each file from the origin exactly once.
+    counts = collections.Counter(downloads)
+    assert set(counts) == {p.name for p in hub.checkpoint.iterdir() if p.is_file()} | {".gitattributes"}
+    assert set(counts.values()) == {1}
+    # Doubling rounds: the seed from the origin, then 1 -> 2 -> 4 holders.
+    changed = run.changed()
+    assert any(op.endswith("weights round 1/3: from the origin") for op in changed[hosts[0]])
+    assert any(op.endswith(f"weights round 2/3: from {hosts[0]}") for op in changed[hosts[1]])
+    assert any(op.endswith(f"weights round 3/3: from {hosts[0]}") for op in changed[hosts[2]])
+    assert any(op.endswith(f"weights round 3/3: from {hosts[1]}") for op in changed[hosts[3]])
+    for name in hosts:
+        assert check(name, cfg)[0] == 0
+        directory = on_host(name, model_path(cfg))
+        for shard in hub.checkpoint.glob(SHARDS):
+            assert sha256(directory / shard.name) == sha256(shard)
+    # The person running the deploy saw progress, not silence.
+    assert "MB/s" in run.stderr and "complete, 12 files verified against the manifest (hub tree)" in run.stderr
+
+
+def test_second_run_changes_nothing_hashes_nothing_and_reads_nothing(first_run, hosts, hub, settings, cfg, tmp_path):
+    states = {name: on_host(name, state_path(cfg)).stat().st_mtime_ns for name in hosts}
+    mark = hub.log_mark()
+    run = deploy_weights(inventory(tmp_path, hosts), settings)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.changed() == {}
+    assert hub.downloads_since(mark) == []
+    # The weights script did not even run: no host rewrote its state.
+    assert {name: on_host(name, state_path(cfg)).stat().st_mtime_ns for name in hosts} == states
+
+
+def test_a_corrupted_shard_on_one_host_is_found_and_fetched_again_alone(first_run, hosts, hub, settings, cfg, tmp_path):
+    victim_host = hosts[2]
+    directory = on_host(victim_host, model_path(cfg))
+    before = inodes(directory)
+    victim = sorted(before)[1]
+    testinfra_host(victim_host).run_test(f"printf 'rot' | dd of={model_path(cfg)}/{victim} bs=1 seek=4096 conv=notrunc")
+    mark = hub.log_mark()
+    run = deploy_weights(inventory(tmp_path, hosts), settings)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert set(run.changed()) == {victim_host}
+    assert f"{victim}: sha256 does not match the manifest; removed" in run.stderr
+    after = inodes(directory)
+    assert {n for n in before if before[n] != after[n]} == {victim}
+    assert sha256(directory / victim) == sha256(hub.checkpoint / victim)
+    assert hub.downloads_since(mark) == []  # a peer gave it, not the origin
+
+
+def test_an_interrupted_copy_resumes_and_is_never_served_half_done(first_run, hosts, hub, settings, cfg, tmp_path):
+    receiver = hosts[3]
+    testinfra_host(receiver).run_test(f"rm -rf {model_path(cfg)} {state_path(cfg)}")
+    directory = on_host(receiver, model_path(cfg))
+    # A capped rate (a real setting) makes "midway" last long enough to be hit.
+    process = deploy_weights(inventory(tmp_path, hosts), {**settings, "model_transfer_limit_mbps": 40}, background=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(directory.glob(SHARDS))) < 2:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    time.sleep(2)  # the host's rsync notices its closed session and keeps its partial file aside
+    finished = inodes(directory)
+    assert 2 <= len(finished) < 5, "the kill came too late to interrupt the copy"
+    for name in finished:
+        assert sha256(directory / name) == sha256(hub.checkpoint / name)
+    rc, stderr = check(receiver, cfg)
+    assert rc == 1 and "not complete" in stderr
+
+    mark = hub.log_mark()
+    run = deploy_weights(inventory(tmp_path, hosts), settings)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert set(run.changed()) == {receiver}
+    after = inodes(directory)
+    assert {n for n in finished if after[n] != finished[n]} == set(), "finished shards were copied again"
+    assert len(after) == 5 and check(receiver, cfg)[0] == 0
+    assert hub.downloads_since(mark) == []
+
+
+def test_a_disk_too_small_fails_before_any_transfer(first_run, hosts, settings, cfg, tmp_path):
+    small = hosts[3]
+    host = testinfra_host(small)
+    parent = str(Path(model_path(cfg)).parent)
+    host.run_test(f"rm -rf {model_path(cfg)} {state_path(cfg)} && mount -t tmpfs -o size=100m tmpfs {parent}")
+    try:
+        run = deploy_weights(inventory(tmp_path, hosts), {**settings, "model_disk_margin_gb": 0.1})
+        assert run.returncode != 0
+        assert "not enough disk for glmfleet-test/tiny-glm" in run.stderr and "Nothing was transferred" in run.stderr
+        assert not list(on_host(small, model_path(cfg)).glob(SHARDS))
+        assert set(run.changed()) == set()  # the others were complete and stayed untouched
+    finally:
+        host.run_test(f"umount {parent}")
+
+
+def test_the_control_node_pushes_its_copy(first_run, hosts, hub, settings, tmp_path):
+    control_copy = tmp_path / "control-copy"
+    subprocess.run(["cp", "-al", str(hub.checkpoint), str(control_copy)], check=True)  # same bytes, no second copy
+    data = {**settings, "model_source": "control", "model_control_dir": str(control_copy), "model_dir": "/srv/models/tiny-glm"}
+    cfg = resolve(data)
+    two = hosts[:2]
+    run = deploy_weights(inventory(tmp_path, two), data)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "files verified against the manifest (computed on the seed)" in run.stderr
+    for name in two:
+        assert check(name, cfg)[0] == 0
+        for shard in hub.checkpoint.glob(SHARDS):
+            assert sha256(on_host(name, "/srv/models/tiny-glm") / shard.name) == sha256(shard)
+    again = deploy_weights(inventory(tmp_path, two), data)
+    assert again.returncode == 0 and again.changed() == {}
