@@ -69,7 +69,7 @@ MASKED_UNITS = [
     "e2scrub_reap.service",
     "fstrim.timer",
 ]
-REQUIRED_TOOLS = ["mmdebstrap", "systemd-nspawn", "ssh", "ssh-keygen", "cp"]
+REQUIRED_TOOLS = ["mmdebstrap", "systemd-nspawn", "unshare", "ssh", "ssh-keygen", "cp"]
 
 # systemd-nspawn exits with this status when the container's systemd reboots (systemd-nspawn(1)).
 CONTAINER_REBOOTED = 133
@@ -482,7 +482,7 @@ def _supervise(name: str) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         while not stopping:
-            nspawn = subprocess.Popen(_nspawn_argv(host))
+            nspawn = subprocess.Popen(_boot_argv(host))
             if stopping:  # SIGTERM came while nspawn was being started
                 nspawn.terminate()
             status = nspawn.wait()
@@ -492,6 +492,17 @@ def _supervise(name: str) -> int:
         return 0
     finally:
         _leave_cgroups(cgroups)
+
+
+def _boot_argv(host: dict) -> list[str]:
+    """systemd-nspawn in a time namespace whose clocks start at this boot: /proc/uptime is
+    otherwise the machine's, and pyinfra's server.reboot, which waits for the uptime to drop,
+    would never see the host come back (measured)."""
+    clocks_offset = -int(time.clock_gettime(time.CLOCK_MONOTONIC))
+    return [
+        "unshare", "--time", f"--monotonic={clocks_offset}", f"--boottime={clocks_offset}",
+        *_nspawn_argv(host),
+    ]
 
 
 def _nspawn_argv(host: dict) -> list[str]:

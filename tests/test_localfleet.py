@@ -66,9 +66,13 @@ def test_hosts_have_what_the_product_needs(fleet_hosts):
 def test_rebooted_host_comes_back(fleet_hosts):
     host = fleet_hosts[1]
     before = boot_id(host)
+    rebooted_at = time.monotonic()
     ssh(host, "systemctl reboot")
     wait_for_new_boot(host, before)
     assert host in localfleet.load_hosts()
+    # The host's clock restarted with it: pyinfra's server.reboot relies on that.
+    uptime_s = float(ssh(host, "cut -d' ' -f1 /proc/uptime").stdout)
+    assert uptime_s <= time.monotonic() - rebooted_at
 
 
 def test_stopped_host_is_gone_until_started(fleet_hosts):
