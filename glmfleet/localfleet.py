@@ -507,10 +507,12 @@ def _request_poweroff(nspawn_pid: int) -> None:
 def _boot_argv(host: dict) -> list[str]:
     """systemd-nspawn in a time namespace whose clocks start at this boot: /proc/uptime is
     otherwise the machine's, and pyinfra's server.reboot, which waits for the uptime to drop,
-    would never see the host come back (measured)."""
-    clocks_offset = -int(time.clock_gettime(time.CLOCK_MONOTONIC))
+    would never see the host come back (measured). Offsets are whole seconds (unshare), so the
+    clocks start less than a second after zero."""
+    monotonic_offset = -int(time.clock_gettime(time.CLOCK_MONOTONIC))
+    boottime_offset = -int(time.clock_gettime(time.CLOCK_BOOTTIME))
     return [
-        "unshare", "--time", f"--monotonic={clocks_offset}", f"--boottime={clocks_offset}",
+        "unshare", "--time", f"--monotonic={monotonic_offset}", f"--boottime={boottime_offset}",
         *_nspawn_argv(host),
     ]
 
