@@ -197,7 +197,7 @@ class Progress:
         if self.expected:
             text += f" of {human(self.expected)} ({min(100, 100 * done / self.expected):.0f}%)"
         text += f", {human(rate)}/s"
-        if self.expected and rate > 0 and done < self.expected:
+        if self.expected and done >= self.expected / 100 and done < self.expected:  # a rate worth extrapolating
             text += f", ETA {int((self.expected - done) / rate)} s"
         return text
 
@@ -461,6 +461,8 @@ def sync(args) -> None:
     state.save(complete=False)
     source = SOURCES[args.source](args)
     label = f"{args.model}@{args.revision[:12]}"
+    origin = {"hf": f"the hub ({source.env.get('HF_ENDPOINT', 'huggingface.co')})", "modelscope": "ModelScope",
+              "peer": "a peer", "control": "the control node", "path": "this host"}[args.source]
     everything = args.verify == "always"
 
     if args.phase in ("prepare", "all"):
@@ -478,6 +480,7 @@ def sync(args) -> None:
 
     bad = []
     for attempt in (1, 2) if args.phase == "all" and args.source not in ("control", "path") else ():
+        print(f"{label}: fetching {human(args.expected)} from {f'peer {source.peer}' if args.source == 'peer' else origin}", flush=True)
         with Progress(args.dir, args.expected, args.progress_interval, label) as progress:
             source.fetch()
         print(progress.line(), "(transfer done)", flush=True)

@@ -430,8 +430,8 @@ def model_weights():
         return _peer_rounds(cfg, peer_plan, source)
     if source is None:
         return []
-    return [live_steps(name=f"fetch {cfg.model}@{cfg.model_revision[:12]} from {source} ({fact['reason']})",
-                  cfg_name=cfg.model, commands=fetch_steps(cfg, source))]
+    return [live_steps(name=f"fetch {cfg.model}@{cfg.model_revision[:12]} from {source}",
+                       steps=fetch_steps(cfg, source))]
 
 
 def _peer_rounds(cfg: HostConfig, plan: FanoutPlan, source: str | None) -> list:
@@ -456,8 +456,8 @@ def _peer_rounds(cfg: HostConfig, plan: FanoutPlan, source: str | None) -> list:
                 seed = plan.rounds[0][0][1] or plan.rounds[0][0][0]
                 givers = [plan.addresses[giver]] + ([plan.addresses[seed]] if seed not in (giver, host.name) else [])
                 steps = fetch_steps(cfg, "peer", peers=givers)
-        what = f"from {'the origin' if pairs.get(host.name, '') is None else pairs.get(host.name)}" if steps else "nothing to fetch here"
-        op = live_steps(name=f"weights round {number + 1}/{len(plan.rounds)}: {what}", steps=steps)
+        # One name on every host: pyinfra shows an operation once, whoever runs what in it.
+        op = live_steps(name=f"weights round {number + 1}/{len(plan.rounds)}", steps=steps)
         if steps:
             changed.append(op)
     return changed

@@ -22,7 +22,8 @@ import pytest
 from glmfleet import localfleet
 from glmfleet.config import resolve
 from roles.model_weights import check_argv, model_path, state_path
-from tests.fleettools import ROOT, Run, data_args, testinfra_host
+from tests.fleettools import ROOT, Run, data_args
+from tests.fleettools import testinfra_host as remote  # (a name pytest would collect as a test)
 from tests.pkgindex import PackageIndex
 from tests.weights_fixtures import REPO_ID, hub  # noqa: F401 (a fixture)
 
@@ -98,7 +99,7 @@ def inodes(directory: Path) -> dict[str, int]:
 
 def check(name: str, cfg) -> tuple[int, str]:
     """What the vLLM unit's ExecStartPre runs on the host."""
-    result = testinfra_host(name).run(shlex.join(check_argv(cfg)))
+    result = remote(name).run(shlex.join(check_argv(cfg)))
     return result.rc, result.stderr
 
 
@@ -122,11 +123,14 @@ def test_fanout_reads_one_copy_from_the_origin_and_every_host_verifies(first_run
     assert set(counts) == {p.name for p in hub.checkpoint.iterdir() if p.is_file()} | {".gitattributes"}
     assert set(counts.values()) == {1}
     # Doubling rounds: the seed from the origin, then 1 -> 2 -> 4 holders.
-    changed = run.changed()
-    assert any(op.endswith("weights round 1/3: from the origin") for op in changed[hosts[0]])
-    assert any(op.endswith(f"weights round 2/3: from {hosts[0]}") for op in changed[hosts[1]])
-    assert any(op.endswith(f"weights round 3/3: from {hosts[0]}") for op in changed[hosts[2]])
-    assert any(op.endswith(f"weights round 3/3: from {hosts[1]}") for op in changed[hosts[3]])
+    changed, port = run.changed(), {name: data["ssh_port"] for name, data in localfleet.inventory_hosts()}
+    rounds = {name: {op.rsplit(" ", 1)[-1] for op in changed[name] if "weights round" in op} for name in hosts}
+    assert rounds == {hosts[0]: {"1/3"}, hosts[1]: {"2/3"}, hosts[2]: {"3/3"}, hosts[3]: {"3/3"}}
+    assert f"[{hosts[0]}] glmfleet-test/tiny-glm@{hub.revision[:12]}: fetching" in run.stderr
+    for receiver, giver in ((hosts[1], hosts[0]), (hosts[2], hosts[0]), (hosts[3], hosts[1])):
+        assert f"[{receiver}] glmfleet-test/tiny-glm@{hub.revision[:12]}: fetching" in run.stderr
+        assert f"from peer 127.0.0.1:{port[giver]}" in next(line for line in run.stderr.splitlines()
+                                                            if line.startswith(f"[{receiver}]") and ": fetching" in line)
     for name in hosts:
         assert check(name, cfg)[0] == 0
         directory = on_host(name, model_path(cfg))
@@ -152,7 +156,7 @@ def test_a_corrupted_shard_on_one_host_is_found_and_fetched_again_alone(first_ru
     directory = on_host(victim_host, model_path(cfg))
     before = inodes(directory)
     victim = sorted(before)[1]
-    testinfra_host(victim_host).run_test(f"printf 'rot' | dd of={model_path(cfg)}/{victim} bs=1 seek=4096 conv=notrunc")
+    remote(victim_host).run_test(f"printf 'rot' | dd of={model_path(cfg)}/{victim} bs=1 seek=4096 conv=notrunc")
     mark = hub.log_mark()
     run = deploy_weights(inventory(tmp_path, hosts), settings)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -166,7 +170,7 @@ def test_a_corrupted_shard_on_one_host_is_found_and_fetched_again_alone(first_ru
 
 def test_an_interrupted_copy_resumes_and_is_never_served_half_done(first_run, hosts, hub, settings, cfg, tmp_path):
     receiver = hosts[3]
-    testinfra_host(receiver).run_test(f"rm -rf {model_path(cfg)} {state_path(cfg)}")
+    remote(receiver).run_test(f"rm -rf {model_path(cfg)} {state_path(cfg)}")
     directory = on_host(receiver, model_path(cfg))
     # A capped rate (a real setting) makes "midway" last long enough to be hit.
     process = deploy_weights(inventory(tmp_path, hosts), {**settings, "model_transfer_limit_mbps": 40}, background=True)
@@ -195,7 +199,7 @@ def test_an_interrupted_copy_resumes_and_is_never_served_half_done(first_run, ho
 
 def test_a_disk_too_small_fails_before_any_transfer(first_run, hosts, settings, cfg, tmp_path):
     small = hosts[3]
-    host = testinfra_host(small)
+    host = remote(small)
     parent = str(Path(model_path(cfg)).parent)
     host.run_test(f"rm -rf {model_path(cfg)} {state_path(cfg)} && mount -t tmpfs -o size=100m tmpfs {parent}")
     try:
