@@ -22,7 +22,7 @@ import pytest
 from glmfleet import localfleet
 from glmfleet.config import resolve
 from roles.model_weights import check_argv, model_path, state_path
-from tests.fleettools import ROOT, Run, data_args
+from tests.fleettools import ROOT, TEST_DOUBLE, Run, data_args, deploy
 from tests.fleettools import testinfra_host as remote  # (a name pytest would collect as a test)
 from tests.pkgindex import PackageIndex
 from tests.weights_fixtures import REPO_ID, hub  # noqa: F401 (a fixture)
@@ -35,11 +35,10 @@ SHARDS = "model-*.safetensors"
 
 
 @pytest.fixture(scope="module")
-def hosts():
+def hosts(fleet):
+    """The session's fleet grown to HOSTS hosts (taken down with it)."""
     localfleet.up(HOSTS)
-    yield [host["name"] for host in localfleet.load_hosts()][:HOSTS]
-    if os.environ.get("GLMFLEET_KEEP_FLEET") != "1":
-        localfleet.down()
+    return [host["name"] for host in localfleet.load_hosts()][:HOSTS]
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +226,27 @@ def test_the_control_node_pushes_its_copy(first_run, hosts, hub, settings, tmp_p
             assert sha256(on_host(name, "/srv/models/tiny-glm") / shard.name) == sha256(shard)
     again = deploy_weights(inventory(tmp_path, two), data)
     assert again.returncode == 0 and again.changed() == {}
+
+
+def test_vllm_starts_only_where_the_weights_are_complete(hosts, package_index, test_model, tmp_path):
+    """The whole deploy: the unit's ExecStartPre refuses a copy that changed since it was
+    verified; the next deploy fetches the file again and vLLM serves."""
+    two = hosts[:2]
+    settings = {**TEST_DOUBLE, **test_model, "pip_index_url": package_index}
+    first = deploy(inventory(tmp_path, two), data=settings)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cfg = resolve(settings)
+    broken, healthy = two
+    host = remote(broken)
+    victim = sorted(on_host(broken, model_path(cfg)).glob(SHARDS))[0].name
+    host.run_test(f"printf 'rot' | dd of={model_path(cfg)}/{victim} bs=1 seek=4096 conv=notrunc")
+    assert host.run("systemctl restart vllm.service").rc != 0
+    journal = host.check_output("journalctl --unit vllm.service --no-pager --lines 20")
+    assert f"not complete (files changed since verified: {victim}); re-run the deploy" in journal
+    assert not host.service("vllm").is_running
+
+    healed = deploy(inventory(tmp_path, two), data=settings)
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    assert set(healed.changed()) == {broken}
+    assert any(op.startswith("model weights | fetch") for op in healed.changed()[broken])
+    assert host.service("vllm").is_running and check(broken, cfg)[0] == 0
