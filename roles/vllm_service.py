@@ -11,7 +11,7 @@ from packaging.version import Version
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.systemd import SystemdStatus
-from pyinfra.operations import files, systemd
+from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from glmfleet.config import (
@@ -208,6 +208,10 @@ def vllm_service(restart_when=()):
     )
     systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
     changed = [env, unit, *restart_when]
+    if not was_active:
+        # A unit that kept failing (e.g. its ExecStartPre refused incomplete weights until this
+        # deploy fixed them) hit StartLimitBurst and refuses every start until this.
+        server.shell(name=f"clear {UNIT}'s failed state", commands=[f"systemctl reset-failed {UNIT} 2>/dev/null || true"])
     started = systemd.service(name=f"{UNIT} running and enabled", service=UNIT, running=True, enabled=True)
     if not was_active:
         return [started, *changed]

@@ -108,7 +108,9 @@ def cfg(settings):
 
 
 @pytest.fixture(scope="module")
-def first_run(hosts, hub, settings, tmp_path_factory):
+def first_run(hosts, hub, settings, cfg, tmp_path_factory):
+    for name in hosts:  # hosts kept from an earlier session may hold this model already
+        remote(name).run_test(f"rm -rf {model_path(cfg)} {state_path(cfg)}")
     mark = hub.log_mark()
     run = deploy_weights(inventory(tmp_path_factory.mktemp("inv"), hosts), settings)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -231,7 +233,7 @@ def test_the_control_node_pushes_its_copy(first_run, hosts, hub, settings, tmp_p
 def test_vllm_starts_only_where_the_weights_are_complete(hosts, package_index, test_model, tmp_path):
     """The whole deploy: the unit's ExecStartPre refuses a copy that changed since it was
     verified; the next deploy fetches the file again and vLLM serves."""
-    two = hosts[:2]
+    two = hosts[2:]  # hosts the vLLM deploy tests (tests/test_deploy_fleet.py) leave alone
     settings = {**TEST_DOUBLE, **test_model, "pip_index_url": package_index}
     first = deploy(inventory(tmp_path, two), data=settings)
     assert first.returncode == 0, first.stderr[-3000:]
