@@ -86,7 +86,7 @@ def served_bytes(olah_log: Path, mark: int, sizes: dict[str, int]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=4)
+    parser.add_argument("--size-gb", type=float, default=1)
     parser.add_argument("--hosts", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--workdir", default="/var/tmp/glmfleet-bench")
     args = parser.parse_args()
@@ -95,7 +95,8 @@ def main() -> None:
 
     checkpoint = work / f"checkpoint-{args.size_gb}g"
     if not (checkpoint / "config.json").exists():
-        make_checkpoint(checkpoint, size_bytes=int(args.size_gb * 10**9), shard_bytes=500 * 10**6)
+        # 100 MB shards: olah holds each file it serves in memory, and 8 hosts x 8 workers read at once.
+        make_checkpoint(checkpoint, size_bytes=int(args.size_gb * 10**9), shard_bytes=100 * 10**6)
     size = tree_size(checkpoint)
     sizes = {p.name: p.stat().st_size for p in checkpoint.iterdir() if p.is_file()}
     shutil.rmtree(work / "mirrors", ignore_errors=True)
@@ -112,16 +113,20 @@ def main() -> None:
     rows = []
     with OlahServer(work / "mirrors", work / "olah") as origin, PackageIndex(wheels) as index:
         base = {"model": REPO_ID, "model_revision": revision, "hf_endpoint": origin.url, "hf_cli_version": HF_CLI_VERSION,
-                "pip_index_url": index.url, "model_dir": model_dir, "model_disk_margin_gb": 1, "model_progress_interval": 30}
+                "pip_index_url": index.url, "model_dir": model_dir, "model_disk_margin_gb": 4, "model_progress_interval": 30}
         # Warm-up: the hub CLI, rsync and the transfer key on every host, so the timed runs move weights only.
         warm = {**base, "model_include": ["config.json"], "model_dir": "/srv/bench-warmup"}
         deploy(inventory(work / "inv.py", names), {**warm, "model_source": "peer", "model_peer_seed": "hf"})
         deploy(inventory(work / "inv.py", names), {**warm, "model_source": "hf"})
         log = work / "olah" / "olah.log"
+        # The origin's own rate, for reference: one host alone.
+        runs = [(1, "one host from the origin", {**base, "model_source": "hf"})]
         for count in args.hosts:
-            group = names[:count]
-            for mode, data in (("peer fan-out", {**base, "model_source": "peer"}), ("every host from the origin", {**base, "model_source": "hf"})):
-                wipe(group, model_dir)
+            runs += [(count, "peer fan-out", {**base, "model_source": "peer"}),
+                     (count, "every host from the origin", {**base, "model_source": "hf"})]
+        for count, mode, data in runs:
+                group = names[:count]
+                wipe(names, model_dir)
                 subprocess.run(["sync"], check=True)
                 mark = len(log.read_text().splitlines())
                 seconds = deploy(inventory(work / "inv.py", group), data)
@@ -131,7 +136,7 @@ def main() -> None:
                              "from_origin": served_bytes(log, mark, sizes), "limit_seconds": round(limit_seconds, 1),
                              "ratio_to_limit": round(limit_seconds / seconds, 3)})
                 print(rows[-1], flush=True)
-            wipe(group, model_dir)
+        wipe(names, model_dir)
     localfleet.down()
 
     machine = f"{platform.node()}: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"

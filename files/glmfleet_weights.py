@@ -269,9 +269,8 @@ class Source:
     def __init__(self, args):
         self.args = args
         self.env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "MODELSCOPE_"))}
-        if args.token_file:
-            token = Path(args.token_file).read_text().strip()
-            self.env["HF_TOKEN" if args.source == "hf" else "MODELSCOPE_API_TOKEN"] = token
+        if args.token_file:  # read here, handed over in the environment: never on a command line
+            self.env["HF_TOKEN"] = Path(args.token_file).read_text().strip()
 
 
 class Hub(Source):

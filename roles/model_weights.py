@@ -55,7 +55,6 @@ SCRIPT_SOURCE = Path(__file__).resolve().parent.parent / "files" / "glmfleet_wei
 STATE_DIR = "/var/lib/glmfleet/weights"
 SECRETS_DIR = "/etc/glmfleet"
 HF_TOKEN_FILE = f"{SECRETS_DIR}/hf_token"
-MODELSCOPE_TOKEN_FILE = f"{SECRETS_DIR}/modelscope_token"
 PEER_KEY = f"{SECRETS_DIR}/peer_ed25519"
 PEER_KNOWN_HOSTS = f"{SECRETS_DIR}/peer_known_hosts"
 CLI_HOME = "/var/cache/glmfleet/hub"
@@ -109,9 +108,8 @@ SETTINGS = (
     Setting("hf_cli_version", "2.4.0", "huggingface_hub version whose `hf` CLI fetches on the hosts (>= 1.28: it writes the "
             "hub's manifest)", "a version such as '2.4.0'", is_version),
     Setting("modelscope_version", "1.40.2", "modelscope version whose CLI fetches on the hosts", "a version such as '1.40.2'", is_version),
-    Setting("modelscope_endpoint", None, "the ModelScope site or a mirror of it (MODELSCOPE_DOMAIN)", "None or an http(s) URL",
-            optional(is_url)),
-    Setting("modelscope_token", None, "ModelScope token (kept in a root-only file)", "None or a string", optional(is_str), secret=True),
+    Setting("modelscope_domain", None, "the ModelScope site or a mirror of it, as a host name (MODELSCOPE_DOMAIN)",
+            "None or a host name such as 'www.modelscope.cn'", optional(lambda v: is_str(v) and re.fullmatch(r"[\w.-]+(:\d+)?", v) is not None)),
 )
 
 
@@ -185,9 +183,8 @@ def sync_argv(cfg: HostConfig, source: str, phase: str = "all", peers: list[str]
         argv += ["--cli", cli_bin(cfg, source)]
         for name, value in cli_environment(cfg, source).items():
             argv += ["--env", f"{name}={value}"]
-        token = {"hf": (cfg.hf_token, HF_TOKEN_FILE), "modelscope": (cfg.modelscope_token, MODELSCOPE_TOKEN_FILE)}[source]
-        if token[0]:
-            argv += ["--token-file", token[1]]
+        if source == "hf" and cfg.hf_token:
+            argv += ["--token-file", HF_TOKEN_FILE]
     if source == "peer":
         argv += ["--peer-path", peer_path(cfg), "--peer-key", PEER_KEY, "--known-hosts", PEER_KNOWN_HOSTS,
                  *rsync_limit(cfg)]
@@ -205,8 +202,8 @@ def cli_environment(cfg: HostConfig, source: str) -> dict[str, str]:
             env["HF_HUB_DISABLE_XET"] = "1"
         elif cfg.hf_xet == "high-performance":
             env["HF_XET_HIGH_PERFORMANCE"] = "1"
-    elif cfg.modelscope_endpoint:
-        env["MODELSCOPE_DOMAIN"] = cfg.modelscope_endpoint
+    elif cfg.modelscope_domain:
+        env["MODELSCOPE_DOMAIN"] = cfg.modelscope_domain
     return env
 
 
@@ -422,9 +419,8 @@ def model_weights():
         install_tool(package, version, cfg.vllm_python, index_args(cfg), installed=cli_bin(cfg, source) in fact["tools"])
     if debs:
         ensure_debs(debs)
-    for secret, path in ((cfg.hf_token, HF_TOKEN_FILE), (cfg.modelscope_token, MODELSCOPE_TOKEN_FILE)):
-        if secret:
-            secret_file(name=f"hub token {path}", dest=path, content=secret + "\n")
+    if cfg.hf_token and source == "hf":
+        secret_file(name=f"hub token {HF_TOKEN_FILE}", dest=HF_TOKEN_FILE, content=cfg.hf_token + "\n")
 
     if peer_plan:
         return _peer_rounds(cfg, peer_plan, source)
