@@ -100,6 +100,6 @@ def test_down_leaves_no_container_and_no_mount(fleet_hosts):
             argv = cmdline.read_bytes().decode(errors="replace").split("\0")
         except (FileNotFoundError, ProcessLookupError):
             continue
-        assert f"--directory={fleet_dir}" not in " ".join(argv), argv  # a systemd-nspawn
+        assert f"--directory={fleet_dir}/" not in " ".join(argv), argv  # a systemd-nspawn
     mount_points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    assert not [point for point in mount_points if point.startswith(fleet_dir)]
+    assert not [point for point in mount_points if point.startswith(f"{fleet_dir}/")]
