@@ -14,7 +14,10 @@ would.
 Made for machines whose PID 1 is not systemd (our development VMs and CI); needs root and
 `make fleet-deps`. Only the standard library is used: this runs before the project's venv exists.
 
-State lives in GLMFLEET_FLEET_DIR (default /var/lib/glmfleet-localfleet):
+Several fleets can run side by side on one machine: GLMFLEET_FLEET_SLOT=N (0-9, default 0)
+gives slot N its own state dir, host names (fleetN-01) and port ranges (N*100 above slot 0's).
+
+State lives in GLMFLEET_FLEET_DIR (default /var/lib/glmfleet-localfleet, -slotN for slot N):
 
     base-<hash>/            root filesystem built by mmdebstrap, cached by its build arguments;
                             never changed once built (hosts' overlays sit on it)
@@ -87,12 +90,21 @@ class FleetError(Exception):
     """A fleet operation failed; the message says which host and where to look."""
 
 
+def fleet_slot() -> int:
+    slot = os.environ.get("GLMFLEET_FLEET_SLOT", "0")
+    if slot not in [str(n) for n in range(10)]:
+        raise FleetError(f"GLMFLEET_FLEET_SLOT must be a digit 0-9, not {slot!r}")
+    return int(slot)
+
+
 def fleet_dir() -> Path:
-    return Path(os.environ.get("GLMFLEET_FLEET_DIR", DEFAULT_FLEET_DIR))
+    default = DEFAULT_FLEET_DIR + (f"-slot{fleet_slot()}" if fleet_slot() else "")
+    return Path(os.environ.get("GLMFLEET_FLEET_DIR", default))
 
 
 def host_name(index: int) -> str:
-    return f"fleet-{index:02d}"
+    slot = fleet_slot()
+    return f"fleet{slot}-{index:02d}" if slot else f"fleet-{index:02d}"
 
 
 # --- the Python API -------------------------------------------------------------------------
@@ -341,7 +353,7 @@ def _create_host(base: Path, name: str, index: int) -> dict:
     """A new host: an empty upper layer over the base, holding what makes it a distinct machine.
     An overlay rather than a copy of the base: on our 2-core VM, 16 copies took 21-66 s to
     create and 35 s to delete (4.6 GB), against milliseconds; base files share page cache."""
-    ssh_port = FIRST_SSH_PORT + index - 1
+    ssh_port = FIRST_SSH_PORT + 100 * fleet_slot() + index - 1
     host_dir = fleet_dir() / "hosts" / name
     shutil.rmtree(host_dir, ignore_errors=True)
     for layer in ("upper", "work", "root"):
@@ -350,7 +362,7 @@ def _create_host(base: Path, name: str, index: int) -> dict:
     return {
         "name": name,
         "ssh_port": ssh_port,
-        "vllm_port": FIRST_VLLM_PORT + index - 1,
+        "vllm_port": FIRST_VLLM_PORT + 100 * fleet_slot() + index - 1,
         "ssh_key": str(_ssh_key()),
         "known_hosts": str(fleet_dir() / "known_hosts"),
         "base": str(base),

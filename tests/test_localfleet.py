@@ -44,7 +44,7 @@ def fleet_hosts():
 
 
 def test_hosts_are_systemd_hosts_reached_over_ssh(fleet_hosts):
-    assert [host["name"] for host in fleet_hosts] == ["fleet-01", "fleet-02"]
+    assert [host["name"] for host in fleet_hosts] == [localfleet.host_name(1), localfleet.host_name(2)]
     for host in fleet_hosts:
         assert ssh(host, "systemctl is-system-running").stdout.strip() == "running"
         assert ssh(host, "hostname").stdout.strip() == host["name"]

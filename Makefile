@@ -1,0 +1,26 @@
+# glmfleet: `make demo` deploys to a local fleet of real systemd hosts; `make test` runs the tests.
+# Both do their own set-up on a fresh Debian/Ubuntu machine as root.
+
+PYTHON ?= .venv/bin/python
+HOSTS ?= 2
+UV_VERSION := 0.13.9
+
+.PHONY: venv deps demo test fleet-up fleet-down fleet-deps
+
+venv: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	.venv/bin/uv pip install --quiet --python .venv/bin/python -e '.[test]'
+	touch $@
+
+deps: venv fleet-deps
+
+demo: deps
+	$(PYTHON) -m tests.demo --hosts $(HOSTS)
+
+test: deps
+	$(PYTHON) -m pytest -v -rs
+
+include Makefile.fleet

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Prove that a vLLM server serves: /health is 200, /v1/models lists the served name, and one
+short real chat completion returns text. Polls until --deadline seconds have passed (0: try
+once). Stdlib only: it runs on the serving host with the system Python.
+
+The API key is read from the unit's environment file, never taken on the command line.
+Exit status 0 when serving, 1 otherwise; the last line printed says what was seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def read_env_file(path: str | None) -> dict[str, str]:
+    """Parse the KEY="value" lines glmfleet writes into a systemd EnvironmentFile."""
+    env = {}
+    if not path:
+        return env
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            key, sep, value = line.strip().partition("=")
+            if not sep or key.startswith("#"):
+                continue
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+            env[key] = value
+    return env
+
+
+def request(url: str, api_key: str | None, body: dict | None, timeout: float):
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as response:
+        payload = response.read()
+        return response.status, payload
+
+
+def check_once(base_url: str, served_name: str, api_key: str | None, timeout: float) -> str:
+    """One pass of the three checks; raises with what went wrong, returns a summary."""
+    status, _ = request(f"{base_url}/health", None, None, timeout)
+    if status != 200:
+        raise RuntimeError(f"/health answered {status}")
+    _, payload = request(f"{base_url}/v1/models", api_key, None, timeout)
+    names = [model.get("id") for model in json.loads(payload).get("data", [])]
+    if served_name not in names:
+        raise RuntimeError(f"/v1/models lists {names}, not {served_name!r}")
+    started = time.monotonic()
+    body = {
+        "model": served_name,
+        "messages": [{"role": "user", "content": "Say hello in one word."}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    _, payload = request(f"{base_url}/v1/chat/completions", api_key, body, timeout)
+    answer = json.loads(payload)
+    message = answer["choices"][0]["message"]
+    # Reasoning models may spend a short budget on reasoning_content alone.
+    text = message.get("content") or message.get("reasoning_content") or ""
+    if not text.strip():
+        raise RuntimeError(f"chat completion returned no text: {answer}")
+    tokens = answer.get("usage", {}).get("completion_tokens", "?")
+    return f"serving: /health 200, /v1/models lists {served_name!r}, chat completion {text.strip()[:60]!r} ({tokens} tokens in {time.monotonic() - started:.2f} s)"
+
+
+def describe(error: Exception) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        detail = error.read().decode(errors="replace")[:200]
+        return f"{error.url} answered {error.code}: {detail}"
+    if isinstance(error, urllib.error.URLError):
+        return f"no answer: {error.reason}"
+    return str(error) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    parser.add_argument("--served-model-name", required=True)
+    parser.add_argument("--env-file", help="the unit's EnvironmentFile; VLLM_API_KEY is read from it")
+    parser.add_argument("--deadline", type=float, default=600, help="seconds to keep trying (0: once)")
+    parser.add_argument("--interval", type=float, default=5, help="seconds between tries")
+    args = parser.parse_args(argv)
+
+    api_key = read_env_file(args.env_file).get("VLLM_API_KEY")
+    base_url = args.base_url.rstrip("/")
+    give_up = time.monotonic() + args.deadline
+    while True:
+        remaining = give_up - time.monotonic()
+        try:
+            print(check_once(base_url, args.served_model_name, api_key, timeout=max(10.0, min(remaining, 120.0))))
+            return 0
+        except Exception as error:  # every failure is reported the same way: what was seen
+            last = describe(error)
+        if time.monotonic() + args.interval > give_up:
+            print(f"not serving after {args.deadline:.0f} s: {last}")
+            return 1
+        time.sleep(args.interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The one configuration model: every data key a role reads, validated before any host is touched.
+
+Each role module declares its keys once, as ``SETTINGS``: a tuple of :class:`Setting` with the
+default and a one-line doc. :func:`resolve` turns one host's data (inventory, ``group_data/``,
+``--data``; pyinfra merges them, host over group over all) into a :class:`HostConfig`, and
+:func:`validate_inventory` checks every host at once, so one bad value stops the run with one
+error that names host, key, value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pyinfra.api.exceptions import PyinfraError
+
+# Keys that belong to pyinfra itself (connectors and global arguments), not to glmfleet.
+PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_")
+
+
+class ConfigError(PyinfraError):
+    """Bad configuration: raised before any operation runs on any host."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One data key: its default, what it means, and which values it accepts.
+
+    ``check`` returns True for an acceptable value; ``accepted`` says what is accepted, for
+    the error message. ``secret`` values are never echoed back.
+    """
+
+    name: str
+    default: Any
+    doc: str
+    accepted: str
+    check: Callable[[Any], bool]
+    secret: bool = False
+
+
+# Value checks, combined by the settings that use them.
+
+
+def is_str(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def is_int_in(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda value: type(value) is int and low <= value <= high
+
+
+def is_number_in(low: float, high: float) -> Callable[[Any], bool]:
+    """A float in the half-open range (low, high]."""
+    return lambda value: type(value) in (int, float) and low < value <= high
+
+
+def is_bool(value: Any) -> bool:
+    return type(value) is bool
+
+
+def is_one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda value: value in choices
+
+
+def is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(is_str(item) for item in value)
+
+
+def is_env_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)) and isinstance(val, str) and "\n" not in val
+        for key, val in value.items()
+    )
+
+
+def is_abs_path(value: Any) -> bool:
+    return is_str(value) and value.startswith("/") and "\n" not in value
+
+
+def is_listen_address(value: Any) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def is_pinned_requirement(value: Any) -> bool:
+    """``name==version`` (extras allowed): a pin, not a range, so re-runs install the same."""
+    return is_str(value) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+", value) is not None
+
+
+def is_version(value: Any) -> bool:
+    return is_str(value) and re.fullmatch(r"[0-9][A-Za-z0-9.+!_-]*", value) is not None
+
+
+def is_url(value: Any) -> bool:
+    return is_str(value) and re.fullmatch(r"(https?|file)://\S+", value) is not None
+
+
+def is_url_list(value: Any) -> bool:
+    return isinstance(value, list) and all(is_url(item) for item in value)
+
+
+class HostConfig(Mapping):
+    """One host's validated settings, read as attributes: ``cfg.vllm_port``."""
+
+    def __init__(self, host: str, values: dict[str, Any]):
+        self._host = host
+        self._values = values
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"HostConfig({self._host!r})"
+
+
+def all_settings() -> dict[str, Setting]:
+    """Every declared key, from every role (imported here: roles import this module)."""
+    from roles import ROLES
+
+    return {setting.name: setting for role in ROLES for setting in role.SETTINGS}
+
+
+def show(setting: Setting | None, value: Any) -> str:
+    return "<hidden>" if setting is not None and setting.secret else repr(value)
+
+
+def problems(data: Mapping[str, Any], host: str) -> list[str]:
+    """Every problem with one host's data, each naming host, key, value and what is accepted."""
+    settings = all_settings()
+    found = []
+    for key, value in data.items():
+        if key in settings or key.startswith(PYINFRA_KEY_PREFIXES):
+            continue
+        hint = difflib.get_close_matches(key, settings, n=1)
+        found.append(
+            f"{host}: unknown key {key} = {show(None, value)}"
+            + (f" (did you mean {hint[0]}?)" if hint else "")
+            + "; see README.md for the keys glmfleet reads"
+        )
+    for key, setting in settings.items():
+        if key in data and not setting.check(data[key]):
+            found.append(f"{host}: {key} = {show(setting, data[key])} is invalid; accepted: {setting.accepted}")
+    if found:
+        return found
+    return [f"{host}: {message}" for message in combination_problems(values(data, settings))]
+
+
+def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, Any]:
+    return {key: data.get(key, setting.default) for key, setting in settings.items()}
+
+
+def combination_problems(cfg: dict[str, Any]) -> Iterable[str]:
+    """Values that are each fine alone but cannot work together."""
+    from roles import ROLES
+
+    for role in ROLES:
+        yield from role.combination_problems(cfg)
+
+
+def resolve(data: Mapping[str, Any], host: str = "localhost") -> HostConfig:
+    """Validate one host's data and fill in defaults; raise ConfigError listing every problem."""
+    found = problems(data, host)
+    if found:
+        raise ConfigError(format_problems(found))
+    return HostConfig(host, values(data, all_settings()))
+
+
+def format_problems(found: list[str]) -> str:
+    return "invalid configuration, no host was changed:\n  " + "\n  ".join(found)
+
+
+def host_data(host) -> dict[str, Any]:
+    """A pyinfra host's merged data (override > host > groups > all) as a plain dict."""
+    return dict(host.data.dict())
+
+
+def validate_inventory(inventory) -> dict[str, HostConfig]:
+    """Check every host of a pyinfra inventory; raise one ConfigError naming every problem."""
+    found, configs = [], {}
+    for host in inventory:
+        data = host_data(host)
+        host_problems = problems(data, host.name)
+        if host_problems:
+            found.extend(host_problems)
+        else:
+            configs[host.name] = HostConfig(host.name, values(data, all_settings()))
+    if found:
+        raise ConfigError(format_problems(found))
+    return configs
+
+
+def host_config(host) -> HostConfig:
+    """The validated settings of a pyinfra host (validated for the whole inventory first)."""
+    return resolve(host_data(host), host.name)
+
+
+def documented(settings: tuple[Setting, ...]):
+    """Append the role's keys to its docstring, the way pyinfra documents operation arguments."""
+
+    def decorate(func):
+        lines = [f"+ {s.name}: {s.doc} (default: {s.default!r})" for s in settings]
+        func.__doc__ = (func.__doc__ or "").rstrip() + "\n\nData keys:\n\n" + "\n".join(lines) + "\n"
+        return func
+
+    return decorate
+
+
+def settings_table() -> str:
+    """The Markdown table of every key, as README.md carries it (a test keeps the two equal)."""
+    from roles import ROLES
+
+    rows = ["| key | role | default | meaning | accepted |", "|---|---|---|---|---|"]
+    for role in ROLES:
+        role_name = role.__name__.rsplit(".", 1)[-1]
+        for s in role.SETTINGS:
+            cells = (s.name, role_name, repr(s.default), s.doc, s.accepted)
+            rows.append("| " + " | ".join(f"`{c}`" if i in (0, 2) else c for i, c in enumerate(cells)).replace("\n", " ") + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

@@ -1,0 +1,66 @@
+"""verify: a host counts as done only when its vLLM answers a real request."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import files, server
+
+from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in
+from glmfleet.facts import VllmServes
+from roles.vllm_service import ENV_FILE, UNIT, served_model_name
+
+VERIFY_SCRIPT = "/opt/glmfleet/bin/verify-vllm"
+SOURCE = Path(__file__).resolve().parent.parent / "files" / "verify_vllm.py"
+
+SETTINGS = (
+    Setting("vllm_ready_timeout", 1800, "seconds the verify step waits for vLLM to serve (big models load for minutes)",
+            "an integer 0-86400", is_int_in(0, 86400)),
+    Setting("verify_journal_lines", 40, "lines of the unit's journal shown when a host fails to serve", "an integer 0-10000",
+            is_int_in(0, 10000)),
+)
+
+
+def combination_problems(cfg: dict) -> list[str]:
+    return []
+
+
+def local_url(cfg: HostConfig) -> str:
+    """Where the host itself reaches its vLLM: a wildcard listen address means loopback."""
+    address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(cfg.vllm_host, cfg.vllm_host)
+    if ":" in address:
+        address = f"[{address}]"
+    return f"http://{address}:{cfg.vllm_port}"
+
+
+def verify_argv(cfg: HostConfig) -> list[str]:
+    return [VERIFY_SCRIPT, "--base-url", local_url(cfg), "--served-model-name", served_model_name(cfg), "--env-file", ENV_FILE]
+
+
+@deploy("verify vLLM serves")
+@documented(SETTINGS)
+def verify(changes=()):
+    """
+    Prove the host serves: ``/health``, ``/v1/models`` lists the served name, and one short
+    real chat completion returns text.
+
+    + changes: operations whose change (a start or restart) makes a fresh check necessary
+
+    The same check runs once while planning; a host that already serves and changed nothing
+    reports no change. Otherwise the check waits up to ``vllm_ready_timeout`` and, on
+    failure, fails the host with the last lines of the unit's journal.
+    """
+    cfg = host_config(host)
+    files.put(name="verify script", src=str(SOURCE), dest=VERIFY_SCRIPT, user="root", group="root", mode="755")
+    serving = host.get_fact(VllmServes, verify_argv=verify_argv(cfg))
+    wait = shlex.join([*verify_argv(cfg), "--deadline", str(cfg.vllm_ready_timeout)])
+    journal = f"journalctl --unit {UNIT} --lines {cfg.verify_journal_lines} --no-pager --quiet"
+    server.shell(
+        name=f"verify {served_model_name(cfg)} serves on {local_url(cfg)}",
+        commands=[f"{wait} || {{ echo '--- last lines of the {UNIT} journal:'; {journal}; exit 1; }}"],
+        _if=lambda: not serving["ok"] or any(op.did_change() for op in changes),
+        _timeout=cfg.vllm_ready_timeout + 120,
+    )

@@ -1,0 +1,228 @@
+"""vllm_service: a systemd unit that runs ``vllm serve`` for the configured model."""
+
+from __future__ import annotations
+
+import re
+from io import StringIO
+from pathlib import Path
+
+import jinja2
+from packaging.version import Version
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.facts.systemd import SystemdStatus
+from pyinfra.operations import files, systemd
+from pyinfra.operations.util import any_changed
+
+from glmfleet.config import (
+    HostConfig,
+    Setting,
+    documented,
+    host_config,
+    is_abs_path,
+    is_bool,
+    is_env_dict,
+    is_int_in,
+    is_listen_address,
+    is_number_in,
+    is_str,
+    is_str_list,
+    optional,
+)
+from glmfleet.operations import secret_file
+from roles.vllm_venv import VLLM_USER, venv_bin
+
+UNIT = "vllm.service"
+SECRETS_DIR = "/etc/glmfleet"
+ENV_FILE = f"{SECRETS_DIR}/vllm.env"
+TEMPLATE = Path(__file__).resolve().parent.parent / "files" / "vllm.service.j2"
+
+
+def is_model(value) -> bool:
+    """A hub repo id (``owner/name``) or an absolute path on the host."""
+    return is_str(value) and (is_abs_path(value) or re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None)
+
+
+def is_commit(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{40}", value) is not None
+
+
+SETTINGS = (
+    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a hub repo id", "'owner/name' or an absolute path", is_model),
+    Setting("model_revision", None, "the hub commit to serve (pinned, so every host serves the same bytes)",
+            "None or a 40-hex commit id", optional(is_commit)),
+    Setting("model_dir", None, "a directory on the host that holds the weights; vLLM then runs offline",
+            "None or an absolute path", optional(is_abs_path)),
+    Setting("vllm_host", "127.0.0.1", "address vLLM listens on", "an IP address such as '127.0.0.1' or '0.0.0.0'", is_listen_address),
+    Setting("vllm_port", 8000, "TCP port vLLM listens on", "an integer 1-65535", is_int_in(1, 65535)),
+    Setting("vllm_served_model_name", None, "the name clients ask for (default: the model)", "None or a name",
+            optional(lambda v: is_str(v) and not any(c.isspace() for c in v))),
+    Setting("vllm_tensor_parallel_size", 1, "GPUs one model instance spans", "an integer 1-64", is_int_in(1, 64)),
+    Setting("vllm_max_model_len", None, "context length (default: the model's own)", "None or an integer 128-10485760",
+            optional(is_int_in(128, 10485760))),
+    Setting("vllm_gpu_memory_utilization", 0.9, "share of each GPU's memory vLLM may take", "a number > 0 and <= 1",
+            is_number_in(0, 1)),
+    Setting("vllm_trust_remote_code", False, "let the model's own Python code run (some GLM repos need it)", "true or false", is_bool),
+    Setting("vllm_extra_args", [], "further `vllm serve` flags, e.g. ['--enable-prefix-caching']",
+            "a list of strings, none of them a flag that another key sets", is_str_list),
+    Setting("vllm_env", {}, "extra environment for vLLM, e.g. {'VLLM_LOGGING_LEVEL': 'DEBUG'}",
+            "a mapping of variable names to one-line strings", is_env_dict),
+    Setting("vllm_api_key", None, "API key clients must send (kept in a root-only file)", "None or a string", optional(is_str), secret=True),
+    Setting("hf_token", None, "Hugging Face token for gated models (kept in a root-only file)", "None or a string", optional(is_str),
+            secret=True),
+    Setting("vllm_shutdown_timeout", 30, "seconds in-flight requests get to finish on stop (vLLM >= 0.18)", "an integer 0-3600",
+            is_int_in(0, 3600)),
+    Setting("vllm_start_timeout", 1800, "seconds a start (weights load, compile) may take", "an integer 60-86400", is_int_in(60, 86400)),
+)
+
+# Flags a key already renders: given again in vllm_extra_args they would silently conflict.
+FLAG_KEYS = {
+    "--host": "vllm_host",
+    "--port": "vllm_port",
+    "--served-model-name": "vllm_served_model_name",
+    "--tensor-parallel-size": "vllm_tensor_parallel_size",
+    "-tp": "vllm_tensor_parallel_size",
+    "--max-model-len": "vllm_max_model_len",
+    "--gpu-memory-utilization": "vllm_gpu_memory_utilization",
+    "--revision": "model_revision",
+    "--model": "model",
+    "--trust-remote-code": "vllm_trust_remote_code",
+    "--shutdown-timeout": "vllm_shutdown_timeout",
+    "--api-key": "vllm_api_key",
+}
+# Variables glmfleet sets itself, or that hold secrets and belong in the secret keys.
+ENV_KEYS = {
+    "VLLM_API_KEY": "vllm_api_key",
+    "HF_TOKEN": "hf_token",
+    "HUGGING_FACE_HUB_TOKEN": "hf_token",
+    "HF_HUB_OFFLINE": "model_dir",
+    "HF_HOME": "vllm_state_dir",
+    "VLLM_CACHE_ROOT": "vllm_state_dir",
+    "HOME": "vllm_state_dir",
+}
+
+
+def combination_problems(cfg: dict) -> list[str]:
+    found = []
+    for arg in cfg["vllm_extra_args"]:
+        flag = arg.split("=", 1)[0]
+        if flag in FLAG_KEYS:
+            found.append(f"vllm_extra_args contains {flag!r}; set {FLAG_KEYS[flag]} instead"
+                         + (" (a key on the command line is visible to every user)" if flag == "--api-key" else ""))
+    for name in cfg["vllm_env"]:
+        if name in ENV_KEYS:
+            found.append(f"vllm_env sets {name}; set {ENV_KEYS[name]} instead")
+    return found
+
+
+def served_model_name(cfg: HostConfig) -> str:
+    return cfg.vllm_served_model_name or cfg.model
+
+
+def drains_on_stop(cfg: HostConfig) -> bool:
+    """vLLM finishes in-flight requests on SIGTERM from 0.18 on (``--shutdown-timeout``)."""
+    return Version(cfg.vllm_version).release >= (0, 18)
+
+
+def vllm_command(cfg: HostConfig) -> list[str]:
+    """The unit's ExecStart, as an argv: the venv's own ``vllm serve`` with the configured flags."""
+    argv = [
+        venv_bin(cfg, "vllm"), "serve", cfg.model_dir or cfg.model,
+        "--host", cfg.vllm_host,
+        "--port", str(cfg.vllm_port),
+        "--served-model-name", served_model_name(cfg),
+        "--tensor-parallel-size", str(cfg.vllm_tensor_parallel_size),
+        "--gpu-memory-utilization", str(cfg.vllm_gpu_memory_utilization),
+    ]
+    if cfg.vllm_max_model_len:
+        argv += ["--max-model-len", str(cfg.vllm_max_model_len)]
+    if cfg.model_revision and not cfg.model_dir:
+        argv += ["--revision", cfg.model_revision]
+    if cfg.vllm_trust_remote_code:
+        argv.append("--trust-remote-code")
+    if drains_on_stop(cfg):
+        argv += ["--shutdown-timeout", str(cfg.vllm_shutdown_timeout)]
+    return argv + list(cfg.vllm_extra_args)
+
+
+def vllm_environment(cfg: HostConfig) -> dict[str, str]:
+    """The unit's EnvironmentFile: caches on persistent paths, secrets, and ``vllm_env``."""
+    env = {
+        "HOME": cfg.vllm_state_dir,
+        "HF_HOME": f"{cfg.vllm_state_dir}/huggingface",
+        "VLLM_CACHE_ROOT": f"{cfg.vllm_state_dir}/cache",
+        # A fleet's servers do not report usage to third parties.
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+    if cfg.model_dir:
+        env["HF_HUB_OFFLINE"] = "1"
+    if cfg.vllm_api_key:
+        env["VLLM_API_KEY"] = cfg.vllm_api_key
+    if cfg.hf_token:
+        env["HF_TOKEN"] = cfg.hf_token
+    env.update(cfg.vllm_env)
+    return env
+
+
+def systemd_quote(arg: str) -> str:
+    """Quote one argument for ExecStart, which splits on spaces and expands ``$`` and ``%``."""
+    escaped = arg.replace("%", "%%").replace("$", "$$")
+    if re.fullmatch(r"[\w@%+=:,./$-]+", escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_env_file(env: dict[str, str]) -> str:
+    lines = ["# Managed by glmfleet. Root-only: it holds secrets."]
+    lines += [f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for key, value in env.items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_unit(cfg: HostConfig) -> str:
+    template = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return template.render(
+        served_model_name=served_model_name(cfg),
+        user=VLLM_USER,
+        state_dir=cfg.vllm_state_dir,
+        env_file=ENV_FILE,
+        exec_start=" ".join(systemd_quote(arg) for arg in vllm_command(cfg)),
+        restart_sec=15,
+        start_timeout=cfg.vllm_start_timeout,
+        stop_timeout=cfg.vllm_shutdown_timeout + 30,
+        writable_paths=[cfg.vllm_state_dir],
+    )
+
+
+@deploy("vLLM service")
+@documented(SETTINGS)
+def vllm_service(restart_when=()):
+    """
+    Write the vLLM unit and its root-only environment file, and keep the service running.
+
+    + restart_when: operations (e.g. the venv switch) whose change also needs a restart
+
+    daemon-reload runs only when the unit changed, and a running service restarts only when
+    its unit, its environment or ``restart_when`` changed. Returns the operations whose change
+    means the service was (re)started, for the verify role.
+    """
+    cfg = host_config(host)
+    was_active = host.get_fact(SystemdStatus).get(UNIT, False)
+
+    files.directory(name="root-only secrets dir", path=SECRETS_DIR, user="root", group="root", mode="700")
+    env = secret_file(name=f"environment file {ENV_FILE}", dest=ENV_FILE, content=render_env_file(vllm_environment(cfg)))
+    unit = files.put(
+        name=f"unit {UNIT}",
+        src=StringIO(render_unit(cfg)),
+        dest=f"/etc/systemd/system/{UNIT}",
+        user="root",
+        group="root",
+        mode="644",
+    )
+    systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
+    changed = [env, unit, *restart_when]
+    started = systemd.service(name=f"{UNIT} running and enabled", service=UNIT, running=True, enabled=True)
+    if not was_active:
+        return [started, *changed]
+    restarted = systemd.service(name=f"restart {UNIT}", service=UNIT, restarted=True, _if=any_changed(*changed))
+    return [started, restarted]

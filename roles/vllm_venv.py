@@ -1,0 +1,174 @@
+"""vllm_venv: the pinned vLLM in a Python venv built with uv, switched atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import apt, files, server
+
+from glmfleet.config import (
+    HostConfig,
+    Setting,
+    documented,
+    host_config,
+    is_abs_path,
+    is_one_of,
+    is_pinned_requirement,
+    is_str,
+    is_url,
+    is_url_list,
+    is_version,
+)
+from glmfleet.facts import COMPLETE_MARKER, VllmVenvs
+
+VLLM_USER = "vllm"
+
+SETTINGS = (
+    Setting("vllm_runtime", "venv", "how vLLM runs: a Python venv on the host", "'venv'", is_one_of("venv")),
+    Setting("vllm_package", "vllm", "the distribution that provides the `vllm` command (tests install a test double)",
+            "a package name", is_str),
+    Setting("vllm_version", "0.22.0", "exact version of vllm_package to install", "a version such as '0.22.0'", is_version),
+    Setting("vllm_extra_packages", [], "companion pins installed with vLLM, e.g. 'transformers==4.57.6'",
+            "a list of 'name==version' pins", lambda v: isinstance(v, list) and all(map(is_pinned_requirement, v))),
+    Setting("vllm_python", "python3", "the host's Python interpreter the venv is made from (uv never downloads one)",
+            "a command name or absolute path", is_str),
+    Setting("vllm_venv_root", "/opt/glmfleet/vllm", "where venvs live; `current` links to the one in use, `previous` to the last",
+            "an absolute path", is_abs_path),
+    Setting("vllm_state_dir", "/var/lib/vllm", "the vllm user's home: Hugging Face cache and vLLM compile cache persist here",
+            "an absolute path", is_abs_path),
+    Setting("uv_version", "0.13.9", "uv version bootstrapped on the host to build venvs", "a version such as '0.13.9'", is_version),
+    Setting("pip_index_url", "https://pypi.org/simple", "package index (a mirror on mirror-only sites)", "an http(s) or file URL", is_url),
+    Setting("pip_extra_index_url", [], "further package indexes", "a list of http(s) or file URLs", is_url_list),
+    Setting("pip_find_links", [], "directories or pages of wheels to install from", "a list of http(s) or file URLs", is_url_list),
+)
+
+
+def combination_problems(cfg: dict) -> list[str]:
+    return []
+
+
+def requirements(cfg: HostConfig) -> list[str]:
+    return [f"{cfg.vllm_package}=={cfg.vllm_version}", *cfg.vllm_extra_packages]
+
+
+def venv_name(cfg: HostConfig) -> str:
+    """One directory per requirement set: the same pins always map to the same venv."""
+    key = json.dumps({"python": cfg.vllm_python, "requirements": sorted(requirements(cfg))})
+    return f"{cfg.vllm_package}-{cfg.vllm_version}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def uv_path(cfg: HostConfig) -> str:
+    return f"/opt/glmfleet/uv-{cfg.uv_version}/bin/uv"
+
+
+def venv_bin(cfg: HostConfig, name: str) -> str:
+    """A program of the venv in use, through the `current` link that rollbacks switch."""
+    return f"{cfg.vllm_venv_root}/current/bin/{name}"
+
+
+def index_args(cfg: HostConfig) -> list[str]:
+    args = ["--index-url", cfg.pip_index_url]
+    for url in cfg.pip_extra_index_url:
+        args += ["--extra-index-url", url]
+    for url in cfg.pip_find_links:
+        args += ["--find-links", url]
+    return args
+
+
+# Run by the new venv's own python: the pinned version must be what got installed, and the
+# `vllm` command's entry point must import.
+IMPORT_CHECK = """
+import sys
+from importlib import metadata
+package, version = sys.argv[1:3]
+found = metadata.version(package)
+if found != version:
+    sys.exit(f"{package} {found} installed, {version} pinned")
+entry = [ep for ep in metadata.distribution(package).entry_points if ep.group == "console_scripts" and ep.name == "vllm"]
+if not entry:
+    sys.exit(f"{package} {version} provides no vllm command")
+entry[0].load()
+print(f"{package} {found} imports")
+"""
+
+
+@deploy("vLLM venv")
+@documented(SETTINGS)
+def vllm_venv():
+    """
+    Install the pinned vLLM into its own venv with uv and point ``current`` at it.
+
+    Each requirement set gets its own directory, marked complete only after its ``vllm``
+    entry point imports; ``current`` switches to it atomically and ``previous`` keeps the venv
+    it replaces for rollback. The same pins on a re-run mean no uv invocation at all.
+
+    Returns the operations whose change means the service must restart.
+    """
+    cfg = host_config(host)
+    root = cfg.vllm_venv_root
+    name = venv_name(cfg)
+    uv = uv_path(cfg)
+
+    server.group(name="vllm group", group=VLLM_USER, system=True)
+    server.user(
+        name="vllm system user",
+        user=VLLM_USER,
+        group=VLLM_USER,
+        system=True,
+        home=cfg.vllm_state_dir,
+        create_home=False,
+        shell="/usr/sbin/nologin",
+    )
+    for path in (cfg.vllm_state_dir, f"{cfg.vllm_state_dir}/huggingface", f"{cfg.vllm_state_dir}/cache"):
+        files.directory(name=f"vllm state dir {path}", path=path, user=VLLM_USER, group=VLLM_USER, mode="750")
+
+    venvs = host.get_fact(VllmVenvs, root=root, uv=uv)
+
+    if not venvs["uv"]:
+        # The venv module is a separate package on Debian and Ubuntu; refresh apt only when
+        # something must be installed, so a converged host never reports a change.
+        if "python3-venv" not in host.get_fact(DebPackages):
+            apt.packages(name="python3-venv for the uv bootstrap", packages=["python3-venv"], update=True)
+        uv_dir = uv.rsplit("/bin/", 1)[0]
+        server.shell(
+            name=f"bootstrap uv {cfg.uv_version}",
+            commands=[
+                f"rm -rf {uv_dir} && {shlex.quote(cfg.vllm_python)} -m venv {uv_dir} && "
+                f"{uv_dir}/bin/pip install --quiet --disable-pip-version-check --no-cache-dir "
+                f"{shlex.join(index_args(cfg))} uv=={cfg.uv_version}"
+            ],
+        )
+
+    if name not in venvs["complete"]:
+        target = f"{root}/venvs/{name}"
+        server.shell(
+            name=f"build venv {name}: {' '.join(requirements(cfg))}",
+            commands=[
+                f"rm -rf {target} && mkdir -p {root}/venvs && "
+                f"UV_PYTHON_DOWNLOADS=never UV_CACHE_DIR=/var/cache/glmfleet/uv "
+                f"{uv} venv --quiet --python {shlex.quote(cfg.vllm_python)} {target} && "
+                f"UV_CACHE_DIR=/var/cache/glmfleet/uv {uv} pip install --quiet --python {target}/bin/python "
+                f"{shlex.join(index_args(cfg))} {shlex.join(requirements(cfg))} && "
+                f"{target}/bin/python -c {shlex.quote(IMPORT_CHECK)} {shlex.quote(cfg.vllm_package)} "
+                f"{shlex.quote(cfg.vllm_version)} && touch {target}/{COMPLETE_MARKER}"
+            ],
+        )
+
+    if venvs["current"] == name:
+        return []
+    # The switch keeps exactly two venvs: the new current and the previous one, for rollback.
+    return [server.shell(name=f"switch current venv to {name}", commands=[switch_command(root, name, venvs["current"])])]
+
+
+def switch_command(root: str, name: str, current: str | None) -> str:
+    keep = {name, current} - {None}
+    steps = [f"cd {root}", f"ln -sfn venvs/{name} current.new", "mv -Tf current.new current"]
+    if current:
+        steps += [f"ln -sfn venvs/{current} previous.new", "mv -Tf previous.new previous"]
+    steps.append("for d in venvs/*; do case ${d#venvs/} in " + "|".join(sorted(keep)) + ') ;; *) rm -rf "$d";; esac; done')
+    return " && ".join(steps)
