@@ -443,7 +443,6 @@ def _root_mount_point(host: dict) -> Path:
 
 
 def _supervisor_argv(name: str) -> list[str]:
-    """As /proc shows it, after unshare has exec'd it."""
     return [sys.executable, "-m", "glmfleet.localfleet", "supervise", name]
 
 
@@ -451,11 +450,12 @@ def _supervisor_pid(host: dict) -> int | None:
     """The pid of the host's supervisor if it runs; a recycled pid does not count."""
     try:
         pid = int(_pid_file(host).read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
     except (FileNotFoundError, ValueError):
         return None
-    expected_tail = [os.fsencode(arg) for arg in _supervisor_argv(host["name"])[1:]]
-    return pid if cmdline[1:-1] == expected_tail else None
+    # The same ending before unshare has exec'd the supervisor (measured under load) and after.
+    expected_ending = [os.fsencode(arg) for arg in _supervisor_argv(host["name"])[1:]]
+    return pid if argv[-len(expected_ending):] == expected_ending else None
 
 
 def _start_supervisor(host: dict) -> None:
