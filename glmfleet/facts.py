@@ -219,6 +219,9 @@ class GpuHost(FactBase):
     def process(self, output):
         return gpu_host(split_sections(output))
 
+    def default(self):
+        return self.process([])
+
 
 def gpu_host(sections: dict[str, list[str]]) -> dict:
     """The GpuHost fact from its sections (see GpuHost.command for what each holds)."""
@@ -255,6 +258,8 @@ class DebPackageStates(FactBase):
 
         {"nvidia-driver": {"version": "535.261.03-1", "held": True}}
     """
+
+    default = dict
 
     def command(self) -> str:
         return "dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\\n'"
@@ -318,3 +323,6 @@ class ContainerHost(FactBase):
             "cdi_spec": "present" in sections.get("cdi_spec", []),
             "image_id": image[0] if image else None,
         }
+
+    def default(self):
+        return self.process([])

@@ -79,13 +79,13 @@ def fetch_key_command(key_url: str, keyring: str, key_sha256: str | None) -> str
 
 
 @operation()
-def apt_repository(name: str, url: str, suite: str, components: list[str], key_url: str, key_sha256: str | None = None):
+def apt_repository(repo: str, url: str, suite: str, components: list[str], key_url: str, key_sha256: str | None = None):
     """
     Add an apt repository whose key signs it alone: the key goes to
-    ``/etc/apt/keyrings/glmfleet-NAME.asc`` and the source names it in ``Signed-By``
+    ``/etc/apt/keyrings/glmfleet-REPO.asc`` and the source names it in ``Signed-By``
     (never ``apt-key``, never a key trusted for every repository).
 
-    + name: short name of the repository (file names derive from it)
+    + repo: short name of the repository (file names derive from it)
     + url: the repository's base URL (a mirror's, on mirror-only sites)
     + suite: the distribution, e.g. ``bookworm``, or a path ending in ``/`` for a flat repository
     + components: e.g. ``["stable"]``; empty for a flat repository
@@ -94,13 +94,13 @@ def apt_repository(name: str, url: str, suite: str, components: list[str], key_u
 
     The key is fetched when missing or, if pinned, when it differs from the pin.
     """
-    keyring = f"{KEYRINGS_DIR}/glmfleet-{name}.asc"
+    keyring = f"{KEYRINGS_DIR}/glmfleet-{repo}.asc"
     present = host.get_fact(Sha256File, path=keyring)
     if present is None or (key_sha256 and present != key_sha256):
         yield fetch_key_command(key_url, keyring, key_sha256)
     yield from files.put._inner(
         src=StringIO(render_apt_source(url, suite, components, keyring)),
-        dest=f"/etc/apt/sources.list.d/glmfleet-{name}.sources",
+        dest=f"/etc/apt/sources.list.d/glmfleet-{repo}.sources",
         user="root",
         group="root",
         mode="644",
