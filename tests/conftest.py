@@ -1,0 +1,31 @@
+"""Session fixtures: the local fleet of real systemd hosts and a package index on loopback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from glmfleet import localfleet
+from tests.fleettools import UV_VERSION
+from tests.pkgindex import PackageIndex, fill_index_dir
+
+FLEET_SIZE = 2
+
+
+@pytest.fixture(scope="session")
+def fleet():
+    """FLEET_SIZE hosts, up for the whole session; taken down after it unless GLMFLEET_KEEP_FLEET=1."""
+    localfleet.up(FLEET_SIZE)
+    yield [host["name"] for host in localfleet.load_hosts()][:FLEET_SIZE]
+    if os.environ.get("GLMFLEET_KEEP_FLEET") != "1":
+        localfleet.down()
+
+
+@pytest.fixture(scope="session")
+def package_index(tmp_path_factory):
+    """The test double's wheel and the pinned uv, served by pypiserver on 127.0.0.1."""
+    wheels = tmp_path_factory.mktemp("index")
+    fill_index_dir(wheels, requirements=[f"uv=={UV_VERSION}"])
+    with PackageIndex(wheels) as index:
+        yield index.url

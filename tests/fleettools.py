@@ -1,0 +1,88 @@
+"""Running glmfleet's real deploy against the local fleet, for the tests and the demo.
+
+The fleet's hosts have no GPU: they serve through the vLLM test double
+(tests/vllm_test_double), which the product's own venv role installs from a package index
+served on loopback, the path a mirror-only site uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import testinfra
+
+from glmfleet import localfleet
+
+ROOT = Path(__file__).resolve().parent.parent
+UV_VERSION = "0.13.9"
+TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": "0.1.0", "vllm_ready_timeout": 120}
+# The tests' API key: it reaches pyinfra through the inventory's environment, as prod.py shows.
+API_KEY_ENV = "GLMFLEET_VLLM_API_KEY"
+
+
+@dataclass
+class Run:
+    """One pyinfra run: exit code, output, and the --json results when it got that far."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def results(self) -> dict:
+        return json.loads(self.stdout)["results"]
+
+    def changed(self) -> dict[str, set[str]]:
+        """Host name -> names of the operations that changed something there."""
+        changed: dict[str, set[str]] = {}
+        for op in self.results["operations"]:
+            for host in op["success"]:
+                changed.setdefault(host, set()).add(op["name"])
+        return changed
+
+
+def data_args(data: dict) -> list[str]:
+    """--data flags; pyinfra parses each value as int, bool or JSON, else keeps the string."""
+    args = []
+    for key, value in data.items():
+        args += ["--data", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return args
+
+
+def pyinfra(inventory: str | Path, *args: str, data: dict | None = None, env: dict | None = None,
+            timeout: int = 900) -> Run:
+    """`pyinfra -y --json INVENTORY ARGS` from the project root, as a user runs it."""
+    command = [str(Path(sys.executable).parent / "pyinfra"), "-y", "--json", str(inventory), *args,
+               *data_args(data or {})]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return Run(completed.returncode, completed.stdout, completed.stderr)
+
+
+def deploy(inventory: str | Path = "inventory/local.py", **kwargs) -> Run:
+    return pyinfra(inventory, "deploy.py", **kwargs)
+
+
+def write_inventory(path: Path, host_data: dict[str, dict]) -> Path:
+    """An inventory of the local fleet with extra data for some hosts (to change one host alone)."""
+    path.write_text(
+        "from glmfleet.localfleet import inventory_hosts\n"
+        f"EXTRA = {host_data!r}\n"
+        "local_fleet = [(name, {**data, **EXTRA.get(name, {})}) for name, data in inventory_hosts()]\n"
+    )
+    return path
+
+
+def testinfra_host(name: str):
+    """A pytest-testinfra host for one fleet host, over the same SSH pyinfra uses."""
+    host = next(h for h in localfleet.load_hosts() if h["name"] == name)
+    return testinfra.get_host(
+        f"ssh://root@127.0.0.1:{host['ssh_port']}",
+        ssh_identity_file=host["ssh_key"],
+        ssh_extra_args="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+    )

@@ -1,0 +1,137 @@
+"""The real deploy on the local fleet: install, serve, verify, converge, change one host, fail well.
+
+The tests run in file order on one converged fleet: each step builds on the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from glmfleet import localfleet
+from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, deploy, testinfra_host, write_inventory
+
+pytestmark = pytest.mark.fleet
+
+API_KEY = "sk-glmfleet-e2e-7d1c9a"
+
+
+@pytest.fixture(scope="module")
+def settings(package_index):
+    return {**TEST_DOUBLE, "pip_index_url": package_index}
+
+
+@pytest.fixture(scope="module")
+def first_run(fleet, settings):
+    run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def vllm_port(name: str) -> int:
+    return dict(localfleet.inventory_hosts())[name]["vllm_port"]
+
+
+def get(url: str, api_key: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def main_pid(name: str) -> str:
+    return testinfra_host(name).check_output("systemctl show --property MainPID --value vllm.service")
+
+
+def test_first_run_verifies_every_host_with_a_real_request(first_run, fleet):
+    changed = first_run.changed()
+    for name in fleet:
+        assert any(op.startswith("verify") for op in changed[name]), changed[name]
+        status, body = get(f"http://127.0.0.1:{vllm_port(name)}/v1/models", API_KEY)
+        assert status == 200 and json.loads(body)["data"][0]["id"] == "zai-org/GLM-4-9B-0414"
+
+
+def test_service_runs_as_the_vllm_system_user_from_the_venv(first_run, fleet):
+    for name in fleet:
+        host = testinfra_host(name)
+        assert host.service("vllm").is_running and host.service("vllm").is_enabled
+        user = host.user("vllm")
+        assert user.uid < 1000 and user.shell == "/usr/sbin/nologin"
+        assert host.check_output("ps -o user= -p $(systemctl show -p MainPID --value vllm.service)") == "vllm"
+        unit = host.file("/etc/systemd/system/vllm.service").content_string
+        assert "ExecStart=/opt/glmfleet/vllm/current/bin/vllm serve zai-org/GLM-4-9B-0414" in unit
+        assert "EnvironmentFile=/etc/glmfleet/vllm.env" in unit
+        target = host.file("/opt/glmfleet/vllm/current").linked_to
+        assert host.file(f"{target}/.glmfleet-complete").exists
+
+
+def test_secrets_are_root_only_and_nowhere_else(first_run, fleet):
+    assert API_KEY not in first_run.stdout + first_run.stderr
+    for name in fleet:
+        host = testinfra_host(name)
+        env_file = host.file("/etc/glmfleet/vllm.env")
+        assert (env_file.mode, env_file.user, env_file.group) == (0o600, "root", "root")
+        assert host.file("/etc/glmfleet").mode == 0o700
+        assert host.run("runuser -u vllm -- cat /etc/glmfleet/vllm.env").rc != 0
+        assert API_KEY not in host.check_output("ps -eo args")
+        assert API_KEY not in host.check_output("journalctl --no-pager -u vllm.service")
+        assert API_KEY not in host.file("/etc/systemd/system/vllm.service").content_string
+        # The key is in force: /v1 refuses a client without it.
+        assert get(f"http://127.0.0.1:{vllm_port(name)}/v1/models")[0] == 401
+
+
+def test_second_run_changes_nothing(first_run, fleet, settings):
+    pids = {name: main_pid(name) for name in fleet}
+    run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.changed() == {}
+    assert {name: main_pid(name) for name in fleet} == pids
+
+
+def test_bad_value_stops_the_run_before_any_host_changes(first_run, fleet, settings):
+    units = {name: testinfra_host(name).file("/etc/systemd/system/vllm.service").sha256sum for name in fleet}
+    run = deploy(data={**settings, "vllm_gpu_memory_utilization": 1.5}, env={API_KEY_ENV: API_KEY})
+    assert run.returncode != 0
+    for name in fleet:
+        assert f"{name}: vllm_gpu_memory_utilization = 1.5 is invalid; accepted: a number > 0 and <= 1" in run.stderr
+        assert testinfra_host(name).file("/etc/systemd/system/vllm.service").sha256sum == units[name]
+    assert "Beginning operation run" not in run.stderr
+
+
+def test_one_setting_on_one_host_restarts_that_host_alone(first_run, fleet, settings, tmp_path):
+    changed_host, other_host = fleet[0], fleet[1]
+    pids = {name: main_pid(name) for name in fleet}
+    inventory = write_inventory(tmp_path / "inventory.py", {changed_host: {"vllm_max_model_len": 4096}})
+    run = deploy(inventory, data=settings, env={API_KEY_ENV: API_KEY})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert set(run.changed()) == {changed_host}
+    assert run.changed()[changed_host] == {
+        "vLLM service | unit vllm.service",
+        "vLLM service | systemd daemon-reload",
+        "vLLM service | restart vllm.service",
+        "verify vLLM serves | verify zai-org/GLM-4-9B-0414 serves on " + f"http://127.0.0.1:{vllm_port(changed_host)}",
+    }
+    assert main_pid(changed_host) != pids[changed_host]
+    assert main_pid(other_host) == pids[other_host]
+    assert "--max-model-len 4096" in testinfra_host(changed_host).file("/etc/systemd/system/vllm.service").content_string
+    status, body = get(f"http://127.0.0.1:{vllm_port(changed_host)}/v1/models", API_KEY)
+    assert json.loads(body)["data"][0]["max_model_len"] == 4096
+
+
+def test_a_host_that_cannot_serve_fails_with_its_journal(first_run, fleet, settings, tmp_path):
+    broken = fleet[1]
+    crash = {"vllm_env": {"VLLM_TEST_DOUBLE_FAIL": "exit"}, "vllm_ready_timeout": 20}
+    inventory = write_inventory(tmp_path / "inventory.py", {broken: crash})
+    run = deploy(inventory, data=settings, env={API_KEY_ENV: API_KEY})
+    assert run.returncode != 0
+    assert "not serving after 20 s" in run.stderr
+    assert "--- last lines of the vllm.service journal:" in run.stderr
+    # Put the host back: the plain deploy converges it again.
+    healed = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    assert get(f"http://127.0.0.1:{vllm_port(broken)}/health")[0] == 200

@@ -1,0 +1,215 @@
+"""The `vllm` console script of the TEST DOUBLE: `vllm --version` and `vllm serve`."""
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+import vllm_test_double
+from vllm_test_double.server import DoubleHTTPServer, EngineState, ServeConfig
+
+log = logging.getLogger("vllm_test_double")
+
+ENV_STARTUP_DELAY = "VLLM_TEST_DOUBLE_STARTUP_DELAY"
+ENV_FAIL = "VLLM_TEST_DOUBLE_FAIL"
+ENV_LATENCY = "VLLM_TEST_DOUBLE_LATENCY"
+FAIL_MODES = ("exit", "unhealthy", "error")
+# The real vLLM reads it from the model's config; the double has no model to read.
+DEFAULT_MAX_MODEL_LEN = 8192
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+SERVE_EPILOG = f"""\
+Unrecognized flags are accepted and logged, so flags this double does not
+model do not stop a unit from starting. The double cannot know whether an
+unrecognized flag takes a value, so give MODEL first or such flags as
+--flag=value; otherwise the value may be taken for MODEL.
+
+Test knobs (environment):
+  {ENV_STARTUP_DELAY}=SECONDS
+      bind the port at once but answer /health with 503 (and /v1 with 503)
+      until SECONDS have passed, as real vLLM does while it loads the model.
+  {ENV_FAIL}=exit|unhealthy|error
+      exit:      exit with status 1 after the startup delay (engine crash at load).
+      unhealthy: never finish loading: /health and /v1 keep answering 503.
+      error:     load normally, but every completion answers 500 (a wedged engine).
+  {ENV_LATENCY}=SECONDS
+      hold each completion this long, so requests are in flight during drains.
+  VLLM_API_KEY=KEY
+      require `Authorization: Bearer KEY` on /v1, unless --api-key is given.
+"""
+
+
+@dataclass(frozen=True)
+class DoubleKnobs:
+    """The VLLM_TEST_DOUBLE_* settings that script how the double misbehaves."""
+
+    startup_delay_s: float
+    latency_s: float
+    fail: str | None
+
+    @classmethod
+    def from_env(cls, env) -> "DoubleKnobs":
+        fail = env.get(ENV_FAIL) or None
+        if fail is not None and fail not in FAIL_MODES:
+            raise ValueError(f"{ENV_FAIL}={fail!r}: expected one of {', '.join(FAIL_MODES)}")
+        return cls(_seconds(env, ENV_STARTUP_DELAY), _seconds(env, ENV_LATENCY), fail)
+
+
+def _seconds(env, name: str) -> float:
+    raw = env.get(name) or "0"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={raw!r}: expected a number of seconds >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: an unknown flag that happens to prefix a known one
+    # (say --reasoning) must be recorded as unknown, not silently taken for it.
+    parser = argparse.ArgumentParser(
+        prog="vllm",
+        description=vllm_test_double.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=vllm_test_double.__version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API (TEST DOUBLE: no model is loaded)",
+        description="TEST DOUBLE of `vllm serve`: it stands in for vLLM and serves no model;\n"
+        "completions echo the last user message.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL", help="model to pretend to serve")
+    serve.add_argument("--model", help="the same as MODEL (MODEL wins when both are given)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--served-model-name", nargs="+", metavar="NAME", help="names the API answers to (default: MODEL)"
+    )
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    serve.add_argument("--max-model-len", type=int, default=DEFAULT_MAX_MODEL_LEN)
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    serve.add_argument(
+        "--api-key", nargs="+", metavar="KEY", help="require one of these keys on /v1 (beats VLLM_API_KEY)"
+    )
+    serve.add_argument("--trust-remote-code", action="store_true")
+    serve.add_argument("--tool-call-parser")
+    serve.add_argument("--reasoning-parser")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, stop accepting connections and let in-flight requests finish for up to SECONDS "
+        "(default: exit at once)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unrecognized = parser.parse_known_args(argv)
+    if args.command != "serve":
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(levelname)s %(asctime)s [%(module)s] %(message)s",
+        datefmt="%m-%d %H:%M:%S",
+    )
+    return serve(parser, args, unrecognized)
+
+
+def serve(parser: argparse.ArgumentParser, args: argparse.Namespace, unrecognized: list[str]) -> int:
+    model = args.model_tag or args.model
+    if not model:
+        parser.error("serve: a MODEL (or --model) is required")
+    if args.model and model != args.model:
+        # Often the value of an unrecognized flag, taken for MODEL (see --help).
+        log.warning("MODEL %r overrides --model %r, as in vLLM", model, args.model)
+    try:
+        knobs = DoubleKnobs.from_env(os.environ)
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    # vLLM's precedence: the flag beats the environment.
+    api_keys = args.api_key or ([os.environ["VLLM_API_KEY"]] if os.environ.get("VLLM_API_KEY") else [])
+    config = ServeConfig(
+        model=model,
+        served_model_names=args.served_model_name or [model],
+        max_model_len=args.max_model_len,
+        api_keys=api_keys,
+        latency_s=knobs.latency_s,
+        fail_requests=knobs.fail == "error",
+        version=vllm_test_double.__version__,
+    )
+
+    log.info(
+        "Starting vLLM test double %s -- a TEST DOUBLE that stands in for vLLM and serves no model", config.version
+    )
+    log.info("args: %s", _loggable_args(args))
+    log.info("test knobs: %s", knobs)
+    if unrecognized:
+        log.warning("Accepted unrecognized arguments (recorded, not acted on): %s", " ".join(unrecognized))
+
+    # Stop signals are blocked before any thread starts, so every thread
+    # inherits the mask and only the sigwait calls below receive them; no
+    # signal handler can interrupt a thread that holds a lock.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    state = EngineState()
+    try:
+        # Bound before the engine "loads", as vLLM binds its port early.
+        server = DoubleHTTPServer((args.host, args.port), config, state)
+    except OSError as error:
+        log.error("Could not bind %s:%s: %s", args.host, args.port, error)
+        return 1
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True).start()
+    log.info("Starting vLLM API server (test double) on http://%s:%d", args.host, server.server_address[1])
+    try:
+        return _run_engine(server, state, knobs, args.shutdown_timeout)
+    finally:
+        server.server_close()
+
+
+def _run_engine(
+    server: DoubleHTTPServer, state: EngineState, knobs: DoubleKnobs, shutdown_timeout_s: float | None
+) -> int:
+    received = signal.sigtimedwait(STOP_SIGNALS, knobs.startup_delay_s)
+    if received is None:
+        if knobs.fail == "exit":
+            log.error("RuntimeError: Engine core initialization failed (%s=exit)", ENV_FAIL)
+            return 1
+        if knobs.fail != "unhealthy":
+            state.loaded.set()
+            log.info("Application startup complete.")
+        signum = signal.sigwait(STOP_SIGNALS)
+    else:
+        signum = received.si_signo
+    log.info("Received %s, shutting down", signal.Signals(signum).name)
+    server.shutdown()
+    server.server_close()  # new connections are refused from here on
+    if shutdown_timeout_s is not None:
+        log.info("Draining: waiting up to %gs for in-flight requests", shutdown_timeout_s)
+        left = server.wait_until_idle(shutdown_timeout_s)
+        if left:
+            log.warning("%d request(s) still in flight after %gs; exiting anyway", left, shutdown_timeout_s)
+    return 0
+
+
+def _loggable_args(args: argparse.Namespace) -> dict:
+    shown = {key: value for key, value in vars(args).items() if key != "command"}
+    if shown.get("api_key"):
+        shown["api_key"] = "<redacted>"
+    return shown
