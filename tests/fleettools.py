@@ -20,7 +20,9 @@ from glmfleet import localfleet
 
 ROOT = Path(__file__).resolve().parent.parent
 UV_VERSION = "0.13.9"
-TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": "0.1.0", "vllm_ready_timeout": 120}
+# The fleet has no GPU: the driver role is not asked to manage one (tests/test_gpu_stack_fleet.py does).
+TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": "0.1.0", "vllm_ready_timeout": 120,
+               "nvidia_driver_source": "none"}
 # The tests' API key: it reaches pyinfra through the inventory's environment, as prod.py shows.
 API_KEY_ENV = "GLMFLEET_VLLM_API_KEY"
 
