@@ -29,7 +29,8 @@ CUDA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{
 
 
 def is_branch(value) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9]{3}", value) is not None
+    """Three digits; ``--data nvidia_driver_branch=580`` arrives as an int, which is fine too."""
+    return type(value) in (str, int) and re.fullmatch(r"[0-9]{3}", str(value)) is not None
 
 
 def is_driver_version(value) -> bool:
