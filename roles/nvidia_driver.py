@@ -141,7 +141,7 @@ def driver_plan(cfg: HostConfig, gpu: dict) -> DriverPlan:
         return DriverPlan(
             packages={
                 f"nvidia-headless-no-dkms-{flavour}": glob,
-                f"nvidia-utils-{flavour}": glob,
+                f"nvidia-utils-{branch}-server": glob,  # nvidia-smi; one package for both module flavours
                 f"linux-modules-nvidia-{flavour}-{kernel}": None,
             },
             fabric_manager=f"nvidia-fabricmanager-{branch}",
