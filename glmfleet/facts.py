@@ -284,18 +284,6 @@ def parse_dpkg_query(lines: list[str]) -> dict[str, dict]:
     return packages
 
 
-class BootMarker(FactBase):
-    """Changes with every boot, of a machine or of a container: the kernel's boot id, and when
-    PID 1 started (in clock ticks since the kernel booted). A container shares the kernel's boot
-    id and uptime, so a reboot check on either alone never sees it come back."""
-
-    def command(self) -> str:
-        return "cat /proc/sys/kernel/random/boot_id; cut -d' ' -f22 /proc/1/stat"
-
-    def process(self, output):
-        return " ".join(line.strip() for line in output)
-
-
 class ContainerHost(FactBase):
     """Docker on this host: its daemon.json (parsed; ``None`` when absent, ``"invalid"`` when
     not JSON), whether the CDI spec of the NVIDIA GPUs exists, and the image id of one image.

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-import time
 from fnmatch import fnmatchcase
 from io import BytesIO, StringIO
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
-from pyinfra.api.exceptions import OperationError
+from pyinfra.api import FileUploadCommand, StringCommand, operation
 from pyinfra.facts.files import File, Sha256File
 from pyinfra.operations import files
 
-from glmfleet.facts import BootMarker, DebPackageStates
+from glmfleet.facts import DebPackageStates
 
 KEYRINGS_DIR = "/etc/apt/keyrings"
 # Every apt-get call waits for a dpkg lock held by another apt (cloud-init, unattended-upgrades)
@@ -182,33 +180,3 @@ def notice(message: str):
     host.noop(message)
     return
     yield  # a generator that yields nothing: no commands, no change
-
-
-@operation(is_idempotent=False)
-def reboot(timeout: int = 900, interval: int = 5):
-    """
-    Reboot the host and wait until it is back: a new boot marker (kernel boot id, PID 1 start)
-    and a working SSH login. Works for containers too, whose uptime is the machine's.
-
-    + timeout: seconds to wait for the host to come back before failing it
-    + interval: seconds between reconnection attempts
-    """
-    before: list[str] = []
-
-    def remember_boot(state, host):
-        before.append(host.get_fact(BootMarker))
-
-    def wait_for_new_boot(state, host):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            time.sleep(interval)
-            host.disconnect()
-            host.connect(show_errors=False)
-            if host.connected and host.get_fact(BootMarker) != before[0]:
-                return
-        raise OperationError(f"{host.name} did not come back within {timeout} s of the reboot")
-
-    yield FunctionCommand(remember_boot, (), {})
-    # Detached, so the SSH channel closes before the machine goes down.
-    yield "( sleep 2 && systemctl reboot ) </dev/null >/dev/null 2>&1 &"
-    yield FunctionCommand(wait_for_new_boot, (), {})

@@ -23,7 +23,7 @@ from glmfleet.config import (
     optional,
 )
 from glmfleet.facts import GpuHost
-from glmfleet.operations import apt_hold, apt_install, apt_repository, notice, reboot, stop_host
+from glmfleet.operations import apt_hold, apt_install, apt_repository, notice, stop_host
 
 CUDA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}"
 
@@ -308,7 +308,8 @@ def nvidia_driver() -> DriverState:
         message = reboot_reason(cfg, gpu, driver_changes)
         notice(name=message, message=message)
         return DriverState(ready=False)
-    rebooted = reboot(name="reboot into the new driver", timeout=cfg.nvidia_reboot_timeout)
+    rebooted = server.reboot(name="reboot into the new driver", delay=10, interval=5,
+                             reboot_timeout=cfg.nvidia_reboot_timeout)
     if not gpu["gpus"]:
         message = "rebooted; no NVIDIA GPU on the PCI bus, so nothing for the driver to drive"
         notice(name=message, message=message)

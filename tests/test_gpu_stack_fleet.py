@@ -74,7 +74,7 @@ def test_debian_distro_driver_installs_holds_and_reports_reboot_required(fleet):
     name = fleet[0]
     run = run_role(name, "roles.nvidia_driver.nvidia_driver", DRIVER)
     changed = run.changed()[name]
-    assert any(op.startswith("NVIDIA packages: nvidia-driver") for op in changed), changed
+    assert "NVIDIA driver | NVIDIA packages: nvidia-driver, nvidia-kernel-dkms, nvidia-smi, nvidia-persistenced" in changed
     assert "reboot required: driver branch 535 being installed, running: none" in run.stderr + run.stdout
     print(f"driver role on {name}: {run.seconds:.0f} s")
 
@@ -108,9 +108,9 @@ def test_cuda_repo_on_loopback_and_reboot_then_the_deploy_goes_on(fleet, repos, 
     run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data=data, timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]
     changed = run.changed()[name]
-    assert "reboot into the new driver" in changed
+    assert "NVIDIA driver | reboot into the new driver" in changed
     # The deploy went on after the host came back: the venv role after the driver role ran.
-    assert any(op.startswith("build venv") for op in changed), changed
+    assert any(op.startswith("vLLM venv | build venv") for op in changed), changed
     host = testinfra_host(name)
     assert host.check_output("cat /proc/sys/kernel/random/boot_id; cut -d' ' -f22 /proc/1/stat") != boot_before
 
