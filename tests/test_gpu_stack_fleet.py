@@ -14,7 +14,8 @@ import time
 import pytest
 
 from tests.aptrepo import LoopbackServer, Package, SigningKey, publish_flat
-from tests.fleettools import TEST_DOUBLE, pyinfra, testinfra_host, write_inventory
+from tests.fleettools import TEST_DOUBLE, pyinfra, write_inventory
+from tests.fleettools import testinfra_host as host_of  # not named test*: pytest would collect it
 from tests.imagearchive import write_image_archive
 
 pytestmark = pytest.mark.fleet
@@ -78,7 +79,7 @@ def test_debian_distro_driver_installs_holds_and_reports_reboot_required(fleet):
     assert "reboot required: driver branch 535 being installed, running: none" in run.stderr + run.stdout
     print(f"driver role on {name}: {run.seconds:.0f} s")
 
-    host = testinfra_host(name)
+    host = host_of(name)
     for package in DRIVER_PACKAGES:
         assert host.package(package).is_installed
         assert package in held(host)
@@ -101,7 +102,7 @@ def test_cuda_repo_on_loopback_and_reboot_then_the_deploy_goes_on(fleet, repos, 
     """The whole deploy on a fresh host: the CUDA repository with its signed-by keyring, the
     driver through its branch metapackage, one reboot, and the roles after it."""
     name = fleet[1]
-    host = testinfra_host(name)
+    host = host_of(name)
     boot_before = host.check_output("cat /proc/sys/kernel/random/boot_id; cut -d' ' -f22 /proc/1/stat")
     data = {**TEST_DOUBLE, "pip_index_url": package_index, **repos["cuda"], "nvidia_driver_source": "cuda-repo",
             "nvidia_driver_branch": "535", "nvidia_allow_reboot": True, "nvidia_reboot_timeout": 300}
@@ -111,7 +112,7 @@ def test_cuda_repo_on_loopback_and_reboot_then_the_deploy_goes_on(fleet, repos, 
     assert "NVIDIA driver | reboot into the new driver" in changed
     # The deploy went on after the host came back: the venv role after the driver role ran.
     assert any(op.startswith("vLLM venv | build venv") for op in changed), changed
-    host = testinfra_host(name)
+    host = host_of(name)
     assert host.check_output("cat /proc/sys/kernel/random/boot_id; cut -d' ' -f22 /proc/1/stat") != boot_before
 
     source = host.file("/etc/apt/sources.list.d/glmfleet-cuda.sources").content_string
@@ -137,7 +138,7 @@ USER_DAEMON_JSON = {"iptables": False, "bridge": "none", "ip-forward": False, "i
 
 def test_image_runtime_loads_the_shipped_archive_and_writes_its_unit(fleet, repos, tmp_path):
     name = fleet[0]
-    host = testinfra_host(name)
+    host = host_of(name)
     host.run("mkdir -p /etc/docker")
     host.run(f"echo {json.dumps(json.dumps(USER_DAEMON_JSON))} > /etc/docker/daemon.json")
     archive = tmp_path / "vllm-openai-v0.22.0.tar"
