@@ -268,8 +268,7 @@ def nvidia_driver() -> DriverState:
             key_sha256=cfg.nvidia_cuda_repo_key_sha256,
         )
     if not running and plan.dkms and not gpu["kernel_headers"] and not plan.headers:
-        message = f"no headers package for the running kernel {gpu['kernel']}: DKMS cannot build the module for it"
-        notice(name=message, message=message)
+        report(f"no headers package for the running kernel {gpu['kernel']}: DKMS cannot build the module for it")
     apt_install(name="PCI tools (GPU and NVSwitch names)", packages={"pciutils": None})
 
     blacklist = files.put(
@@ -284,7 +283,8 @@ def nvidia_driver() -> DriverState:
         _if=blacklist.did_change,
     )
     installed = apt_install(name=f"NVIDIA packages: {', '.join(packages)}", packages=packages) if packages else None
-    driver_changes = installed is not None and installed.will_change and not running
+    installing = installed is not None and installed.will_change
+    driver_changes = installing and not running
     if fabric_manager and driver_changes:
         server.shell(name="Fabric Manager at the driver's version", commands=[fabric_manager_matches_driver(plan)],
                      _if=installed.did_change)
@@ -295,7 +295,7 @@ def nvidia_driver() -> DriverState:
                      + "".join(f'    "{pattern}";\n' for pattern in UNATTENDED_BLACKLIST) + "};\n"),
         dest=UNATTENDED_CONF, user="root", group="root", mode="644",
     )
-    apt_hold(name="driver and kernel packages held", patterns=HOLD_PATTERNS, pending=installed is not None and installed.will_change)
+    apt_hold(name="driver and kernel packages held", patterns=HOLD_PATTERNS, pending=installing)
     services = persistence_daemon(cfg, gpu, start=running)
     if fabric_manager:
         services.append(systemd.service(name="Fabric Manager enabled", service="nvidia-fabricmanager.service",
@@ -305,17 +305,20 @@ def nvidia_driver() -> DriverState:
 
     # The wanted driver is not loaded: only a reboot loads it (and unloads nouveau).
     if not (cfg.nvidia_allow_reboot and (driver_changes or gpu["gpus"])):
-        message = reboot_reason(cfg, gpu, driver_changes)
-        notice(name=message, message=message)
+        report(reboot_reason(cfg, gpu, driver_changes))
         return DriverState(ready=False)
     rebooted = server.reboot(name="reboot into the new driver", delay=10, interval=5,
                              reboot_timeout=cfg.nvidia_reboot_timeout)
     if not gpu["gpus"]:
-        message = "rebooted; no NVIDIA GPU on the PCI bus, so nothing for the driver to drive"
-        notice(name=message, message=message)
+        report("rebooted; no NVIDIA GPU on the PCI bus, so nothing for the driver to drive")
         return DriverState(ready=False, changes=[installed, rebooted])
     server.shell(name=f"nvidia-smi sees all {len(gpu['gpus'])} GPUs", commands=[gpu_count_check(len(gpu["gpus"]))])
     return DriverState(ready=True, changes=[installed, rebooted])
+
+
+def report(message: str) -> None:
+    """Say something about this host in the run's output (an operation that changes nothing)."""
+    notice(name=message, message=message)
 
 
 def persistence_daemon(cfg: HostConfig, gpu: dict, start: bool) -> list:
