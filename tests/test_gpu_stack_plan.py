@@ -10,6 +10,8 @@ import pytest
 
 from roles.container_toolkit import container_toolkit
 from roles.nvidia_driver import DriverState, nvidia_driver
+from roles.vllm_image import vllm_image
+from tests.imagearchive import write_image_archive
 from tests.planning import GPU_HOST_MARKER, gpu_host_output, plan
 
 H100 = "18:00.0 3D controller [0302]: NVIDIA Corporation Device [10de:2330] (rev a1)"
@@ -161,3 +163,30 @@ def test_toolkit_configured_daemon_json_is_left_alone_and_cdi_spec_written_once_
 
 def test_toolkit_is_not_installed_for_the_venv_runtime():
     assert plan(container_toolkit, {}, toolkit_host(None)) == []
+
+
+def image_host(image_id: str | None) -> dict:
+    """A host as the image role's facts see it: the image present or not, useradd there."""
+    return {"::glmfleet:: daemon_json": ["::glmfleet:: image", *([image_id] if image_id else [])],
+            "useradd": ["/usr/sbin/useradd"]}
+
+
+def test_image_is_pulled_by_its_recorded_digest_once():
+    digest = "sha256:" + "d" * 64
+    data = {"vllm_runtime": "image", "vllm_image_digest": digest}
+    ops = plan(vllm_image, data, image_host(None))
+    assert commands(ops, "pull") == [f"docker pull vllm/vllm-openai@{digest}"]
+    assert "pull" not in names(plan(vllm_image, data, image_host("sha256:" + "e" * 64)))
+
+
+def test_shipped_archive_is_uploaded_and_loaded_only_when_its_image_is_missing(tmp_path):
+    archive = tmp_path / "vllm-openai-v0.22.0.tar"
+    image_id = write_image_archive(archive, "vllm/vllm-openai:v0.22.0")
+    data = {"vllm_runtime": "image", "vllm_image_archive": str(archive)}
+    ops = plan(vllm_image, data, image_host(None))
+    assert f"<FileUploadCommand /var/lib/glmfleet/images/{archive.name}>" in commands(ops, f"upload {archive}")
+    load = commands(ops, "docker load")[0]
+    assert load.startswith(f"docker load --input /var/lib/glmfleet/images/{archive.name} && rm -f")
+    assert load.endswith(f"= {image_id}")
+    converged = names(plan(vllm_image, data, image_host(image_id)))
+    assert "upload" not in converged and "docker load" not in converged
