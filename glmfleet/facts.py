@@ -35,8 +35,12 @@ class VllmVenvs(FactBase):
             "true"
         )
 
+    @staticmethod
+    def default():
+        return {"uv": False, "current": None, "previous": None, "complete": []}
+
     def process(self, output):
-        state = {"uv": False, "current": None, "previous": None, "complete": []}
+        state = self.default()
         for line in output:
             key, _, value = line.partition("=")
             if key == "uv":
@@ -62,6 +66,10 @@ class VllmServes(FactBase):
     def command(self, verify_argv: list[str]) -> str:
         script = shlex.quote(verify_argv[0])
         return f"test -x {script} || {{ echo 'verify script not installed'; exit 0; }}; {shlex.join(verify_argv)} --deadline 0 2>&1; echo rc=$?"
+
+    @staticmethod
+    def default():
+        return {"ok": False, "detail": "no answer"}
 
     def process(self, output):
         ok = bool(output) and output[-1] == "rc=0"

@@ -72,6 +72,7 @@ MASKED_UNITS = [
     "e2scrub_reap.service",
     "fstrim.timer",
 ]
+EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 REQUIRED_TOOLS = ["mmdebstrap", "systemd-nspawn", "unshare", "ssh", "ssh-keygen", "cp"]
 
 # systemd-nspawn exits with this status when the container's systemd reboots (systemd-nspawn(1)).
@@ -280,10 +281,24 @@ def _check_machine() -> None:
         raise FleetError(f"missing {', '.join(missing)}: run `make fleet-deps`")
 
 
+def _extra_ca_hooks() -> tuple[list[str], str]:
+    """mmdebstrap hooks that make hosts trust this machine's own CAs (a site proxy's, say), so
+    they reach the registries the machine reaches; and the CAs' contents, for the cache key."""
+    cas = sorted(EXTRA_CA_DIR.glob("*.crt"))
+    if not cas:
+        return [], ""
+    hooks = [
+        f"--customize-hook=copy-in {' '.join(map(str, cas))} {EXTRA_CA_DIR}",
+        '--customize-hook=chroot "$1" update-ca-certificates',
+    ]
+    return hooks, "".join(ca.read_text() for ca in cas)
+
+
 def _ensure_base() -> Path:
     """The base root filesystem; built once per set of build arguments, then reused."""
-    build_args = MMDEBSTRAP_ARGS + APT_SOURCES
-    digest = hashlib.sha256(json.dumps(build_args).encode()).hexdigest()[:12]
+    ca_hooks, ca_contents = _extra_ca_hooks()
+    build_args = ca_hooks + MMDEBSTRAP_ARGS + APT_SOURCES
+    digest = hashlib.sha256((json.dumps(build_args) + ca_contents).encode()).hexdigest()[:12]
     base = fleet_dir() / f"base-{digest}"
     if base.is_dir():
         return base
@@ -293,7 +308,7 @@ def _ensure_base() -> Path:
     print(f"localfleet: building the base root filesystem in {base} (log: {log})", flush=True)
     with open(log, "w") as log_file:
         result = subprocess.run(
-            ["mmdebstrap", *MMDEBSTRAP_ARGS, str(partial), *APT_SOURCES],
+            ["mmdebstrap", *ca_hooks, *MMDEBSTRAP_ARGS, str(partial), *APT_SOURCES],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
         )
     if result.returncode != 0:

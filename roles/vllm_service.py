@@ -11,7 +11,7 @@ from packaging.version import Version
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.systemd import SystemdStatus
-from pyinfra.operations import files, systemd
+from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from glmfleet.config import (
@@ -220,9 +220,9 @@ def vllm_service(restart_when=()):
 
     + restart_when: operations (e.g. the venv switch) whose change also needs a restart
 
-    daemon-reload runs only when the unit changed, and a running service restarts only when
-    its unit, its environment or ``restart_when`` changed. Returns the operations whose change
-    means the service was (re)started, for the verify role.
+    daemon-reload runs only when the unit changed; a stopped service starts, and a running one
+    restarts only when its unit, its environment or ``restart_when`` changed. Returns the
+    operations whose change means the service was (re)started, for the verify role.
     """
     cfg = host_config(host)
     was_active = host.get_fact(SystemdStatus).get(UNIT, False)
@@ -238,9 +238,13 @@ def vllm_service(restart_when=()):
         mode="644",
     )
     systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
+    systemd.service(name=f"{UNIT} enabled", service=UNIT, running=None, enabled=True)
     changed = [env, unit, *restart_when]
-    started = systemd.service(name=f"{UNIT} running and enabled", service=UNIT, running=True, enabled=True)
-    if not was_active:
-        return [started, *changed]
-    restarted = systemd.service(name=f"restart {UNIT}", service=UNIT, restarted=True, _if=any_changed(*changed))
-    return [started, restarted]
+    # reset-failed clears systemd's start limit, which a crash loop before this deploy may have
+    # hit. A start that fails is not fatal here: verify judges it and shows the journal.
+    started = server.shell(
+        name=f"(re)start {UNIT}",
+        commands=[f"systemctl reset-failed {UNIT} 2>/dev/null; systemctl restart {UNIT} || true"],
+        _if=[any_changed(*changed)] if was_active else [],
+    )
+    return [started]

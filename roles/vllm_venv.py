@@ -27,6 +27,10 @@ from glmfleet.config import (
 from glmfleet.facts import COMPLETE_MARKER, VllmVenvs
 
 VLLM_USER = "vllm"
+UV_CACHE_DIR = "/var/cache/glmfleet/uv"
+# Debian's and Ubuntu's bundle of the host's trusted CAs: a site's own CA (a proxy or mirror
+# with a private certificate) goes there, and pip and uv must trust what the host trusts.
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 SETTINGS = (
     Setting("vllm_runtime", "venv", "how vLLM runs: a Python venv on the host, or the official container image "
@@ -130,20 +134,20 @@ def vllm_venv():
             name=f"bootstrap uv {cfg.uv_version}",
             commands=[
                 f"rm -rf {uv_dir} && {shlex.quote(cfg.vllm_python)} -m venv {uv_dir} && "
-                f"{uv_dir}/bin/pip install --quiet --disable-pip-version-check --no-cache-dir "
+                f"{uv_dir}/bin/pip install --quiet --disable-pip-version-check --no-cache-dir --cert {SYSTEM_CA_BUNDLE} "
                 f"{shlex.join(index_args(cfg))} uv=={cfg.uv_version}"
             ],
         )
 
     if name not in venvs["complete"]:
         target = f"{root}/venvs/{name}"
+        uv_env = f"UV_SYSTEM_CERTS=1 UV_PYTHON_DOWNLOADS=never UV_CACHE_DIR={UV_CACHE_DIR}"
         server.shell(
             name=f"build venv {name}: {' '.join(requirements(cfg))}",
             commands=[
                 f"rm -rf {target} && mkdir -p {root}/venvs && "
-                f"UV_PYTHON_DOWNLOADS=never UV_CACHE_DIR=/var/cache/glmfleet/uv "
-                f"{uv} venv --quiet --python {shlex.quote(cfg.vllm_python)} {target} && "
-                f"UV_CACHE_DIR=/var/cache/glmfleet/uv {uv} pip install --quiet --python {target}/bin/python "
+                f"{uv_env} {uv} venv --quiet --python {shlex.quote(cfg.vllm_python)} {target} && "
+                f"{uv_env} {uv} pip install --quiet --python {target}/bin/python "
                 f"{shlex.join(index_args(cfg))} {shlex.join(requirements(cfg))} && "
                 f"{target}/bin/python -c {shlex.quote(IMPORT_CHECK)} {shlex.quote(cfg.vllm_package)} "
                 f"{shlex.quote(cfg.vllm_version)} && touch {target}/{COMPLETE_MARKER}"
