@@ -15,7 +15,7 @@ import pytest
 
 from tests.aptrepo import LoopbackServer, Package, SigningKey, publish_flat
 from tests.fleettools import TEST_DOUBLE, pyinfra, write_inventory
-from tests.fleettools import testinfra_host as host_of  # not named test*: pytest would collect it
+from tests.fleettools import fleet_host as host_of
 from tests.imagearchive import write_image_archive
 
 pytestmark = pytest.mark.fleet
