@@ -7,12 +7,19 @@ the inventory, group_data/ or --data stops the whole run with nothing changed.
 from pyinfra import host, inventory
 
 from glmfleet.config import validate_inventory
+from roles.container_toolkit import container_toolkit
+from roles.nvidia_driver import nvidia_driver
 from roles.verify import verify
+from roles.vllm_image import vllm_image
 from roles.vllm_service import vllm_service
 from roles.vllm_venv import vllm_venv
 
 validate_inventory(inventory)
 
-venv_switched = vllm_venv()
-started = vllm_service(restart_when=venv_switched)
-verify(changes=started)
+driver = nvidia_driver()
+toolkit_changed = container_toolkit(driver=driver)
+runtime_changed = [*vllm_venv(), *vllm_image()]
+# Serving needs the GPU: a host waiting for its reboot into the new driver stops here.
+if driver.ready:
+    started = vllm_service(restart_when=[*runtime_changed, *toolkit_changed, *driver.changes])
+    verify(changes=started)

@@ -30,6 +30,7 @@ from glmfleet.config import (
     optional,
 )
 from glmfleet.operations import secret_file
+from roles.vllm_image import CONTAINER, docker_run
 from roles.vllm_venv import VLLM_USER, venv_bin
 
 UNIT = "vllm.service"
@@ -125,9 +126,17 @@ def drains_on_stop(cfg: HostConfig) -> bool:
 
 
 def vllm_command(cfg: HostConfig) -> list[str]:
-    """The unit's ExecStart, as an argv: the venv's own ``vllm serve`` with the configured flags."""
+    """The unit's ExecStart, as an argv: ``vllm serve`` with the configured flags, from the venv
+    or inside the container."""
+    if cfg.vllm_runtime == "image":
+        return [*docker_run(cfg, ENV_FILE), "serve", *serve_args(cfg)]
+    return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg)]
+
+
+def serve_args(cfg: HostConfig) -> list[str]:
+    """What follows ``vllm serve``: the model and the configured flags."""
     argv = [
-        venv_bin(cfg, "vllm"), "serve", cfg.model_dir or cfg.model,
+        cfg.model_dir or cfg.model,
         "--host", cfg.vllm_host,
         "--port", str(cfg.vllm_port),
         "--served-model-name", served_model_name(cfg),
@@ -173,15 +182,22 @@ def systemd_quote(arg: str) -> str:
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_env_file(env: dict[str, str]) -> str:
+def render_env_file(env: dict[str, str], runtime: str = "venv") -> str:
+    """The environment file: systemd's quoted ``KEY="value"`` for the venv's unit, Docker's
+    ``--env-file`` lines (``KEY=value``, taken literally) for the container."""
     lines = ["# Managed by glmfleet. Root-only: it holds secrets."]
-    lines += [f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for key, value in env.items()]
+    if runtime == "image":
+        lines += [f"{key}={value}" for key, value in env.items()]
+    else:
+        lines += [f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for key, value in env.items()]
     return "\n".join(lines) + "\n"
 
 
 def render_unit(cfg: HostConfig) -> str:
     template = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return template.render(
+        runtime=cfg.vllm_runtime,
+        container=CONTAINER,
         served_model_name=served_model_name(cfg),
         user=VLLM_USER,
         state_dir=cfg.vllm_state_dir,
@@ -190,6 +206,8 @@ def render_unit(cfg: HostConfig) -> str:
         restart_sec=15,
         start_timeout=cfg.vllm_start_timeout,
         stop_timeout=cfg.vllm_shutdown_timeout + 30,
+        # docker stop's own grace, inside systemd's: the container is killed before the unit is.
+        container_stop_timeout=cfg.vllm_shutdown_timeout + 15,
         writable_paths=[cfg.vllm_state_dir],
     )
 
@@ -210,7 +228,7 @@ def vllm_service(restart_when=()):
     was_active = host.get_fact(SystemdStatus).get(UNIT, False)
 
     files.directory(name="root-only secrets dir", path=SECRETS_DIR, user="root", group="root", mode="700")
-    env = secret_file(name=f"environment file {ENV_FILE}", dest=ENV_FILE, content=render_env_file(vllm_environment(cfg)))
+    env = secret_file(name=f"environment file {ENV_FILE}", dest=ENV_FILE, content=render_env_file(vllm_environment(cfg), cfg.vllm_runtime))
     unit = files.put(
         name=f"unit {UNIT}",
         src=StringIO(render_unit(cfg)),
