@@ -4,7 +4,7 @@ Every host's configuration is validated before any operation is planned, so one 
 the inventory, group_data/ or --data stops the whole run with nothing changed.
 """
 
-from pyinfra import host, inventory
+from pyinfra import inventory
 
 from glmfleet.config import validate_inventory
 from roles.container_toolkit import container_toolkit
