@@ -189,11 +189,24 @@ def smoke() -> int:
         # Not in the unit: this image finds the driver's libcuda only through LD_LIBRARY_PATH.
         host_added["LD_LIBRARY_PATH"] = env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
     user = None if args.as_root else smoke["SERVICE_USER"]
+    fallback = None
+    if user:
+        # The venv must import as the unit's user (the host's site-packages too); otherwise say
+        # so and go on as root, so one call still measures the rest.
+        probe = [f"{smoke['VENV_CURRENT_BIN']}/python", "-c", "import torch, vllm; print(torch.cuda.is_available())"]
+        entry = pwd.getpwnam(user)
+        done = subprocess.run(probe, env=env, cwd=smoke["STATE_DIR"], capture_output=True, text=True,
+                              user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
+        if done.returncode != 0 or "True" not in done.stdout:
+            print(f"== as {user}, the venv does not import or sees no GPU; running as root:\n{done.stderr[-2000:]}", flush=True)
+            fallback = f"{user} could not import torch+vllm or see the GPU: {done.stderr[-500:]}"
+            user = None
     results = {
         "argv": argv,
         "env_file_keys": sorted(file_env),
         "env_added_by_smoke": {"PATH": SYSTEMD_PATH, **host_added},
         "user": user or "root",
+        "user_fallback": fallback,
         "cwd": smoke["STATE_DIR"],
         "runs": [],
     }

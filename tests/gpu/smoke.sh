@@ -132,17 +132,21 @@ cmd_serve() {
     local out=$1; mkdir -p "$out"
     # What the roles put on the host besides the venv: the service user and its state dirs
     # (vllm_venv), the root-only EnvironmentFile (vllm_service), the verify script (verify).
-    id "$SERVICE_USER" >/dev/null 2>&1 || useradd --system --home-dir "$STATE_DIR" --no-create-home \
-        --shell /usr/sbin/nologin --user-group "$SERVICE_USER"
+    local owner=$SERVICE_USER extra=()
+    if ! id "$SERVICE_USER" >/dev/null 2>&1 && ! useradd --system --home-dir "$STATE_DIR" --no-create-home \
+        --shell /usr/sbin/nologin --user-group "$SERVICE_USER"; then
+        log "cannot create user $SERVICE_USER: vLLM runs as root"
+        owner=root extra=(--as-root)
+    fi
     local d
     for d in "$STATE_DIR" "$STATE_DIR/huggingface" "$STATE_DIR/cache"; do
-        install -d -m 750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$d"
+        install -d -m 750 -o "$owner" -g "$owner" "$d"
     done
     install -d -m 700 "$(dirname "$ENV_FILE")"
     install -m 600 "$RENDERED/vllm.env" "$ENV_FILE"
     install -D -m 755 "$REPO/files/verify_vllm.py" "$VERIFY_SCRIPT"
     cp "$RENDERED/vllm.service" "$out/vllm.service"
-    "$PY" "$HERE/serve_smoke.py" --rendered "$RENDERED" --repo "$REPO" --out "$out" "${@:2}"
+    "$PY" "$HERE/serve_smoke.py" --rendered "$RENDERED" --repo "$REPO" --out "$out" "${extra[@]}" "${@:2}"
 }
 
 main() {
