@@ -37,6 +37,10 @@ MODEL_DIR = "/opt/glmfleet/models/tiny-glm4"
 SMOKE_DATA = {
     "model_dir": MODEL_DIR,
     "vllm_served_model_name": "tiny-glm4",
+    # vLLM 0.22 imports flashinfer for its top-k/top-p sampler on every CUDA start unless this is
+    # 0; the smoke install leaves flashinfer (and its 1 GB of kernels) out, as a text model's
+    # serve needs it for nothing else on Hopper (attention is FlashAttention 3).
+    "vllm_env": {"VLLM_USE_FLASHINFER_SAMPLER": "0"},
 }
 
 
