@@ -11,6 +11,7 @@ Writes into OUT_DIR (nothing is retyped; every file comes from the roles' functi
   env file, verify script, state dir, service user, model dir, served name, port)
 - ``switch.sh``: ``roles.vllm_venv.switch_command``, the role's own switch of ``current``
 - ``import_check.py``: ``roles.vllm_venv.IMPORT_CHECK``, the role's check that the venv imports
+- ``gpuhost_fact.sh``: ``glmfleet.facts.GpuHost().command()``, what the GPU fact runs on a host
 
 Run it where glmfleet's dependencies (pyinfra) are installed: on the controller, as a real
 deploy does, e.g. ``.venv/bin/python tests/gpu/render.py .gpu/rendered``. The GPU host only
@@ -62,6 +63,10 @@ def render(data: dict, out: Path) -> dict:
     name = vllm_venv.venv_name(cfg)
     (out / "switch.sh").write_text(vllm_venv.switch_command(cfg.vllm_venv_root, name, None) + "\n")
     (out / "import_check.py").write_text(vllm_venv.IMPORT_CHECK)
+    from glmfleet import facts
+
+    if hasattr(facts, "GpuHost"):  # the GPU fact's own shell command, for `smoke.sh facts`
+        (out / "gpuhost_fact.sh").write_text(facts.GpuHost().command() + "\n")
     venv_bin = vllm_venv.venv_bin(cfg, "vllm")
     shell = {
         "VENV_ROOT": cfg.vllm_venv_root,

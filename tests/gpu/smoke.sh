@@ -60,6 +60,10 @@ cmd_facts() {
         if bash -c "$c" >"$dir/$f.out" 2>"$dir/$f.err"; then rc=0; else rc=$?; fi
         printf '%s\trc=%s\t%s\n' "$f" "$rc" "$c" >>"$dir/INDEX"
     done
+    # What glmfleet's GPU fact itself reads on a host (its own command, rendered by render.py).
+    if [ -f "$RENDERED/gpuhost_fact.sh" ]; then
+        bash "$RENDERED/gpuhost_fact.sh" >"$dir/gpuhost-fact.out" 2>"$dir/gpuhost-fact.err" || true
+    fi
     # Without lspci, the kernel's own view of the PCI devices.
     {
         for d in /sys/bus/pci/devices/*; do
