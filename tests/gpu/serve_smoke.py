@@ -40,10 +40,10 @@ SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Lines of vLLM's own log worth keeping in the results, by what they measure.
 LOG_MARKS = {
-    "compile": r"torch\.compile takes ([\d.]+) s in total",
-    "compile_cache_hit": r"(Directly load the compiled graph|Loading compiled|from the cache|cache hit)",
+    "compile": r"torch\.compile took ([\d.]+) s in total",
+    "compile_cache_hit": r"(Directly load the compiled graph\(s\) for compile range .*? from the cache)",
     "graph_capture": r"Graph capturing finished in ([\d.]+) secs",
-    "engine_init": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) seconds",
+    "engine_init": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
     "weights": r"Model loading took ([\d.]+) Gi?B? memory and ([\d.]+) seconds",
     "kv_cache": r"GPU KV cache size: ([\d,]+) tokens",
     "attention_backend": r"Using (\S+) attention backend",
