@@ -19,7 +19,7 @@ from typing import Any
 from pyinfra.api.exceptions import PyinfraError
 
 # Keys that belong to pyinfra itself (connectors and global arguments), not to glmfleet.
-PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_")
+PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_", "fake_")
 
 
 class ConfigError(PyinfraError):

@@ -34,8 +34,10 @@ def ensure_debs(packages: list[str]) -> None:
                      extra_install_args="-o DPkg::Lock::Timeout=300")
 
 
-def install_tool(package: str, version: str, python: str, index_args: list[str], installed: bool):
-    """pip-install ``package==version`` into its own venv, unless ``installed`` (from a fact)."""
+def install_tool(package: str, version: str, python: str, pip_args: list[str], installed: bool):
+    """pip-install ``package==version`` into its own venv, unless ``installed`` (from a fact).
+
+    ``pip_args``: the index (or mirror) and CA bundle options pip needs on this site."""
     if installed:
         return None
     # The venv module is a separate package on Debian and Ubuntu.
@@ -46,6 +48,6 @@ def install_tool(package: str, version: str, python: str, index_args: list[str],
         commands=[
             f"rm -rf {target} && {shlex.quote(python)} -m venv {target} && "
             f"{target}/bin/pip install --quiet --disable-pip-version-check --no-cache-dir "
-            f"{shlex.join(index_args)} {shlex.quote(f'{package}=={version}')}"
+            f"{shlex.join(pip_args)} {shlex.quote(f'{package}=={version}')}"
         ],
     )

@@ -1,5 +1,5 @@
 """The roles, in the order deploy.py applies them; each module declares its SETTINGS."""
 
-from roles import model_weights, verify, vllm_service, vllm_venv
+from roles import container_toolkit, model_weights, nvidia_driver, verify, vllm_image, vllm_service, vllm_venv
 
-ROLES = (vllm_venv, model_weights, vllm_service, verify)
+ROLES = (nvidia_driver, container_toolkit, vllm_venv, vllm_image, model_weights, vllm_service, verify)

@@ -48,7 +48,7 @@ from glmfleet.config import (
 from glmfleet.facts import ModelWeights
 from glmfleet.operations import live_steps, secret_file
 from glmfleet.toolvenv import ensure_debs, install_tool, tool_bin
-from roles.vllm_venv import index_args
+from roles.vllm_venv import SYSTEM_CA_BUNDLE, index_args
 
 SCRIPT = "/opt/glmfleet/bin/glmfleet-weights"
 SCRIPT_SOURCE = Path(__file__).resolve().parent.parent / "files" / "glmfleet_weights.py"
@@ -416,7 +416,7 @@ def model_weights():
     debs = ["rsync"] if cfg.model_source in ("peer", "control") else []
     if source in ("hf", "modelscope"):
         package, version = {"hf": ("huggingface_hub", cfg.hf_cli_version), "modelscope": ("modelscope", cfg.modelscope_version)}[source]
-        install_tool(package, version, cfg.vllm_python, index_args(cfg), installed=cli_bin(cfg, source) in fact["tools"])
+        install_tool(package, version, cfg.vllm_python, ["--cert", SYSTEM_CA_BUNDLE, *index_args(cfg)], installed=cli_bin(cfg, source) in fact["tools"])
     if debs:
         ensure_debs(debs)
     if cfg.hf_token and source == "hf":

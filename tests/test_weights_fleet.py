@@ -23,7 +23,7 @@ from glmfleet import localfleet
 from glmfleet.config import resolve
 from roles.model_weights import check_argv, model_path, state_path
 from tests.fleettools import ROOT, TEST_DOUBLE, Run, data_args, deploy
-from tests.fleettools import testinfra_host as remote  # (a name pytest would collect as a test)
+from tests.fleettools import fleet_host as remote
 from tests.pkgindex import PackageIndex
 from tests.weights_fixtures import REPO_ID, hub  # noqa: F401 (a fixture)
 
