@@ -12,12 +12,10 @@ from pyinfra_cli.inventory import make_inventory
 
 from glmfleet.config import ConfigError, all_settings, resolve, settings_table, validate_inventory
 from roles.model_weights import sync_argv
+from tests.planning import PINNED, REVISION
 from roles.vllm_service import render_env_file, render_unit, vllm_command, vllm_environment
 
 
-# Every deploy pins the model's commit (model_revision has no default): a site sets it once.
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-PINNED = {"model_revision": REVISION}
 
 
 def load(tmp_path, inventory: str, group_data: dict[str, str] | None = None, override: dict | None = None):
