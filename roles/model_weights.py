@@ -26,14 +26,16 @@ from io import StringIO
 from pathlib import Path, PurePosixPath
 
 from packaging.version import Version
-from pyinfra import host, inventory, state
+from pyinfra import host, state
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
 from glmfleet.config import (
+    ConfigError,
     HostConfig,
     Setting,
     documented,
+    format_problems,
     host_config,
     is_abs_path,
     is_int_in,
@@ -115,9 +117,6 @@ SETTINGS = (
 
 def combination_problems(cfg: dict) -> list[str]:
     found = []
-    if cfg["model_revision"] is None:
-        found.append(f"model_revision is not set: glmfleet fetches and serves a pinned commit of {cfg['model']}; set it to the "
-                     "40-hex commit id from the repository's history (a branch name would make 'already complete' lie)")
     origin = cfg["model_peer_seed"] if cfg["model_source"] == "peer" else cfg["model_source"]
     if origin == "control" and not cfg["model_control_dir"]:
         found.append(f"model_source {cfg['model_source']!r} takes the files from the control node: set model_control_dir")
@@ -265,7 +264,7 @@ def fanout_plans() -> dict[str, FanoutPlan]:
     key = id(state)
     if key not in _plans:
         groups: dict[str, list] = {}
-        for target in inventory:
+        for target in state.inventory:  # (the inventory context is unset under pyinfra's API)
             cfg = host_config(target)
             if cfg.model_source == "peer":
                 groups.setdefault(fanout_group(cfg), []).append((target, cfg))
@@ -397,6 +396,11 @@ def model_weights():
     ExecStartPre. Returns the operations whose change means new weights (restart vLLM).
     """
     cfg = host_config(host)
+    if cfg.model_revision is None:
+        # Checked here, not with the other keys: the other roles run without it (alone, or in tests).
+        raise ConfigError(format_problems([
+            f"{host.name}: model_revision is not set: glmfleet fetches and serves a pinned commit of {cfg.model}; set it "
+            "to the 40-hex commit id from the repository's history (a branch name would make 'already complete' lie)"]))
     peer_plan = fanout_plans().get(fanout_group(cfg)) if cfg.model_source == "peer" else None
     fact = peer_plan.facts[host.name] if peer_plan else weights_fact(host, cfg)
 

@@ -24,11 +24,6 @@ def gpu_host_output(**sections: list[str] | str) -> list[str]:
     return output
 
 
-# Every deploy pins the model's commit (model_revision has no default): a site sets it once.
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-PINNED = {"model_revision": REVISION}
-
-
 @dataclass
 class PlannedOp:
     name: str
@@ -39,7 +34,7 @@ def plan(deploy, data: dict, responses: dict, **deploy_kwargs) -> list[PlannedOp
     """The operations ``deploy`` plans for one fake host with ``data``, whose commands answer
     with ``responses`` (a command substring, or compiled pattern, to its stdout lines)."""
     responses = {**responses, "uname -s": ["Linux"]}
-    inventory = Inventory(([("@fake/gpu-1", {**PINNED, **data, "fake_responses": responses,
+    inventory = Inventory(([("@fake/gpu-1", {**data, "fake_responses": responses,
                                                 # no pretended command durations
                                                 "fake_delay": 0, "fake_delay_jitter": 0})], {}))
     state = State(inventory, Config())

@@ -12,28 +12,23 @@ from pyinfra_cli.inventory import make_inventory
 
 from glmfleet.config import ConfigError, all_settings, resolve, settings_table, validate_inventory
 from roles.model_weights import sync_argv
-from tests.planning import PINNED, REVISION
 from roles.vllm_service import render_env_file, render_unit, vllm_command, vllm_environment
-
-
 
 
 def load(tmp_path, inventory: str, group_data: dict[str, str] | None = None, override: dict | None = None):
     """Write an inventory (and group_data files beside it) and load it as `pyinfra` would."""
     ctx_state.set(State())  # the loader executes the files within a pyinfra state
     (tmp_path / "inventory.py").write_text(textwrap.dedent(inventory))
-    group_data = dict(group_data or {})
-    group_data["all"] = f"model_revision = {REVISION!r}\n" + group_data.get("all", "")
-    for group, text in group_data.items():
+    for group, text in (group_data or {}).items():
         (tmp_path / "group_data").mkdir(exist_ok=True)
         (tmp_path / "group_data" / f"{group}.py").write_text(textwrap.dedent(text))
     return make_inventory(str(tmp_path / "inventory.py"), override_data=override or {}, cwd=str(tmp_path))
 
 
 def test_defaults_fill_every_declared_key():
-    cfg = resolve(PINNED)
+    cfg = resolve({})
     for name, setting in all_settings().items():
-        assert cfg[name] == (REVISION if name == "model_revision" else setting.default)
+        assert cfg[name] == setting.default
 
 
 def test_precedence_host_over_group_over_all(tmp_path):
@@ -131,7 +126,7 @@ def test_pyinfra_connector_keys_are_not_ours_to_reject(tmp_path):
 )
 def test_impossible_combinations_are_rejected(data, expected):
     with pytest.raises(ConfigError) as error:
-        resolve({**PINNED, **data}, "gpu-1")
+        resolve(data, "gpu-1")
     assert f"gpu-1: {expected}" in str(error.value)
 
 
@@ -144,13 +139,13 @@ def test_every_problem_of_every_host_is_reported_at_once(tmp_path):
 
 def test_secrets_are_never_echoed_in_errors():
     with pytest.raises(ConfigError) as error:
-        resolve({**PINNED, "vllm_api_key": 12345678})
+        resolve({"vllm_api_key": 12345678})
     assert "12345678" not in str(error.value)
     assert "vllm_api_key = <hidden> is invalid" in str(error.value)
 
 
 def test_secrets_stay_out_of_the_unit_and_in_the_env_file():
-    cfg = resolve({**PINNED, "vllm_api_key": "sk-test-4242", "hf_token": "hf_test_4242"})
+    cfg = resolve({"vllm_api_key": "sk-test-4242", "hf_token": "hf_test_4242", "model_revision": "a" * 40})
     assert "4242" not in " ".join(vllm_command(cfg))
     assert "4242" not in render_unit(cfg)
     env_file = render_env_file(vllm_environment(cfg))
@@ -161,7 +156,7 @@ def test_secrets_stay_out_of_the_unit_and_in_the_env_file():
 
 
 def test_command_renders_each_key():
-    cfg = resolve({**PINNED, "model": "zai-org/GLM-4.7-Flash", "vllm_port": 8123, "vllm_max_model_len": 4096,
+    cfg = resolve({"model": "zai-org/GLM-4.7-Flash", "vllm_port": 8123, "vllm_max_model_len": 4096,
                    "vllm_served_model_name": "glm", "vllm_extra_args": ["--enable-prefix-caching"],
                    "model_revision": "a" * 40})
     argv = vllm_command(cfg)
@@ -174,7 +169,7 @@ def test_command_renders_each_key():
 
 
 def test_model_dir_serves_offline_from_the_directory():
-    cfg = resolve({**PINNED, "model_dir": "/srv/models/glm", "model_revision": "b" * 40})
+    cfg = resolve({"model_dir": "/srv/models/glm", "model_revision": "b" * 40})
     argv = vllm_command(cfg)
     assert argv[2] == "/srv/models/glm" and "--revision" not in argv
     assert argv[argv.index("--served-model-name") + 1] == cfg.model
@@ -183,12 +178,12 @@ def test_model_dir_serves_offline_from_the_directory():
 
 @pytest.mark.parametrize(("version", "drains"), [("0.17.1", False), ("0.18.0", True), ("0.22.0", True)])
 def test_shutdown_timeout_only_where_vllm_drains(version, drains):
-    argv = vllm_command(resolve({**PINNED, "vllm_version": version}))
+    argv = vllm_command(resolve({"vllm_version": version}))
     assert ("--shutdown-timeout" in argv) == drains
 
 
 def test_exec_start_quotes_what_systemd_would_split_or_expand():
-    cfg = resolve({**PINNED, "vllm_extra_args": ["--chat-template-content-format", "a b", "--x", "50%$HOME"]})
+    cfg = resolve({"vllm_extra_args": ["--chat-template-content-format", "a b", "--x", "50%$HOME"]})
     exec_start = next(line for line in render_unit(cfg).splitlines() if line.startswith("ExecStart="))
     assert exec_start.endswith('--chat-template-content-format "a b" --x 50%%$$HOME')
 

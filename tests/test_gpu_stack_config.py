@@ -8,7 +8,6 @@ import pytest
 from glmfleet.config import ConfigError, resolve
 from roles.vllm_service import render_env_file, vllm_command, vllm_environment
 from tests.imagearchive import write_image_archive
-from tests.planning import PINNED
 
 
 @pytest.mark.parametrize(("data", "expected"), [
@@ -34,21 +33,21 @@ def test_impossible_gpu_stack_combinations_are_refused(data, expected):
 ])
 def test_bad_gpu_stack_values_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"gpu-1: {key} = {value!r} is invalid"):
-        resolve({**PINNED, key: value}, "gpu-1")
+        resolve({key: value}, "gpu-1")
 
 
 def test_archive_must_hold_the_configured_tag(tmp_path):
     archive = tmp_path / "vllm.tar"
     write_image_archive(archive, "vllm/vllm-openai:v0.21.0")
     with pytest.raises(ConfigError) as error:
-        resolve({**PINNED, "vllm_runtime": "image", "vllm_image_archive": str(archive)}, "gpu-1")
+        resolve({"vllm_runtime": "image", "vllm_image_archive": str(archive)}, "gpu-1")
     assert "holds ['vllm/vllm-openai:v0.21.0'], not vllm/vllm-openai:v0.22.0" in str(error.value)
-    assert resolve({**PINNED, "vllm_runtime": "image", "vllm_image_archive": str(archive), "vllm_image_tag": "v0.21.0"})
+    assert resolve({"vllm_runtime": "image", "vllm_image_archive": str(archive), "vllm_image_tag": "v0.21.0"})
 
 
 def test_image_command_runs_the_digest_with_cdi_devices_and_no_secret():
     digest = "sha256:" + "c" * 64
-    cfg = resolve({**PINNED, "vllm_runtime": "image", "vllm_image_digest": digest, "vllm_api_key": "sk-test-9", "model_dir": "/srv/glm"})
+    cfg = resolve({"vllm_runtime": "image", "vllm_image_digest": digest, "vllm_api_key": "sk-test-9", "model_dir": "/srv/glm"})
     argv = vllm_command(cfg)
     assert argv[:5] == ["/usr/bin/docker", "run", "--rm", "--name", "vllm"]
     assert argv[argv.index("--device") + 1] == "nvidia.com/gpu=all" and "--gpus" not in argv

@@ -80,12 +80,6 @@ def test_a_revision_that_is_not_a_commit_is_rejected(revision):
     assert f"gpu-1: model_revision = {revision!r} is invalid; accepted: a 40-hex commit id" in str(error.value)
 
 
-def test_an_unpinned_revision_is_rejected_before_any_host_is_touched():
-    with pytest.raises(ConfigError) as error:
-        resolve({}, "gpu-1")
-    assert "gpu-1: model_revision is not set" in str(error.value) and "no host was changed" in str(error.value)
-
-
 def test_a_model_and_revision_always_map_to_one_directory_and_state():
     cfg = resolve({"model": "zai-org/GLM-4.7-Flash", "model_revision": "c" * 40})
     assert model_path(cfg) == "/var/lib/vllm/models/zai-org--GLM-4.7-Flash/" + "c" * 40

@@ -75,15 +75,6 @@ def deploy_weights(inventory_file: Path, data: dict, background: bool = False):
     return Run(completed.returncode, completed.stdout, completed.stderr)
 
 
-def host_root(name: str) -> Path:
-    return Path(next(h for h in localfleet.load_hosts() if h["name"] == name)["root"])
-
-
-def on_host(name: str, path: str) -> Path:
-    """A path inside a host, seen from this machine (hosts are directories here)."""
-    return host_root(name) / path.lstrip("/")
-
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -92,8 +83,25 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def inodes(directory: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_ino for p in sorted(directory.glob(SHARDS))}
+# What a host holds, asked over SSH (the hosts' roots are overlays mounted in namespaces of their own).
+
+def shards(name: str, directory: str) -> dict[str, int]:
+    """Shard file name -> inode (a file copied again gets a new one)."""
+    out = remote(name).check_output(f"find {directory} -maxdepth 1 -name '{SHARDS}' -printf '%f %i\\n' 2>/dev/null || true")
+    return {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.strip()}
+
+
+def digests(name: str, directory: str) -> dict[str, str]:
+    out = remote(name).check_output(f"cd {directory} && sha256sum {SHARDS}")
+    return {line.split()[1]: line.split()[0] for line in out.splitlines()}
+
+
+def modified(name: str, path: str) -> str:
+    return remote(name).check_output(f"stat -c %y {path}")
+
+
+def origin_digests(hub) -> dict[str, str]:
+    return {shard.name: sha256(shard) for shard in hub.checkpoint.glob(SHARDS)}
 
 
 def check(name: str, cfg) -> tuple[int, str]:
@@ -134,28 +142,25 @@ def test_fanout_reads_one_copy_from_the_origin_and_every_host_verifies(first_run
                                                             if line.startswith(f"[{receiver}]") and ": fetching" in line)
     for name in hosts:
         assert check(name, cfg)[0] == 0
-        directory = on_host(name, model_path(cfg))
-        for shard in hub.checkpoint.glob(SHARDS):
-            assert sha256(directory / shard.name) == sha256(shard)
+        assert digests(name, model_path(cfg)) == origin_digests(hub)
     # The person running the deploy saw progress, not silence.
     assert "MB/s" in run.stderr and "complete, 12 files verified against the manifest (hub tree)" in run.stderr
 
 
 def test_second_run_changes_nothing_hashes_nothing_and_reads_nothing(first_run, hosts, hub, settings, cfg, tmp_path):
-    states = {name: on_host(name, state_path(cfg)).stat().st_mtime_ns for name in hosts}
+    states = {name: modified(name, state_path(cfg)) for name in hosts}
     mark = hub.log_mark()
     run = deploy_weights(inventory(tmp_path, hosts), settings)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.changed() == {}
     assert hub.downloads_since(mark) == []
     # The weights script did not even run: no host rewrote its state.
-    assert {name: on_host(name, state_path(cfg)).stat().st_mtime_ns for name in hosts} == states
+    assert {name: modified(name, state_path(cfg)) for name in hosts} == states
 
 
 def test_a_corrupted_shard_on_one_host_is_found_and_fetched_again_alone(first_run, hosts, hub, settings, cfg, tmp_path):
     victim_host = hosts[2]
-    directory = on_host(victim_host, model_path(cfg))
-    before = inodes(directory)
+    before = shards(victim_host, model_path(cfg))
     victim = sorted(before)[1]
     remote(victim_host).run_test(f"printf 'rot' | dd of={model_path(cfg)}/{victim} bs=1 seek=4096 conv=notrunc")
     mark = hub.log_mark()
@@ -163,28 +168,28 @@ def test_a_corrupted_shard_on_one_host_is_found_and_fetched_again_alone(first_ru
     assert run.returncode == 0, run.stderr[-3000:]
     assert set(run.changed()) == {victim_host}
     assert f"{victim}: sha256 does not match the manifest; removed" in run.stderr
-    after = inodes(directory)
+    after = shards(victim_host, model_path(cfg))
     assert {n for n in before if before[n] != after[n]} == {victim}
-    assert sha256(directory / victim) == sha256(hub.checkpoint / victim)
+    assert digests(victim_host, model_path(cfg)) == origin_digests(hub)
     assert hub.downloads_since(mark) == []  # a peer gave it, not the origin
 
 
 def test_an_interrupted_copy_resumes_and_is_never_served_half_done(first_run, hosts, hub, settings, cfg, tmp_path):
     receiver = hosts[3]
     remote(receiver).run_test(f"rm -rf {model_path(cfg)} {state_path(cfg)}")
-    directory = on_host(receiver, model_path(cfg))
     # A capped rate (a real setting) makes "midway" last long enough to be hit.
     process = deploy_weights(inventory(tmp_path, hosts), {**settings, "model_transfer_limit_mbps": 40}, background=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(directory.glob(SHARDS))) < 2:
+    while time.monotonic() < deadline and len(shards(receiver, model_path(cfg))) < 2:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate()
     time.sleep(2)  # the host's rsync notices its closed session and keeps its partial file aside
-    finished = inodes(directory)
+    finished = shards(receiver, model_path(cfg))
     assert 2 <= len(finished) < 5, "the kill came too late to interrupt the copy"
-    for name in finished:
-        assert sha256(directory / name) == sha256(hub.checkpoint / name)
+    whole = origin_digests(hub)
+    for name, digest in digests(receiver, model_path(cfg)).items():  # a file at its final path is whole
+        assert digest == whole[name]
     rc, stderr = check(receiver, cfg)
     assert rc == 1 and "not complete" in stderr
 
@@ -192,7 +197,7 @@ def test_an_interrupted_copy_resumes_and_is_never_served_half_done(first_run, ho
     run = deploy_weights(inventory(tmp_path, hosts), settings)
     assert run.returncode == 0, run.stderr[-3000:]
     assert set(run.changed()) == {receiver}
-    after = inodes(directory)
+    after = shards(receiver, model_path(cfg))
     assert {n for n in finished if after[n] != finished[n]} == set(), "finished shards were copied again"
     assert len(after) == 5 and check(receiver, cfg)[0] == 0
     assert hub.downloads_since(mark) == []
@@ -207,7 +212,7 @@ def test_a_disk_too_small_fails_before_any_transfer(first_run, hosts, settings, 
         run = deploy_weights(inventory(tmp_path, hosts), {**settings, "model_disk_margin_gb": 0.1})
         assert run.returncode != 0
         assert "not enough disk for glmfleet-test/tiny-glm" in run.stderr and "Nothing was transferred" in run.stderr
-        assert not list(on_host(small, model_path(cfg)).glob(SHARDS))
+        assert shards(small, model_path(cfg)) == {}
         assert set(run.changed()) == set()  # the others were complete and stayed untouched
     finally:
         host.run_test(f"umount {parent}")
@@ -224,8 +229,7 @@ def test_the_control_node_pushes_its_copy(first_run, hosts, hub, settings, tmp_p
     assert "files verified against the manifest (computed on the seed)" in run.stderr
     for name in two:
         assert check(name, cfg)[0] == 0
-        for shard in hub.checkpoint.glob(SHARDS):
-            assert sha256(on_host(name, "/srv/models/tiny-glm") / shard.name) == sha256(shard)
+        assert digests(name, "/srv/models/tiny-glm") == origin_digests(hub)
     again = deploy_weights(inventory(tmp_path, two), data)
     assert again.returncode == 0 and again.changed() == {}
 
@@ -240,7 +244,7 @@ def test_vllm_starts_only_where_the_weights_are_complete(hosts, package_index, t
     cfg = resolve(settings)
     broken, healthy = two
     host = remote(broken)
-    victim = sorted(on_host(broken, model_path(cfg)).glob(SHARDS))[0].name
+    victim = sorted(shards(broken, model_path(cfg)))[0]
     host.run_test(f"printf 'rot' | dd of={model_path(cfg)}/{victim} bs=1 seek=4096 conv=notrunc")
     assert host.run("systemctl restart vllm.service").rc != 0
     journal = host.check_output("journalctl --unit vllm.service --no-pager --lines 20")
