@@ -16,7 +16,7 @@ Every message names the setting, its value and the fix; the caller prefixes the 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
@@ -144,11 +144,11 @@ def combination_warnings(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def host_problems(cfg: Mapping[str, Any], *, gpu_count: int | None = None, gpu_memory_mib: int | None = None,
-                  driver_cuda_version: str | None = None, listeners: Mapping[int, str | None] | None = None,
+                  driver_cuda_version: str | None = None, listeners: Iterable[tuple[int, str | None]] | None = None,
                   own_unit: str = "vllm.service") -> list[str]:
     """What this host cannot do with this configuration. Each argument is a fact of the host
     (None: not known, that check is skipped): ``gpu_memory_mib`` is the smallest GPU's memory,
-    ``listeners`` maps each listening TCP port to the systemd unit holding it (None: none)."""
+    ``listeners`` pairs each listening TCP port with the systemd unit holding it (None: none)."""
     found = []
     gpus_needed = cfg["vllm_tensor_parallel_size"] * cfg["vllm_pipeline_parallel_size"]
     if gpu_count is not None and gpus_needed > gpu_count:
@@ -166,8 +166,9 @@ def host_problems(cfg: Mapping[str, Any], *, gpu_count: int | None = None, gpu_m
                          f"torch built for CUDA {needed}: install a driver for CUDA {needed.major}.x, or pin a vLLM "
                          f"release built for CUDA {driver.major}.x")
     port = cfg["vllm_port"]
-    if listeners is not None and port in listeners and listeners[port] != own_unit:
-        owner = listeners[port] or "a process outside any systemd service"
+    owners = sorted({unit or "a process outside any systemd service" for bound, unit in listeners or () if bound == port and unit != own_unit})
+    if owners:
+        owner = " and ".join(owners)
         found.append(f"vllm_port = {port} is already in use by {owner}: set vllm_port to a free port, or stop {owner}")
     return found
 

@@ -1,0 +1,73 @@
+"""glm4_patch: vLLM 0.8.4's broken glm4.py (the GLM-4-0414 models) fixed on the host, safely."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import apt, files, server
+
+from glmfleet.config import HostConfig, documented, host_config
+from glmfleet.facts import Glm4Source
+from roles.vllm_venv import venv_name
+
+FILES = Path(__file__).resolve().parent.parent / "files"
+SCRIPT = "/opt/glmfleet/bin/glm4-patch"
+PATCH = "/opt/glmfleet/share/glm4-0.8.4.patch"
+BUGGY_VERSION = "0.8.4"  # first shipped glm4.py broken; fixed upstream by vLLM PR #16618 in 0.8.5
+ORIGINAL_SHA256 = "7c495ea634a8ed95cfd109a021affdb7ae38dea4a788ceb4348c25398a6d0ed6"  # 0.8.4's wheel
+PATCHED_SHA256 = "c8b7dc47c6522b0535a411715d0b03a329b57a07ff545ffad670cde509a2a730"  # after files/glm4-0.8.4.patch
+CHECKSUMS = ["--original", ORIGINAL_SHA256, "--patched", PATCHED_SHA256]
+# Where vLLM's official image (0.8.4 and later) has the file.
+IMAGE_GLM4 = "/usr/local/lib/python3.12/dist-packages/vllm/model_executor/models/glm4.py"
+
+SETTINGS = ()
+
+
+def combination_problems(cfg: dict) -> list[str]:
+    return []
+
+
+def needs_patch(cfg: HostConfig) -> bool:
+    return cfg.vllm_package == "vllm" and cfg.vllm_version == BUGGY_VERSION
+
+
+def derive_command(original: str, output: str) -> str:
+    """Image runtime: write the patched file from the image's own copy of glm4.py (extracted
+    to ``original``); the script refuses any copy that is not 0.8.4's original."""
+    return shlex.join(["python3", SCRIPT, "derive", *CHECKSUMS, PATCH, original, output])
+
+
+def image_mount(patched: str) -> str:
+    """Image runtime: the volume that lays the patched file read-only over the image's own."""
+    return f"{patched}:{IMAGE_GLM4}:ro"
+
+
+@deploy("glm4.py patch")
+@documented(SETTINGS)
+def glm4_patch():
+    """
+    Patch ``glm4.py`` in the venv of the pinned vLLM when that is 0.8.4, whose copy is broken.
+
+    The script on the host patches only a file with the known original sha256, checks the
+    result's sha256, keeps the original as ``glm4.py.orig`` and refuses anything else, which
+    fails the host with nothing changed. A patched venv is left alone (no operation at all);
+    any other vLLM release is never touched.
+
+    Returns the operations whose change means the service must restart.
+    """
+    cfg = host_config(host)
+    if not needs_patch(cfg):
+        return []
+    venv = f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}"
+    if host.get_fact(Glm4Source, venv=venv) == PATCHED_SHA256:
+        return []
+    if "patch" not in host.get_fact(DebPackages):
+        apt.packages(name="GNU patch", packages=["patch"], update=True)
+    files.put(name="glm4.py patch script", src=str(FILES / "glm4_patch.py"), dest=SCRIPT, mode="755")
+    files.put(name="glm4.py patch", src=str(FILES / "glm4-0.8.4.patch"), dest=PATCH, mode="644")
+    return [server.shell(name=f"patch glm4.py of vLLM {BUGGY_VERSION} in {venv}",
+                         commands=[shlex.join([f"{venv}/bin/python", SCRIPT, "apply", "--vllm", BUGGY_VERSION, *CHECKSUMS, PATCH])])]
