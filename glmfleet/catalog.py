@@ -91,6 +91,7 @@ class VllmFacts:
 
     cuda_runtime: tuple[tuple[Version, Version], ...]
     transformers: tuple[tuple[Version, SpecifierSet], ...]
+    transformers_unbounded: SpecifierSet
     v0_removed_in: Version
     tool_parsers: dict[str, Version]
     reasoning_parsers: dict[str, Version]
@@ -209,6 +210,7 @@ def parse(raw: Any) -> Catalog:
     vllm = VllmFacts(
         cuda_runtime=parse_table("vllm.cuda_runtime", facts["cuda_runtime"], version),
         transformers=parse_table("vllm.transformers", facts["transformers"], specifier),
+        transformers_unbounded=specifier("vllm.transformers_unbounded", facts["transformers_unbounded"]),
         v0_removed_in=version("vllm.v0_removed_in", facts["v0_removed_in"]),
         tool_parsers={name: version(f"vllm.tool_parsers.{name}", v) for name, v in facts["tool_parsers"].items()},
         reasoning_parsers={name: version(f"vllm.reasoning_parsers.{name}", v) for name, v in facts["reasoning_parsers"].items()},

@@ -133,7 +133,7 @@ def combination_warnings(cfg: Mapping[str, Any]) -> list[str]:
     if entry is not None and release is not None:
         found += [f"model = {cfg['model']!r} on vllm_version = {cfg['vllm_version']!r}: {why}"
                   for condition, why in entry.warnings if release in condition]
-    if release is not None and pinned(cfg, "transformers") is None and catalog.vllm_facts().transformers_for(release) == SpecifierSet():
+    if release is not None and pinned(cfg, "transformers") is None and release in catalog.vllm_facts().transformers_unbounded:
         found.append(f"vllm_version = {cfg['vllm_version']!r}: this vLLM's wheel sets no upper bound on transformers, so a "
                      "fresh install resolves the newest (5.x), released after it; pin the transformers it was tested "
                      "with in vllm_extra_packages")

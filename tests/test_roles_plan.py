@@ -1,0 +1,81 @@
+"""The new roles' pure parts: the commands they plan and the facts they read, run for real
+where that needs no fleet (bash, ss, a real listening socket)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from glmfleet.config import resolve
+from glmfleet.facts import ListeningPorts
+from roles import glm4_patch
+from roles.preflight import fail_command
+from roles.vllm_flags import SCRIPT, check_command
+from roles.vllm_venv import venv_name
+
+FILES = Path(__file__).resolve().parent.parent / "files"
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
+def test_listening_ports_fact_sees_a_real_listener():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        fact = ListeningPorts()
+        output = subprocess.run(["bash", "-c", fact.command()], capture_output=True, text=True, check=True).stdout
+        listeners = fact.process(output.splitlines())
+    # This machine's PID 1 is not systemd: no process here belongs to a service.
+    assert (port, None) in listeners
+
+
+def test_listening_ports_fact_reads_the_service_of_each_holder():
+    output = ["22 ssh.service", "8000 vllm.service", "9000 -", "not-a-port x"]
+    assert ListeningPorts().process(output) == [(22, "ssh.service"), (8000, "vllm.service"), (9000, None)]
+
+
+def test_preflight_failure_prints_each_problem_and_fails():
+    problems = ["gpu-1: vllm_port = 8000 is already in use by a process outside any systemd service: it's $HOME `x`"]
+    completed = subprocess.run(["bash", "-c", fail_command(problems)], capture_output=True, text=True)
+    assert completed.returncode == 1 and completed.stderr == problems[0] + "\n"
+
+
+def test_flag_check_runs_the_pinned_venvs_python_on_the_units_arguments():
+    cfg = resolve({"model": "glm-4.7", "vllm_extra_args": ["--enable-prefix-caching"]})
+    command = check_command(cfg)
+    assert command.startswith("HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 ")
+    assert f"/opt/glmfleet/vllm/venvs/{venv_name(cfg)}/bin/python {SCRIPT} zai-org/GLM-4.7 --host 127.0.0.1" in command
+    assert command.endswith("--tool-call-parser glm47 --enable-auto-tool-choice --reasoning-parser glm45 --shutdown-timeout 30 "
+                            "--enable-prefix-caching")
+
+
+@pytest.mark.parametrize(
+    ("data", "patched"),
+    [
+        ({"vllm_version": "0.8.4"}, True),
+        ({"vllm_version": "0.8.5"}, False),
+        ({"vllm_version": "0.22.0"}, False),
+        ({"vllm_package": "vllm-test-double", "vllm_version": "0.8.4"}, False),
+    ],
+)
+def test_only_vllm_084_is_patched(data, patched):
+    assert glm4_patch.needs_patch(resolve({"model": "glm-4-9b-0414", "vllm_extra_packages": ["transformers==4.51.3"], **data})) is patched
+
+
+def test_patch_file_states_the_checksums_the_role_passes():
+    header = (FILES / "glm4-0.8.4.patch").read_text().split("\n--- ", 1)[0]
+    assert glm4_patch.ORIGINAL_SHA256 in header and glm4_patch.PATCHED_SHA256 in header
+    assert re.search(r"^--- a/vllm/model_executor/models/glm4\.py$", (FILES / "glm4-0.8.4.patch").read_text(), re.M)
+
+
+def test_image_runtime_derives_the_patched_file_and_lays_it_read_only_over_the_images():
+    command = glm4_patch.derive_command("/var/lib/glmfleet/image-glm4.py", "/var/lib/glmfleet/glm4-patched.py")
+    assert command == (f"python3 {glm4_patch.SCRIPT} derive --original {glm4_patch.ORIGINAL_SHA256} --patched "
+                       f"{glm4_patch.PATCHED_SHA256} {glm4_patch.PATCH} /var/lib/glmfleet/image-glm4.py /var/lib/glmfleet/glm4-patched.py")
+    assert glm4_patch.image_mount("/var/lib/glmfleet/glm4-patched.py") == (
+        "/var/lib/glmfleet/glm4-patched.py:/usr/local/lib/python3.12/dist-packages/vllm/model_executor/models/glm4.py:ro")
