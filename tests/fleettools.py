@@ -17,10 +17,12 @@ from pathlib import Path
 import testinfra
 
 from glmfleet import localfleet
+from glmfleet.config import all_settings
+from tests.pkgindex import TEST_DOUBLE_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
-UV_VERSION = "0.13.9"
-TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": "0.1.0", "vllm_ready_timeout": 120}
+UV_VERSION = all_settings()["uv_version"].default  # the product's own pin
+TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": TEST_DOUBLE_VERSION, "vllm_ready_timeout": 120}
 # The tests' API key: it reaches pyinfra through the inventory's environment, as prod.py shows.
 API_KEY_ENV = "GLMFLEET_VLLM_API_KEY"
 

@@ -21,12 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
 TEST_DOUBLE_SOURCE = Path(__file__).resolve().parent / "vllm_test_double"
+TEST_DOUBLE_VERSION = tomllib.loads((TEST_DOUBLE_SOURCE / "pyproject.toml").read_text())["project"]["version"]
 
 # pypiserver is started through this shim so that it dies with the process
 # that started it (PR_SET_PDEATHSIG), even when that process is killed

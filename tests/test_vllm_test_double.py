@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-import pkgindex
+from tests import pkgindex
+from tests.fleettools import UV_VERSION
 
-DOUBLE_VERSION = tomllib.loads((pkgindex.TEST_DOUBLE_SOURCE / "pyproject.toml").read_text())["project"]["version"]
+DOUBLE_VERSION = pkgindex.TEST_DOUBLE_VERSION
 DOUBLE_WHEEL = f"vllm_test_double-{DOUBLE_VERSION}-py3-none-any.whl"
 # Any pinned uv proves the index carries it; glmfleet's fixtures pass the product's pin.
-UV_VERSION = "0.13.9"
 MODEL = "zai-org/GLM-4.5-Air"
 SERVED = ["glm-4.5-air", "glm"]
 # Loopback must never go through an HTTP proxy from the environment.
