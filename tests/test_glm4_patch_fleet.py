@@ -19,7 +19,8 @@ from glmfleet import localfleet
 from glmfleet.config import resolve
 from roles.glm4_patch import ORIGINAL_SHA256, PATCHED_SHA256
 from roles.vllm_venv import venv_name
-from tests.fleettools import ROOT, pyinfra, testinfra_host
+from tests.fleettools import ROOT, pyinfra
+from tests.fleettools import testinfra_host as ssh_host  # not collected as a test
 
 pytestmark = pytest.mark.fleet
 
@@ -47,14 +48,14 @@ def install_without_deps(host_name: str, data: dict) -> str:
     host_root = Path(next(h for h in localfleet.load_hosts() if h["name"] == host_name)["root"])
     (host_root / "var/tmp/wheels").mkdir(parents=True, exist_ok=True)
     shutil.copy(source, host_root / "var/tmp/wheels" / source.name)
-    host = testinfra_host(host_name)
+    host = ssh_host(host_name)
     host.check_output(f"rm -rf {venv} && python3 -m venv {venv} && "
                       f"{venv}/bin/pip install --quiet --no-deps --no-index /var/tmp/wheels/{source.name}")
     return host.check_output(f"ls {venv}/lib/python3*/site-packages/{MODULE}")
 
 
 def sha256(host_name: str, path: str) -> str:
-    return testinfra_host(host_name).file(path).sha256sum
+    return ssh_host(host_name).file(path).sha256sum
 
 
 def run_role(host_name: str, data: dict):
@@ -102,11 +103,11 @@ def test_vllm_085_is_left_untouched(host_name):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.changed() == {}
     assert sha256(host_name, glm4_085) == pristine
-    assert not testinfra_host(host_name).file(glm4_085 + ".orig").exists
+    assert not ssh_host(host_name).file(glm4_085 + ".orig").exists
 
 
 def test_a_tampered_original_is_refused_and_left_as_it_is(host_name, glm4):
-    host = testinfra_host(host_name)
+    host = ssh_host(host_name)
     host.check_output(f"cp {glm4}.orig {glm4} && echo '# edited by hand' >> {glm4}")
     tampered = sha256(host_name, glm4)
     run = run_role(host_name, RECIPE)

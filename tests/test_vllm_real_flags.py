@@ -18,7 +18,8 @@ from glmfleet.config import resolve
 from roles.vllm_flags import SCRIPT
 from roles.vllm_service import vllm_command
 from roles.vllm_venv import venv_name
-from tests.fleettools import TEST_DOUBLE, pyinfra, testinfra_host
+from tests.fleettools import TEST_DOUBLE, pyinfra
+from tests.fleettools import testinfra_host as ssh_host  # not collected as a test
 
 pytestmark = pytest.mark.fleet
 
@@ -32,12 +33,12 @@ def serving(fleet, package_index):
     name = fleet[-1]
     run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**TEST_DOUBLE, "pip_index_url": package_index})
     assert run.returncode == 0, run.stderr[-3000:]
-    host = testinfra_host(name)
+    host = ssh_host(name)
     return name, host.file(UNIT).sha256sum, main_pid(name)
 
 
 def main_pid(name: str) -> str:
-    return testinfra_host(name).check_output("systemctl show --property MainPID --value vllm.service")
+    return ssh_host(name).check_output("systemctl show --property MainPID --value vllm.service")
 
 
 def still_serving(name: str) -> bool:
@@ -60,7 +61,7 @@ def test_a_bad_flag_fails_the_host_and_leaves_the_running_unit_alone(serving, ba
     assert run.returncode != 0
     pinned = resolve({}).vllm_version
     assert f"vLLM {pinned} refuses the command: {message}" in run.stderr
-    host = testinfra_host(name)
+    host = ssh_host(name)
     assert host.file(UNIT).sha256sum == unit_sha
     assert main_pid(name) == pid
     assert still_serving(name)
@@ -70,7 +71,7 @@ def test_the_catalogs_flags_for_every_model_are_accepted(serving):
     name = serving[0]
     commands = [vllm_command(resolve({**REAL, "model": model}))[2:] for model in catalog.load().models]
     python = f"{REAL['vllm_venv_root']}/venvs/{venv_name(resolve(REAL))}/bin/python"
-    host = testinfra_host(name)
+    host = ssh_host(name)
     result = host.run(f"HF_HUB_OFFLINE=1 {python} {SCRIPT} --many <<'EOF'\n{json.dumps(commands)}\nEOF")
     verdicts = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(verdicts) == len(commands), result.stdout + result.stderr
