@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,11 @@ class VllmFacts:
     def transformers_for(self, vllm: Version) -> SpecifierSet | None:
         """The transformers versions this release's wheel accepts (an empty set: any)."""
         return from_table(self.transformers, vllm)
+
+
+def package_name(requirement: str) -> str:
+    """The normalized (PEP 503) name of a requirement such as 'Transformers[torch]==5.0'."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[\[=<>!~ ;]", requirement, maxsplit=1)[0]).lower()
 
 
 def from_table(table, version: Version):

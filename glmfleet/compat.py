@@ -15,7 +15,6 @@ Every message names the setting, its value and the fix; the caller prefixes the 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,14 +38,9 @@ def vllm_release(cfg: Mapping[str, Any]) -> Version | None:
 def pinned(cfg: Mapping[str, Any], package: str) -> Version | None:
     """The version vllm_extra_packages pins for a package, if any."""
     for pin in cfg["vllm_extra_packages"]:
-        name, _, version = pin.partition("==")
-        if normalized(name) == normalized(package):
-            return Version(version)
+        if catalog.package_name(pin) == catalog.package_name(package):
+            return Version(pin.partition("==")[2])
     return None
-
-
-def normalized(package: str) -> str:
-    return re.sub(r"[-_.]+", "-", package.split("[", 1)[0]).lower()
 
 
 def could_meet(need: SpecifierSet, allowed: SpecifierSet) -> bool:

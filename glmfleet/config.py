@@ -19,6 +19,8 @@ from typing import Any
 from packaging.version import Version
 from pyinfra.api.exceptions import PyinfraError
 
+from glmfleet import catalog
+
 # Keys that belong to pyinfra itself (connectors and global arguments), not to glmfleet.
 PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_")
 
@@ -175,10 +177,7 @@ def problems(data: Mapping[str, Any], host: str) -> list[str]:
 
 # Keys whose catalog default and user value combine: the user's entry wins per variable or per
 # package, so setting one more variable does not drop a variable the model needs.
-MERGED_BY_NAME = {
-    "vllm_env": lambda name: name,
-    "vllm_extra_packages": lambda pin: re.split(r"[\[=<>!~ ]", pin, maxsplit=1)[0].lower().replace("_", "-"),
-}
+MERGED_BY_NAME = {"vllm_env": lambda name: name, "vllm_extra_packages": catalog.package_name}
 
 
 def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, Any]:
@@ -188,8 +187,6 @@ def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, A
     A catalog name (``glm-4.7-flash``) becomes the model's Hugging Face repo id. The catalog's
     version-dependent defaults apply only to the real ``vllm`` package.
     """
-    from glmfleet import catalog
-
     user = dict(data)
     result = {key: setting.default for key, setting in settings.items()}
     entry = catalog.find(user.get("model", result["model"]))

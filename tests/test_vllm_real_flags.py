@@ -1,14 +1,18 @@
-"""Flag validation against the real vLLM (the pinned release, from PyPI) in a fleet host's venv.
+"""Flag validation against the real vLLM (the pinned release and its dependencies, from PyPI)
+in a fleet host's venv.
 
-The host first serves through the test double, as a serving host would through vLLM; a deploy
-that switches it to the real vLLM with a bad flag must fail with vLLM's own message and leave
-that running unit alone. The real venv is the one test_vllm_real.py builds (same root and
-pins), so a session builds it once.
+The fleet's hosts install it from a package index on loopback, as a mirror-only site would:
+the wheels are downloaded once on this machine (about 4 GB, kept in .whl/). The host first
+serves through the test double, as a serving host would through vLLM; a deploy that switches
+it to the real vLLM with a bad flag must fail with vLLM's own message and leave that running
+unit alone. The real venv has test_vllm_real.py's root and pins, so a session builds it once.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -18,13 +22,32 @@ from glmfleet.config import resolve
 from roles.vllm_flags import SCRIPT
 from roles.vllm_service import vllm_command
 from roles.vllm_venv import venv_name
-from tests.fleettools import TEST_DOUBLE, pyinfra
+from tests.fleettools import ROOT, TEST_DOUBLE, UV_VERSION, pyinfra
 from tests.fleettools import testinfra_host as ssh_host  # not collected as a test
+
+from tests.pkgindex import PackageIndex
 
 pytestmark = pytest.mark.fleet
 
 UNIT = "/etc/systemd/system/vllm.service"
-REAL = {"vllm_package": "vllm", "vllm_venv_root": "/opt/glmfleet/vllm-real"}
+PINNED = resolve({}).vllm_version
+WHEELS = ROOT / ".whl" / f"vllm-{PINNED}-with-dependencies"
+
+
+@pytest.fixture(scope="module")
+def vllm_index():
+    """The pinned vLLM, every wheel it needs and the pinned uv, served on 127.0.0.1."""
+    if not (WHEELS / ".complete").exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(WHEELS),
+                        f"vllm=={PINNED}", f"uv=={UV_VERSION}"], check=True)
+        (WHEELS / ".complete").touch()
+    with PackageIndex(WHEELS) as index:
+        yield index.url
+
+
+@pytest.fixture(scope="module")
+def real(vllm_index):
+    return {"vllm_package": "vllm", "vllm_venv_root": "/opt/glmfleet/vllm-real", "pip_index_url": vllm_index}
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +78,21 @@ def still_serving(name: str) -> bool:
         (["--enable-reasoning"], "vllm: error: unrecognized arguments: --enable-reasoning"),
     ],
 )
-def test_a_bad_flag_fails_the_host_and_leaves_the_running_unit_alone(serving, bad_args, message):
+def test_a_bad_flag_fails_the_host_and_leaves_the_running_unit_alone(serving, real, bad_args, message):
     name, unit_sha, pid = serving
-    run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**REAL, "vllm_extra_args": bad_args}, timeout=2400)
+    run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**real, "vllm_extra_args": bad_args}, timeout=2400)
     assert run.returncode != 0
-    pinned = resolve({}).vllm_version
-    assert f"vLLM {pinned} refuses the command: {message}" in run.stderr
+    assert f"vLLM {PINNED} refuses the command: {message}" in run.stderr
     host = ssh_host(name)
     assert host.file(UNIT).sha256sum == unit_sha
     assert main_pid(name) == pid
     assert still_serving(name)
 
 
-def test_the_catalogs_flags_for_every_model_are_accepted(serving):
+def test_the_catalogs_flags_for_every_model_are_accepted(serving, real):
     name = serving[0]
-    commands = [vllm_command(resolve({**REAL, "model": model}))[2:] for model in catalog.load().models]
-    python = f"{REAL['vllm_venv_root']}/venvs/{venv_name(resolve(REAL))}/bin/python"
+    commands = [vllm_command(resolve({**real, "model": model}))[2:] for model in catalog.load().models]
+    python = f"{real['vllm_venv_root']}/venvs/{venv_name(resolve(real))}/bin/python"
     host = ssh_host(name)
     result = host.run(f"HF_HUB_OFFLINE=1 {python} {SCRIPT} --many <<'EOF'\n{json.dumps(commands)}\nEOF")
     verdicts = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -79,8 +101,8 @@ def test_the_catalogs_flags_for_every_model_are_accepted(serving):
     assert result.rc == 0
 
 
-def test_good_flags_pass_the_check(serving):
+def test_good_flags_pass_the_check(serving, real):
     name = serving[0]
-    run = pyinfra("inventory/local.py", "roles.vllm_flags.vllm_flags", "--limit", name, data={**REAL, "model": "glm-4.7-flash"})
+    run = pyinfra("inventory/local.py", "roles.vllm_flags.vllm_flags", "--limit", name, data={**real, "model": "glm-4.7-flash"})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"check vLLM flags | vllm serve flags accepted by vLLM {resolve({}).vllm_version}" in run.changed()[name]
+    assert f"check vLLM flags | vllm serve flags accepted by vLLM {PINNED}" in run.changed()[name]
