@@ -2,7 +2,8 @@
 in a fleet host's venv.
 
 The fleet's hosts install it from a package index on loopback, as a mirror-only site would:
-the wheels are downloaded once on this machine (about 4 GB, kept in .whl/). The host first
+the wheels are downloaded once on this machine (about 4 GB, kept in .whl/); the hosts cannot
+reach PyPI over HTTPS here. The host first
 serves through the test double, as a serving host would through vLLM; a deploy that switches
 it to the real vLLM with a bad flag must fail with vLLM's own message and leave that running
 unit alone. The real venv has test_vllm_real.py's root and pins, so a session builds it once.
@@ -10,10 +11,13 @@ unit alone. The real venv has test_vllm_real.py's root and pins, so a session bu
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
+import threading
 import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -25,8 +29,6 @@ from roles.vllm_venv import venv_name
 from tests.fleettools import ROOT, TEST_DOUBLE, UV_VERSION, pyinfra
 from tests.fleettools import testinfra_host as ssh_host  # not collected as a test
 
-from tests.pkgindex import PackageIndex
-
 pytestmark = pytest.mark.fleet
 
 UNIT = "/etc/systemd/system/vllm.service"
@@ -35,14 +37,31 @@ WHEELS = ROOT / ".whl" / f"vllm-{PINNED}-with-dependencies"
 
 
 @pytest.fixture(scope="module")
-def vllm_index():
-    """The pinned vLLM, every wheel it needs and the pinned uv, served on 127.0.0.1."""
+def vllm_index(tmp_path_factory):
+    """The pinned vLLM, every wheel it needs and the pinned uv, as a static PEP 503 index served
+    on 127.0.0.1 by a threaded server: uv fetches some 190 wheels at once, more than the
+    single-threaded pypiserver of tests/pkgindex.py accepts before connections time out."""
     if not (WHEELS / ".complete").exists():
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(WHEELS),
                         f"vllm=={PINNED}", f"uv=={UV_VERSION}"], check=True)
         (WHEELS / ".complete").touch()
-    with PackageIndex(WHEELS) as index:
-        yield index.url
+    root = tmp_path_factory.mktemp("vllm-index")
+    (root / "files").symlink_to(WHEELS)
+    for wheel in WHEELS.glob("*.whl"):
+        project = root / "simple" / catalog.package_name(wheel.name.split("-", 1)[0])
+        project.mkdir(parents=True, exist_ok=True)
+        with (project / "index.html").open("a") as page:
+            page.write(f'<a href="../../files/{wheel.name}">{wheel.name}</a>\n')
+    handler = functools.partial(QuietHandler, directory=str(root))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield f"http://127.0.0.1:{server.server_address[1]}/simple/"
+        server.shutdown()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +73,7 @@ def real(vllm_index):
 def serving(fleet, package_index):
     """The last fleet host serving through the test double; its unit's sha256 and main PID."""
     name = fleet[-1]
+    ssh_host(name).run("systemctl reset-failed vllm.service")  # a test before may have left it failed
     run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**TEST_DOUBLE, "pip_index_url": package_index})
     assert run.returncode == 0, run.stderr[-3000:]
     host = ssh_host(name)
@@ -103,6 +123,6 @@ def test_the_catalogs_flags_for_every_model_are_accepted(serving, real):
 
 def test_good_flags_pass_the_check(serving, real):
     name = serving[0]
-    run = pyinfra("inventory/local.py", "roles.vllm_flags.vllm_flags", "--limit", name, data={**real, "model": "glm-4.7-flash"})
+    run = pyinfra("inventory/local.py", "roles.vllm_flags.vllm_flags", "--limit", name, data={**real, "model": "glm-4.7"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"check vLLM flags | vllm serve flags accepted by vLLM {PINNED}" in run.changed()[name]
