@@ -4,21 +4,28 @@ Every host's configuration is validated before any operation is planned, so one 
 the inventory, group_data/ or --data stops the whole run with nothing changed.
 """
 
-from pyinfra import host, inventory
+from pyinfra import inventory
 
 from glmfleet.config import validate_inventory
+from roles.container_toolkit import container_toolkit
 from roles.glm4_patch import glm4_patch
+from roles.nvidia_driver import nvidia_driver
 from roles.preflight import preflight
 from roles.verify import verify
 from roles.vllm_flags import vllm_flags
+from roles.vllm_image import vllm_image
 from roles.vllm_service import vllm_service
 from roles.vllm_venv import vllm_venv
 
 validate_inventory(inventory)
 
 preflight()
-venv_switched = vllm_venv()
-patched = glm4_patch()
+driver = nvidia_driver()
+toolkit_changed = container_toolkit(driver=driver)
+runtime_changed = [*vllm_venv(), *vllm_image(), *glm4_patch()]
+# A bad flag fails the host here, before the running unit is replaced.
 vllm_flags()
-started = vllm_service(restart_when=[*venv_switched, *patched])
-verify(changes=started)
+# Serving needs the GPU: a host waiting for its reboot into the new driver stops here.
+if driver.ready:
+    started = vllm_service(restart_when=[*runtime_changed, *toolkit_changed, *driver.changes])
+    verify(changes=started)

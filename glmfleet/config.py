@@ -22,7 +22,7 @@ from pyinfra.api.exceptions import PyinfraError
 from glmfleet import catalog
 
 # Keys that belong to pyinfra itself (connectors and global arguments), not to glmfleet.
-PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_")
+PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_", "fake_")
 
 
 class ConfigError(PyinfraError):

@@ -1,5 +1,15 @@
 """The roles, in the order deploy.py applies them; each module declares its SETTINGS."""
 
-from roles import glm4_patch, preflight, verify, vllm_flags, vllm_service, vllm_venv
+from roles import (
+    container_toolkit,
+    glm4_patch,
+    nvidia_driver,
+    preflight,
+    verify,
+    vllm_flags,
+    vllm_image,
+    vllm_service,
+    vllm_venv,
+)
 
-ROLES = (preflight, vllm_venv, glm4_patch, vllm_flags, vllm_service, verify)
+ROLES = (preflight, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch, vllm_flags, vllm_service, verify)

@@ -59,7 +59,8 @@ def verify(changes=()):
     wait = shlex.join([*verify_argv(cfg), "--deadline", str(cfg.vllm_ready_timeout)])
     journal = f"journalctl --unit {UNIT} --lines {cfg.verify_journal_lines} --no-pager --quiet"
     server.shell(
-        name=f"verify {served_model_name(cfg)} serves on {local_url(cfg)}",
+        # One name on every host: pyinfra merges an operation's names across hosts.
+        name="verify a real request is served",
         commands=[f"{wait} || {{ echo '--- last lines of the {UNIT} journal:'; {journal}; exit 1; }}"],
         _if=lambda: not serving["ok"] or any(op.did_change() for op in changes),
         _timeout=cfg.vllm_ready_timeout + 120,

@@ -12,7 +12,7 @@ from packaging.version import Version
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.systemd import SystemdStatus
-from pyinfra.operations import files, systemd
+from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from glmfleet import catalog
@@ -32,6 +32,7 @@ from glmfleet.config import (
     optional,
 )
 from glmfleet.operations import secret_file
+from roles.vllm_image import CONTAINER, docker_run
 from roles.vllm_venv import VLLM_USER, venv_bin
 
 UNIT = "vllm.service"
@@ -150,9 +151,17 @@ def drains_on_stop(cfg: HostConfig) -> bool:
 
 
 def vllm_command(cfg: HostConfig) -> list[str]:
-    """The unit's ExecStart, as an argv: the venv's own ``vllm serve`` with the configured flags."""
+    """The unit's ExecStart, as an argv: ``vllm serve`` with the configured flags, from the venv
+    or inside the container."""
+    if cfg.vllm_runtime == "image":
+        return [*docker_run(cfg, ENV_FILE), "serve", *serve_args(cfg)]
+    return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg)]
+
+
+def serve_args(cfg: HostConfig) -> list[str]:
+    """What follows ``vllm serve``: the model and the configured flags."""
     argv = [
-        venv_bin(cfg, "vllm"), "serve", cfg.model_dir or cfg.model,
+        cfg.model_dir or cfg.model,
         "--host", cfg.vllm_host,
         "--port", str(cfg.vllm_port),
         "--served-model-name", served_model_name(cfg),
@@ -208,15 +217,22 @@ def systemd_quote(arg: str) -> str:
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_env_file(env: dict[str, str]) -> str:
+def render_env_file(env: dict[str, str], runtime: str = "venv") -> str:
+    """The environment file: systemd's quoted ``KEY="value"`` for the venv's unit, Docker's
+    ``--env-file`` lines (``KEY=value``, taken literally) for the container."""
     lines = ["# Managed by glmfleet. Root-only: it holds secrets."]
-    lines += [f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for key, value in env.items()]
+    if runtime == "image":
+        lines += [f"{key}={value}" for key, value in env.items()]
+    else:
+        lines += [f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for key, value in env.items()]
     return "\n".join(lines) + "\n"
 
 
 def render_unit(cfg: HostConfig) -> str:
     template = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return template.render(
+        runtime=cfg.vllm_runtime,
+        container=CONTAINER,
         served_model_name=served_model_name(cfg),
         user=VLLM_USER,
         state_dir=cfg.vllm_state_dir,
@@ -225,6 +241,8 @@ def render_unit(cfg: HostConfig) -> str:
         restart_sec=15,
         start_timeout=cfg.vllm_start_timeout,
         stop_timeout=cfg.vllm_shutdown_timeout + 30,
+        # docker stop's own grace, inside systemd's: the container is killed before the unit is.
+        container_stop_timeout=cfg.vllm_shutdown_timeout + 15,
         writable_paths=[cfg.vllm_state_dir],
     )
 
@@ -237,15 +255,15 @@ def vllm_service(restart_when=()):
 
     + restart_when: operations (e.g. the venv switch) whose change also needs a restart
 
-    daemon-reload runs only when the unit changed, and a running service restarts only when
-    its unit, its environment or ``restart_when`` changed. Returns the operations whose change
-    means the service was (re)started, for the verify role.
+    daemon-reload runs only when the unit changed; a stopped service starts, and a running one
+    restarts only when its unit, its environment or ``restart_when`` changed. Returns the
+    operations whose change means the service was (re)started, for the verify role.
     """
     cfg = host_config(host)
     was_active = host.get_fact(SystemdStatus).get(UNIT, False)
 
     files.directory(name="root-only secrets dir", path=SECRETS_DIR, user="root", group="root", mode="700")
-    env = secret_file(name=f"environment file {ENV_FILE}", dest=ENV_FILE, content=render_env_file(vllm_environment(cfg)))
+    env = secret_file(name=f"environment file {ENV_FILE}", dest=ENV_FILE, content=render_env_file(vllm_environment(cfg), cfg.vllm_runtime))
     unit = files.put(
         name=f"unit {UNIT}",
         src=StringIO(render_unit(cfg)),
@@ -255,9 +273,13 @@ def vllm_service(restart_when=()):
         mode="644",
     )
     systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
+    systemd.service(name=f"{UNIT} enabled", service=UNIT, running=None, enabled=True)
     changed = [env, unit, *restart_when]
-    started = systemd.service(name=f"{UNIT} running and enabled", service=UNIT, running=True, enabled=True)
-    if not was_active:
-        return [started, *changed]
-    restarted = systemd.service(name=f"restart {UNIT}", service=UNIT, restarted=True, _if=any_changed(*changed))
-    return [started, restarted]
+    # reset-failed clears systemd's start limit, which a crash loop before this deploy may have
+    # hit. A start that fails is not fatal here: verify judges it and shows the journal.
+    started = server.shell(
+        name=f"(re)start {UNIT}",
+        commands=[f"systemctl reset-failed {UNIT} 2>/dev/null; systemctl restart {UNIT} || true"],
+        _if=[any_changed(*changed)] if was_active else [],
+    )
+    return [started]

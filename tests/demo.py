@@ -16,7 +16,7 @@ from pathlib import Path
 from glmfleet import localfleet
 from glmfleet.config import resolve
 from roles.verify import verify_argv
-from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, deploy, testinfra_host
+from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, deploy, fleet_host
 from tests.pkgindex import PackageIndex, fill_index_dir
 
 BANNER = """\
@@ -33,7 +33,7 @@ def say(text: str) -> None:
 def host_report(name: str, settings: dict) -> str:
     """The host's unit state and venv, and the verify role's own check, run once on the host."""
     cfg = resolve({**settings, **dict(localfleet.inventory_hosts())[name]}, name)
-    host = testinfra_host(name)
+    host = fleet_host(name)
     venv = host.file(f"{cfg.vllm_venv_root}/current").linked_to.rsplit("/", 1)[-1]
     state = host.check_output("systemctl is-active vllm.service")
     probe = host.run(shlex.join([*verify_argv(cfg), "--deadline", "0"]))

@@ -22,7 +22,9 @@ from tests.pkgindex import TEST_DOUBLE_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 UV_VERSION = all_settings()["uv_version"].default  # the product's own pin
-TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": TEST_DOUBLE_VERSION, "vllm_ready_timeout": 120}
+# The fleet has no GPU: the driver role is not asked to manage one (tests/test_gpu_stack_fleet.py does).
+TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": TEST_DOUBLE_VERSION, "vllm_ready_timeout": 120,
+               "nvidia_driver_source": "none"}
 # The tests' API key: it reaches pyinfra through the inventory's environment, as prod.py shows.
 API_KEY_ENV = "GLMFLEET_VLLM_API_KEY"
 
@@ -71,20 +73,34 @@ def deploy(inventory: str | Path = "inventory/local.py", **kwargs) -> Run:
 
 
 def write_inventory(path: Path, host_data: dict[str, dict]) -> Path:
-    """An inventory of the local fleet with extra data for some hosts (to change one host alone)."""
+    """inventory/local.py with extra data for some hosts (to change one host alone)."""
     path.write_text(
-        "from glmfleet.localfleet import inventory_hosts\n"
+        "from runpy import run_path\n"
+        f"hosts, group_data = run_path({str(ROOT / 'inventory/local.py')!r})['local_fleet']\n"
         f"EXTRA = {host_data!r}\n"
-        "local_fleet = [(name, {**data, **EXTRA.get(name, {})}) for name, data in inventory_hosts()]\n"
+        "local_fleet = ([(name, {**data, **EXTRA.get(name, {})}) for name, data in hosts], group_data)\n"
     )
     return path
 
 
-def testinfra_host(name: str):
+def fleet_host(name: str):
     """A pytest-testinfra host for one fleet host, over the same SSH pyinfra uses."""
     host = next(h for h in localfleet.load_hosts() if h["name"] == name)
     return testinfra.get_host(
         f"ssh://root@127.0.0.1:{host['ssh_port']}",
         ssh_identity_file=host["ssh_key"],
         ssh_extra_args="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+    )
+
+
+# What the deploy leaves on a host: removed, a host is as bare as a new one.
+DEPLOYED_PATHS = ["/etc/systemd/system/vllm.service", "/etc/glmfleet", "/opt/glmfleet", "/var/lib/vllm", "/var/cache/glmfleet"]
+
+
+def make_bare(name: str) -> None:
+    """Undo every deploy on a fleet host, so a test's first run starts from a bare host."""
+    fleet_host(name).check_output(
+        "systemctl disable --now vllm.service 2>/dev/null; systemctl reset-failed vllm.service 2>/dev/null; "
+        f"rm -rf {' '.join(DEPLOYED_PATHS)}; systemctl daemon-reload; "
+        "id vllm >/dev/null 2>&1 && userdel vllm; getent group vllm >/dev/null && groupdel vllm; true"
     )

@@ -182,3 +182,12 @@ def test_exec_start_quotes_what_systemd_would_split_or_expand():
 def test_readme_documents_every_key():
     readme = open("README.md", encoding="utf-8").read()
     assert settings_table() in readme, "README.md's key table is stale: paste `python -m glmfleet.config`"
+
+
+def test_the_example_production_inventory_is_valid(monkeypatch):
+    monkeypatch.setenv("GLMFLEET_VLLM_API_KEY", "sk-example")
+    ctx_state.set(State())
+    configs = validate_inventory(make_inventory("inventory/prod.py", override_data={}, cwd="."))
+    assert sorted(configs) == ["gpu-01.example.internal", "gpu-02.example.internal"]
+    assert {cfg.vllm_tensor_parallel_size for cfg in configs.values()} == {8}
+    assert {cfg.vllm_api_key for cfg in configs.values()} == {"sk-example"}

@@ -19,8 +19,7 @@ from glmfleet import localfleet
 from glmfleet.config import resolve
 from roles.glm4_patch import ORIGINAL_SHA256, PATCHED_SHA256
 from roles.vllm_venv import venv_name
-from tests.fleettools import ROOT, pyinfra
-from tests.fleettools import testinfra_host as ssh_host  # not collected as a test
+from tests.fleettools import ROOT, fleet_host, pyinfra
 
 pytestmark = pytest.mark.fleet
 
@@ -48,14 +47,14 @@ def install_without_deps(host_name: str, data: dict) -> str:
     host_root = Path(next(h for h in localfleet.load_hosts() if h["name"] == host_name)["root"])
     (host_root / "var/tmp/wheels").mkdir(parents=True, exist_ok=True)
     shutil.copy(source, host_root / "var/tmp/wheels" / source.name)
-    host = ssh_host(host_name)
+    host = fleet_host(host_name)
     host.check_output(f"rm -rf {venv} && python3 -m venv {venv} && "
                       f"{venv}/bin/pip install --quiet --no-deps --no-index /var/tmp/wheels/{source.name}")
     return host.check_output(f"ls {venv}/lib/python3*/site-packages/{MODULE}")
 
 
 def sha256(host_name: str, path: str) -> str:
-    return ssh_host(host_name).file(path).sha256sum
+    return fleet_host(host_name).file(path).sha256sum
 
 
 def run_role(host_name: str, data: dict):
@@ -103,11 +102,11 @@ def test_vllm_085_is_left_untouched(host_name):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.changed() == {}
     assert sha256(host_name, glm4_085) == pristine
-    assert not ssh_host(host_name).file(glm4_085 + ".orig").exists
+    assert not fleet_host(host_name).file(glm4_085 + ".orig").exists
 
 
 def test_a_tampered_original_is_refused_and_left_as_it_is(host_name, glm4):
-    host = ssh_host(host_name)
+    host = fleet_host(host_name)
     host.check_output(f"cp {glm4}.orig {glm4} && echo '# edited by hand' >> {glm4}")
     tampered = sha256(host_name, glm4)
     run = run_role(host_name, RECIPE)

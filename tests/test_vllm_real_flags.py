@@ -26,8 +26,7 @@ from glmfleet.config import resolve
 from roles.vllm_flags import SCRIPT
 from roles.vllm_service import vllm_command
 from roles.vllm_venv import venv_name
-from tests.fleettools import ROOT, TEST_DOUBLE, UV_VERSION, pyinfra
-from tests.fleettools import testinfra_host as ssh_host  # not collected as a test
+from tests.fleettools import ROOT, TEST_DOUBLE, UV_VERSION, fleet_host, pyinfra
 
 pytestmark = pytest.mark.fleet
 
@@ -73,15 +72,15 @@ def real(vllm_index):
 def serving(fleet, package_index):
     """The last fleet host serving through the test double; its unit's sha256 and main PID."""
     name = fleet[-1]
-    ssh_host(name).run("systemctl reset-failed vllm.service")  # a test before may have left it failed
+    fleet_host(name).run("systemctl reset-failed vllm.service")  # a test before may have left it failed
     run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**TEST_DOUBLE, "pip_index_url": package_index})
     assert run.returncode == 0, run.stderr[-3000:]
-    host = ssh_host(name)
+    host = fleet_host(name)
     return name, host.file(UNIT).sha256sum, main_pid(name)
 
 
 def main_pid(name: str) -> str:
-    return ssh_host(name).check_output("systemctl show --property MainPID --value vllm.service")
+    return fleet_host(name).check_output("systemctl show --property MainPID --value vllm.service")
 
 
 def still_serving(name: str) -> bool:
@@ -103,7 +102,7 @@ def test_a_bad_flag_fails_the_host_and_leaves_the_running_unit_alone(serving, re
     run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**real, "vllm_extra_args": bad_args}, timeout=2400)
     assert run.returncode != 0
     assert f"vLLM {PINNED} refuses the command: {message}" in run.stderr
-    host = ssh_host(name)
+    host = fleet_host(name)
     assert host.file(UNIT).sha256sum == unit_sha
     assert main_pid(name) == pid
     assert still_serving(name)
@@ -113,7 +112,7 @@ def test_the_catalogs_flags_for_every_model_are_accepted(serving, real):
     name = serving[0]
     commands = [vllm_command(resolve({**real, "model": model}))[2:] for model in catalog.load().models]
     python = f"{real['vllm_venv_root']}/venvs/{venv_name(resolve(real))}/bin/python"
-    host = ssh_host(name)
+    host = fleet_host(name)
     result = host.run(f"HF_HUB_OFFLINE=1 {python} {SCRIPT} --many <<'EOF'\n{json.dumps(commands)}\nEOF")
     verdicts = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(verdicts) == len(commands), result.stdout + result.stderr
