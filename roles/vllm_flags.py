@@ -14,7 +14,8 @@ from pyinfra.operations import files, server
 
 from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import VllmVenvs
-from roles.vllm_service import UNIT, render_unit, vllm_command
+from roles.vllm_image import image_ref
+from roles.vllm_service import UNIT, render_unit, serve_args
 from roles.vllm_venv import uv_path, venv_name
 
 SOURCE = Path(__file__).resolve().parent.parent / "files" / "check_vllm_flags.py"
@@ -28,11 +29,19 @@ def combination_problems(cfg: dict) -> list[str]:
     return []
 
 
+OFFLINE = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
 def check_command(cfg: HostConfig) -> str:
-    """The pinned venv's python runs the check (offline, no usage report) on what follows
-    `vllm serve` in the unit."""
+    """The pinned vLLM's own python runs the check, offline, on what follows `vllm serve`: the
+    venv's, or the image's in a throwaway container without network or GPU."""
+    args = serve_args(cfg)
+    if cfg.vllm_runtime == "image":
+        env = [arg for name, value in OFFLINE.items() for arg in ("--env", f"{name}={value}")]
+        docker = ["docker", "run", "--rm", "--interactive", "--network", "none", *env, "--entrypoint", "python3", image_ref(cfg)]
+        return shlex.join([*docker, "-", *args]) + f" < {SCRIPT}"
     python = f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}/bin/python"
-    return "HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 " + shlex.join([python, SCRIPT, *vllm_command(cfg)[2:]])
+    return " ".join(f"{name}={value}" for name, value in OFFLINE.items()) + " " + shlex.join([python, SCRIPT, *args])
 
 
 @deploy("check vLLM flags")
@@ -40,8 +49,8 @@ def check_command(cfg: HostConfig) -> str:
 def vllm_flags():
     """
     Check the rendered ``vllm serve`` command against the pinned vLLM's own argument parser
-    (built in-process, so hosts without a working GPU can run it too), between the venv and
-    the unit: an unknown or malformed flag fails the host with vLLM's message before the
+    (built in-process, so hosts without a working GPU can run it too), in the venv or the
+    image, before the unit is written: an unknown or malformed flag fails the host with vLLM's message before the
     running unit is replaced.
 
     Runs only when the unit or the vLLM release would change: a converged host runs nothing.
@@ -50,8 +59,9 @@ def vllm_flags():
     cfg = host_config(host)
     if cfg.vllm_package != "vllm":
         return
-    unit_unchanged = host.get_fact(Sha256File, path=UNIT_PATH) == hashlib.sha256(render_unit(cfg).encode()).hexdigest()
-    if unit_unchanged and host.get_fact(VllmVenvs, root=cfg.vllm_venv_root, uv=uv_path(cfg))["current"] == venv_name(cfg):
-        return
+    if host.get_fact(Sha256File, path=UNIT_PATH) == hashlib.sha256(render_unit(cfg).encode()).hexdigest():
+        # The unit names the image; a venv switch leaves it alone.
+        if cfg.vllm_runtime == "image" or host.get_fact(VllmVenvs, root=cfg.vllm_venv_root, uv=uv_path(cfg))["current"] == venv_name(cfg):
+            return
     files.put(name="vLLM flag check script", src=str(SOURCE), dest=SCRIPT, mode="755")
     server.shell(name=f"vllm serve flags accepted by vLLM {cfg.vllm_version}", commands=[check_command(cfg)])

@@ -14,8 +14,9 @@ import pytest
 from glmfleet.config import resolve
 from glmfleet.facts import ListeningPorts
 from roles import glm4_patch
-from roles.preflight import fail_command
+from roles.preflight import fail_command, gpu_facts
 from roles.vllm_flags import SCRIPT, check_command
+from roles.vllm_service import vllm_command
 from roles.vllm_venv import venv_name
 
 FILES = Path(__file__).resolve().parent.parent / "files"
@@ -73,9 +74,43 @@ def test_patch_file_states_the_checksums_the_role_passes():
     assert re.search(r"^--- a/vllm/model_executor/models/glm4\.py$", (FILES / "glm4-0.8.4.patch").read_text(), re.M)
 
 
-def test_image_runtime_derives_the_patched_file_and_lays_it_read_only_over_the_images():
-    command = glm4_patch.derive_command("/var/lib/glmfleet/image-glm4.py", "/var/lib/glmfleet/glm4-patched.py")
-    assert command == (f"python3 {glm4_patch.SCRIPT} derive --original {glm4_patch.ORIGINAL_SHA256} --patched "
-                       f"{glm4_patch.PATCHED_SHA256} {glm4_patch.PATCH} /var/lib/glmfleet/image-glm4.py /var/lib/glmfleet/glm4-patched.py")
-    assert glm4_patch.image_mount("/var/lib/glmfleet/glm4-patched.py") == (
-        "/var/lib/glmfleet/glm4-patched.py:/usr/local/lib/python3.12/dist-packages/vllm/model_executor/models/glm4.py:ro")
+RECIPE_IN_IMAGE = {"model": "glm-z1-32b-0414", "vllm_runtime": "image", "vllm_version": "0.8.4", "vllm_tensor_parallel_size": 4}
+
+
+def test_image_runtime_derives_the_patched_file_from_the_images_copy():
+    command = glm4_patch.derive_command("vllm/vllm-openai:v0.8.4")
+    assert command.startswith("set -e; id=$(docker create vllm/vllm-openai:v0.8.4); trap ")
+    assert f'docker cp "$id:{glm4_patch.IMAGE_GLM4}" {glm4_patch.PATCHED_FOR_IMAGE}.image;' in command
+    assert (f"python3 {glm4_patch.SCRIPT} derive --original {glm4_patch.ORIGINAL_SHA256} --patched {glm4_patch.PATCHED_SHA256} "
+            f"{glm4_patch.PATCH} {glm4_patch.PATCHED_FOR_IMAGE}.image {glm4_patch.PATCHED_FOR_IMAGE}") in command
+    assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+
+
+@pytest.mark.parametrize(("version", "mounted"), [("0.8.4", True), ("0.8.5", False)])
+def test_image_runtime_lays_the_patched_file_read_only_over_the_images_own(version, mounted):
+    argv = vllm_command(resolve({**RECIPE_IN_IMAGE, "vllm_version": version}))
+    volume = f"{glm4_patch.PATCHED_FOR_IMAGE}:/usr/local/lib/python3.12/dist-packages/vllm/model_executor/models/glm4.py:ro"
+    assert (volume in argv) is mounted
+    if mounted:
+        assert argv[argv.index(volume) - 1] == "--volume" and argv.index(volume) < argv.index("serve")
+
+
+def test_image_runtime_checks_flags_with_the_images_own_vllm_offline():
+    command = check_command(resolve(RECIPE_IN_IMAGE))
+    assert command.startswith("docker run --rm --interactive --network none --env HF_HUB_OFFLINE=1 ")
+    assert f"--entrypoint python3 vllm/vllm-openai:v0.8.4 - zai-org/GLM-Z1-32B-0414 --host 127.0.0.1" in command
+    assert command.endswith(f"--tensor-parallel-size 4 --gpu-memory-utilization 0.9 < {SCRIPT}")
+
+
+def test_gpu_checks_wait_for_a_driver_that_answers():
+    from glmfleet.facts import gpu_host, split_sections  # the GpuHost fact's own parsing
+
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "nodriver"
+    output = ["::glmfleet:: smi", *(fixtures / "nvidia-smi-query-gpu.txt").read_text().splitlines(),
+              "::glmfleet:: cuda", *(fixtures / "nvidia-smi.txt").read_text().splitlines()]
+    assert gpu_facts(gpu_host(split_sections(output))) == {"gpu_count": None, "gpu_memory_mib": None, "driver_cuda_version": None}
+
+
+def test_gpu_checks_read_count_smallest_memory_and_cuda_from_the_gpu_fact():
+    cards = [{"memory_mib": 81920}, {"memory_mib": 81920}, {"memory_mib": 49152}]
+    assert gpu_facts({"smi": cards, "cuda_version": "12.8"}) == {"gpu_count": 3, "gpu_memory_mib": 49152, "driver_cuda_version": "12.8"}
