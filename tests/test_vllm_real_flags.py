@@ -65,7 +65,8 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def real(vllm_index):
-    return {"vllm_package": "vllm", "vllm_venv_root": "/opt/glmfleet/vllm-real", "pip_index_url": vllm_index}
+    return {"vllm_package": "vllm", "vllm_venv_root": "/opt/glmfleet/vllm-real", "pip_index_url": vllm_index,
+            "nvidia_driver_source": TEST_DOUBLE["nvidia_driver_source"]}
 
 
 @pytest.fixture(scope="module")
