@@ -102,15 +102,41 @@ def test_image_runtime_checks_flags_with_the_images_own_vllm_offline():
     assert command.endswith(f"--tensor-parallel-size 4 --gpu-memory-utilization 0.9 < {SCRIPT}")
 
 
+def gpu_fact_from(fixture: str) -> dict:
+    """The GpuHost fact, parsed by its own code from real nvidia-smi output in tests/fixtures."""
+    from glmfleet.facts import gpu_host, split_sections
+
+    captured = Path(__file__).resolve().parent / "fixtures" / fixture
+    output = ["::glmfleet:: smi", *(captured / "nvidia-smi-query-gpu.txt").read_text().splitlines(),
+              "::glmfleet:: cuda", *(captured / "nvidia-smi.txt").read_text().splitlines()]
+    return gpu_host(split_sections(output))
+
+
 def test_gpu_checks_wait_for_a_driver_that_answers():
-    from glmfleet.facts import gpu_host, split_sections  # the GpuHost fact's own parsing
-
-    fixtures = Path(__file__).resolve().parent / "fixtures" / "nodriver"
-    output = ["::glmfleet:: smi", *(fixtures / "nvidia-smi-query-gpu.txt").read_text().splitlines(),
-              "::glmfleet:: cuda", *(fixtures / "nvidia-smi.txt").read_text().splitlines()]
-    assert gpu_facts(gpu_host(split_sections(output))) == {"gpu_count": None, "gpu_memory_mib": None, "driver_cuda_version": None}
+    assert gpu_facts(gpu_fact_from("nodriver")) == {"gpu_count": None, "gpu_memory_mib": None, "driver_cuda_version": None}
 
 
-def test_gpu_checks_read_count_smallest_memory_and_cuda_from_the_gpu_fact():
+def test_gpu_checks_read_count_memory_and_cuda_from_a_real_h200():
+    assert gpu_facts(gpu_fact_from("h200")) == {"gpu_count": 1, "gpu_memory_mib": 143771, "driver_cuda_version": "13.0"}
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"model": "glm-4.7-flash"}, None),
+        ({"model": "glm-4.7-flash", "vllm_tensor_parallel_size": 2}, "needs 2 GPUs, the host has 1"),
+        ({"model": "glm-4.5-air"}, "'zai-org/GLM-4.5-Air' needs about"),
+        ({"model": "glm-4-9b-0414", "vllm_version": "0.19.1"}, None),  # CUDA 12.8 torch on a CUDA 13.0 driver
+    ],
+)
+def test_preflight_on_a_real_h200(data, words):
+    from glmfleet import compat
+    from glmfleet.config import all_settings, values
+
+    found = compat.host_problems(values(data, all_settings()), **gpu_facts(gpu_fact_from("h200")))
+    assert (found == []) if words is None else (len(found) == 1 and words in found[0]), found
+
+
+def test_gpu_checks_take_the_smallest_gpu():
     cards = [{"memory_mib": 81920}, {"memory_mib": 81920}, {"memory_mib": 49152}]
     assert gpu_facts({"smi": cards, "cuda_version": "12.8"}) == {"gpu_count": 3, "gpu_memory_mib": 49152, "driver_cuda_version": "12.8"}
