@@ -51,10 +51,6 @@ class VllmVenvs(FactBase):
                 state["complete"].append(value)
         return state
 
-    def default(self):
-        # A fresh host prints nothing (no uv, no root): pyinfra then asks for the default.
-        return self.process([])
-
 
 class VllmServes(FactBase):
     """Whether the vLLM on this host serves right now: the verify script run once, without

@@ -7,7 +7,6 @@ The tests run in file order on one host: patch, re-run, another release, tampere
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -44,13 +43,20 @@ def install_without_deps(host_name: str, data: dict) -> str:
     """Install the wheel of data's vLLM into the venv the role will look at; returns glm4.py's path."""
     venv = f"{data['vllm_venv_root']}/venvs/{venv_name(resolve(data))}"
     source = wheel(data["vllm_version"])
-    host_root = Path(next(h for h in localfleet.load_hosts() if h["name"] == host_name)["root"])
-    (host_root / "var/tmp/wheels").mkdir(parents=True, exist_ok=True)
-    shutil.copy(source, host_root / "var/tmp/wheels" / source.name)
+    copy_to_host(host_name, source, f"/var/tmp/wheels/{source.name}")
     host = fleet_host(host_name)
     host.check_output(f"rm -rf {venv} && python3 -m venv {venv} && "
                       f"{venv}/bin/pip install --quiet --no-deps --no-index /var/tmp/wheels/{source.name}")
     return host.check_output(f"ls {venv}/lib/python3*/site-packages/{MODULE}")
+
+
+def copy_to_host(host_name: str, source: Path, dest: str) -> None:
+    """Stream a file to a fleet host over its SSH, with its known host key."""
+    host = next(h for h in localfleet.load_hosts() if h["name"] == host_name)
+    with source.open("rb") as data:
+        subprocess.run(["ssh", "-i", host["ssh_key"], "-p", str(host["ssh_port"]), "-o", f"UserKnownHostsFile={host['known_hosts']}",
+                        "-o", "StrictHostKeyChecking=yes", "root@127.0.0.1", f"mkdir -p {Path(dest).parent} && cat > {dest}"],
+                       stdin=data, check=True)
 
 
 def sha256(host_name: str, path: str) -> str:
