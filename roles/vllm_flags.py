@@ -50,8 +50,8 @@ def vllm_flags():
     """
     Check the rendered ``vllm serve`` command against the pinned vLLM's own argument parser
     (built in-process, so hosts without a working GPU can run it too), in the venv or the
-    image, before the unit is written: an unknown or malformed flag fails the host with vLLM's message before the
-    running unit is replaced.
+    image: an unknown or malformed flag fails the host with vLLM's message before the running
+    unit is replaced.
 
     Runs only when the unit or the vLLM release would change: a converged host runs nothing.
     A stand-in package (the test double) has no vLLM parser to ask and is not checked.
