@@ -147,7 +147,9 @@ def vllm_venv():
             commands=[
                 f"rm -rf {target} && mkdir -p {root}/venvs && "
                 f"{uv_env} {uv} venv --quiet --python {shlex.quote(cfg.vllm_python)} {target} && "
-                f"{uv_env} {uv} pip install --quiet --python {target}/bin/python "
+                # Bytecode now: the vllm user cannot write __pycache__ into this root-owned venv, and
+                # without it every start compiles vLLM and torch again (H100: 93.5 s -> 52.9 s warm).
+                f"{uv_env} {uv} pip install --quiet --compile-bytecode --python {target}/bin/python "
                 f"{shlex.join(index_args(cfg))} {shlex.join(requirements(cfg))} && "
                 f"{target}/bin/python -c {shlex.quote(IMPORT_CHECK)} {shlex.quote(cfg.vllm_package)} "
                 f"{shlex.quote(cfg.vllm_version)} && touch {target}/{COMPLETE_MARKER}"
