@@ -73,6 +73,46 @@ class VllmServes(FactBase):
         return {"ok": ok, "detail": detail}
 
 
+class ListeningPorts(FactBase):
+    """Every listening TCP port and the systemd service whose process holds it (None: a process
+    outside any service, or one ``ss`` cannot see), from ``ss`` and the holder's cgroup.
+
+    .. code:: python
+
+        [(22, "ssh.service"), (8000, "vllm.service"), (9000, None)]
+    """
+
+    def command(self) -> str:
+        return (
+            "ss -Hltnp | while read -r _ _ _ local _ users; do "
+            "pid=$(printf %s \"$users\" | sed -n 's/.*pid=\\([0-9]*\\).*/\\1/p'); "
+            "unit=$(test -n \"$pid\" && grep -o '[^/]*\\.service' /proc/$pid/cgroup 2>/dev/null | head -n 1); "
+            "echo \"${local##*:} ${unit:--}\"; done"
+        )
+
+    def requires_command(self) -> str:
+        return "ss"
+
+    def process(self, output):
+        listeners = []
+        for line in output:
+            port, _, unit = line.partition(" ")
+            if port.isdigit():
+                listeners.append((int(port), None if unit == "-" else unit))
+        return listeners
+
+
+class Glm4Source(FactBase):
+    """The sha256 of vLLM's ``glm4.py`` in a venv (None when the venv has no such file)."""
+
+    def command(self, venv: str) -> str:
+        path = f"{shlex.quote(venv)}/lib/python3*/site-packages/vllm/model_executor/models/glm4.py"
+        return f"for f in {path}; do test -f \"$f\" && sha256sum \"$f\"; done; true"
+
+    def process(self, output):
+        return output[0].split()[0] if output else None
+
+
 # --- the GPU stack ---------------------------------------------------------------------------
 
 SECTION = "::glmfleet::"

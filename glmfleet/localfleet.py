@@ -128,11 +128,13 @@ def up(count: int = 2) -> list[dict]:
         raise FleetError(f"--hosts must be between 1 and {MAX_HOSTS}, not {count}")
     _check_machine()
     with _fleet_lock():
-        if any("upper" not in host for host in _read_hosts()):
-            # Made when each host was a full copy of the base: those are not overlays.
-            print(f"localfleet: recreating the hosts in {fleet_dir()} as overlays", flush=True)
-            _down(destroy=True)
         base = _ensure_base()
+        known = _read_hosts()
+        # Hosts made on an older base (other packages, CAs, or full copies before overlays)
+        # would differ from new ones: while none of them runs, make them anew.
+        if any(Path(host.get("base", "")).name != base.name for host in known) and not any(map(is_up, known)):
+            print(f"localfleet: recreating the hosts in {fleet_dir()} on the current base", flush=True)
+            _down(destroy=True)
         _ensure_ssh_key()
         hosts = {host["name"]: host for host in _read_hosts()}
         wanted = [host_name(index) for index in range(1, count + 1)]

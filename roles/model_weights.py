@@ -30,6 +30,7 @@ from pyinfra import host, state
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
+from glmfleet import catalog
 from glmfleet.config import (
     ConfigError,
     HostConfig,
@@ -117,6 +118,8 @@ SETTINGS = (
 
 def combination_problems(cfg: dict) -> list[str]:
     found = []
+    if cfg["model"].startswith("/"):
+        found.append(f"model = {cfg['model']!r} is a path: set model_dir to it (with model_source 'path') and model to a repo id")
     origin = cfg["model_peer_seed"] if cfg["model_source"] == "peer" else cfg["model_source"]
     if origin == "control" and not cfg["model_control_dir"]:
         found.append(f"model_source {cfg['model_source']!r} takes the files from the control node: set model_control_dir")
@@ -169,9 +172,15 @@ def cli_bin(cfg: HostConfig, source: str) -> str | None:
     return None
 
 
+def source_repo(cfg: HostConfig, source: str) -> str:
+    """The repository to fetch: on ModelScope, the catalog's ModelScope id of the model."""
+    entry = catalog.find(cfg.model) if source == "modelscope" else None
+    return entry.modelscope if entry and entry.modelscope else cfg.model
+
+
 def sync_argv(cfg: HostConfig, source: str, phase: str = "all", peers: list[str] = ()) -> list[str]:
     """The host script's command line for one fetch; secrets only as file names."""
-    argv = [SCRIPT, "sync", *state_args(cfg), "--model", cfg.model, "--revision", cfg.model_revision, "--source", source,
+    argv = [SCRIPT, "sync", *state_args(cfg), "--model", source_repo(cfg, source), "--revision", cfg.model_revision, "--source", source,
             "--phase", phase, "--margin-bytes", str(int(cfg.model_disk_margin_gb * 10**9)), "--verify", cfg.model_verify,
             "--progress-interval", str(cfg.model_progress_interval), "--cli-home", CLI_HOME]
     for pattern in cfg.model_include:

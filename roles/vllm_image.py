@@ -14,6 +14,7 @@ from pyinfra.operations import files, server
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_str, optional
 from glmfleet.facts import ContainerHost
+from roles import glm4_patch
 from roles.vllm_venv import state_dirs
 
 CONTAINER = "vllm"
@@ -108,6 +109,7 @@ def docker_run(cfg: HostConfig, env_file: str) -> list[str]:
     mounts = ["--volume", f"{cfg.vllm_state_dir}:{cfg.vllm_state_dir}"]
     if cfg.model_dir:
         mounts += ["--volume", f"{cfg.model_dir}:{cfg.model_dir}:ro"]
+    mounts += glm4_patch.image_volumes(cfg)
     return [
         "/usr/bin/docker", "run", "--rm", "--name", CONTAINER, *gpus,
         "--network", "host", "--ipc", "host", "--ulimit", "memlock=-1", "--ulimit", "nofile=65536",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from io import StringIO
 from pathlib import Path
@@ -14,11 +15,13 @@ from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
+from glmfleet import catalog
 from glmfleet.config import (
     HostConfig,
     Setting,
     documented,
     host_config,
+    is_abs_path,
     is_bool,
     is_env_dict,
     is_int_in,
@@ -40,22 +43,39 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "files" / "vllm.service.j2"
 
 
 def is_model(value) -> bool:
-    """A hub repo id (``owner/name``): the weights come through the model_weights role."""
-    return is_str(value) and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
+    """A catalog name (files/catalog.yaml), a hub repo id (``owner/name``) or an absolute path."""
+    return is_str(value) and (
+        is_abs_path(value) or re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None or catalog.find(value) is not None
+    )
+
+
+def is_mm_limits(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(is_str(k) and type(v) is int and v >= 0 for k, v in value.items())
 
 
 SETTINGS = (
-    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a hub repo id (its files: see model_source)", "'owner/name'", is_model),
+    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a catalog name (README: Model catalog) or a hub repo id (its files: see model_source)",
+            "a catalog name such as 'glm-4.7-flash', 'owner/name' or an absolute path", is_model),
     Setting("vllm_host", "127.0.0.1", "address vLLM listens on", "an IP address such as '127.0.0.1' or '0.0.0.0'", is_listen_address),
     Setting("vllm_port", 8000, "TCP port vLLM listens on", "an integer 1-65535", is_int_in(1, 65535)),
     Setting("vllm_served_model_name", None, "the name clients ask for (default: the model)", "None or a name",
             optional(lambda v: is_str(v) and not any(c.isspace() for c in v))),
     Setting("vllm_tensor_parallel_size", 1, "GPUs one model instance spans", "an integer 1-64", is_int_in(1, 64)),
+    Setting("vllm_pipeline_parallel_size", 1, "pipeline stages; GPUs used = tensor x pipeline parallel size", "an integer 1-64",
+            is_int_in(1, 64)),
     Setting("vllm_max_model_len", None, "context length (default: the model's own)", "None or an integer 128-10485760",
             optional(is_int_in(128, 10485760))),
     Setting("vllm_gpu_memory_utilization", 0.9, "share of each GPU's memory vLLM may take", "a number > 0 and <= 1",
             is_number_in(0, 1)),
     Setting("vllm_trust_remote_code", False, "let the model's own Python code run (some GLM repos need it)", "true or false", is_bool),
+    Setting("vllm_tool_call_parser", None, "how vLLM parses the model's tool calls (the catalog sets it per model)",
+            "None or a parser name such as 'glm45'", optional(is_str)),
+    Setting("vllm_enable_auto_tool_choice", False, "let the model decide when to call tools (needs vllm_tool_call_parser)",
+            "true or false", is_bool),
+    Setting("vllm_reasoning_parser", None, "how vLLM separates the model's reasoning from its answer (the catalog sets it)",
+            "None or a parser name such as 'glm45'", optional(is_str)),
+    Setting("vllm_limit_mm_per_prompt", None, "most images, videos... one prompt may carry (multimodal models)",
+            "None or a mapping such as {'image': 4, 'video': 1}", optional(is_mm_limits)),
     Setting("vllm_extra_args", [], "further `vllm serve` flags, e.g. ['--enable-prefix-caching']",
             "a list of strings, none of them a flag that another key sets", is_str_list),
     Setting("vllm_env", {}, "extra environment for vLLM, e.g. {'VLLM_LOGGING_LEVEL': 'DEBUG'}",
@@ -73,6 +93,12 @@ FLAG_KEYS = {
     "--served-model-name": "vllm_served_model_name",
     "--tensor-parallel-size": "vllm_tensor_parallel_size",
     "-tp": "vllm_tensor_parallel_size",
+    "--pipeline-parallel-size": "vllm_pipeline_parallel_size",
+    "-pp": "vllm_pipeline_parallel_size",
+    "--tool-call-parser": "vllm_tool_call_parser",
+    "--enable-auto-tool-choice": "vllm_enable_auto_tool_choice",
+    "--reasoning-parser": "vllm_reasoning_parser",
+    "--limit-mm-per-prompt": "vllm_limit_mm_per_prompt",
     "--max-model-len": "vllm_max_model_len",
     "--gpu-memory-utilization": "vllm_gpu_memory_utilization",
     "--revision": "model_revision",
@@ -133,10 +159,20 @@ def serve_args(cfg: HostConfig) -> list[str]:
         "--tensor-parallel-size", str(cfg.vllm_tensor_parallel_size),
         "--gpu-memory-utilization", str(cfg.vllm_gpu_memory_utilization),
     ]
+    if cfg.vllm_pipeline_parallel_size > 1:
+        argv += ["--pipeline-parallel-size", str(cfg.vllm_pipeline_parallel_size)]
     if cfg.vllm_max_model_len:
         argv += ["--max-model-len", str(cfg.vllm_max_model_len)]
     if cfg.vllm_trust_remote_code:
         argv.append("--trust-remote-code")
+    if cfg.vllm_tool_call_parser:
+        argv += ["--tool-call-parser", cfg.vllm_tool_call_parser]
+    if cfg.vllm_enable_auto_tool_choice:
+        argv.append("--enable-auto-tool-choice")
+    if cfg.vllm_reasoning_parser:
+        argv += ["--reasoning-parser", cfg.vllm_reasoning_parser]
+    if cfg.vllm_limit_mm_per_prompt:
+        argv += ["--limit-mm-per-prompt", json.dumps(cfg.vllm_limit_mm_per_prompt, separators=(",", ":"))]
     if drains_on_stop(cfg):
         argv += ["--shutdown-timeout", str(cfg.vllm_shutdown_timeout)]
     return argv + list(cfg.vllm_extra_args)

@@ -69,7 +69,6 @@ BAD_VALUES = [
     ("vllm_env", {"BAD-NAME": "1"}, "a mapping of variable names"),
     ("vllm_env", {"A": "two\nlines"}, "one-line strings"),
     ("model", "not a repo", "'owner/name'"),
-    ("model", "/srv/models/glm", "'owner/name'"),
     ("model_source", "s3", "one of 'hf', 'modelscope', 'control', 'path', 'peer'"),
     ("model_disk_margin_gb", -1, "a number 0-100000"),
     ("hf_endpoint", "mirror.internal", "None or an http(s) URL"),

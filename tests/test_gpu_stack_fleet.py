@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.aptrepo import LoopbackServer, Package, SigningKey, publish_flat
-from tests.fleettools import TEST_DOUBLE, pyinfra, write_inventory
+from tests.fleettools import TEST_DOUBLE, make_bare, pyinfra, write_inventory
 from tests.fleettools import fleet_host as host_of
 from tests.imagearchive import write_image_archive
 
@@ -102,6 +102,7 @@ def test_cuda_repo_on_loopback_and_reboot_then_the_deploy_goes_on(fleet, repos, 
     """The whole deploy on a fresh host: the CUDA repository with its signed-by keyring, the
     driver through its branch metapackage, one reboot, and the roles after it."""
     name = fleet[1]
+    make_bare(name)  # other modules' tests may have deployed here before
     host = host_of(name)
     boot_before = host.check_output("cat /proc/sys/kernel/random/boot_id; cut -d' ' -f22 /proc/1/stat")
     data = {**TEST_DOUBLE, "pip_index_url": package_index, **repos["cuda"], "nvidia_driver_source": "cuda-repo",

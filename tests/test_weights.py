@@ -80,6 +80,12 @@ def test_a_revision_that_is_not_a_commit_is_rejected(revision):
     assert f"gpu-1: model_revision = {revision!r} is invalid; accepted: a 40-hex commit id" in str(error.value)
 
 
+def test_a_path_as_model_is_refused_with_the_keys_that_serve_a_directory():
+    with pytest.raises(ConfigError) as error:
+        resolve({"model": "/srv/models/glm", "model_revision": "c" * 40}, "gpu-1")
+    assert "gpu-1: model = '/srv/models/glm' is a path: set model_dir to it (with model_source 'path')" in str(error.value)
+
+
 def test_a_model_and_revision_always_map_to_one_directory_and_state():
     cfg = resolve({"model": "zai-org/GLM-4.7-Flash", "model_revision": "c" * 40})
     assert model_path(cfg) == "/var/lib/vllm/models/zai-org--GLM-4.7-Flash/" + "c" * 40
