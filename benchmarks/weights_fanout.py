@@ -2,7 +2,7 @@
 origin, both against the raw copy throughput of the same bytes on this machine (the physical
 limit here: every host's disk is this machine's disk).
 
-    python -m benchmarks.weights_fanout --size-gb 4 --hosts 4 8
+    python -m benchmarks.weights_fanout --size-gb 1 --hosts 4 8
 
 Makes a multi-GB checkpoint, serves it with olah on loopback (the origin), brings up the local
 fleet (export the fleet slot's variables first, see CONVENTIONS), runs the real deploy of the
@@ -27,6 +27,7 @@ from glmfleet import localfleet
 from roles.model_weights import STATE_DIR
 from tests.hub_mirror import OlahServer, publish
 from tests.model_maker import make_checkpoint
+from tests.fleettools import fleet_host
 from tests.pkgindex import PackageIndex
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,12 +71,9 @@ def inventory(path: Path, names: list[str]) -> Path:
 
 
 def wipe(names: list[str], model_dir: str) -> None:
-    for host in localfleet.load_hosts():
-        if host["name"] in names:
-            root = Path(host["root"])
-            shutil.rmtree(root / model_dir.lstrip("/"), ignore_errors=True)
-            for state in (root / STATE_DIR.lstrip("/")).glob("*"):
-                state.unlink()
+    """Each host back to no copy (over SSH: the hosts' roots are overlays in namespaces of their own)."""
+    for name in names:
+        fleet_host(name).run_test(f"rm -rf {model_dir} {STATE_DIR}/*")
 
 
 def served_bytes(olah_log: Path, mark: int, sizes: dict[str, int]) -> int:
