@@ -1,18 +1,19 @@
 """glmfleet's deploy: bare GPU hosts to verified vLLM serving. Run `pyinfra INVENTORY deploy.py`.
 
 Every host's configuration is validated before any operation is planned, so one bad value in
-the inventory, group_data/ or --data stops the whole run with nothing changed.
+the inventory, group_data/ or --data stops the whole run with nothing changed. Hosts of the
+`gateway` group also run the fleet's gateway. `glmfleet rollout` applies the same roles in
+health-gated batches.
 """
 
 from pyinfra import host, inventory
 
 from glmfleet.config import validate_inventory
-from roles.verify import verify
-from roles.vllm_service import vllm_service
-from roles.vllm_venv import vllm_venv
+from roles import serving_host
+from roles.gateway import GATEWAY_GROUP, gateway
 
 validate_inventory(inventory)
 
-venv_switched = vllm_venv()
-started = vllm_service(restart_when=venv_switched)
-verify(changes=started)
+serving_host()
+if GATEWAY_GROUP in host.groups:
+    gateway()
