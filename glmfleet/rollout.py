@@ -183,14 +183,17 @@ class Rollout:
             run.plan(serving_host, stage_only=True)
             run.execute()
             for name, why in run.failed().items():
-                self.fail(name, "FAILED: unreachable" if name in run.unreachable else "FAILED while staging (unchanged)", why)
+                if name in run.unreachable:
+                    self.fail(name, "FAILED: unreachable", why)
+                    self.out_of_pool.add(name)
+                else:
+                    self.fail(name, "FAILED while staging (unchanged)", why)
         staged = [name for name in batch if not self.results[name].failed]
-        if not staged:
-            return None
-
         self.out_of_pool.update(staged)
         if error := self.edit_pool():
             return error
+        if not staged:
+            return None
         self.say(f"  out of the pool: {', '.join(staged)}")
 
         with Run(self.inventory, staged) as run:
