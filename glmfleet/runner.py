@@ -100,6 +100,7 @@ class Run:
         self.connect_errors = ConnectErrors()
         self.state.add_callback_handler(self.times)
         self.state.add_callback_handler(self.connect_errors)
+        self.plan_errors: dict[str, str] = {}
 
     def __enter__(self) -> Run:
         with ctx_state.use(self.state):
@@ -119,16 +120,27 @@ class Run:
 
     def plan(self, deploy: Callable, *args, **kwargs) -> dict[str, Any]:
         """Call a role (a @deploy function) on every connected host, in parallel as the CLI
-        does; returns what it returned, per host name."""
+        does; returns what it returned, per host name. A host lost while planning (its
+        connection dropped) fails alone, where pyinfra's CLI would stop everything."""
         results: dict[str, Any] = {}
+        errors: dict = {}
 
         def plan_host(host):
-            with ctx_config.use(self.state.config.copy()), ctx_host.use(host):
-                results[host.name] = deploy(*args, **kwargs)
+            try:
+                with ctx_config.use(self.state.config.copy()), ctx_host.use(host):
+                    results[host.name] = deploy(*args, **kwargs)
+            except Exception as error:  # whatever went wrong is this host's failure, reported
+                errors[host] = f"planning failed: {type(error).__name__}: {error}"
 
         with ctx_state.use(self.state):
             greenlets = [self.state.pool.spawn(plan_host, host) for host in self.inventory.get_active_hosts()]
             gevent.joinall(greenlets, raise_error=True)
+            for host, why in errors.items():
+                self.plan_errors[host.name] = why
+                try:
+                    self.state.fail_hosts({host})
+                except PyinfraError:  # "No hosts remaining!"
+                    pass
         return results
 
     def facts(self, fact_cls, **kwargs) -> dict[str, Any]:
@@ -149,8 +161,11 @@ class Run:
     def failed(self) -> dict[str, str]:
         """Host name -> why it failed: its connection error, or the output of the first
         operation that failed on it."""
-        return {host.name: self.connect_errors.errors.get(host.name) or self._failed_op_output(host)
-                for host in self.state.failed_hosts}
+        return {
+            host.name: self.connect_errors.errors.get(host.name) or self.plan_errors.get(host.name)
+            or self._failed_op_output(host)
+            for host in self.state.failed_hosts
+        }
 
     def _failed_op_output(self, host) -> str:
         for op_hash in host.op_hash_order:
@@ -162,7 +177,7 @@ class Run:
                 output = "\n".join(meta.stdout_lines + meta.stderr_lines).strip()
                 names = " / ".join(sorted(self.state.op_meta[op_hash].names))
                 return output or f"{names} failed with no output"
-        return "failed while planning (see the output above)"
+        return "a fact failed while reading the host (-v shows pyinfra's output)"
 
     def seconds(self, host: str, first_op, last_op) -> float | None:
         """From the start of first_op to the end of last_op on a host, if both ran there."""
