@@ -98,7 +98,7 @@ def table(results: list[HostResult]) -> str:
 
 def survey_host():
     """What a host runs now, whether it serves that, and whether the deploy would change it."""
-    status = host.get_fact(VllmStatus, path=UNIT_PATH)
+    status = host.get_fact(VllmStatus, path=UNIT_PATH) or {}
     unit = status.get("unit")
     serves = bool(unit) and host.get_fact(VllmServes, verify_argv=argv_for(unit["base_url"], unit["served_model_name"]))["ok"]
     serving_host()
@@ -128,11 +128,11 @@ def update_host():
 class Rollout:
     inventory: Inventory
     targets: list[str]
-    batch_spec: str
     exceeded: Callable[[int], bool]
     say: Callable[[str], None]
     results: dict[str, HostResult] = field(default_factory=dict)
     out_of_pool: set[str] = field(default_factory=set)
+    last_step: float = 0.0
 
     @property
     def gateways(self) -> list[str]:
@@ -176,8 +176,15 @@ class Rollout:
                     self.out_of_pool.add(name)
         return pending
 
+    def step(self, text: str) -> None:
+        """Progress, with the time since the previous step."""
+        now = time.monotonic()
+        self.say(f"  {text} ({now - self.last_step:.1f} s)")
+        self.last_step = now
+
     def run_batch(self, batch: list[str]) -> str | None:
         """One batch; returns why the rollout must stop at once (the gateway failed)."""
+        self.last_step = time.monotonic()
         # Build while serving: a host that fails here still runs what it ran, in the pool.
         with Run(self.inventory, batch) as run:
             run.plan(serving_host, stage_only=True)
@@ -188,13 +195,15 @@ class Rollout:
                     self.out_of_pool.add(name)
                 else:
                     self.fail(name, "FAILED while staging (unchanged)", why)
+                self.say(f"  {name} failed: {first_line(why)}")
         staged = [name for name in batch if not self.results[name].failed]
+        self.step(f"staged: {', '.join(staged) or 'none'}")
         self.out_of_pool.update(staged)
         if error := self.edit_pool():
             return error
         if not staged:
             return None
-        self.say(f"  out of the pool: {', '.join(staged)}")
+        self.step(f"out of the pool: {', '.join(staged)}")
 
         with Run(self.inventory, staged) as run:
             planned = run.plan(update_host)
@@ -210,19 +219,19 @@ class Rollout:
         for name, why in failed.items():
             self.say(f"  {name} failed: {first_line(why)}")
             self.results[name].why = why
+        self.step(f"drained, updated, verified: {', '.join(n for n in staged if n not in failed) or 'none'}")
         if failed:
             self.roll_back(sorted(failed))
+            self.step(f"rolled back and verified: {', '.join(n for n in failed if n not in self.out_of_pool) or 'none'}")
 
         if error := self.edit_pool():
             return error
         back = [name for name in staged if name not in self.out_of_pool]
-        if back:
-            self.say(f"  back in the pool: {', '.join(back)}")
+        self.step(f"back in the pool: {', '.join(back) or 'none'}")
         return None
 
     def roll_back(self, names: list[str]) -> None:
         """Return failed hosts to their known-good state; one that then serves rejoins the pool."""
-        self.say(f"  rolling back: {', '.join(names)}")
         with Run(self.inventory, names) as run:
             run.plan(roll_back)
             run.execute()
@@ -252,7 +261,7 @@ def rollout(inventory_path: str, data: dict, batch_spec: str = DEFAULT_BATCHES, 
     inventory = load_inventory(inventory_path, data)
     targets = select(inventory, limit or [])
     batch_sizes(batch_spec, 1)  # a malformed --batch stops here, before any host is touched
-    plan = Rollout(inventory, targets, batch_spec, failure_budget(max_fail, len(targets)), say)
+    plan = Rollout(inventory, targets, failure_budget(max_fail, len(targets)), say)
     started = time.monotonic()
 
     say(f"--> reading {len(targets)} hosts")
