@@ -180,6 +180,8 @@ def test_failing_host_stops_the_rollout_and_is_rolled_back(deployed, hosts, data
     # Back on what it ran before, serving, in the pool.
     assert served_max_model_len(broken) == 4096
     assert "VLLM_TEST_DOUBLE_FAIL" not in fleet_host(broken).check_output("cat /etc/glmfleet/vllm.env")
+    kept = fleet_host(broken).file("/etc/glmfleet/known-good/vllm.env")  # a copy of a file with secrets
+    assert (kept.mode, kept.user, kept.group) == (0o600, "root", "root")
     assert in_pool(hosts, broken)
     assert main_pid(untouched) == pid_untouched and served_max_model_len(untouched) == 4096
     assert load.result.failed == 0, load.result
