@@ -159,11 +159,13 @@ class Rollout:
         pending = []
         with Run(self.inventory, self.targets, check_for_changes=True) as run:
             planned = run.plan(survey_host)
-            unreachable = run.failed()
+            failed = run.failed()
             for name in self.targets:
                 self.results[name] = HostResult(name)
-                if name in unreachable:
-                    self.fail(name, "FAILED: unreachable", unreachable[name])
+                if name in failed:
+                    self.fail(name, "FAILED: unreachable" if name in run.unreachable else "FAILED while reading",
+                              failed[name])
+                    self.out_of_pool.add(name)
                     continue
                 status, serves = planned[name]
                 self.results[name].before = status
@@ -268,7 +270,7 @@ def rollout(inventory_path: str, data: dict, batch_spec: str = DEFAULT_BATCHES, 
     pending = plan.survey()
     sizes = batch_sizes(batch_spec, len(pending))
     batches = [pending[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
-    say(f"    {len(targets) - len(pending) - plan.failed_count()} at the target, {plan.failed_count()} unreachable, "
+    say(f"    {len(targets) - len(pending) - plan.failed_count()} at the target, {plan.failed_count()} failed to read, "
         f"{len(pending)} to update in {len(batches)} batches ({', '.join(map(str, sizes))})")
 
     def over_budget() -> str | None:

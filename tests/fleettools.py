@@ -78,13 +78,17 @@ def glmfleet(*args: str, data: dict | None = None, env: dict | None = None, time
     return Run(completed.returncode, completed.stdout, completed.stderr)
 
 
-def write_inventory(path: Path, host_data: dict[str, dict], groups: dict[str, tuple[list[str], dict]] | None = None) -> Path:
+def write_inventory(path: Path, host_data: dict[str, dict], groups: dict[str, tuple[list[str], dict]] | None = None,
+                    hosts: list[tuple[str, dict]] | None = None) -> Path:
     """inventory/local.py with extra data for some hosts (to change one host alone), and
-    extra groups, name -> (host names, group data)."""
+    extra groups, name -> (host names, group data). With `hosts`, those hosts (as
+    localfleet.inventory_hosts() gave them) instead of the hosts up now: to keep a host that
+    is down in the inventory."""
     path.write_text(
         "from runpy import run_path\n"
         f"hosts, group_data = run_path({str(ROOT / 'inventory/local.py')!r})['local_fleet']\n"
-        f"EXTRA = {host_data!r}\n"
+        + (f"hosts = {hosts!r}\n" if hosts else "")
+        + f"EXTRA = {host_data!r}\n"
         "local_fleet = ([(name, {**data, **EXTRA.get(name, {})}) for name, data in hosts], group_data)\n"
         + "".join(f"{name} = {group!r}\n" for name, group in (groups or {}).items())
     )

@@ -52,11 +52,11 @@ def inventory(tmp_path, hosts):
     """An inventory where every host has `setting` and the test double's latency, some hosts
     have more, and the first host is the gateway."""
 
-    def write(setting: dict, **extra: dict) -> str:
+    def write(setting: dict, static: list[tuple[str, dict]] | None = None, **extra: dict) -> str:
         host_data = {name: {"vllm_env": LATENCY, "vllm_ready_timeout": 60, **setting, **extra.get(name, {})}
                      for name in hosts}
         groups = {"gateway": ([hosts[0]], {"gateway_port": gateway_port()})}
-        return str(write_inventory(tmp_path / "inventory.py", host_data, groups))
+        return str(write_inventory(tmp_path / "inventory.py", host_data, groups, static))
 
     return write
 
@@ -191,7 +191,7 @@ def test_resume_skips_finished_hosts(deployed, hosts, data, inventory):
     pids = {name: main_pid(name) for name in hosts[:2]}
     run = glmfleet("rollout", inventory({"vllm_max_model_len": 2048}), "--batch", "1", data=data, env=ENV)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert "2 at the target, 0 unreachable, 2 to update in 2 batches (1, 1)" in run.stdout
+    assert "2 at the target, 0 failed to read, 2 to update in 2 batches (1, 1)" in run.stdout
     assert [result(run.stdout, name) for name in hosts] == ["already at target"] * 2 + ["updated"] * 2
     assert {name: main_pid(name) for name in hosts[:2]} == pids
     assert all(served_max_model_len(name) == 2048 for name in hosts)
@@ -230,6 +230,22 @@ def test_host_powered_off_mid_rollout_counts_against_max_fail(deployed, hosts, d
     assert [result(run.stdout, name) for name in hosts] == ["already at target", "updated", "already at target",
                                                             "already at target"]
     assert in_pool(hosts, lost) and served_max_model_len(lost) == 1024
+
+
+def test_a_host_down_before_the_rollout_stops_it_before_any_change(deployed, hosts, data, inventory):
+    down = hosts[3]
+    pids = {name: main_pid(name) for name in hosts[:3]}
+    path = inventory({"vllm_max_model_len": 512}, static=localfleet.inventory_hosts()[:HOSTS])
+    localfleet.stop_host(down, force=True)
+    try:
+        run = glmfleet("rollout", path, data=data, env=ENV)
+    finally:
+        localfleet.start_host(down)
+    assert run.returncode == 1, run.stdout + run.stderr[-3000:]
+    assert "rollout stopped: 1 host failed, more than --max-fail 0 allows" in run.stdout
+    assert result(run.stdout, down) == "FAILED: unreachable"
+    assert [result(run.stdout, name) for name in hosts[:3]] == ["not reached (rollout stopped)"] * 3
+    assert {name: main_pid(name) for name in hosts[:3]} == pids
 
 
 def test_status_shows_every_host(deployed, hosts, data, inventory):
