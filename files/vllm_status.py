@@ -62,19 +62,23 @@ def read_unit(path: str) -> dict | None:
     except FileNotFoundError:
         return None
     argv = exec_start(raw.decode())
-    serve = argv[1:2] == ["serve"] and len(argv) > 2
-    model = argv[2] if serve else None
+    # `<venv>/bin/vllm serve MODEL ...`, or `docker run ... --entrypoint vllm IMAGE serve MODEL ...`
+    serve = argv.index("serve") if "serve" in argv[:-1] else None
+    args = argv[serve + 1:] if serve is not None else []
+    model = args[0] if args else None
+    image = argv[serve - 1] if serve is not None and argv[0].endswith("/docker") else None
     return {
         "path": path,
         "sha256": hashlib.sha256(raw).hexdigest(),
         "argv": argv,
-        # The venv the program runs from: its `current` link, resolved.
-        "venv": os.path.basename(os.path.dirname(os.path.dirname(os.path.realpath(argv[0])))) if argv else None,
+        # What the program runs from: the venv its `current` link resolves to, or the image.
+        "venv": None if image or not argv else os.path.basename(os.path.dirname(os.path.dirname(os.path.realpath(argv[0])))),
+        "image": image,
         "model": model,
-        "revision": option(argv, "--revision"),
-        "served_model_name": option(argv, "--served-model-name") or model,
-        "tensor_parallel_size": int(option(argv, "--tensor-parallel-size") or 1),
-        "base_url": local_url(option(argv, "--host") or "0.0.0.0", option(argv, "--port") or "8000"),
+        "revision": option(args, "--revision"),
+        "served_model_name": option(args, "--served-model-name") or model,
+        "tensor_parallel_size": int(option(args, "--tensor-parallel-size") or 1),
+        "base_url": local_url(option(args, "--host") or "0.0.0.0", option(args, "--port") or "8000"),
     }
 
 

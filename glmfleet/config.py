@@ -16,10 +16,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from packaging.version import Version
 from pyinfra.api.exceptions import PyinfraError
 
+from glmfleet import catalog
+
 # Keys that belong to pyinfra itself (connectors and global arguments), not to glmfleet.
-PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_")
+PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_", "fake_")
 
 
 class ConfigError(PyinfraError):
@@ -172,8 +175,39 @@ def problems(data: Mapping[str, Any], host: str) -> list[str]:
     return [f"{host}: {message}" for message in combination_problems(values(data, settings))]
 
 
+# Keys whose catalog default and user value combine: the user's entry wins per variable or per
+# package, so setting one more variable does not drop a variable the model needs.
+MERGED_BY_NAME = {"vllm_env": lambda name: name, "vllm_extra_packages": catalog.package_name}
+
+
 def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, Any]:
-    return {key: data.get(key, setting.default) for key, setting in settings.items()}
+    """One host's settings, in three layers: each role's defaults, then the catalog's defaults
+    for the model (files/catalog.yaml), then what the user set, which always wins.
+
+    A catalog name (``glm-4.7-flash``) becomes the model's Hugging Face repo id. The catalog's
+    version-dependent defaults apply only to the real ``vllm`` package.
+    """
+    user = dict(data)
+    result = {key: setting.default for key, setting in settings.items()}
+    entry = catalog.find(user.get("model", result["model"]))
+    from_catalog: dict[str, Any] = {}
+    if entry is not None:
+        if user.get("model", "").lower() == entry.name:
+            user["model"] = entry.hf
+        package = user.get("vllm_package", result["vllm_package"])
+        release = Version(user.get("vllm_version", result["vllm_version"])) if package == "vllm" else None
+        from_catalog = entry.defaults_for(release)
+    result.update(from_catalog)
+    for key in settings.keys() & user.keys():
+        name_of = MERGED_BY_NAME.get(key)
+        if key not in from_catalog or name_of is None:
+            result[key] = user[key]
+        elif isinstance(user[key], dict):
+            result[key] = {**from_catalog[key], **user[key]}
+        else:
+            names = {name_of(item) for item in user[key]}
+            result[key] = [item for item in from_catalog[key] if name_of(item) not in names] + list(user[key])
+    return result
 
 
 def combination_problems(cfg: dict[str, Any]) -> Iterable[str]:

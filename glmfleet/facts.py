@@ -6,7 +6,9 @@ needs in one command.
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -70,6 +72,297 @@ class VllmServes(FactBase):
         ok = bool(output) and output[-1] == "rc=0"
         detail = output[-2] if len(output) > 1 else (output[0] if output else "")
         return {"ok": ok, "detail": detail}
+
+
+class ListeningPorts(FactBase):
+    """Every listening TCP port and the systemd service whose process holds it (None: a process
+    outside any service, or one ``ss`` cannot see), from ``ss`` and the holder's cgroup.
+
+    .. code:: python
+
+        [(22, "ssh.service"), (8000, "vllm.service"), (9000, None)]
+    """
+
+    def command(self) -> str:
+        return (
+            "ss -Hltnp | while read -r _ _ _ local _ users; do "
+            "pid=$(printf %s \"$users\" | sed -n 's/.*pid=\\([0-9]*\\).*/\\1/p'); "
+            "unit=$(test -n \"$pid\" && grep -o '[^/]*\\.service' /proc/$pid/cgroup 2>/dev/null | head -n 1); "
+            "echo \"${local##*:} ${unit:--}\"; done"
+        )
+
+    def requires_command(self) -> str:
+        return "ss"
+
+    def process(self, output):
+        listeners = []
+        for line in output:
+            port, _, unit = line.partition(" ")
+            if port.isdigit():
+                listeners.append((int(port), None if unit == "-" else unit))
+        return listeners
+
+
+class Glm4Source(FactBase):
+    """The sha256 of vLLM's ``glm4.py`` in a venv (None when the venv has no such file)."""
+
+    def command(self, venv: str) -> str:
+        path = f"{shlex.quote(venv)}/lib/python3*/site-packages/vllm/model_executor/models/glm4.py"
+        return f"for f in {path}; do test -f \"$f\" && sha256sum \"$f\"; done; true"
+
+    def process(self, output):
+        return output[0].split()[0] if output else None
+
+
+# --- the GPU stack ---------------------------------------------------------------------------
+
+SECTION = "::glmfleet::"
+NVIDIA_VENDOR = "10de"
+# PCI class codes (pci.ids "C" list): display controllers that are GPUs, and the bridge class
+# NVSwitch reports itself as.
+GPU_CLASSES = ("0300", "0302")
+NVSWITCH_CLASS = "0680"
+# NVIDIA assigns PCI device ids in order of generation: 0x23xx Hopper, 0x26xx-0x28xx Ada,
+# 0x29xx and up Blackwell (GB100/GB20x) and later, which only the open kernel modules drive.
+FIRST_OPEN_ONLY_DEVICE = 0x2900
+SMI_QUERY = "index,name,pci.bus_id,driver_version,memory.total,persistence_mode,compute_cap"
+EFI_SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+DKMS_SIGNING_KEYS = ("/var/lib/dkms/mok.pub", "/var/lib/shim-signed/mok/MOK.der")
+
+
+def split_sections(output: list[str]) -> dict[str, list[str]]:
+    """The lines of a sectioned fact output (``::glmfleet:: NAME`` starts a section)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in output:
+        if line.startswith(SECTION):
+            current = line[len(SECTION):].strip()
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    return sections
+
+
+def parse_lspci(lines: list[str]) -> list[dict]:
+    """NVIDIA devices from ``lspci -nn`` lines, or from the sysfs fallback's
+    ``sysfs SLOT 0xCLASS 0xDEVICE`` lines when pciutils is not installed.
+
+    ``lspci -nn`` prints ``SLOT CLASS NAME [cccc]: VENDOR DEVICE NAME [vvvv:dddd] (rev rr)``.
+    """
+    devices = []
+    for line in lines:
+        if line.startswith("sysfs "):
+            _, slot, pci_class, device = line.split()
+            if pci_class.startswith("0x"):
+                devices.append({"slot": slot, "class": pci_class[2:6], "device": device[2:].lower(), "name": None})
+            continue
+        match = re.match(
+            r"^(?P<slot>\S+) (?P<class_name>.*?) \[(?P<class>[0-9a-f]{4})\]: (?P<name>.*) "
+            r"\[(?P<vendor>[0-9a-f]{4}):(?P<device>[0-9a-f]{4})\]",
+            line,
+        )
+        if match and match["vendor"] == NVIDIA_VENDOR:
+            name = re.sub(r"^NVIDIA Corporation ", "", match["name"])
+            devices.append({"slot": match["slot"], "class": match["class"], "device": match["device"], "name": name})
+    return devices
+
+
+def parse_smi_query(lines: list[str]) -> list[dict] | None:
+    """GPUs from ``nvidia-smi --query-gpu=SMI_QUERY --format=csv,noheader,nounits``, or None
+    when nvidia-smi could not talk to a driver (its message is not CSV)."""
+    fields = SMI_QUERY.split(",")
+    gpus = []
+    for row in csv.reader(line for line in lines if line.strip()):
+        cells = [cell.strip() for cell in row]
+        if len(cells) != len(fields):
+            return None
+        gpu = dict(zip(fields, cells))
+        gpus.append({
+            "index": int(gpu["index"]),
+            "name": gpu["name"],
+            "bus_id": gpu["pci.bus_id"],
+            "driver_version": gpu["driver_version"],
+            "memory_mib": int(gpu["memory.total"]) if gpu["memory.total"].isdigit() else None,
+            "persistence_mode": gpu["persistence_mode"] == "Enabled",
+            "compute_cap": gpu["compute_cap"],
+        })
+    return gpus or None
+
+
+def parse_cuda_version(lines: list[str]) -> str | None:
+    """The CUDA version the driver supports, from ``nvidia-smi``'s header or ``nvidia-smi -q``."""
+    for line in lines:
+        match = re.search(r"CUDA Version\s*:?\s*([0-9]+\.[0-9]+)", line)
+        if match:
+            return match[1]
+    return None
+
+
+def parse_driver_module(lines: list[str]) -> dict | None:
+    """The loaded kernel module, from ``/proc/driver/nvidia/version`` (absent: none loaded).
+
+    ``NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.261.03  <build date>``, or
+    ``NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build ...``
+    """
+    for line in lines:
+        match = re.match(r"^NVRM version: .*?\s([0-9]{3}\.[0-9]+(?:\.[0-9]+)?)\s", line + " ")
+        if match:
+            return {"version": match[1], "open": "Open Kernel Module" in line}
+    return None
+
+
+def parse_secure_boot(lines: list[str]) -> bool:
+    """Secure Boot enforcing: ``mokutil --sb-state`` says so, or the EFI variable's data byte
+    (after four attribute bytes, as ``od -An -t u1`` prints it) is 1."""
+    for line in lines:
+        if line.strip() == "SecureBoot enabled":
+            return True
+        if line.startswith("efivar "):
+            values = line.split()[1:]
+            return len(values) == 5 and values[4] == "1"
+    return False
+
+
+class GpuHost(FactBase):
+    """Everything the driver role decides on, in one round trip: distro, kernel and headers,
+    NVIDIA PCI devices (GPUs, NVSwitches), the running driver as ``nvidia-smi`` and the
+    kernel see it, loaded modules, Secure Boot and whether a DKMS signing key is enrolled.
+
+    .. code:: python
+
+        {"distro": "ubuntu", "distro_version": "22.04", "codename": "jammy", "arch": "amd64",
+         "kernel": "5.15.0-1-generic", "kernel_headers": True, "kernel_headers_candidate": "5.15.0-1.1",
+         "gpus": [{"slot": "18:00.0", "class": "0302", "device": "2330", "name": "GH100 [H100 SXM5 80GB]"}],
+         "nvswitches": 0, "open_modules_required": False, "smi": [{"index": 0, ...}] or None,
+         "cuda_version": "12.4", "module": {"version": "550.54.15", "open": False} or None,
+         "nouveau_loaded": False, "secure_boot": False, "signing_key_enrolled": False}
+    """
+
+    def command(self) -> str:
+        headers = 'linux-headers-"$(uname -r)"'
+        return "; ".join([
+            f"echo '{SECTION} os'", '. /etc/os-release && echo "$ID|$VERSION_ID|$VERSION_CODENAME"',
+            f"echo '{SECTION} arch'", "dpkg --print-architecture",
+            f"echo '{SECTION} kernel'", "uname -r",
+            'test -e "/lib/modules/$(uname -r)/build/Makefile" && echo headers',
+            f"echo '{SECTION} headers_candidate'",
+            f"LC_ALL=C apt-cache policy {headers} 2>/dev/null | sed -n 's/^ *Candidate: //p'",
+            f"echo '{SECTION} pci'",
+            f"if command -v lspci >/dev/null; then lspci -nn -d {NVIDIA_VENDOR}:; else "
+            f'for d in /sys/bus/pci/devices/*; do [ "$(cat "$d/vendor")" = 0x{NVIDIA_VENDOR} ] && '
+            'echo "sysfs ${d##*/} $(cat "$d/class") $(cat "$d/device")"; done; fi',
+            f"echo '{SECTION} smi'",
+            f"command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu={SMI_QUERY} --format=csv,noheader,nounits 2>&1",
+            f"echo '{SECTION} cuda'", "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -m1 'CUDA Version'",
+            f"echo '{SECTION} module'", "cat /proc/driver/nvidia/version 2>/dev/null",
+            f"echo '{SECTION} modules'", "cut -d' ' -f1 /proc/modules 2>/dev/null | grep -x -E 'nouveau|nvidia'",
+            f"echo '{SECTION} secure_boot'",
+            f"if command -v mokutil >/dev/null; then mokutil --sb-state 2>&1; elif [ -e {EFI_SECURE_BOOT_VAR} ]; then "
+            f'echo "efivar $(od -An -t u1 {EFI_SECURE_BOOT_VAR})"; fi',
+            f"echo '{SECTION} signing_keys'",
+            f"for key in {' '.join(DKMS_SIGNING_KEYS)}; do [ -e $key ] && command -v mokutil >/dev/null && "
+            'mokutil --test-key $key 2>&1; done',
+            "true",
+        ])
+
+    def process(self, output):
+        return gpu_host(split_sections(output))
+
+    def default(self):
+        return self.process([])
+
+
+def gpu_host(sections: dict[str, list[str]]) -> dict:
+    """The GpuHost fact from its sections (see GpuHost.command for what each holds)."""
+    distro, distro_version, codename = (sections.get("os") or ["||"])[0].split("|")
+    kernel = sections.get("kernel") or [""]
+    devices = parse_lspci(sections.get("pci", []))
+    gpus = [device for device in devices if device["class"] in GPU_CLASSES]
+    modules = set(sections.get("modules", []))
+    return {
+        "distro": distro,
+        "distro_version": distro_version,
+        "codename": codename,
+        "arch": (sections.get("arch") or [""])[0],
+        "kernel": kernel[0],
+        "kernel_headers": "headers" in kernel[1:],
+        "kernel_headers_candidate": next((c for c in sections.get("headers_candidate", []) if c != "(none)"), None),
+        "gpus": gpus,
+        "nvswitches": sum(device["class"] == NVSWITCH_CLASS for device in devices),
+        "open_modules_required": any(int(gpu["device"], 16) >= FIRST_OPEN_ONLY_DEVICE for gpu in gpus),
+        "smi": parse_smi_query(sections.get("smi", [])),
+        "cuda_version": parse_cuda_version(sections.get("cuda", [])),
+        "module": parse_driver_module(sections.get("module", [])),
+        "nouveau_loaded": "nouveau" in modules,
+        "secure_boot": parse_secure_boot(sections.get("secure_boot", [])),
+        "signing_key_enrolled": any("is already enrolled" in line for line in sections.get("signing_keys", [])),
+    }
+
+
+class DebPackageStates(FactBase):
+    """Installed Debian packages with their version and whether they are held
+    (``apt-mark hold``), in one ``dpkg-query``.
+
+    .. code:: python
+
+        {"nvidia-driver": {"version": "535.261.03-1", "held": True}}
+    """
+
+    default = dict
+
+    def command(self) -> str:
+        return "dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\\n'"
+
+    def process(self, output):
+        return parse_dpkg_query(output)
+
+
+def parse_dpkg_query(lines: list[str]) -> dict[str, dict]:
+    """``${db:Status-Abbrev} ${Package} ${Version}`` lines: the first letter is the wanted state
+    (``h``: hold), the second the actual state (``i``: installed)."""
+    packages = {}
+    for line in lines:
+        if len(line) < 4 or line[1] != "i":
+            continue
+        name, _, version = line[4:].partition(" ")
+        packages[name] = {"version": version.strip(), "held": line[0] == "h"}
+    return packages
+
+
+class ContainerHost(FactBase):
+    """Docker on this host: its daemon.json (parsed; ``None`` when absent, ``"invalid"`` when
+    not JSON), whether the CDI spec of the NVIDIA GPUs exists, and the image id of one image.
+
+    .. code:: python
+
+        {"daemon_json": {"runtimes": {...}}, "cdi_spec": False, "image_id": "sha256:..." or None}
+    """
+
+    def command(self, image: str, cdi_spec: str = "/etc/cdi/nvidia.yaml") -> str:
+        return "; ".join([
+            f"echo '{SECTION} daemon_json'", "cat /etc/docker/daemon.json 2>/dev/null",
+            f"echo '{SECTION} cdi_spec'", f"test -s {shlex.quote(cdi_spec)} && echo present",
+            f"echo '{SECTION} image'",
+            f"command -v docker >/dev/null && docker image inspect --format '{{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null",
+            "true",
+        ])
+
+    def process(self, output):
+        sections = split_sections(output)
+        text = "\n".join(sections.get("daemon_json", [])).strip()
+        try:
+            daemon_json = json.loads(text) if text else None
+        except ValueError:
+            daemon_json = "invalid"
+        image = [line for line in sections.get("image", []) if line.startswith("sha256:")]
+        return {
+            "daemon_json": daemon_json,
+            "cdi_spec": "present" in sections.get("cdi_spec", []),
+            "image_id": image[0] if image else None,
+        }
+
+    def default(self):
+        return self.process([])
 
 
 # files/vllm_status.py runs inline, so it answers on hosts glmfleet never deployed to.

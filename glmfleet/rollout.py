@@ -78,7 +78,7 @@ def describe(status: dict | None) -> str:
     if not status or not status.get("unit"):
         return "-" if not status else "not deployed"
     unit = status["unit"]
-    version = status.get("version") or (unit.get("venv") or "?")
+    version = status.get("version") or unit.get("venv") or unit.get("image") or "?"
     return f"{version} unit {unit['sha256'][:8]}"
 
 

@@ -34,7 +34,7 @@ def row(name: str, status: dict | None, unreachable: str | None = None) -> tuple
     return (
         name,
         f"{service.get('ActiveState', '?')} ({service.get('SubState', '?')})",
-        status.get("version") or unit.get("venv") or "?",
+        status.get("version") or unit.get("venv") or unit.get("image") or "?",
         model,
         gpu_summary(status),
         "ok" if health == 200 else (f"HTTP {health}" if isinstance(health, int) else f"no answer ({health})"),

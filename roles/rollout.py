@@ -24,13 +24,13 @@ KNOWN_GOOD_UNIT = f"{KNOWN_GOOD_DIR}/{UNIT}"
 
 
 def keep_command(cfg: HostConfig) -> str:
-    """Copy unit, env file and the `current` venv link's target aside, replacing the last copy
-    only once the new one is complete."""
+    """Copy unit, env file and the `current` venv link's target (empty for the image runtime,
+    whose unit names its image) aside, replacing the last copy only once the new one is complete."""
     new = f"{KNOWN_GOOD_DIR}.new"
     return " && ".join([
         f"rm -rf {new}", f"mkdir -m 700 {new}",
         f"cp -p {UNIT_PATH} {new}/{UNIT}", f"cp -p {ENV_FILE} {new}/vllm.env",
-        f"readlink {shlex.quote(cfg.vllm_venv_root)}/current > {new}/venv",
+        f"{{ readlink {shlex.quote(cfg.vllm_venv_root)}/current || true; }} > {new}/venv",
         f"rm -rf {KNOWN_GOOD_DIR}", f"mv {new} {KNOWN_GOOD_DIR}",
     ])
 
@@ -43,16 +43,17 @@ def restore_command(cfg: HostConfig) -> str:
         "set -e",
         f"test -f {KNOWN_GOOD_DIR}/venv || {{ echo 'no known-good state on this host: nothing to roll back to'; exit 1; }}",
         f"good=$(cat {KNOWN_GOOD_DIR}/venv)",
-        f'test -e {root}/"$good"/.glmfleet-complete || {{ echo "the known-good venv $good is gone"; exit 1; }}',
+        f'test -z "$good" || test -e {root}/"$good"/.glmfleet-complete || {{ echo "the known-good venv $good is gone"; exit 1; }}',
         f"replaced=$(readlink {root}/current || true)",
         f"cp -p {KNOWN_GOOD_DIR}/{UNIT} {UNIT_PATH}",
         f"cp -p {KNOWN_GOOD_DIR}/vllm.env {ENV_FILE}",
-        f'cd {root} && ln -sfn "$good" current.new && mv -Tf current.new current',
-        'if [ -n "$replaced" ] && [ "$replaced" != "$good" ]; then ln -sfn "$replaced" previous.new && mv -Tf previous.new previous; fi',
+        f'if [ -n "$good" ]; then cd {root} && ln -sfn "$good" current.new && mv -Tf current.new current; fi',
+        'if [ -n "$good" ] && [ -n "$replaced" ] && [ "$replaced" != "$good" ]; then '
+        'ln -sfn "$replaced" previous.new && mv -Tf previous.new previous; fi',
         "systemctl daemon-reload",
         f"systemctl reset-failed {UNIT} 2>/dev/null || true",
         f"systemctl restart {UNIT}",
-        'echo "rolled back to ${good#venvs/}"',
+        'echo "rolled back to the known-good unit${good:+ and venv ${good#venvs/}}"',
     ])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from io import StringIO
 from pathlib import Path
@@ -14,6 +15,7 @@ from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
+from glmfleet import catalog
 from glmfleet.config import (
     HostConfig,
     Setting,
@@ -30,6 +32,7 @@ from glmfleet.config import (
     optional,
 )
 from glmfleet.operations import secret_file
+from roles.vllm_image import CONTAINER, docker_run
 from roles.vllm_venv import VLLM_USER, venv_bin
 
 UNIT = "vllm.service"
@@ -40,8 +43,14 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "files" / "vllm.service.j2"
 
 
 def is_model(value) -> bool:
-    """A hub repo id (``owner/name``) or an absolute path on the host."""
-    return is_str(value) and (is_abs_path(value) or re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None)
+    """A catalog name (files/catalog.yaml), a hub repo id (``owner/name``) or an absolute path."""
+    return is_str(value) and (
+        is_abs_path(value) or re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None or catalog.find(value) is not None
+    )
+
+
+def is_mm_limits(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(is_str(k) and type(v) is int and v >= 0 for k, v in value.items())
 
 
 def is_commit(value) -> bool:
@@ -49,7 +58,8 @@ def is_commit(value) -> bool:
 
 
 SETTINGS = (
-    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a hub repo id", "'owner/name' or an absolute path", is_model),
+    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a catalog name (README: Model catalog) or a hub repo id",
+            "a catalog name such as 'glm-4.7-flash', 'owner/name' or an absolute path", is_model),
     Setting("model_revision", None, "the hub commit to serve (pinned, so every host serves the same bytes)",
             "None or a 40-hex commit id", optional(is_commit)),
     Setting("model_dir", None, "a directory on the host that holds the weights; vLLM then runs offline",
@@ -59,11 +69,21 @@ SETTINGS = (
     Setting("vllm_served_model_name", None, "the name clients ask for (default: the model)", "None or a name",
             optional(lambda v: is_str(v) and not any(c.isspace() for c in v))),
     Setting("vllm_tensor_parallel_size", 1, "GPUs one model instance spans", "an integer 1-64", is_int_in(1, 64)),
+    Setting("vllm_pipeline_parallel_size", 1, "pipeline stages; GPUs used = tensor x pipeline parallel size", "an integer 1-64",
+            is_int_in(1, 64)),
     Setting("vllm_max_model_len", None, "context length (default: the model's own)", "None or an integer 128-10485760",
             optional(is_int_in(128, 10485760))),
     Setting("vllm_gpu_memory_utilization", 0.9, "share of each GPU's memory vLLM may take", "a number > 0 and <= 1",
             is_number_in(0, 1)),
     Setting("vllm_trust_remote_code", False, "let the model's own Python code run (some GLM repos need it)", "true or false", is_bool),
+    Setting("vllm_tool_call_parser", None, "how vLLM parses the model's tool calls (the catalog sets it per model)",
+            "None or a parser name such as 'glm45'", optional(is_str)),
+    Setting("vllm_enable_auto_tool_choice", False, "let the model decide when to call tools (needs vllm_tool_call_parser)",
+            "true or false", is_bool),
+    Setting("vllm_reasoning_parser", None, "how vLLM separates the model's reasoning from its answer (the catalog sets it)",
+            "None or a parser name such as 'glm45'", optional(is_str)),
+    Setting("vllm_limit_mm_per_prompt", None, "most images, videos... one prompt may carry (multimodal models)",
+            "None or a mapping such as {'image': 4, 'video': 1}", optional(is_mm_limits)),
     Setting("vllm_extra_args", [], "further `vllm serve` flags, e.g. ['--enable-prefix-caching']",
             "a list of strings, none of them a flag that another key sets", is_str_list),
     Setting("vllm_env", {}, "extra environment for vLLM, e.g. {'VLLM_LOGGING_LEVEL': 'DEBUG'}",
@@ -83,6 +103,12 @@ FLAG_KEYS = {
     "--served-model-name": "vllm_served_model_name",
     "--tensor-parallel-size": "vllm_tensor_parallel_size",
     "-tp": "vllm_tensor_parallel_size",
+    "--pipeline-parallel-size": "vllm_pipeline_parallel_size",
+    "-pp": "vllm_pipeline_parallel_size",
+    "--tool-call-parser": "vllm_tool_call_parser",
+    "--enable-auto-tool-choice": "vllm_enable_auto_tool_choice",
+    "--reasoning-parser": "vllm_reasoning_parser",
+    "--limit-mm-per-prompt": "vllm_limit_mm_per_prompt",
     "--max-model-len": "vllm_max_model_len",
     "--gpu-memory-utilization": "vllm_gpu_memory_utilization",
     "--revision": "model_revision",
@@ -126,21 +152,39 @@ def drains_on_stop(cfg: HostConfig) -> bool:
 
 
 def vllm_command(cfg: HostConfig) -> list[str]:
-    """The unit's ExecStart, as an argv: the venv's own ``vllm serve`` with the configured flags."""
+    """The unit's ExecStart, as an argv: ``vllm serve`` with the configured flags, from the venv
+    or inside the container."""
+    if cfg.vllm_runtime == "image":
+        return [*docker_run(cfg, ENV_FILE), "serve", *serve_args(cfg)]
+    return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg)]
+
+
+def serve_args(cfg: HostConfig) -> list[str]:
+    """What follows ``vllm serve``: the model and the configured flags."""
     argv = [
-        venv_bin(cfg, "vllm"), "serve", cfg.model_dir or cfg.model,
+        cfg.model_dir or cfg.model,
         "--host", cfg.vllm_host,
         "--port", str(cfg.vllm_port),
         "--served-model-name", served_model_name(cfg),
         "--tensor-parallel-size", str(cfg.vllm_tensor_parallel_size),
         "--gpu-memory-utilization", str(cfg.vllm_gpu_memory_utilization),
     ]
+    if cfg.vllm_pipeline_parallel_size > 1:
+        argv += ["--pipeline-parallel-size", str(cfg.vllm_pipeline_parallel_size)]
     if cfg.vllm_max_model_len:
         argv += ["--max-model-len", str(cfg.vllm_max_model_len)]
     if cfg.model_revision and not cfg.model_dir:
         argv += ["--revision", cfg.model_revision]
     if cfg.vllm_trust_remote_code:
         argv.append("--trust-remote-code")
+    if cfg.vllm_tool_call_parser:
+        argv += ["--tool-call-parser", cfg.vllm_tool_call_parser]
+    if cfg.vllm_enable_auto_tool_choice:
+        argv.append("--enable-auto-tool-choice")
+    if cfg.vllm_reasoning_parser:
+        argv += ["--reasoning-parser", cfg.vllm_reasoning_parser]
+    if cfg.vllm_limit_mm_per_prompt:
+        argv += ["--limit-mm-per-prompt", json.dumps(cfg.vllm_limit_mm_per_prompt, separators=(",", ":"))]
     if drains_on_stop(cfg):
         argv += ["--shutdown-timeout", str(cfg.vllm_shutdown_timeout)]
     return argv + list(cfg.vllm_extra_args)
@@ -174,15 +218,22 @@ def systemd_quote(arg: str) -> str:
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_env_file(env: dict[str, str]) -> str:
+def render_env_file(env: dict[str, str], runtime: str = "venv") -> str:
+    """The environment file: systemd's quoted ``KEY="value"`` for the venv's unit, Docker's
+    ``--env-file`` lines (``KEY=value``, taken literally) for the container."""
     lines = ["# Managed by glmfleet. Root-only: it holds secrets."]
-    lines += [f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for key, value in env.items()]
+    if runtime == "image":
+        lines += [f"{key}={value}" for key, value in env.items()]
+    else:
+        lines += [f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for key, value in env.items()]
     return "\n".join(lines) + "\n"
 
 
 def render_unit(cfg: HostConfig) -> str:
     template = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return template.render(
+        runtime=cfg.vllm_runtime,
+        container=CONTAINER,
         served_model_name=served_model_name(cfg),
         user=VLLM_USER,
         state_dir=cfg.vllm_state_dir,
@@ -191,6 +242,8 @@ def render_unit(cfg: HostConfig) -> str:
         restart_sec=15,
         start_timeout=cfg.vllm_start_timeout,
         stop_timeout=cfg.vllm_shutdown_timeout + 30,
+        # docker stop's own grace, inside systemd's: the container is killed before the unit is.
+        container_stop_timeout=cfg.vllm_shutdown_timeout + 15,
         writable_paths=[cfg.vllm_state_dir],
     )
 
@@ -211,7 +264,7 @@ def vllm_service(restart_when=()):
     was_active = host.get_fact(SystemdStatus).get(UNIT, False)
 
     files.directory(name="root-only secrets dir", path=SECRETS_DIR, user="root", group="root", mode="700")
-    env = secret_file(name=f"environment file {ENV_FILE}", dest=ENV_FILE, content=render_env_file(vllm_environment(cfg)))
+    env = secret_file(name=f"environment file {ENV_FILE}", dest=ENV_FILE, content=render_env_file(vllm_environment(cfg), cfg.vllm_runtime))
     unit = files.put(
         name=f"unit {UNIT}",
         src=StringIO(render_unit(cfg)),

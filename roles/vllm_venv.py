@@ -33,7 +33,8 @@ UV_CACHE_DIR = "/var/cache/glmfleet/uv"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 SETTINGS = (
-    Setting("vllm_runtime", "venv", "how vLLM runs: a Python venv on the host", "'venv'", is_one_of("venv")),
+    Setting("vllm_runtime", "venv", "how vLLM runs: a Python venv on the host, or the official container image "
+            "under systemd", "'venv' or 'image'", is_one_of("venv", "image")),
     Setting("vllm_package", "vllm", "the distribution that provides the `vllm` command (tests install a test double)",
             "a package name", is_str),
     Setting("vllm_version", "0.22.0", "exact version of vllm_package to install", "a version such as '0.22.0'", is_version),
@@ -117,23 +118,13 @@ def vllm_venv(switch=True):
     Returns the operations whose change means the service must restart.
     """
     cfg = host_config(host)
+    if cfg.vllm_runtime != "venv":
+        return []
     root = cfg.vllm_venv_root
     name = venv_name(cfg)
     uv = uv_path(cfg)
 
-    server.group(name="vllm group", group=VLLM_USER, system=True)
-    server.user(
-        name="vllm system user",
-        user=VLLM_USER,
-        group=VLLM_USER,
-        system=True,
-        home=cfg.vllm_state_dir,
-        create_home=False,
-        shell="/usr/sbin/nologin",
-    )
-    for path in (cfg.vllm_state_dir, f"{cfg.vllm_state_dir}/huggingface", f"{cfg.vllm_state_dir}/cache"):
-        files.directory(name=f"vllm state dir {path}", path=path, user=VLLM_USER, group=VLLM_USER, mode="750")
-
+    state_dirs(cfg)
     venvs = host.get_fact(VllmVenvs, root=root, uv=uv)
 
     if not venvs["uv"]:
@@ -159,7 +150,9 @@ def vllm_venv(switch=True):
             commands=[
                 f"rm -rf {target} && mkdir -p {root}/venvs && "
                 f"{uv_env} {uv} venv --quiet --python {shlex.quote(cfg.vllm_python)} {target} && "
-                f"{uv_env} {uv} pip install --quiet --python {target}/bin/python "
+                # Bytecode now: the vllm user cannot write __pycache__ into this root-owned venv, and
+                # without it every start compiles vLLM and torch again (H100: 93.5 s -> 52.9 s warm).
+                f"{uv_env} {uv} pip install --quiet --compile-bytecode --python {target}/bin/python "
                 f"{shlex.join(index_args(cfg))} {shlex.join(requirements(cfg))} && "
                 f"{target}/bin/python -c {shlex.quote(IMPORT_CHECK)} {shlex.quote(cfg.vllm_package)} "
                 f"{shlex.quote(cfg.vllm_version)} && touch {target}/{COMPLETE_MARKER}"
@@ -170,6 +163,22 @@ def vllm_venv(switch=True):
         return []
     # The switch keeps exactly two venvs: the new current and the previous one, for rollback.
     return [server.shell(name=f"switch current venv to {name}", commands=[switch_command(root, name, venvs["current"])])]
+
+
+def state_dirs(cfg: HostConfig) -> None:
+    """The vllm system user and its state directory (caches), for either runtime."""
+    server.group(name="vllm group", group=VLLM_USER, system=True)
+    server.user(
+        name="vllm system user",
+        user=VLLM_USER,
+        group=VLLM_USER,
+        system=True,
+        home=cfg.vllm_state_dir,
+        create_home=False,
+        shell="/usr/sbin/nologin",
+    )
+    for path in (cfg.vllm_state_dir, f"{cfg.vllm_state_dir}/huggingface", f"{cfg.vllm_state_dir}/cache"):
+        files.directory(name=f"vllm state dir {path}", path=path, user=VLLM_USER, group=VLLM_USER, mode="750")
 
 
 def switch_command(root: str, name: str, current: str | None) -> str:

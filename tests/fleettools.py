@@ -22,7 +22,9 @@ from tests.pkgindex import TEST_DOUBLE_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 UV_VERSION = all_settings()["uv_version"].default  # the product's own pin
-TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": TEST_DOUBLE_VERSION, "vllm_ready_timeout": 120}
+# The fleet has no GPU: the driver role is not asked to manage one (tests/test_gpu_stack_fleet.py does).
+TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": TEST_DOUBLE_VERSION, "vllm_ready_timeout": 120,
+               "nvidia_driver_source": "none"}
 # The tests' API key: it reaches pyinfra through the inventory's environment, as prod.py shows.
 API_KEY_ENV = "GLMFLEET_VLLM_API_KEY"
 

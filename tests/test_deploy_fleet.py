@@ -70,6 +70,8 @@ def test_service_runs_as_the_vllm_system_user_from_the_venv(first_run, fleet):
         assert "EnvironmentFile=/etc/glmfleet/vllm.env" in unit
         target = host.file("/opt/glmfleet/vllm/current").linked_to
         assert host.file(f"{target}/.glmfleet-complete").exists
+        # Compiled at install: the vllm user cannot write bytecode into the venv at start.
+        assert host.check_output(f"find {target}/lib -path '*/vllm_test_double/__pycache__/*.pyc' | head -1")
 
 
 def test_secrets_are_root_only_and_nowhere_else(first_run, fleet):

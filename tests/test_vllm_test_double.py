@@ -113,7 +113,7 @@ class Double:
         try:
             socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
             return True
-        except ConnectionRefusedError:
+        except ConnectionError:  # refused, or reset by a listener that is closing
             return False
 
     def wait_until_bound(self) -> "Double":

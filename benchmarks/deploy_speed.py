@@ -1,0 +1,93 @@
+"""Deploy speed on the local fleet: converge of bare hosts and no-op re-runs, by fleet size.
+
+    .venv/bin/python -m benchmarks.deploy_speed [--sizes 1,4,8,16] [--converge 1,8]
+
+Runs in its own fleet slot (GLMFLEET_FLEET_SLOT, default 8), serves through the vLLM test
+double from a loopback package index (so the network does not dominate), prints a table and
+appends it, with machine and date, to benchmarks/RESULTS.md. Not part of `make test`.
+Remote commands per host are counted from pyinfra's own debug log ("Running command").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from glmfleet import localfleet
+from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, data_args, make_bare
+from tests.pkgindex import PackageIndex, fill_index_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+COMMAND_LINE = re.compile(r"Running command on (\S+?):")
+
+
+def timed_deploy(hosts: list[str], settings: dict) -> tuple[float, Counter]:
+    """One `pyinfra -y --debug` run limited to hosts: wall seconds and remote commands per host."""
+    limits = [arg for name in hosts for arg in ("--limit", name)]
+    command = [str(ROOT / ".venv/bin/pyinfra"), "-y", "--debug", "inventory/local.py", "deploy.py",
+               *limits, *data_args(settings)]
+    started = time.monotonic()
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), API_KEY_ENV: "bench-key"})
+    seconds = time.monotonic() - started
+    commands = Counter(COMMAND_LINE.findall(run.stderr))
+    if run.returncode != 0 or set(commands) != set(hosts):
+        raise SystemExit(f"deploy failed on {hosts} (commands seen on {sorted(commands)}):\n{run.stderr[-3000:]}")
+    return seconds, commands
+
+
+def machine() -> str:
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.node()}: {os.cpu_count()} cores, {memory_gib:.0f} GiB, {platform.platform()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1,4,8,16", help="fleet sizes for the no-op re-run")
+    parser.add_argument("--converge", default="1,8", help="fleet sizes for the converge of bare hosts")
+    args = parser.parse_args()
+    os.environ.setdefault("GLMFLEET_FLEET_SLOT", "8")
+    sizes = [int(n) for n in args.sizes.split(",")]
+    converge_sizes = [int(n) for n in args.converge.split(",")]
+
+    localfleet.up(max(sizes + converge_sizes))
+    names = [host["name"] for host in localfleet.load_hosts()]
+    rows = []
+    with tempfile.TemporaryDirectory() as wheels:
+        fill_index_dir(Path(wheels), requirements=[f"uv=={UV_VERSION}"])
+        with PackageIndex(Path(wheels)) as index:
+            settings = {**TEST_DOUBLE, "pip_index_url": index.url}
+            for size in converge_sizes:
+                for name in names[:size]:
+                    make_bare(name)
+                seconds, commands = timed_deploy(names[:size], settings)
+                rows.append(("converge bare hosts", size, seconds, max(commands.values())))
+            timed_deploy(names[: max(sizes)], settings)  # converge everything the re-runs use
+            for size in sizes:
+                seconds, commands = timed_deploy(names[:size], settings)
+                rows.append(("no-op re-run", size, seconds, max(commands.values())))
+
+    table = ["| run | hosts | wall s | remote commands per host (max) |", "|---|---|---|---|"]
+    table += [f"| {run} | {hosts} | {seconds:.1f} | {commands} |" for run, hosts, seconds, commands in rows]
+    noop = {hosts: seconds for run, hosts, seconds, _ in rows if run == "no-op re-run"}
+    ratios = [f"{size} hosts / 1 host: {noop[size] / noop[1]:.2f}x" for size in sizes if 1 in noop and size != 1]
+    text = (f"\n## Deploy speed ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
+            f"Machine: {machine()}. `python -m benchmarks.deploy_speed --sizes {args.sizes} --converge {args.converge}`;"
+            " other work may have shared the machine.\n\n" + "\n".join(table) + "\n\n"
+            + ("No-op re-run scaling: " + "; ".join(ratios) + ".\n" if ratios else ""))
+    print(text)
+    with open(RESULTS, "a", encoding="utf-8") as results:
+        results.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""glm4_patch: vLLM 0.8.4's broken glm4.py (the GLM-4-0414 models) fixed on the host, safely."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import Sha256File
+from pyinfra.operations import apt, files, server
+
+from glmfleet.config import HostConfig, documented, host_config
+from glmfleet.facts import Glm4Source
+from roles import vllm_image  # vllm_image lays the patched copy over the image's file: attributes used at call time
+from roles.vllm_venv import venv_name
+
+FILES = Path(__file__).resolve().parent.parent / "files"
+SCRIPT = "/opt/glmfleet/bin/glm4-patch"
+PATCH = "/opt/glmfleet/share/glm4-0.8.4.patch"
+BUGGY_VERSION = "0.8.4"  # first shipped glm4.py broken; fixed upstream by vLLM PR #16618 in 0.8.5
+ORIGINAL_SHA256 = "7c495ea634a8ed95cfd109a021affdb7ae38dea4a788ceb4348c25398a6d0ed6"  # 0.8.4's wheel
+PATCHED_SHA256 = "c8b7dc47c6522b0535a411715d0b03a329b57a07ff545ffad670cde509a2a730"  # after files/glm4-0.8.4.patch
+CHECKSUMS = ["--original", ORIGINAL_SHA256, "--patched", PATCHED_SHA256]
+# Where vLLM's official image (0.8.4 and later) has the file, and where the host keeps the
+# patched copy laid over it.
+IMAGE_GLM4 = "/usr/local/lib/python3.12/dist-packages/vllm/model_executor/models/glm4.py"
+PATCHED_FOR_IMAGE = "/var/lib/glmfleet/glm4/glm4.py"
+
+SETTINGS = ()
+
+
+def combination_problems(cfg: dict) -> list[str]:
+    return []
+
+
+def needs_patch(cfg: HostConfig) -> bool:
+    return cfg.vllm_package == "vllm" and cfg.vllm_version == BUGGY_VERSION
+
+
+def derive_command(image: str) -> str:
+    """Image runtime: copy glm4.py out of the image and write the patched file from it; the
+    script refuses any copy that is not 0.8.4's original."""
+    copied = f"{PATCHED_FOR_IMAGE}.image"
+    return (f"set -e; id=$(docker create {shlex.quote(image)}); trap 'docker rm \"$id\" >/dev/null' EXIT; "
+            f"docker cp \"$id:{IMAGE_GLM4}\" {copied}; "
+            + shlex.join(["python3", SCRIPT, "derive", *CHECKSUMS, PATCH, copied, PATCHED_FOR_IMAGE]) + f"; rm -f {copied}")
+
+
+def image_volumes(cfg) -> list[str]:
+    """Image runtime: the patched file laid read-only over the image's own, where it needs one."""
+    return ["--volume", f"{PATCHED_FOR_IMAGE}:{IMAGE_GLM4}:ro"] if needs_patch(cfg) else []
+
+
+@deploy("glm4.py patch")
+@documented(SETTINGS)
+def glm4_patch():
+    """
+    Patch ``glm4.py`` of the pinned vLLM when that is 0.8.4, whose copy is broken: in the venv,
+    or, for the image, a patched copy derived from the image's own that the unit lays over it.
+
+    The script on the host patches only a file with the known original sha256, checks the
+    result's sha256, keeps the original as ``glm4.py.orig`` and refuses anything else, which
+    fails the host with nothing changed. A patched venv is left alone (no operation at all);
+    any other vLLM release is never touched.
+
+    Returns the operations whose change means the service must restart.
+    """
+    cfg = host_config(host)
+    if not needs_patch(cfg):
+        return []
+    venv = f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}"
+    if cfg.vllm_runtime == "image":
+        if host.get_fact(Sha256File, path=PATCHED_FOR_IMAGE) == PATCHED_SHA256:
+            return []
+    elif host.get_fact(Glm4Source, venv=venv) == PATCHED_SHA256:
+        return []
+    if "patch" not in host.get_fact(DebPackages):
+        apt.packages(name="GNU patch", packages=["patch"], update=True)
+    files.put(name="glm4.py patch script", src=str(FILES / "glm4_patch.py"), dest=SCRIPT, mode="755")
+    files.put(name="glm4.py patch", src=str(FILES / "glm4-0.8.4.patch"), dest=PATCH, mode="644")
+    if cfg.vllm_runtime == "image":
+        files.directory(name="patched glm4.py directory", path=PATCHED_FOR_IMAGE.rsplit("/", 1)[0], mode="755")
+        return [server.shell(name=f"patched glm4.py from {vllm_image.image_ref(cfg)}", commands=[derive_command(vllm_image.image_ref(cfg))])]
+    return [server.shell(name=f"patch glm4.py of vLLM {BUGGY_VERSION} in {venv}",
+                         commands=[shlex.join([f"{venv}/bin/python", SCRIPT, "apply", "--vllm", BUGGY_VERSION, *CHECKSUMS, PATCH])])]

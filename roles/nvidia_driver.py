@@ -1,0 +1,344 @@
+"""nvidia_driver: the NVIDIA driver the host needs, held with its kernel, with persistenced and,
+on NVSwitch machines, Fabric Manager at exactly the driver's version."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import files, server, systemd
+
+from glmfleet.config import (
+    HostConfig,
+    Setting,
+    documented,
+    host_config,
+    is_bool,
+    is_int_in,
+    is_one_of,
+    is_url,
+    optional,
+)
+from glmfleet.facts import GpuHost
+from glmfleet.operations import apt_hold, apt_install, apt_repository, notice, stop_host
+
+CUDA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}"
+
+
+def is_branch(value) -> bool:
+    """Three digits; ``--data nvidia_driver_branch=580`` arrives as an int, which is fine too."""
+    return type(value) in (str, int) and re.fullmatch(r"[0-9]{3}", str(value)) is not None
+
+
+def is_driver_version(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9]{3}\.[0-9]+(\.[0-9]+)?", value) is not None
+
+
+def is_sha256(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+SETTINGS = (
+    Setting("nvidia_driver_source", "distro",
+            "where the driver comes from: the distro's archive (Ubuntu: Canonical-signed modules; Debian: non-free, "
+            "DKMS), NVIDIA's CUDA apt repository (DKMS), or none (the host's driver is managed elsewhere)",
+            "'distro', 'cuda-repo' or 'none'", is_one_of("distro", "cuda-repo", "none")),
+    Setting("nvidia_driver_branch", "580", "driver branch (Debian 12's archive has only 535)", "a branch such as '580'",
+            is_branch),
+    Setting("nvidia_driver_version", None, "exact driver version within the branch, e.g. '580.95.05' (default: the "
+            "newest of the branch at install time, then held)", "None or a version such as '580.95.05'",
+            optional(is_driver_version)),
+    Setting("nvidia_driver_open", None, "use the open kernel modules (default: only where the GPUs require them, "
+            "Blackwell and later)", "None, true or false", optional(is_bool)),
+    Setting("nvidia_fabric_manager", None, "install and run Fabric Manager (default: when the host has NVSwitches, "
+            "as 8-GPU SXM machines do)", "None, true or false", optional(is_bool)),
+    Setting("nvidia_allow_reboot", False, "reboot the host when its driver changed, then check nvidia-smi sees every "
+            "GPU; otherwise the run reports 'reboot required' and skips what needs the GPU", "true or false", is_bool),
+    Setting("nvidia_reboot_timeout", 900, "seconds a rebooting host may take to come back (big servers POST slowly)",
+            "an integer 60-7200", is_int_in(60, 7200)),
+    Setting("nvidia_cuda_repo_url", CUDA_REPO, "NVIDIA's CUDA apt repository (or a mirror); {distro} becomes "
+            "ubuntu2204, ubuntu2404 or debian12 and {arch} x86_64 or sbsa", "an http(s) or file URL", is_url),
+    Setting("nvidia_cuda_repo_key_url", CUDA_REPO + "/3bf863cc.pub", "the CUDA repository's signing key (same "
+            "placeholders)", "an http(s) or file URL", is_url),
+    Setting("nvidia_cuda_repo_key_sha256", None, "sha256 of that key file; when set, another key is refused",
+            "None or 64 hex digits", optional(is_sha256)),
+)
+
+
+def combination_problems(cfg: dict) -> list[str]:
+    found = []
+    version, branch = cfg["nvidia_driver_version"], cfg["nvidia_driver_branch"]
+    if version and not version.startswith(f"{branch}."):
+        found.append(f"nvidia_driver_version = {version!r} is not in nvidia_driver_branch = {branch!r}; "
+                     f"set nvidia_driver_branch to {version.split('.')[0]!r}")
+    return found
+
+
+# What glmfleet holds: driver and kernel packages move together or not at all.
+HOLD_PATTERNS = ["*nvidia*", "libcuda*", "libnvcuvid*", "cuda-drivers*", "linux-image-*", "linux-headers-*",
+                 "linux-modules-*", "linux-objects-*", "linux-signatures-*", "linux-generic*"]
+# The same, as the regular expressions unattended-upgrades' Package-Blacklist takes.
+UNATTENDED_BLACKLIST = ["nvidia-", "libnvidia-", "libcuda", "libnvcuvid", "cuda-drivers", "firmware-nvidia",
+                        "xserver-xorg-video-nvidia", "linux-image-", "linux-headers-", "linux-modules-",
+                        "linux-objects-", "linux-signatures-", "linux-generic"]
+UNATTENDED_CONF = "/etc/apt/apt.conf.d/51glmfleet-nvidia-hold"
+NOUVEAU_BLACKLIST = "/etc/modprobe.d/glmfleet-blacklist-nouveau.conf"
+PERSISTENCED_DROPIN = "/etc/systemd/system/nvidia-persistenced.service.d/glmfleet.conf"
+DISTRO_REPOS = {("ubuntu", "22.04"): "ubuntu2204", ("ubuntu", "24.04"): "ubuntu2404", ("debian", "12"): "debian12"}
+CUDA_ARCH = {"amd64": "x86_64", "arm64": "sbsa"}
+
+
+@dataclass
+class DriverPlan:
+    """What the host gets: packages (name to apt version glob, None for any version), the
+    Fabric Manager package the driver's source provides (None: not packaged), and whether
+    the kernel module is built on the host by DKMS (unsigned: a Secure Boot problem)."""
+
+    packages: dict[str, str | None]
+    fabric_manager: str | None
+    dkms: bool
+    headers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DriverState:
+    """What the driver role leaves behind, for the roles after it.
+
+    ready: the wanted driver runs and sees the GPUs, so steps that need the GPU can run.
+    changes: operations whose change means GPU users must restart (the driver or its reboot).
+    """
+
+    ready: bool
+    changes: list = field(default_factory=list)
+
+
+def version_glob(cfg: HostConfig) -> str:
+    """The apt version pattern of the wanted driver: one release, or any of the branch."""
+    if cfg.nvidia_driver_version:
+        return f"{cfg.nvidia_driver_version}-*"
+    return f"{cfg.nvidia_driver_branch}.*"
+
+
+def wants_open(cfg: HostConfig, gpu: dict) -> bool:
+    return gpu["open_modules_required"] if cfg.nvidia_driver_open is None else cfg.nvidia_driver_open
+
+
+def wants_fabric_manager(cfg: HostConfig, gpu: dict) -> bool:
+    return gpu["nvswitches"] > 0 if cfg.nvidia_fabric_manager is None else cfg.nvidia_fabric_manager
+
+
+def driver_plan(cfg: HostConfig, gpu: dict) -> DriverPlan:
+    """The packages for the host's distro, the driver source and the module flavour."""
+    branch, glob, kernel = cfg.nvidia_driver_branch, version_glob(cfg), gpu["kernel"]
+    headers = [f"linux-headers-{kernel}"] if gpu["kernel_headers_candidate"] else []
+    if cfg.nvidia_driver_source == "distro" and gpu["distro"] == "ubuntu":
+        # Canonical's precompiled modules are signed for Secure Boot and need neither DKMS nor
+        # headers; the headless set leaves out X.
+        flavour = f"{branch}-server" + ("-open" if wants_open(cfg, gpu) else "")
+        return DriverPlan(
+            packages={
+                f"nvidia-headless-no-dkms-{flavour}": glob,
+                f"nvidia-utils-{branch}-server": glob,  # nvidia-smi; one package for both module flavours
+                f"linux-modules-nvidia-{flavour}-{kernel}": None,
+            },
+            fabric_manager=f"nvidia-fabricmanager-{branch}",
+            dkms=False,
+        )
+    if cfg.nvidia_driver_source == "distro":
+        # Debian's non-free driver; persistenced is versioned on its own.
+        module = "nvidia-open-kernel-dkms" if wants_open(cfg, gpu) else "nvidia-kernel-dkms"
+        return DriverPlan(
+            packages={"nvidia-driver": glob, module: glob, "nvidia-smi": glob, "nvidia-persistenced": None},
+            fabric_manager=None,
+            dkms=True,
+            headers=headers,
+        )
+    # NVIDIA's CUDA repository: the branch metapackages of its installation guide.
+    meta = f"nvidia-open-{branch}" if wants_open(cfg, gpu) else f"cuda-drivers-{branch}"
+    return DriverPlan(packages={meta: glob}, fabric_manager=f"nvidia-fabricmanager-{branch}", dkms=True, headers=headers)
+
+
+def running_driver_is_wanted(cfg: HostConfig, gpu: dict) -> bool:
+    module = gpu["module"]
+    if module is None or module["open"] != wants_open(cfg, gpu):
+        return False
+    if cfg.nvidia_driver_version:
+        return module["version"] == cfg.nvidia_driver_version
+    return module["version"].startswith(f"{cfg.nvidia_driver_branch}.")
+
+
+def cuda_repo_url(template: str, gpu: dict) -> str:
+    return template.format(distro=DISTRO_REPOS.get((gpu["distro"], gpu["distro_version"]), "unsupported"),
+                           arch=CUDA_ARCH.get(gpu["arch"], gpu["arch"]))
+
+
+def host_problems(cfg: HostConfig, gpu: dict, plan: DriverPlan, installing: bool) -> list[str]:
+    """Why this host cannot get the wanted driver, each with the fix; empty when it can."""
+    found = []
+    if (gpu["distro"], gpu["distro_version"]) not in DISTRO_REPOS:
+        found.append(f"{gpu['distro']} {gpu['distro_version']} is not supported: glmfleet installs the driver on "
+                     "Ubuntu 22.04/24.04 and Debian 12; set nvidia_driver_source: none to manage it yourself")
+    if gpu["open_modules_required"] and cfg.nvidia_driver_open is False:
+        found.append("this host's GPUs (Blackwell or later) work only with the open kernel modules; "
+                     "set nvidia_driver_open: true or leave it unset")
+    if wants_fabric_manager(cfg, gpu) and plan.fabric_manager is None:
+        found.append(f"{gpu['nvswitches']} NVSwitch(es) need Fabric Manager, which Debian's archive does not "
+                     "package; set nvidia_driver_source: cuda-repo")
+    if installing and plan.dkms and gpu["secure_boot"] and not gpu["signing_key_enrolled"]:
+        found.append(
+            f"Secure Boot is on and nvidia_driver_source: {cfg.nvidia_driver_source} builds the kernel module with "
+            "DKMS, unsigned by any key this machine trusts, so the module would never load. Fix one of: "
+            "turn Secure Boot off in the firmware; on Ubuntu use nvidia_driver_source: distro (modules signed by "
+            "Canonical); or enroll the DKMS signing key: `dkms generate_mok` (Debian) or "
+            "`update-secureboot-policy --new-key` (Ubuntu), `mokutil --import` the key it prints, reboot and "
+            "confirm the enrollment on the console, then run the deploy again"
+        )
+    return found
+
+
+def reboot_reason(cfg: HostConfig, gpu: dict, installing: bool) -> str:
+    running = gpu["module"]["version"] if gpu["module"] else "none"
+    gpus = f"{len(gpu['gpus'])} GPU(s)" if gpu["gpus"] else "no NVIDIA GPU found on the PCI bus"
+    wanted = cfg.nvidia_driver_version or f"branch {cfg.nvidia_driver_branch}"
+    return f"reboot required: driver {wanted} {'being installed' if installing else 'installed'}, running: {running} ({gpus})"
+
+
+def gpu_count_check(expected: int) -> str:
+    """After the reboot: nvidia-smi must list every GPU the PCI bus has."""
+    return (
+        "seen=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l); "
+        f'[ "$seen" -eq {expected} ] || {{ echo "nvidia-smi sees $seen of {expected} GPUs after the reboot; '
+        'kernel log:" >&2; dmesg 2>/dev/null | grep -i -E "nvrm|nvidia" | tail -n 20 >&2; exit 1; }'
+    )
+
+
+def fabric_manager_matches_driver(plan: DriverPlan) -> str:
+    """Fabric Manager refuses to start at any other version than the driver's."""
+    main = next(iter(plan.packages))
+    version = "$(dpkg-query -W -f='${Version}' %s | cut -d- -f1)"
+    return (
+        f'fm={version % plan.fabric_manager}; driver={version % main}; [ "$fm" = "$driver" ] || '
+        f'{{ echo "{plan.fabric_manager} $fm differs from driver $driver: set nvidia_driver_version" >&2; exit 1; }}'
+    )
+
+
+@deploy("NVIDIA driver")
+@documented(SETTINGS)
+def nvidia_driver() -> DriverState:
+    """
+    Install the wanted NVIDIA driver unless it already runs, and keep it running across upgrades.
+
+    The driver comes from the distro or NVIDIA's CUDA repository (``signed-by`` keyring), at a
+    branch or an exact version; its packages and the kernel's are held (``apt-mark hold`` and an
+    unattended-upgrades blacklist), nouveau is blacklisted (initramfs rebuilt when that changed),
+    nvidia-persistenced keeps the GPUs initialised and, with NVSwitches, Fabric Manager runs at
+    the driver's exact version. A host that cannot load the driver (Secure Boot with an unsigned
+    module, Blackwell without open modules) stops with the reason and the fix.
+
+    A changed driver needs a reboot: with ``nvidia_allow_reboot`` the host reboots, comes back
+    and must show every GPU in ``nvidia-smi``; otherwise the run reports "reboot required".
+    Returns a :class:`DriverState`.
+    """
+    cfg = host_config(host)
+    if cfg.nvidia_driver_source == "none":
+        return DriverState(ready=True)
+    gpu = host.get_fact(GpuHost)
+    plan = driver_plan(cfg, gpu)
+    running = running_driver_is_wanted(cfg, gpu)
+    fabric_manager = wants_fabric_manager(cfg, gpu)
+    problems = host_problems(cfg, gpu, plan, installing=not running)
+    if problems:
+        stop_host(name="stop: this host cannot run the wanted NVIDIA driver", reason="; ".join(problems))
+        return DriverState(ready=False)
+
+    packages = {} if running else {**{name: None for name in plan.headers}, **plan.packages}
+    if fabric_manager:
+        packages[plan.fabric_manager] = f"{gpu['module']['version']}-*" if running else version_glob(cfg)
+    if cfg.nvidia_driver_source == "cuda-repo":
+        apt_repository(
+            name="NVIDIA CUDA repository",
+            repo="cuda",
+            url=cuda_repo_url(cfg.nvidia_cuda_repo_url, gpu),
+            suite="/",
+            components=[],
+            key_url=cuda_repo_url(cfg.nvidia_cuda_repo_key_url, gpu),
+            key_sha256=cfg.nvidia_cuda_repo_key_sha256,
+        )
+    if not running and plan.dkms and not gpu["kernel_headers"] and not plan.headers:
+        report(f"no headers package for the running kernel {gpu['kernel']}: DKMS cannot build the module for it")
+    apt_install(name="PCI tools (GPU and NVSwitch names)", packages={"pciutils": None})
+
+    blacklist = files.put(
+        name="nouveau blacklisted",
+        src=StringIO("# Managed by glmfleet: the NVIDIA driver cannot load while nouveau holds the GPUs.\n"
+                     "blacklist nouveau\noptions nouveau modeset=0\n"),
+        dest=NOUVEAU_BLACKLIST, user="root", group="root", mode="644",
+    )
+    server.shell(
+        name="initramfs rebuilt without nouveau",
+        commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u -k all; fi"],
+        _if=blacklist.did_change,
+    )
+    installed = apt_install(name=f"NVIDIA packages: {', '.join(packages)}", packages=packages) if packages else None
+    installing = installed is not None and installed.will_change
+    driver_changes = installing and not running
+    if fabric_manager and driver_changes:
+        server.shell(name="Fabric Manager at the driver's version", commands=[fabric_manager_matches_driver(plan)],
+                     _if=installed.did_change)
+    files.put(
+        name="unattended-upgrades leaves driver and kernel alone",
+        src=StringIO("// Managed by glmfleet: the NVIDIA driver and the kernel change only together, in a deploy.\n"
+                     "Unattended-Upgrade::Package-Blacklist {\n"
+                     + "".join(f'    "{pattern}";\n' for pattern in UNATTENDED_BLACKLIST) + "};\n"),
+        dest=UNATTENDED_CONF, user="root", group="root", mode="644",
+    )
+    apt_hold(name="driver and kernel packages held", patterns=HOLD_PATTERNS, pending=installing)
+    services = persistence_daemon(cfg, gpu, start=running)
+    if fabric_manager:
+        services.append(systemd.service(name="Fabric Manager enabled", service="nvidia-fabricmanager.service",
+                                        enabled=True, running=True if running else None))
+    if running:
+        return DriverState(ready=True, changes=[op for op in (installed, *services) if op is not None])
+
+    # The wanted driver is not loaded: only a reboot loads it (and unloads nouveau).
+    if not (cfg.nvidia_allow_reboot and (driver_changes or gpu["gpus"])):
+        report(reboot_reason(cfg, gpu, driver_changes))
+        return DriverState(ready=False)
+    rebooted = server.reboot(name="reboot into the new driver", delay=10, interval=5,
+                             reboot_timeout=cfg.nvidia_reboot_timeout)
+    if not gpu["gpus"]:
+        report("rebooted; no NVIDIA GPU on the PCI bus, so nothing for the driver to drive")
+        return DriverState(ready=False, changes=[installed, rebooted])
+    server.shell(name=f"nvidia-smi sees all {len(gpu['gpus'])} GPUs", commands=[gpu_count_check(len(gpu["gpus"]))])
+    return DriverState(ready=True, changes=[installed, rebooted])
+
+
+def report(message: str) -> None:
+    """Say something about this host in the run's output (an operation that changes nothing)."""
+    notice(name=message, message=message)
+
+
+def persistence_daemon(cfg: HostConfig, gpu: dict, start: bool) -> list:
+    """nvidia-persistenced enabled (started when the driver runs) with persistence mode on:
+    Ubuntu's and NVIDIA's units start it with ``--no-persistence-mode`` (as the
+    ``nvidia-persistenced`` user their packages create), Debian's does not.
+    Returns the operations that (re)start it."""
+    changes = []
+    if not (cfg.nvidia_driver_source == "distro" and gpu["distro"] == "debian"):
+        dropin = files.put(
+            name="nvidia-persistenced keeps persistence mode on",
+            src=StringIO("# Managed by glmfleet: persistence mode on, so the GPUs stay initialised.\n[Service]\n"
+                         "ExecStart=\nExecStart=/usr/bin/nvidia-persistenced --user nvidia-persistenced --verbose\n"),
+            dest=PERSISTENCED_DROPIN, user="root", group="root", mode="644",
+        )
+        systemd.daemon_reload(name="systemd daemon-reload for nvidia-persistenced", _if=dropin.did_change)
+        if start:
+            changes.append(server.shell(name="restart nvidia-persistenced",
+                                        commands=["systemctl restart nvidia-persistenced.service"],
+                                        _if=dropin.did_change))
+    changes.append(systemd.service(name="nvidia-persistenced enabled", service="nvidia-persistenced.service",
+                                   enabled=True, running=True if start else None))
+    return changes

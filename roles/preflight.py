@@ -1,0 +1,55 @@
+"""preflight: what the configuration and the host say cannot work, found before anything changes."""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra import host, logger
+from pyinfra.api import deploy
+from pyinfra.operations import server
+
+from glmfleet import compat
+from glmfleet.config import documented, host_config
+from glmfleet.facts import GpuHost, ListeningPorts
+from roles.vllm_service import UNIT
+
+SETTINGS = ()
+
+
+def combination_problems(cfg: dict) -> list[str]:
+    """The catalog's rules: model against vLLM release, parsers, engine, companions, heads."""
+    return compat.combination_problems(cfg)
+
+
+def gpu_facts(gpu: dict) -> dict:
+    """compat.host_problems' GPU arguments from the GpuHost fact: None (not known, not checked)
+    while no driver answers, e.g. before the driver role installed one."""
+    smi = gpu["smi"] or []
+    memory = [card["memory_mib"] for card in smi if card["memory_mib"]]
+    return {"gpu_count": len(smi) or None, "gpu_memory_mib": min(memory, default=None), "driver_cuda_version": gpu["cuda_version"]}
+
+
+def fail_command(problems: list[str]) -> str:
+    return "; ".join(f"echo {shlex.quote(problem)} >&2" for problem in problems) + "; exit 1"
+
+
+@deploy("preflight")
+@documented(SETTINGS)
+def preflight():
+    """
+    Check the host against the configuration while planning, and stop a host that cannot
+    serve it before any of its operations runs; log what runs but is known to go wrong.
+
+    Checks what the host's facts tell: enough GPUs for tensor × pipeline parallel, weights and
+    one full-length sequence of KV cache within ``vllm_gpu_memory_utilization`` of the smallest
+    GPU, a driver for the CUDA of the pinned vLLM's torch (all three once a driver answers),
+    and the port vLLM will listen on free or already ours.
+    """
+    cfg = host_config(host)
+    gpus = gpu_facts(host.get_fact(GpuHost))
+    for warning in compat.combination_warnings(cfg) + compat.host_warnings(cfg, driver_cuda_version=gpus["driver_cuda_version"]):
+        logger.warning(f"{host.name}: {warning}")
+    problems = compat.host_problems(cfg, **gpus, listeners=host.get_fact(ListeningPorts), own_unit=UNIT)
+    if problems:
+        server.shell(name="preflight: the host cannot serve this configuration",
+                     commands=[fail_command([f"{host.name}: {problem}" for problem in problems])])

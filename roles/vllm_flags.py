@@ -1,0 +1,67 @@
+"""vllm_flags: the installed vLLM's own parser checks every flag of the unit's command before
+the unit is written, so a typo never takes a serving host down."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.facts.files import Sha256File
+from pyinfra.operations import files, server
+
+from glmfleet.config import HostConfig, documented, host_config
+from glmfleet.facts import VllmVenvs
+from roles.vllm_image import image_ref
+from roles.vllm_service import UNIT, render_unit, serve_args
+from roles.vllm_venv import uv_path, venv_name
+
+SOURCE = Path(__file__).resolve().parent.parent / "files" / "check_vllm_flags.py"
+SCRIPT = "/opt/glmfleet/bin/check-vllm-flags"
+UNIT_PATH = f"/etc/systemd/system/{UNIT}"
+
+SETTINGS = ()
+
+
+def combination_problems(cfg: dict) -> list[str]:
+    return []
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def check_command(cfg: HostConfig) -> str:
+    """The pinned vLLM's own python runs the check, offline, on what follows `vllm serve`: the
+    venv's, or the image's in a throwaway container without network or GPU."""
+    args = serve_args(cfg)
+    if cfg.vllm_runtime == "image":
+        env = [arg for name, value in OFFLINE.items() for arg in ("--env", f"{name}={value}")]
+        docker = ["docker", "run", "--rm", "--interactive", "--network", "none", *env, "--entrypoint", "python3", image_ref(cfg)]
+        return shlex.join([*docker, "-", *args]) + f" < {SCRIPT}"
+    python = f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}/bin/python"
+    return " ".join(f"{name}={value}" for name, value in OFFLINE.items()) + " " + shlex.join([python, SCRIPT, *args])
+
+
+@deploy("check vLLM flags")
+@documented(SETTINGS)
+def vllm_flags():
+    """
+    Check the rendered ``vllm serve`` command against the pinned vLLM's own argument parser
+    (built in-process, so hosts without a working GPU can run it too), in the venv or the
+    image: an unknown or malformed flag fails the host with vLLM's message before the running
+    unit is replaced.
+
+    Runs only when the unit or the vLLM release would change: a converged host runs nothing.
+    A stand-in package (the test double) has no vLLM parser to ask and is not checked.
+    """
+    cfg = host_config(host)
+    if cfg.vllm_package != "vllm":
+        return
+    if host.get_fact(Sha256File, path=UNIT_PATH) == hashlib.sha256(render_unit(cfg).encode()).hexdigest():
+        # The unit names the image; a venv switch leaves it alone.
+        if cfg.vllm_runtime == "image" or host.get_fact(VllmVenvs, root=cfg.vllm_venv_root, uv=uv_path(cfg))["current"] == venv_name(cfg):
+            return
+    files.put(name="vLLM flag check script", src=str(SOURCE), dest=SCRIPT, mode="755")
+    server.shell(name=f"vllm serve flags accepted by vLLM {cfg.vllm_version}", commands=[check_command(cfg)])

@@ -1,0 +1,65 @@
+"""Plan roles against hosts that exist only as canned command output: pyinfra's own ``@fake``
+connector answers each fact's command with the output given (real captures where there are
+any), and the real roles, operations and fact parsers plan against it. What a real host of
+that kind would be told to run is then read back, command by command, without running it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.api.command import FunctionCommand, StringCommand
+from pyinfra.context import ctx_host, ctx_state
+
+from glmfleet.facts import GpuHost
+
+
+def gpu_host_output(**sections: list[str] | str) -> list[str]:
+    """The GpuHost command's output: each section's lines after its marker."""
+    output = []
+    for name, lines in sections.items():
+        output += [f"::glmfleet:: {name}", *([lines] if isinstance(lines, str) else lines)]
+    return output
+
+
+@dataclass
+class PlannedOp:
+    name: str
+    commands: list[str]
+
+
+def plan(deploy, data: dict, responses: dict, **deploy_kwargs) -> list[PlannedOp]:
+    """The operations ``deploy`` plans for one fake host with ``data``, whose commands answer
+    with ``responses`` (a command substring, or compiled pattern, to its stdout lines)."""
+    responses = {**responses, "uname -s": ["Linux"]}
+    inventory = Inventory(([("@fake/gpu-1", {**data, "fake_responses": responses,
+                                                # no pretended command durations
+                                                "fake_delay": 0, "fake_delay_jitter": 0})], {}))
+    state = State(inventory, Config())
+    connect_all(state)
+    add_deploy(state, deploy, **deploy_kwargs)
+    host = inventory.get_host("@fake/gpu-1")
+    with ctx_state.use(state), ctx_host.use(host):
+        return list(planned_ops(state, host))
+
+
+def planned_ops(state: State, host):
+    for op_hash in state.get_op_order():
+        op_data = state.get_op_data_for_host(host, op_hash)
+        if op_data is None:
+            continue
+        commands = []
+        for command in op_data.command_generator():
+            if isinstance(command, StringCommand):
+                commands.append(command.get_raw_value())
+            elif isinstance(command, FunctionCommand):
+                commands.append(f"<{command.function.__name__}>")
+            else:
+                commands.append(f"<{type(command).__name__} {getattr(command, 'dest', '')}>")
+        yield PlannedOp(", ".join(sorted(state.op_meta[op_hash].names)), commands)
+
+
+GPU_HOST_MARKER = "::glmfleet:: os"
+assert GPU_HOST_MARKER in GpuHost().command()

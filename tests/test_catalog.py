@@ -1,0 +1,178 @@
+"""The model catalog: every GLM model of the issue is there, the file validates, and its
+defaults layer between the roles' defaults and the user's data without overriding the user."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from glmfleet import catalog, compat
+from glmfleet.config import ConfigError, resolve
+from roles.glm4_patch import needs_patch
+from roles.vllm_service import served_model_name, vllm_command
+
+ISSUE_MODELS = {
+    "THUDM/glm-4-9b-chat": "glm-4-9b-chat",
+    "THUDM/glm-4-9b-chat-hf": "glm-4-9b-chat-hf",
+    "zai-org/GLM-4-9B-0414": "glm-4-9b-0414",
+    "zai-org/GLM-4-32B-0414": "glm-4-32b-0414",
+    "zai-org/GLM-Z1-32B-0414": "glm-z1-32b-0414",
+    "zai-org/GLM-4.5": "glm-4.5",
+    "zai-org/GLM-4.5-Air": "glm-4.5-air",
+    "zai-org/GLM-4.5V": "glm-4.5v",
+    "zai-org/GLM-4.6": "glm-4.6",
+    "zai-org/GLM-4.7": "glm-4.7",
+    "zai-org/GLM-4.7-Flash": "glm-4.7-flash",
+}
+
+
+@pytest.mark.parametrize(("repo", "name"), ISSUE_MODELS.items())
+def test_every_glm_model_is_found_by_name_and_by_each_repo_id(repo, name):
+    entry = catalog.find(name)
+    assert entry is not None and entry.name == name
+    assert catalog.find(repo) is entry
+    assert catalog.find(name.upper()) is entry
+    assert catalog.find(entry.modelscope) is entry and entry.modelscope.startswith("ZhipuAI/")
+
+
+def test_unknown_models_are_not_guessed():
+    assert catalog.find("zai-org/GLM-9") is None
+    assert catalog.find("glm-4") is None
+
+
+@pytest.mark.parametrize("name", ISSUE_MODELS.values())
+def test_each_model_deploys_with_its_catalog_defaults_on_the_default_vllm(name):
+    cfg = resolve({"model": name})  # raises if the catalog's own defaults break a rule
+    assert cfg.model == catalog.find(name).hf
+
+
+@pytest.mark.parametrize("name", ISSUE_MODELS.values())
+def test_recommended_tensor_parallel_sizes_are_the_smallest_that_fit(name):
+    entry = catalog.find(name)
+    assert set(entry.recommended_tp) == {24, 48, 80, 141}
+    for memory_gib, tp in entry.recommended_tp.items():
+        assert tp == compat.recommend_tp(entry, memory_gib)
+        if tp is not None:
+            assert entry.attention_heads is None or entry.attention_heads % tp == 0
+            assert compat.fits(entry, tp, 1, entry.context, 0.9, memory_gib)
+            assert tp == 1 or not compat.fits(entry, tp // 2, 1, entry.context, 0.9, memory_gib)
+
+
+def test_every_catalog_default_is_a_value_its_setting_accepts():
+    from glmfleet.config import all_settings
+
+    settings = all_settings()
+    for entry in catalog.load().models.values():
+        for block in entry.defaults:
+            for key, value in block.settings.items():
+                assert key in settings, f"{entry.name}: {key} is not a glmfleet key"
+                assert settings[key].check(value), f"{entry.name}: {key} = {value!r}"
+
+
+def raw_catalog():
+    return yaml.safe_load(catalog.CATALOG.read_text())
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda raw: raw["models"]["glm-4.5"].pop("vllm_min"), "models.glm-4.5: fields must be exactly"),
+        (lambda raw: raw["models"]["glm-4.5"].update(vllm_min="ten"), "models.glm-4.5.vllm_min: 'ten' is not a version"),
+        (lambda raw: raw["models"]["glm-4.5"].update(kv_cache={"layers": 92}), "models.glm-4.5.kv_cache"),
+        (lambda raw: raw["models"]["glm-4.5"]["defaults"].append({"vllm": "~=nope", "settings": {}}), "not a version specifier"),
+        (lambda raw: raw["models"]["glm-4.6"].update(hf="zai-org/GLM-4.5"), "zai-org/GLM-4.5 is listed by both glm-4.5 and glm-4.6"),
+    ],
+)
+def test_a_broken_catalog_is_refused_naming_entry_and_field(edit, words):
+    raw = copy.deepcopy(raw_catalog())
+    edit(raw)
+    with pytest.raises(catalog.CatalogError, match=words.replace(".", r"\.").replace("(", r"\(")):
+        catalog.parse(raw)
+
+
+def test_a_catalog_name_is_a_valid_model_and_becomes_the_hub_repo():
+    cfg = resolve({"model": "glm-4.7-flash"})
+    argv = vllm_command(cfg)
+    assert argv[2] == "zai-org/GLM-4.7-Flash" and served_model_name(cfg) == "zai-org/GLM-4.7-Flash"
+    assert argv[argv.index("--tool-call-parser") + 1] == "glm47"
+    assert argv[argv.index("--reasoning-parser") + 1] == "glm45"
+    assert "--enable-auto-tool-choice" in argv
+    assert cfg.vllm_extra_packages == ["transformers==5.23.0"]
+
+
+def test_a_repo_id_the_user_gives_is_served_as_given():
+    cfg = resolve({"model": "THUDM/glm-4-9b-chat"})
+    assert cfg.model == "THUDM/glm-4-9b-chat" and cfg.vllm_trust_remote_code is True
+
+
+def test_a_name_outside_the_catalog_is_rejected_with_what_is_accepted():
+    with pytest.raises(ConfigError, match="model = 'glm-9.9' is invalid; accepted: a catalog name such as 'glm-4.7-flash'"):
+        resolve({"model": "glm-9.9"})
+
+
+def test_any_hub_repo_with_explicit_settings_is_served():
+    cfg = resolve({"model": "someone/glm-finetune", "vllm_tool_call_parser": "glm45", "vllm_enable_auto_tool_choice": True})
+    argv = vllm_command(cfg)
+    assert argv[2] == "someone/glm-finetune" and "--enable-auto-tool-choice" in argv
+
+
+def test_the_operators_glm_z1_recipe_gets_v0_the_old_transformers_and_the_patch():
+    cfg = resolve({"model": "glm-z1-32b-0414", "vllm_version": "0.8.4", "vllm_tensor_parallel_size": 4})
+    assert cfg.vllm_env == {"VLLM_USE_V1": "0"}
+    assert cfg.vllm_extra_packages == ["transformers==4.51.3"]
+    assert needs_patch(cfg)
+    argv = vllm_command(cfg)
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "4" and "--shutdown-timeout" not in argv
+
+
+def test_on_a_newer_vllm_the_recipe_defaults_drop_out():
+    cfg = resolve({"model": "glm-z1-32b-0414", "vllm_version": "0.8.5"})
+    assert cfg.vllm_env == {} and cfg.vllm_extra_packages == ["transformers==4.51.3"]
+    assert not needs_patch(cfg)
+    assert resolve({"model": "glm-z1-32b-0414", "vllm_version": "0.12.0"}).vllm_extra_packages == []
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        ({}, {"VLLM_USE_V1": "0"}),
+        ({"vllm_env": {"VLLM_LOGGING_LEVEL": "DEBUG"}}, {"VLLM_USE_V1": "0", "VLLM_LOGGING_LEVEL": "DEBUG"}),
+        ({"vllm_env": {"VLLM_USE_V1": "1"}}, {"VLLM_USE_V1": "1"}),
+    ],
+)
+def test_user_environment_adds_to_the_catalogs_and_wins_per_variable(user, expected):
+    cfg = resolve({"model": "glm-4-32b-0414", "vllm_version": "0.8.4", **user})
+    assert cfg.vllm_env == expected
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        (["hf-transfer==0.1.9"], ["transformers==5.23.0", "hf-transfer==0.1.9"]),
+        (["Transformers==5.22.0"], ["Transformers==5.22.0"]),
+        (["transformers[torch]==5.22.0"], ["transformers[torch]==5.22.0"]),
+    ],
+)
+def test_user_pins_add_to_the_catalogs_and_win_per_package(user, expected):
+    assert resolve({"model": "glm-4.7-flash", "vllm_extra_packages": user}).vllm_extra_packages == expected
+
+
+def test_a_setting_the_user_sets_wins_even_when_it_unsets_the_catalogs():
+    cfg = resolve({"model": "glm-4.5", "vllm_tool_call_parser": None, "vllm_enable_auto_tool_choice": False})
+    argv = vllm_command(cfg)
+    assert "--tool-call-parser" not in argv and "--enable-auto-tool-choice" not in argv
+    assert argv[argv.index("--reasoning-parser") + 1] == "glm45"
+
+
+def test_a_stand_in_package_gets_the_flags_but_none_of_vllms_version_defaults():
+    cfg = resolve({"model": "glm-z1-32b-0414", "vllm_package": "vllm-test-double", "vllm_version": "0.1.0"})
+    assert cfg.vllm_env == {} and cfg.vllm_extra_packages == []
+    flash = resolve({"model": "glm-4.7-flash", "vllm_package": "vllm-test-double", "vllm_version": "0.1.0"})
+    assert flash.vllm_extra_packages == [] and flash.vllm_tool_call_parser == "glm47"
+
+
+def test_multimodal_limits_render_as_vllm_reads_them():
+    argv = vllm_command(resolve({"model": "glm-4.5v"}))
+    assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image":4,"video":1}'

@@ -1,0 +1,142 @@
+"""The new roles' pure parts: the commands they plan and the facts they read, run for real
+where that needs no fleet (bash, ss, a real listening socket)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from glmfleet.config import resolve
+from glmfleet.facts import ListeningPorts
+from roles import glm4_patch
+from roles.preflight import fail_command, gpu_facts
+from roles.vllm_flags import SCRIPT, check_command
+from roles.vllm_service import vllm_command
+from roles.vllm_venv import venv_name
+
+FILES = Path(__file__).resolve().parent.parent / "files"
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
+def test_listening_ports_fact_sees_a_real_listener():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        fact = ListeningPorts()
+        output = subprocess.run(["bash", "-c", fact.command()], capture_output=True, text=True, check=True).stdout
+        listeners = fact.process(output.splitlines())
+    # This machine's PID 1 is not systemd: no process here belongs to a service.
+    assert (port, None) in listeners
+
+
+def test_listening_ports_fact_reads_the_service_of_each_holder():
+    output = ["22 ssh.service", "8000 vllm.service", "9000 -", "not-a-port x"]
+    assert ListeningPorts().process(output) == [(22, "ssh.service"), (8000, "vllm.service"), (9000, None)]
+
+
+def test_preflight_failure_prints_each_problem_and_fails():
+    problems = ["gpu-1: vllm_port = 8000 is already in use by a process outside any systemd service: it's $HOME `x`"]
+    completed = subprocess.run(["bash", "-c", fail_command(problems)], capture_output=True, text=True)
+    assert completed.returncode == 1 and completed.stderr == problems[0] + "\n"
+
+
+def test_flag_check_runs_the_pinned_venvs_python_on_the_units_arguments():
+    cfg = resolve({"model": "glm-4.7", "vllm_extra_args": ["--enable-prefix-caching"]})
+    command = check_command(cfg)
+    assert command.startswith("HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 ")
+    assert f"/opt/glmfleet/vllm/venvs/{venv_name(cfg)}/bin/python {SCRIPT} zai-org/GLM-4.7 --host 127.0.0.1" in command
+    assert command.endswith("--tool-call-parser glm47 --enable-auto-tool-choice --reasoning-parser glm45 --shutdown-timeout 30 "
+                            "--enable-prefix-caching")
+
+
+@pytest.mark.parametrize(
+    ("data", "patched"),
+    [
+        ({"vllm_version": "0.8.4"}, True),
+        ({"vllm_version": "0.8.5"}, False),
+        ({"vllm_version": "0.22.0"}, False),
+        ({"vllm_package": "vllm-test-double", "vllm_version": "0.8.4"}, False),
+    ],
+)
+def test_only_vllm_084_is_patched(data, patched):
+    assert glm4_patch.needs_patch(resolve({"model": "glm-4-9b-0414", "vllm_extra_packages": ["transformers==4.51.3"], **data})) is patched
+
+
+def test_patch_file_states_the_checksums_the_role_passes():
+    header = (FILES / "glm4-0.8.4.patch").read_text().split("\n--- ", 1)[0]
+    assert glm4_patch.ORIGINAL_SHA256 in header and glm4_patch.PATCHED_SHA256 in header
+    assert re.search(r"^--- a/vllm/model_executor/models/glm4\.py$", (FILES / "glm4-0.8.4.patch").read_text(), re.M)
+
+
+RECIPE_IN_IMAGE = {"model": "glm-z1-32b-0414", "vllm_runtime": "image", "vllm_version": "0.8.4", "vllm_tensor_parallel_size": 4}
+
+
+def test_image_runtime_derives_the_patched_file_from_the_images_copy():
+    command = glm4_patch.derive_command("vllm/vllm-openai:v0.8.4")
+    assert command.startswith("set -e; id=$(docker create vllm/vllm-openai:v0.8.4); trap ")
+    assert f'docker cp "$id:{glm4_patch.IMAGE_GLM4}" {glm4_patch.PATCHED_FOR_IMAGE}.image;' in command
+    assert (f"python3 {glm4_patch.SCRIPT} derive --original {glm4_patch.ORIGINAL_SHA256} --patched {glm4_patch.PATCHED_SHA256} "
+            f"{glm4_patch.PATCH} {glm4_patch.PATCHED_FOR_IMAGE}.image {glm4_patch.PATCHED_FOR_IMAGE}") in command
+    assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+
+
+@pytest.mark.parametrize(("version", "mounted"), [("0.8.4", True), ("0.8.5", False)])
+def test_image_runtime_lays_the_patched_file_read_only_over_the_images_own(version, mounted):
+    argv = vllm_command(resolve({**RECIPE_IN_IMAGE, "vllm_version": version}))
+    volume = f"{glm4_patch.PATCHED_FOR_IMAGE}:/usr/local/lib/python3.12/dist-packages/vllm/model_executor/models/glm4.py:ro"
+    assert (volume in argv) is mounted
+    if mounted:
+        assert argv[argv.index(volume) - 1] == "--volume" and argv.index(volume) < argv.index("serve")
+
+
+def test_image_runtime_checks_flags_with_the_images_own_vllm_offline():
+    command = check_command(resolve(RECIPE_IN_IMAGE))
+    assert command.startswith("docker run --rm --interactive --network none --env HF_HUB_OFFLINE=1 ")
+    assert f"--entrypoint python3 vllm/vllm-openai:v0.8.4 - zai-org/GLM-Z1-32B-0414 --host 127.0.0.1" in command
+    assert command.endswith(f"--tensor-parallel-size 4 --gpu-memory-utilization 0.9 < {SCRIPT}")
+
+
+def gpu_fact_from(fixture: str) -> dict:
+    """The GpuHost fact, parsed by its own code from real nvidia-smi output in tests/fixtures."""
+    from glmfleet.facts import gpu_host, split_sections
+
+    captured = Path(__file__).resolve().parent / "fixtures" / fixture
+    output = ["::glmfleet:: smi", *(captured / "nvidia-smi-query-gpu.txt").read_text().splitlines(),
+              "::glmfleet:: cuda", *(captured / "nvidia-smi.txt").read_text().splitlines()]
+    return gpu_host(split_sections(output))
+
+
+def test_gpu_checks_wait_for_a_driver_that_answers():
+    assert gpu_facts(gpu_fact_from("nodriver")) == {"gpu_count": None, "gpu_memory_mib": None, "driver_cuda_version": None}
+
+
+def test_gpu_checks_read_count_memory_and_cuda_from_a_real_h200():
+    assert gpu_facts(gpu_fact_from("h200")) == {"gpu_count": 1, "gpu_memory_mib": 143771, "driver_cuda_version": "13.0"}
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"model": "glm-4.7-flash"}, None),
+        ({"model": "glm-4.7-flash", "vllm_tensor_parallel_size": 2}, "needs 2 GPUs, the host has 1"),
+        ({"model": "glm-4.5-air"}, "'zai-org/GLM-4.5-Air' needs about"),
+        ({"model": "glm-4-9b-0414", "vllm_version": "0.19.1"}, None),  # CUDA 12.8 torch on a CUDA 13.0 driver
+    ],
+)
+def test_preflight_on_a_real_h200(data, words):
+    from glmfleet import compat
+    from glmfleet.config import all_settings, values
+
+    found = compat.host_problems(values(data, all_settings()), **gpu_facts(gpu_fact_from("h200")))
+    assert (found == []) if words is None else (len(found) == 1 and words in found[0]), found
+
+
+def test_gpu_checks_take_the_smallest_gpu():
+    cards = [{"memory_mib": 81920}, {"memory_mib": 81920}, {"memory_mib": 49152}]
+    assert gpu_facts({"smi": cards, "cuda_version": "12.8"}) == {"gpu_count": 3, "gpu_memory_mib": 49152, "driver_cuda_version": "12.8"}
