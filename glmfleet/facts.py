@@ -10,6 +10,7 @@ import csv
 import json
 import re
 import shlex
+from pathlib import Path
 
 from pyinfra.api import FactBase
 
@@ -403,3 +404,49 @@ class ModelWeights(FactBase):
                 except ValueError:
                     found["reason"] = f"unreadable state: {value[:200]}"
         return found
+
+
+# files/vllm_status.py runs inline, so it answers on hosts glmfleet never deployed to.
+STATUS_PROGRAM = (Path(__file__).resolve().parent.parent / "files" / "vllm_status.py").read_text()
+
+
+def vllm_status_command(*args: str) -> str:
+    """A shell command that runs files/vllm_status.py on the host with the system Python."""
+    return f"python3 -c {shlex.quote(STATUS_PROGRAM)} {shlex.join(args)}"
+
+
+class VllmUnit(FactBase):
+    """A vLLM unit file, parsed: what ExecStart serves and where it listens (None if absent).
+
+    .. code:: python
+
+        {"path": "/etc/systemd/system/vllm.service", "sha256": "...", "venv": "vllm-0.22.0-ab12",
+         "model": "zai-org/GLM-4-9B-0414", "revision": None, "served_model_name": "zai-org/GLM-4-9B-0414",
+         "tensor_parallel_size": 1, "base_url": "http://127.0.0.1:8000", "argv": [...]}
+    """
+
+    def command(self, path: str) -> str:
+        return vllm_status_command("unit", path)
+
+    def process(self, output):
+        return json.loads("\n".join(output))
+
+
+class VllmStatus(FactBase):
+    """Everything `glmfleet status` shows about a host's vLLM, in one round trip: the unit
+    parsed (as ``VllmUnit``), the service's systemd state, ``/version``, ``/health``, requests in
+    flight from ``/metrics`` (running + waiting), and the GPUs from ``nvidia-smi``.
+
+    .. code:: python
+
+        {"unit": {...} or None, "service": {"ActiveState": "active", "SubState": "running", ...},
+         "health": 200 or "why there was no answer", "version": "0.22.0" or None, "in_flight": 0 or None,
+         "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_used_mib": 0, ...}] or None,
+         "gpu_error": None or "no nvidia-smi"}
+    """
+
+    def command(self, path: str) -> str:
+        return vllm_status_command("status", path)
+
+    def process(self, output):
+        return json.loads("\n".join(output))

@@ -27,3 +27,8 @@ gpu_servers = (
         "vllm_api_key": os.environ.get("GLMFLEET_VLLM_API_KEY"),
     },
 )
+
+# The fleet's one OpenAI-compatible entry point: nginx on this host, in front of every host
+# above (`glmfleet rollout` takes hosts out of its pool while it updates them). It checks
+# vllm_api_key; it speaks plain HTTP, like vLLM itself: keep it on a trusted network.
+gateway = (["gpu-01.example.internal"], {"gateway_listen_address": "0.0.0.0", "gateway_port": 8080})

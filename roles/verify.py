@@ -15,6 +15,7 @@ from roles.vllm_service import ENV_FILE, UNIT, served_model_name
 
 VERIFY_SCRIPT = "/opt/glmfleet/bin/verify-vllm"
 SOURCE = Path(__file__).resolve().parent.parent / "files" / "verify_vllm.py"
+JOURNAL_HEADER = f"--- last lines of the {UNIT} journal:"
 
 SETTINGS = (
     Setting("vllm_ready_timeout", 1800, "seconds the verify step waits for vLLM to serve (big models load for minutes)",
@@ -37,7 +38,18 @@ def local_url(cfg: HostConfig) -> str:
 
 
 def verify_argv(cfg: HostConfig) -> list[str]:
-    return [VERIFY_SCRIPT, "--base-url", local_url(cfg), "--served-model-name", served_model_name(cfg), "--env-file", ENV_FILE]
+    return argv_for(local_url(cfg), served_model_name(cfg))
+
+
+def argv_for(base_url: str, served_name: str) -> list[str]:
+    return [VERIFY_SCRIPT, "--base-url", base_url, "--served-model-name", served_name, "--env-file", ENV_FILE]
+
+
+def wait_command(cfg: HostConfig, argv: list[str]) -> str:
+    """Wait up to vllm_ready_timeout for the check to pass; on failure show the unit's journal."""
+    wait = shlex.join([*argv, "--deadline", str(cfg.vllm_ready_timeout)])
+    journal = f"journalctl --unit {UNIT} --lines {cfg.verify_journal_lines} --no-pager --quiet"
+    return f"{wait} || {{ echo '{JOURNAL_HEADER}'; {journal}; exit 1; }}"
 
 
 @deploy("verify vLLM serves")
@@ -51,17 +63,15 @@ def verify(changes=()):
 
     The same check runs once while planning; a host that already serves and changed nothing
     reports no change. Otherwise the check waits up to ``vllm_ready_timeout`` and, on
-    failure, fails the host with the last lines of the unit's journal.
+    failure, fails the host with the last lines of the unit's journal. Returns the check.
     """
     cfg = host_config(host)
     files.put(name="verify script", src=str(SOURCE), dest=VERIFY_SCRIPT, user="root", group="root", mode="755")
     serving = host.get_fact(VllmServes, verify_argv=verify_argv(cfg))
-    wait = shlex.join([*verify_argv(cfg), "--deadline", str(cfg.vllm_ready_timeout)])
-    journal = f"journalctl --unit {UNIT} --lines {cfg.verify_journal_lines} --no-pager --quiet"
-    server.shell(
+    return server.shell(
         # One name on every host: pyinfra merges an operation's names across hosts.
         name="verify a real request is served",
-        commands=[f"{wait} || {{ echo '--- last lines of the {UNIT} journal:'; {journal}; exit 1; }}"],
+        commands=[wait_command(cfg, verify_argv(cfg))],
         _if=lambda: not serving["ok"] or any(op.did_change() for op in changes),
         _timeout=cfg.vllm_ready_timeout + 120,
     )

@@ -37,6 +37,7 @@ from roles.vllm_image import CONTAINER, docker_run
 from roles.vllm_venv import VLLM_USER, venv_bin
 
 UNIT = "vllm.service"
+UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 SECRETS_DIR = "/etc/glmfleet"
 ENV_FILE = f"{SECRETS_DIR}/vllm.env"
 TEMPLATE = Path(__file__).resolve().parent.parent / "files" / "vllm.service.j2"
@@ -255,7 +256,7 @@ def vllm_service(restart_when=()):
     unit = files.put(
         name=f"unit {UNIT}",
         src=StringIO(render_unit(cfg)),
-        dest=f"/etc/systemd/system/{UNIT}",
+        dest=UNIT_PATH,
         user="root",
         group="root",
         mode="644",

@@ -104,9 +104,12 @@ print(f"{package} {found} imports")
 
 @deploy("vLLM venv")
 @documented(SETTINGS)
-def vllm_venv():
+def vllm_venv(switch=True):
     """
     Install the pinned vLLM into its own venv with uv and point ``current`` at it.
+
+    + switch: set False to build the venv only, leaving ``current`` (and the running service)
+      as they are: a rollout builds while the host still serves, and switches after draining
 
     Each requirement set gets its own directory, marked complete only after its ``vllm``
     entry point imports; ``current`` switches to it atomically and ``previous`` keeps the venv
@@ -143,7 +146,7 @@ def vllm_venv():
             ],
         )
 
-    if venvs["current"] == name:
+    if venvs["current"] == name or not switch:
         return []
     # The switch keeps exactly two venvs: the new current and the previous one, for rollback.
     return [server.shell(name=f"switch current venv to {name}", commands=[switch_command(root, name, venvs["current"])])]

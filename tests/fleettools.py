@@ -86,15 +86,34 @@ def deploy(inventory: str | Path = "inventory/local.py", **kwargs) -> Run:
     return pyinfra(inventory, "deploy.py", **kwargs)
 
 
-def write_inventory(path: Path, host_data: dict[str, dict]) -> Path:
-    """inventory/local.py with extra data for some hosts (to change one host alone)."""
+def glmfleet(*args: str, data: dict | None = None, env: dict | None = None, timeout: int = 900) -> Run:
+    """The `glmfleet` command from the project root, as a user runs it."""
+    command = [str(Path(sys.executable).parent / "glmfleet"), *args, *data_args(data or {})]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return Run(completed.returncode, completed.stdout, completed.stderr)
+
+
+def write_inventory(path: Path, host_data: dict[str, dict], groups: dict[str, tuple[list[str], dict]] | None = None,
+                    hosts: list[tuple[str, dict]] | None = None) -> Path:
+    """inventory/local.py with extra data for some hosts (to change one host alone), and
+    extra groups, name -> (host names, group data). With `hosts`, those hosts (as
+    localfleet.inventory_hosts() gave them) instead of the hosts up now: to keep a host that
+    is down in the inventory."""
     path.write_text(
         "from runpy import run_path\n"
         f"hosts, group_data = run_path({str(ROOT / 'inventory/local.py')!r})['local_fleet']\n"
-        f"EXTRA = {host_data!r}\n"
+        + (f"hosts = {hosts!r}\n" if hosts else "")
+        + f"EXTRA = {host_data!r}\n"
         "local_fleet = ([(name, {**data, **EXTRA.get(name, {})}) for name, data in hosts], group_data)\n"
+        + "".join(f"{name} = {group!r}\n" for name, group in (groups or {}).items())
     )
     return path
+
+
+def gateway_port() -> int:
+    """A port in this fleet slot's range that no host's vLLM takes (hosts stay below 90)."""
+    return localfleet.FIRST_VLLM_PORT + 100 * localfleet.fleet_slot() + 90
 
 
 def fleet_host(name: str):

@@ -1,0 +1,66 @@
+"""The `glmfleet` command: `glmfleet rollout INVENTORY` and `glmfleet status INVENTORY`.
+
+`pyinfra INVENTORY deploy.py` installs and converges; these drive the same roles through
+pyinfra's API, reading the inventory the way pyinfra does (group_data/, --data).
+"""
+
+# pyinfra works on many hosts at once in gevent greenlets: patch before anything opens sockets,
+# as pyinfra's own command does.
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from pyinfra_cli.util import parse_cli_arg  # noqa: E402
+
+from glmfleet.config import ConfigError  # noqa: E402
+from glmfleet.rollout import DEFAULT_BATCHES, DEFAULT_MAX_FAIL, rollout  # noqa: E402
+from glmfleet.runner import UsageError  # noqa: E402
+from glmfleet.status import fleet_status  # noqa: E402
+
+
+def data_overrides(pairs: list[str]) -> dict:
+    """--data key=value, parsed as pyinfra parses it (ints, booleans and JSON)."""
+    data = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--data {pair!r}: expected key=value")
+        data[key] = parse_cli_arg(value)
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glmfleet", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    roll = commands.add_parser("rollout", help="apply the inventory to a serving fleet in health-gated batches")
+    roll.add_argument("--batch", default=DEFAULT_BATCHES,
+                      help=f"batch sizes, counts or percentages; the last repeats (default {DEFAULT_BATCHES})")
+    roll.add_argument("--max-fail", default=DEFAULT_MAX_FAIL,
+                      help="stop once more hosts failed than this count or percentage (default 0)")
+    status = commands.add_parser("status", help="per host: unit, vLLM version, model, GPUs, health, requests")
+    for command in (roll, status):
+        command.add_argument("inventory", help="a pyinfra inventory file, e.g. inventory/prod.py")
+        command.add_argument("--limit", action="append", default=[], help="only this group or host name pattern")
+        command.add_argument("--data", action="append", default=[], help="override data, key=value (as pyinfra)")
+        command.add_argument("-v", "--verbose", action="store_true", help="show pyinfra's output")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    logging.getLogger("pyinfra").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        data = data_overrides(args.data)
+        if args.command == "rollout":
+            return rollout(args.inventory, data, args.batch, args.max_fail, args.limit)
+        return fleet_status(args.inventory, data, args.limit)
+    except (ConfigError, UsageError) as error:
+        print(f"glmfleet: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""gateway: one OpenAI-compatible entry point for the fleet, nginx from the distribution.
+
+It runs on the hosts of the inventory group ``gateway``; its upstreams are every host of the
+inventory (every host serves), one upstream per served model name. A rollout takes a host out of
+the pool (``down``) before draining it and puts it back once it is verified.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from io import StringIO
+from pathlib import Path
+
+import jinja2
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.systemd import SystemdStatus
+from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations.util import any_changed
+
+from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in, is_listen_address
+from glmfleet.operations import secret_file
+from roles.vllm_service import served_model_name
+
+GATEWAY_GROUP = "gateway"
+CONFIG_PATH = "/etc/nginx/conf.d/glmfleet-gateway.conf"
+# Root-only, read by the nginx master (root) when it loads the configuration.
+KEYS_PATH = "/etc/nginx/glmfleet-gateway-keys.conf"
+DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
+TEMPLATE = Path(__file__).resolve().parent.parent / "files" / "nginx-gateway.conf.j2"
+
+# One refused or dropped connection rests a host for FAIL_TIMEOUT_S (nginx open source has no
+# active health checks: this passive check and the rollout's explicit pool edits stand in).
+MAX_FAILS = 1
+FAIL_TIMEOUT_S = 10
+NEXT_UPSTREAM_TRIES = 3
+CONNECT_TIMEOUT_S = 2
+MAX_BODY = "32m"  # long contexts and base64 images; held in memory per request
+RELOAD_WAIT_S = 30
+
+# Names the gateway can match in a JSON body and put in its configuration unescaped.
+ROUTABLE_NAME = re.compile(r"[A-Za-z0-9._:@+/-]+")
+
+SETTINGS = (
+    Setting("gateway_listen_address", "127.0.0.1", "address the gateway listens on (hosts of the `gateway` group)",
+            "an IP address such as '0.0.0.0'", is_listen_address),
+    Setting("gateway_port", 8080, "TCP port the gateway listens on", "an integer 1-65535", is_int_in(1, 65535)),
+    Setting("gateway_request_timeout", 600, "seconds the gateway waits on an upstream (a long generation)",
+            "an integer 10-86400", is_int_in(10, 86400)),
+)
+
+
+def combination_problems(cfg: dict) -> list[str]:
+    found = []
+    name = cfg["vllm_served_model_name"] or cfg["model"]
+    if not ROUTABLE_NAME.fullmatch(name):
+        key = "vllm_served_model_name" if cfg["vllm_served_model_name"] else "model"
+        found.append(f"{key} = {name!r} cannot be routed by the gateway; use letters, digits and . _ : @ + / -")
+    key = cfg["vllm_api_key"]
+    if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
+        found.append("vllm_api_key = <hidden> has spaces or characters outside printable ASCII; "
+                     "clients send it in an HTTP header: use printable ASCII without spaces")
+    return found
+
+
+def upstream_address(name: str, data: dict, cfg: HostConfig) -> str:
+    """Where the gateway reaches a host's vLLM: its listen address, or for a wildcard the
+    address pyinfra reaches the host at."""
+    address = cfg.vllm_host
+    if address in ("0.0.0.0", "::"):
+        address = data.get("ssh_hostname") or name
+    if ":" in address:
+        address = f"[{address}]"
+    return f"{address}:{cfg.vllm_port}"
+
+
+def pool(inventory, out_of_pool=frozenset()) -> list[dict]:
+    """The upstreams: per served model name (in inventory order), its hosts and whether each
+    is in the pool."""
+    models: dict[str, list[dict]] = {}
+    for member in inventory:
+        cfg = host_config(member)
+        models.setdefault(served_model_name(cfg), []).append({
+            "host": member.name,
+            "address": upstream_address(member.name, member.data.dict(), cfg),
+            "in_pool": member.name not in out_of_pool,
+        })
+    return [{"name": name, "upstream": f"glmfleet_model_{index}", "pattern": re.escape(name), "servers": servers}
+            for index, (name, servers) in enumerate(models.items())]
+
+
+def render_config(cfg: HostConfig, models: list[dict]) -> str:
+    template = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    listen = cfg.gateway_listen_address
+    return template.render(
+        models=models,
+        models_json=json.dumps({"object": "list", "data": [
+            {"id": model["name"], "object": "model", "owned_by": "glmfleet"} for model in models]}),
+        listen=f"[{listen}]:{cfg.gateway_port}" if ":" in listen else f"{listen}:{cfg.gateway_port}",
+        api_key=cfg.vllm_api_key,
+        keys_file=KEYS_PATH,
+        max_fails=MAX_FAILS,
+        fail_timeout=FAIL_TIMEOUT_S,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        request_timeout=cfg.gateway_request_timeout,
+        next_upstream_tries=NEXT_UPSTREAM_TRIES,
+        max_body=MAX_BODY,
+    )
+
+
+def render_keys(api_key: str | None) -> str:
+    """The `map` entries that let a client in: the exact Authorization header value."""
+    lines = ["# Managed by glmfleet. Root-only: it holds the API key."]
+    if api_key:
+        lines.append(f'"Bearer {api_key}" 1;')
+    return "\n".join(lines) + "\n"
+
+
+def reload_command() -> str:
+    """Reload nginx and return only once the new configuration is in force.
+
+    `nginx -s reload` returns at once, and the old workers keep taking requests until the
+    master has started new ones and told the old ones to stop: a drain that began earlier could
+    still see new requests arrive. So: wait until every worker from before the reload has exited
+    or is shutting down (it then only finishes the requests it has).
+    """
+    return (
+        "nginx -t -q || exit 1; "
+        "master=$(cat /run/nginx.pid); old=$(cat /proc/$master/task/$master/children); "
+        "nginx -s reload || exit 1; "
+        f"for i in $(seq {RELOAD_WAIT_S * 20}); do left=; "
+        "for p in $old; do case \"$(tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null)\" in "
+        "''|*'is shutting down'*) ;; *) left=1;; esac; done; "
+        "test -z \"$left\" && exit 0; sleep 0.05; done; "
+        f"echo 'nginx kept its old workers for {RELOAD_WAIT_S} s: see /var/log/nginx/error.log'; exit 1"
+    )
+
+
+@deploy("gateway")
+@documented(SETTINGS)
+def gateway(out_of_pool=frozenset()):
+    """
+    Serve the fleet's OpenAI-compatible API from nginx on this host.
+
+    + out_of_pool: names of hosts to mark ``down`` (a rollout drains them); none by default
+
+    nginx checks the API key (``vllm_api_key``) at the edge from a root-only file, routes each
+    request by its ``model`` to that model's hosts and retries another host on a connection
+    error. A changed configuration is tested and reloaded, and the reload waits until the old
+    workers take no more requests; a converged gateway changes nothing.
+    """
+    cfg = host_config(host)
+    was_active = host.get_fact(SystemdStatus).get("nginx.service", False)
+    # Refresh apt only when something must be installed: a converged host reports no change.
+    if "nginx" not in host.get_fact(DebPackages):
+        apt.packages(name="nginx", packages=["nginx"], update=True)
+    # The distribution's welcome site would listen on port 80 beside the gateway.
+    default_site = files.link(name="no default site", path=DEFAULT_SITE, present=False)
+    keys = secret_file(name=f"API keys {KEYS_PATH}", dest=KEYS_PATH, content=render_keys(cfg.vllm_api_key))
+    config = files.put(
+        name=f"gateway config {CONFIG_PATH}",
+        src=StringIO(render_config(cfg, pool(host.inventory, out_of_pool))),
+        dest=CONFIG_PATH,
+        user="root",
+        group="root",
+        mode="644",
+    )
+    systemd.service(name="nginx running", service="nginx.service", running=True, enabled=True)
+    server.shell(
+        name="reload nginx, wait until the new pool is in force",
+        commands=[reload_command()],
+        _if=[any_changed(default_site, keys, config)] if was_active else [],
+    )
