@@ -42,9 +42,10 @@ def hosts(fleet):
 
 
 @pytest.fixture(scope="module")
-def data(package_index):
+def data(package_index, test_model):
     """--data for every run; the ready timeout stays host data (--data would override it)."""
-    return {key: value for key, value in TEST_DOUBLE.items() if key != "vllm_ready_timeout"} | {"pip_index_url": package_index}
+    double = {key: value for key, value in TEST_DOUBLE.items() if key != "vllm_ready_timeout"}
+    return double | test_model | {"pip_index_url": package_index}
 
 
 @pytest.fixture
