@@ -7,7 +7,6 @@ The tests run in file order on one fleet: each step builds on the one before.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import shlex
@@ -24,6 +23,7 @@ from glmfleet.config import resolve
 from roles.model_weights import check_argv, model_path, state_path
 from tests.fleettools import ROOT, TEST_DOUBLE, Run, data_args, deploy
 from tests.fleettools import fleet_host as remote
+from tests.hub_mirror import file_sha256
 from tests.pkgindex import PackageIndex
 from tests.weights_fixtures import REPO_ID, hub  # noqa: F401 (a fixture)
 
@@ -75,14 +75,6 @@ def deploy_weights(inventory_file: Path, data: dict, background: bool = False):
     return Run(completed.returncode, completed.stdout, completed.stderr)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # What a host holds, asked over SSH (the hosts' roots are overlays mounted in namespaces of their own).
 
 def shards(name: str, directory: str) -> dict[str, int]:
@@ -101,7 +93,7 @@ def modified(name: str, path: str) -> str:
 
 
 def origin_digests(hub) -> dict[str, str]:
-    return {shard.name: sha256(shard) for shard in hub.checkpoint.glob(SHARDS)}
+    return {shard.name: file_sha256(shard) for shard in hub.checkpoint.glob(SHARDS)}
 
 
 def check(name: str, cfg) -> tuple[int, str]:
