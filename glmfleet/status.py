@@ -14,7 +14,8 @@ COLUMNS = ("host", "unit", "vllm", "model", "gpus", "health", "in flight")
 def gpu_summary(status: dict) -> str:
     gpus = status.get("gpus")
     if not gpus:
-        return status.get("gpu_error") or "none"
+        # nvidia-smi's errors run to several sentences; the first says what is wrong.
+        return (status.get("gpu_error") or "none").split(". ")[0]
     names = sorted({gpu["name"] for gpu in gpus})
     used = sum(gpu["memory_used_mib"] for gpu in gpus) / 1024
     total = sum(gpu["memory_total_mib"] for gpu in gpus) / 1024

@@ -241,6 +241,9 @@ def test_status_rows_say_what_each_host_runs():
     assert row("fleet-01", stopped)[1:] == ("failed (failed)", "vllm-test-double-0.1.0-a0aee950abfd",
                                             "zai-org/GLM-4-9B-0414", "no nvidia-smi",
                                             "no answer ([Errno 111] Connection refused)", "-")
+    no_driver = fleet_status() | {"gpu_error": "NVIDIA-SMI has failed because it couldn't communicate with the "
+                                               "NVIDIA driver. Make sure that the latest NVIDIA driver is installed."}
+    assert row("fleet-01", no_driver)[4] == "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver"
     assert row("fleet-02", None, "timed out")[1] == "unreachable: timed out"
     lines = render([row("fleet-01", fleet_status())]).splitlines()
     assert lines[0].split() == ["host", "unit", "vllm", "model", "gpus", "health", "in", "flight"]
