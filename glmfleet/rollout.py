@@ -29,6 +29,9 @@ from roles.rollout import drain, keep_known_good, roll_back
 from roles.verify import argv_for
 from roles.vllm_service import UNIT_PATH
 
+# A rollout restarts services, it does not reboot hosts; the driver role reboots where allowed.
+REBOOT_NEEDED = ("the new NVIDIA driver is installed but not loaded, and its role may not reboot "
+                 "(nvidia_allow_reboot is false): reboot the host, then run the rollout again")
 DEFAULT_BATCHES = "1,25%,100%"
 DEFAULT_MAX_FAIL = "0"
 
@@ -214,6 +217,9 @@ class Rollout:
             for name in staged:
                 if name in failed:
                     continue
+                if planned[name] is None:  # the service was left alone: nothing to verify or roll back
+                    self.fail(name, "FAILED: needs a reboot into the new NVIDIA driver", REBOOT_NEEDED)
+                    continue
                 restart, verified = planned[name]
                 self.results[name].result = "updated"
                 self.results[name].ready_s = run.seconds(name, restart, verified) if restart.executed else None
@@ -221,7 +227,7 @@ class Rollout:
         for name, why in failed.items():
             self.say(f"  {name} failed: {first_line(why)}")
             self.results[name].why = why
-        self.step(f"drained, updated, verified: {', '.join(n for n in staged if n not in failed) or 'none'}")
+        self.step(f"drained, updated, verified: {', '.join(n for n in staged if self.results[n].result == 'updated') or 'none'}")
         if failed:
             self.roll_back(sorted(failed))
             self.step(f"rolled back and verified: {', '.join(n for n in failed if n not in self.out_of_pool) or 'none'}")
