@@ -67,12 +67,13 @@ def read_unit(path: str) -> dict | None:
     args = argv[serve + 1:] if serve is not None else []
     model = args[0] if args else None
     image = argv[serve - 1] if serve is not None and argv[0].endswith("/docker") else None
+    venv = os.path.dirname(os.path.dirname(os.path.realpath(argv[0]))) if argv and not image else None
     return {
         "path": path,
         "sha256": hashlib.sha256(raw).hexdigest(),
         "argv": argv,
         # What the program runs from: the venv its `current` link resolves to, or the image.
-        "venv": None if image or not argv else os.path.basename(os.path.dirname(os.path.dirname(os.path.realpath(argv[0])))),
+        "venv": os.path.basename(venv) if venv else None,
         "image": image,
         "model": model,
         "revision": option(args, "--revision"),

@@ -44,7 +44,8 @@ def hosts(fleet):
 @pytest.fixture(scope="module")
 def data(package_index):
     """--data for every run; the ready timeout stays host data (--data would override it)."""
-    return {key: value for key, value in TEST_DOUBLE.items() if key != "vllm_ready_timeout"} | {"pip_index_url": package_index}
+    data = {key: value for key, value in TEST_DOUBLE.items() if key != "vllm_ready_timeout"}
+    return data | {"pip_index_url": package_index}
 
 
 @pytest.fixture
