@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import urllib.error
 import urllib.request
 
 HTTP_TIMEOUT_S = 3
+WEIGHTS_DIR = re.compile(r"/models/(?P<owner>[^/]+?)--(?P<name>[^/]+)/(?P<revision>[0-9a-f]{40})/?$")
 # Gauges whose sum is the number of requests vLLM holds (vLLM labels them per model and engine).
 IN_FLIGHT_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 GPU_QUERY = "index,name,memory.used,memory.total,utilization.gpu"
@@ -66,6 +68,8 @@ def read_unit(path: str) -> dict | None:
     serve = argv.index("serve") if "serve" in argv[:-1] else None
     args = argv[serve + 1:] if serve is not None else []
     model = args[0] if args else None
+    # Weights the model_weights role fetched are served from <state>/models/<owner>--<name>/<commit>.
+    weights = WEIGHTS_DIR.search(model or "")
     image = argv[serve - 1] if serve is not None and argv[0].endswith("/docker") else None
     venv = os.path.dirname(os.path.dirname(os.path.realpath(argv[0]))) if argv and not image else None
     return {
@@ -75,8 +79,8 @@ def read_unit(path: str) -> dict | None:
         # What the program runs from: the venv its `current` link resolves to, or the image.
         "venv": os.path.basename(venv) if venv else None,
         "image": image,
-        "model": model,
-        "revision": option(args, "--revision"),
+        "model": f"{weights['owner']}/{weights['name']}" if weights else model,
+        "revision": weights["revision"] if weights else option(args, "--revision"),
         "served_model_name": option(args, "--served-model-name") or model,
         "tensor_parallel_size": int(option(args, "--tensor-parallel-size") or 1),
         "base_url": local_url(option(args, "--host") or "0.0.0.0", option(args, "--port") or "8000"),

@@ -365,6 +365,47 @@ class ContainerHost(FactBase):
         return self.process([])
 
 
+# --- model weights ---------------------------------------------------------------------------
+
+
+class ModelWeights(FactBase):
+    """One model revision's state on this host, from the weights script's host-local state
+    (no hashing: a stat per file), plus which hub CLIs are installed and the host's SSH host
+    key (the other hosts' known_hosts for peer copies).
+
+    .. code:: python
+
+        {"complete": False, "reason": "files changed since verified", "changed": ["model-00003-of-00005.safetensors"],
+         "tools": ["/opt/glmfleet/huggingface_hub-2.4.0/bin/hf"], "host_key": "ssh-ed25519 AAAA..."}
+    """
+
+    def command(self, script: str, state_args: list[str], tools: list[str]) -> str:
+        return (
+            f"for tool in {shlex.join(tools)}; do test -x \"$tool\" && echo \"tool=$tool\"; done; "
+            "echo \"host_key=$(cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null)\"; "
+            f"test -x {shlex.quote(script)} && echo \"state=$({shlex.join([script, 'state', *state_args])} 2>&1)\"; true"
+        )
+
+    @staticmethod
+    def default():
+        return {"complete": False, "reason": "never fetched", "changed": [], "tools": [], "host_key": ""}
+
+    def process(self, output):
+        found = self.default()
+        for line in output:
+            key, _, value = line.partition("=")
+            if key == "tool":
+                found["tools"].append(value)
+            elif key == "host_key":
+                found["host_key"] = value
+            elif key == "state":
+                try:
+                    found.update(json.loads(value))
+                except ValueError:
+                    found["reason"] = f"unreadable state: {value[:200]}"
+        return found
+
+
 # files/vllm_status.py runs inline, so it answers on hosts glmfleet never deployed to.
 STATUS_PROGRAM = (Path(__file__).resolve().parent.parent / "files" / "vllm_status.py").read_text()
 

@@ -8,7 +8,8 @@ from fnmatch import fnmatchcase
 from io import BytesIO, StringIO
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.facts.files import File, Sha256File
 from pyinfra.operations import files
 
@@ -180,3 +181,30 @@ def notice(message: str):
     host.noop(message)
     return
     yield  # a generator that yields nothing: no commands, no change
+
+
+def _run_live(state, host, command: str, connector_arguments: dict) -> bool:
+    status, _ = host.run_shell_command(StringCommand(command), print_output=True, print_input=False, **connector_arguments)
+    return status
+
+
+@operation(is_idempotent=False)
+def live_steps(steps: list):
+    """
+    Run steps and show their output as it comes, whatever pyinfra's verbosity.
+
+    + steps: in order, the first failure fails the operation; each either a shell command for
+      the host (str) or ``(function, *args)``, run on the control node as
+      ``function(state, host, *args)`` and returning False on failure
+
+    For long transfers (model weights): the person running the deploy sees progress lines
+    (bytes, rate, ETA) instead of ten minutes of silence. Output goes to stderr, so ``--json``
+    stays clean. Gate it with a fact, as ``server.shell``: it reports a change whenever it runs.
+    """
+    arguments = host.current_op_global_arguments or {}
+    connector_arguments = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+    for step in steps:
+        if isinstance(step, str):
+            yield FunctionCommand(_run_live, (step, connector_arguments), {})
+        else:
+            yield FunctionCommand(step[0], step[1:], {})

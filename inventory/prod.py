@@ -18,6 +18,9 @@ gpu_servers = (
         "ssh_user": "ubuntu",
         "_sudo": True,
         "model": "zai-org/GLM-4-9B-0414",
+        # The commit every host fetches, verifies and serves: the one you tested (the repository's
+        # history on the hub lists them). A placeholder here: the hub answers "not found" until set.
+        "model_revision": "0000000000000000000000000000000000000000",
         "vllm_version": "0.22.0",
         "vllm_host": "0.0.0.0",
         "vllm_max_model_len": 32768,

@@ -4,6 +4,7 @@ from roles import (
     container_toolkit,
     gateway,
     glm4_patch,
+    model_weights,
     nvidia_driver,
     preflight,
     verify,
@@ -13,8 +14,8 @@ from roles import (
     vllm_venv,
 )
 
-ROLES = (preflight, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch, vllm_flags, vllm_service, verify,
-         gateway)
+ROLES = (preflight, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch, model_weights, vllm_flags,
+         vllm_service, verify, gateway)
 
 
 def serving_host(stage_only=False):
@@ -23,7 +24,7 @@ def serving_host(stage_only=False):
 
     With stage_only, only what is slow to prepare beside the running service and what can fail
     before it is touched: the venv built without switching to it, the image pulled, the flags
-    checked. A rollout stages while the host still serves. Returns the operations whose timing
+    checked, the weights fetched. A rollout stages while the host still serves. Returns the operations whose timing
     a rollout reports, (the restart, the check that the host serves), or None where nothing
     starts: when staging, and on a host waiting for its reboot into a new driver.
     """
@@ -31,15 +32,19 @@ def serving_host(stage_only=False):
     if stage_only:
         vllm_venv.vllm_venv(switch=False)
         vllm_image.vllm_image()
+        model_weights.model_weights()
         vllm_flags.vllm_flags()
         return None
     driver = nvidia_driver.nvidia_driver()
     toolkit_changed = container_toolkit.container_toolkit(driver=driver)
     runtime_changed = [*vllm_venv.vllm_venv(), *vllm_image.vllm_image(), *glm4_patch.glm4_patch()]
+    # Weights need no GPU: they are fetched even on a host that waits for its reboot. A host whose
+    # weights fail to complete fails here, so its vLLM is never started.
+    new_weights = model_weights.model_weights()
     # A bad flag fails the host here, before the running unit is replaced.
     vllm_flags.vllm_flags()
     # Serving needs the GPU: a host waiting for its reboot into the new driver stops here.
     if not driver.ready:
         return None
-    started = vllm_service.vllm_service(restart_when=[*runtime_changed, *toolkit_changed, *driver.changes])
+    started = vllm_service.vllm_service(restart_when=[*runtime_changed, *new_weights, *toolkit_changed, *driver.changes])
     return started[0], verify.verify(changes=started)

@@ -32,6 +32,7 @@ from glmfleet.config import (
     optional,
 )
 from glmfleet.operations import secret_file
+from roles.model_weights import check_argv, model_path
 from roles.vllm_image import CONTAINER, docker_run
 from roles.vllm_venv import VLLM_USER, venv_bin
 
@@ -53,17 +54,9 @@ def is_mm_limits(value) -> bool:
     return isinstance(value, dict) and bool(value) and all(is_str(k) and type(v) is int and v >= 0 for k, v in value.items())
 
 
-def is_commit(value) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{40}", value) is not None
-
-
 SETTINGS = (
-    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a catalog name (README: Model catalog) or a hub repo id",
+    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a catalog name (README: Model catalog) or a hub repo id (its files: see model_source)",
             "a catalog name such as 'glm-4.7-flash', 'owner/name' or an absolute path", is_model),
-    Setting("model_revision", None, "the hub commit to serve (pinned, so every host serves the same bytes)",
-            "None or a 40-hex commit id", optional(is_commit)),
-    Setting("model_dir", None, "a directory on the host that holds the weights; vLLM then runs offline",
-            "None or an absolute path", optional(is_abs_path)),
     Setting("vllm_host", "127.0.0.1", "address vLLM listens on", "an IP address such as '127.0.0.1' or '0.0.0.0'", is_listen_address),
     Setting("vllm_port", 8000, "TCP port vLLM listens on", "an integer 1-65535", is_int_in(1, 65535)),
     Setting("vllm_served_model_name", None, "the name clients ask for (default: the model)", "None or a name",
@@ -89,8 +82,6 @@ SETTINGS = (
     Setting("vllm_env", {}, "extra environment for vLLM, e.g. {'VLLM_LOGGING_LEVEL': 'DEBUG'}",
             "a mapping of variable names to one-line strings", is_env_dict),
     Setting("vllm_api_key", None, "API key clients must send (kept in a root-only file)", "None or a string", optional(is_str), secret=True),
-    Setting("hf_token", None, "Hugging Face token for gated models (kept in a root-only file)", "None or a string", optional(is_str),
-            secret=True),
     Setting("vllm_shutdown_timeout", 30, "seconds in-flight requests get to finish on stop (vLLM >= 0.18)", "an integer 0-3600",
             is_int_in(0, 3600)),
     Setting("vllm_start_timeout", 1800, "seconds a start (weights load, compile) may take", "an integer 60-86400", is_int_in(60, 86400)),
@@ -122,7 +113,7 @@ ENV_KEYS = {
     "VLLM_API_KEY": "vllm_api_key",
     "HF_TOKEN": "hf_token",
     "HUGGING_FACE_HUB_TOKEN": "hf_token",
-    "HF_HUB_OFFLINE": "model_dir",
+    "HF_HUB_OFFLINE": "model_source",
     "HF_HOME": "vllm_state_dir",
     "VLLM_CACHE_ROOT": "vllm_state_dir",
     "HOME": "vllm_state_dir",
@@ -162,7 +153,7 @@ def vllm_command(cfg: HostConfig) -> list[str]:
 def serve_args(cfg: HostConfig) -> list[str]:
     """What follows ``vllm serve``: the model and the configured flags."""
     argv = [
-        cfg.model_dir or cfg.model,
+        model_path(cfg),
         "--host", cfg.vllm_host,
         "--port", str(cfg.vllm_port),
         "--served-model-name", served_model_name(cfg),
@@ -173,8 +164,6 @@ def serve_args(cfg: HostConfig) -> list[str]:
         argv += ["--pipeline-parallel-size", str(cfg.vllm_pipeline_parallel_size)]
     if cfg.vllm_max_model_len:
         argv += ["--max-model-len", str(cfg.vllm_max_model_len)]
-    if cfg.model_revision and not cfg.model_dir:
-        argv += ["--revision", cfg.model_revision]
     if cfg.vllm_trust_remote_code:
         argv.append("--trust-remote-code")
     if cfg.vllm_tool_call_parser:
@@ -196,16 +185,14 @@ def vllm_environment(cfg: HostConfig) -> dict[str, str]:
         "HOME": cfg.vllm_state_dir,
         "HF_HOME": f"{cfg.vllm_state_dir}/huggingface",
         "VLLM_CACHE_ROOT": f"{cfg.vllm_state_dir}/cache",
+        # The weights are fetched and verified by the model_weights role: vLLM only reads them.
+        "HF_HUB_OFFLINE": "1",
         # A fleet's servers do not report usage to third parties.
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
-    if cfg.model_dir:
-        env["HF_HUB_OFFLINE"] = "1"
     if cfg.vllm_api_key:
         env["VLLM_API_KEY"] = cfg.vllm_api_key
-    if cfg.hf_token:
-        env["HF_TOKEN"] = cfg.hf_token
     env.update(cfg.vllm_env)
     return env
 
@@ -239,6 +226,7 @@ def render_unit(cfg: HostConfig) -> str:
         state_dir=cfg.vllm_state_dir,
         env_file=ENV_FILE,
         exec_start=" ".join(systemd_quote(arg) for arg in vllm_command(cfg)),
+        exec_start_pre=" ".join(systemd_quote(arg) for arg in check_argv(cfg)),
         restart_sec=15,
         start_timeout=cfg.vllm_start_timeout,
         stop_timeout=cfg.vllm_shutdown_timeout + 30,

@@ -8,8 +8,7 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.deb import DebPackages
-from pyinfra.operations import apt, files, server
+from pyinfra.operations import files, server
 
 from glmfleet.config import (
     HostConfig,
@@ -25,6 +24,7 @@ from glmfleet.config import (
     is_version,
 )
 from glmfleet.facts import COMPLETE_MARKER, VllmVenvs
+from glmfleet.toolvenv import install_tool, tool_bin
 
 VLLM_USER = "vllm"
 UV_CACHE_DIR = "/var/cache/glmfleet/uv"
@@ -68,7 +68,7 @@ def venv_name(cfg: HostConfig) -> str:
 
 
 def uv_path(cfg: HostConfig) -> str:
-    return f"/opt/glmfleet/uv-{cfg.uv_version}/bin/uv"
+    return tool_bin("uv", cfg.uv_version, "uv")
 
 
 def venv_bin(cfg: HostConfig, name: str) -> str:
@@ -127,20 +127,7 @@ def vllm_venv(switch=True):
     state_dirs(cfg)
     venvs = host.get_fact(VllmVenvs, root=root, uv=uv)
 
-    if not venvs["uv"]:
-        # The venv module is a separate package on Debian and Ubuntu; refresh apt only when
-        # something must be installed, so a converged host never reports a change.
-        if "python3-venv" not in host.get_fact(DebPackages):
-            apt.packages(name="python3-venv for the uv bootstrap", packages=["python3-venv"], update=True)
-        uv_dir = uv.rsplit("/bin/", 1)[0]
-        server.shell(
-            name=f"bootstrap uv {cfg.uv_version}",
-            commands=[
-                f"rm -rf {uv_dir} && {shlex.quote(cfg.vllm_python)} -m venv {uv_dir} && "
-                f"{uv_dir}/bin/pip install --quiet --disable-pip-version-check --no-cache-dir --cert {SYSTEM_CA_BUNDLE} "
-                f"{shlex.join(index_args(cfg))} uv=={cfg.uv_version}"
-            ],
-        )
+    install_tool("uv", cfg.uv_version, cfg.vllm_python, ["--cert", SYSTEM_CA_BUNDLE, *index_args(cfg)], installed=venvs["uv"])
 
     if name not in venvs["complete"]:
         target = f"{root}/venvs/{name}"

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from glmfleet import localfleet
-from tests.fleettools import UV_VERSION
+from tests.fleettools import UV_VERSION, test_model_settings
 from tests.pkgindex import PackageIndex, fill_index_dir
 
 FLEET_SIZE = 2
@@ -29,3 +29,9 @@ def package_index(tmp_path_factory):
     fill_index_dir(wheels, requirements=[f"uv=={UV_VERSION}"])
     with PackageIndex(wheels) as index:
         yield index.url
+
+
+@pytest.fixture(scope="session")
+def test_model(tmp_path_factory):
+    """Settings for a small real checkpoint that the control node pushes (the weights role)."""
+    return test_model_settings(tmp_path_factory.mktemp("test-model") / "checkpoint")

@@ -16,7 +16,7 @@ from pathlib import Path
 from glmfleet import localfleet
 from glmfleet.config import resolve
 from roles.verify import verify_argv
-from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, deploy, fleet_host
+from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, deploy, fleet_host, test_model_settings
 from tests.pkgindex import PackageIndex, fill_index_dir
 
 BANNER = """\
@@ -51,10 +51,12 @@ def main() -> int:
     names = [host["name"] for host in localfleet.load_hosts()][: args.hosts]
     env = {API_KEY_ENV: secrets.token_urlsafe(24)}
 
-    with tempfile.TemporaryDirectory(prefix="glmfleet-demo-index-") as wheels:
+    with tempfile.TemporaryDirectory(prefix="glmfleet-demo-index-") as wheels, \
+            tempfile.TemporaryDirectory(prefix="glmfleet-demo-model-") as model:
         fill_index_dir(Path(wheels), requirements=[f"uv=={UV_VERSION}"])
         with PackageIndex(Path(wheels)) as index:
-            settings = {**TEST_DOUBLE, "pip_index_url": index.url}
+            # The weights: a small real checkpoint the control node pushes to every host.
+            settings = {**TEST_DOUBLE, **test_model_settings(Path(model) / "checkpoint"), "pip_index_url": index.url}
             say(f"==> pyinfra inventory/local.py deploy.py (package index {index.url})")
             first = deploy(data=settings, env=env)
             if first.returncode != 0:

@@ -25,6 +25,20 @@ UV_VERSION = all_settings()["uv_version"].default  # the product's own pin
 # The fleet has no GPU: the driver role is not asked to manage one (tests/test_gpu_stack_fleet.py does).
 TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": TEST_DOUBLE_VERSION, "vllm_ready_timeout": 120,
                "nvidia_driver_source": "none"}
+# With the control source a revision only names the files (no hub is asked): any 40-hex label.
+TEST_MODEL_REVISION = "7e57" * 10
+
+
+def test_model_settings(directory: Path) -> dict:
+    """A small real checkpoint made in ``directory``, pushed by the control node to the hosts."""
+    from tests.model_maker import make_checkpoint
+
+    if not (directory / "config.json").exists():
+        make_checkpoint(directory, size_bytes=100 * 2**20, shard_bytes=40 * 2**20)
+    return {"model_source": "control", "model_control_dir": str(directory), "model_revision": TEST_MODEL_REVISION}
+
+
+test_model_settings.__test__ = False  # a helper, not a test
 # The tests' API key: it reaches pyinfra through the inventory's environment, as prod.py shows.
 API_KEY_ENV = "GLMFLEET_VLLM_API_KEY"
 

@@ -10,7 +10,7 @@ namespace, so the index URL works from inside them too.
     with PackageIndex(wheels_dir) as index:
         index.url   # http://127.0.0.1:PORT/simple/
 
-Needs: `uv` on PATH (it builds the double's wheel) and pypiserver in this
+Needs: uv, beside this Python or on PATH (it builds the double's wheel), and pypiserver in this
 interpreter (which brings pip, used to download wheels).
 """
 
@@ -58,7 +58,7 @@ def build_test_double_wheel(directory: Path) -> Path:
     """
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vllm-test-double-build-") as out:
-        _run([_uv(), "build", "--wheel", "--out-dir", out, str(TEST_DOUBLE_SOURCE)])
+        _run([uv_command(), "build", "--wheel", "--out-dir", out, str(TEST_DOUBLE_SOURCE)])
         (wheel,) = Path(out).glob("*.whl")
         return Path(shutil.move(wheel, directory / wheel.name))
 
@@ -205,10 +205,12 @@ def _free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def _uv() -> str:
-    uv = shutil.which("uv")
+def uv_command() -> str:
+    """The uv installed beside this interpreter (the project's venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "uv"
+    uv = str(beside) if beside.exists() else shutil.which("uv")
     if uv is None:
-        raise RuntimeError("uv is not on PATH; it is needed to build the vllm-test-double wheel")
+        raise RuntimeError("uv is neither beside this Python nor on PATH: run `make venv`")
     return uv
 
 

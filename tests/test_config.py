@@ -11,6 +11,7 @@ from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
 from glmfleet.config import ConfigError, all_settings, resolve, settings_table, validate_inventory
+from roles.model_weights import sync_argv
 from roles.vllm_service import render_env_file, render_unit, vllm_command, vllm_environment
 
 
@@ -67,7 +68,10 @@ BAD_VALUES = [
     ("vllm_extra_args", "--enable-prefix-caching", "a list of strings"),
     ("vllm_env", {"BAD-NAME": "1"}, "a mapping of variable names"),
     ("vllm_env", {"A": "two\nlines"}, "one-line strings"),
-    ("model", "not a repo", "'owner/name' or an absolute path"),
+    ("model", "not a repo", "'owner/name'"),
+    ("model_source", "s3", "one of 'hf', 'modelscope', 'control', 'path', 'peer'"),
+    ("model_disk_margin_gb", -1, "a number 0-100000"),
+    ("hf_endpoint", "mirror.internal", "None or an http(s) URL"),
     ("model_revision", "main", "a 40-hex commit id"),
     ("model_dir", "relative/dir", "an absolute path"),
     ("pip_index_url", "pypi.example", "an http(s) or file URL"),
@@ -140,11 +144,14 @@ def test_secrets_are_never_echoed_in_errors():
 
 
 def test_secrets_stay_out_of_the_unit_and_in_the_env_file():
-    cfg = resolve({"vllm_api_key": "sk-test-4242", "hf_token": "hf_test_4242"})
+    cfg = resolve({"vllm_api_key": "sk-test-4242", "hf_token": "hf_test_4242", "model_revision": "a" * 40})
     assert "4242" not in " ".join(vllm_command(cfg))
     assert "4242" not in render_unit(cfg)
     env_file = render_env_file(vllm_environment(cfg))
-    assert 'VLLM_API_KEY="sk-test-4242"' in env_file and 'HF_TOKEN="hf_test_4242"' in env_file
+    assert 'VLLM_API_KEY="sk-test-4242"' in env_file
+    # The hub token is only for fetching (a root-only file the weights script reads): vLLM
+    # serves offline and never sees it.
+    assert "hf_test_4242" not in env_file and "hf_test_4242" not in " ".join(sync_argv(cfg, "hf"))
 
 
 def test_command_renders_each_key():
@@ -152,10 +159,11 @@ def test_command_renders_each_key():
                    "vllm_served_model_name": "glm", "vllm_extra_args": ["--enable-prefix-caching"],
                    "model_revision": "a" * 40})
     argv = vllm_command(cfg)
-    assert argv[:3] == ["/opt/glmfleet/vllm/current/bin/vllm", "serve", "zai-org/GLM-4.7-Flash"]
+    # vLLM serves the verified local copy: <vllm_state_dir>/models/<owner>--<name>/<revision>
+    assert argv[:3] == ["/opt/glmfleet/vllm/current/bin/vllm", "serve", "/var/lib/vllm/models/zai-org--GLM-4.7-Flash/" + "a" * 40]
     flags = dict(zip(argv[3::2], argv[4::2]))
     assert flags["--port"] == "8123" and flags["--max-model-len"] == "4096"
-    assert flags["--served-model-name"] == "glm" and flags["--revision"] == "a" * 40
+    assert flags["--served-model-name"] == "glm" and "--revision" not in argv
     assert argv[-1] == "--enable-prefix-caching"
 
 

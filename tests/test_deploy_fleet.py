@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from glmfleet import localfleet
-from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, deploy, fleet_host, make_bare, write_inventory
+from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, TEST_MODEL_REVISION, deploy, fleet_host, make_bare, write_inventory
 
 pytestmark = pytest.mark.fleet
 
@@ -20,8 +20,8 @@ API_KEY = "sk-glmfleet-e2e-7d1c9a"
 
 
 @pytest.fixture(scope="module")
-def settings(package_index):
-    return {**TEST_DOUBLE, "pip_index_url": package_index}
+def settings(package_index, test_model):
+    return {**TEST_DOUBLE, **test_model, "pip_index_url": package_index}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_service_runs_as_the_vllm_system_user_from_the_venv(first_run, fleet):
         assert user.uid < 1000 and user.shell == "/usr/sbin/nologin"
         assert host.check_output("ps -o user= -p $(systemctl show -p MainPID --value vllm.service)") == "vllm"
         unit = host.file("/etc/systemd/system/vllm.service").content_string
-        assert "ExecStart=/opt/glmfleet/vllm/current/bin/vllm serve zai-org/GLM-4-9B-0414" in unit
+        assert f"ExecStart=/opt/glmfleet/vllm/current/bin/vllm serve /var/lib/vllm/models/zai-org--GLM-4-9B-0414/{TEST_MODEL_REVISION}" in unit
         assert "EnvironmentFile=/etc/glmfleet/vllm.env" in unit
         target = host.file("/opt/glmfleet/vllm/current").linked_to
         assert host.file(f"{target}/.glmfleet-complete").exists

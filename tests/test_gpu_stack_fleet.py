@@ -98,14 +98,14 @@ def test_debian_distro_driver_second_run_changes_nothing(fleet):
     assert "reboot required: driver branch 535 installed, running: none" in run.stderr + run.stdout
 
 
-def test_cuda_repo_on_loopback_and_reboot_then_the_deploy_goes_on(fleet, repos, package_index, tmp_path):
+def test_cuda_repo_on_loopback_and_reboot_then_the_deploy_goes_on(fleet, repos, package_index, test_model, tmp_path):
     """The whole deploy on a fresh host: the CUDA repository with its signed-by keyring, the
     driver through its branch metapackage, one reboot, and the roles after it."""
     name = fleet[1]
     make_bare(name)  # other modules' tests may have deployed here before
     host = host_of(name)
     boot_before = host.check_output("cat /proc/sys/kernel/random/boot_id; cut -d' ' -f22 /proc/1/stat")
-    data = {**TEST_DOUBLE, "pip_index_url": package_index, **repos["cuda"], "nvidia_driver_source": "cuda-repo",
+    data = {**TEST_DOUBLE, **test_model, "pip_index_url": package_index, **repos["cuda"], "nvidia_driver_source": "cuda-repo",
             "nvidia_driver_branch": "535", "nvidia_allow_reboot": True, "nvidia_reboot_timeout": 300}
     run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data=data, timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]

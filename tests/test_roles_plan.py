@@ -47,10 +47,10 @@ def test_preflight_failure_prints_each_problem_and_fails():
 
 
 def test_flag_check_runs_the_pinned_venvs_python_on_the_units_arguments():
-    cfg = resolve({"model": "glm-4.7", "vllm_extra_args": ["--enable-prefix-caching"]})
+    cfg = resolve({"model": "glm-4.7", "vllm_extra_args": ["--enable-prefix-caching"], "model_revision": "a" * 40})
     command = check_command(cfg)
     assert command.startswith("HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 ")
-    assert f"/opt/glmfleet/vllm/venvs/{venv_name(cfg)}/bin/python {SCRIPT} zai-org/GLM-4.7 --host 127.0.0.1" in command
+    assert f"/opt/glmfleet/vllm/venvs/{venv_name(cfg)}/bin/python {SCRIPT} /var/lib/vllm/models/zai-org--GLM-4.7/{'a' * 40} --host 127.0.0.1" in command
     assert command.endswith("--tool-call-parser glm47 --enable-auto-tool-choice --reasoning-parser glm45 --shutdown-timeout 30 "
                             "--enable-prefix-caching")
 
@@ -74,7 +74,8 @@ def test_patch_file_states_the_checksums_the_role_passes():
     assert re.search(r"^--- a/vllm/model_executor/models/glm4\.py$", (FILES / "glm4-0.8.4.patch").read_text(), re.M)
 
 
-RECIPE_IN_IMAGE = {"model": "glm-z1-32b-0414", "vllm_runtime": "image", "vllm_version": "0.8.4", "vllm_tensor_parallel_size": 4}
+RECIPE_IN_IMAGE = {"model": "glm-z1-32b-0414", "vllm_runtime": "image", "vllm_version": "0.8.4", "vllm_tensor_parallel_size": 4,
+                   "model_revision": "a" * 40}
 
 
 def test_image_runtime_derives_the_patched_file_from_the_images_copy():
@@ -98,7 +99,7 @@ def test_image_runtime_lays_the_patched_file_read_only_over_the_images_own(versi
 def test_image_runtime_checks_flags_with_the_images_own_vllm_offline():
     command = check_command(resolve(RECIPE_IN_IMAGE))
     assert command.startswith("docker run --rm --interactive --network none --env HF_HUB_OFFLINE=1 ")
-    assert f"--entrypoint python3 vllm/vllm-openai:v0.8.4 - zai-org/GLM-Z1-32B-0414 --host 127.0.0.1" in command
+    assert f"--entrypoint python3 vllm/vllm-openai:v0.8.4 - /var/lib/vllm/models/zai-org--GLM-Z1-32B-0414/{'a' * 40} --host 127.0.0.1" in command
     assert command.endswith(f"--tensor-parallel-size 4 --gpu-memory-utilization 0.9 < {SCRIPT}")
 
 

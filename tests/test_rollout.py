@@ -185,13 +185,14 @@ def test_the_unit_parses_back_to_the_command_it_was_rendered_from(tmp_path):
 
 def test_an_image_units_command_parses_to_its_image_and_model(tmp_path):
     cfg = resolve({"vllm_runtime": "image", "vllm_image_digest": "sha256:" + "ab" * 32, "vllm_port": 8100,
-                   "vllm_served_model_name": "glm"})
+                   "vllm_served_model_name": "glm", "model_revision": REVISION})
     unit = tmp_path / "vllm.service"
     unit.write_text(render_unit(cfg))
     parsed = STATUS["read_unit"](str(unit))
     assert parsed["argv"] == vllm_command(cfg)
     assert (parsed["image"], parsed["venv"]) == ("vllm/vllm-openai@sha256:" + "ab" * 32, None)
-    assert (parsed["model"], parsed["served_model_name"], parsed["base_url"]) == (cfg.model, "glm", "http://127.0.0.1:8100")
+    assert (parsed["model"], parsed["revision"], parsed["served_model_name"], parsed["base_url"]) == (
+        cfg.model, REVISION, "glm", "http://127.0.0.1:8100")
 
 
 def test_requests_in_flight_sum_vllms_gauges_over_engines():

@@ -64,17 +64,17 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def real(vllm_index):
-    return {"vllm_package": "vllm", "vllm_venv_root": "/opt/glmfleet/vllm-real", "pip_index_url": vllm_index,
+def real(vllm_index, test_model):
+    return {**test_model, "vllm_package": "vllm", "vllm_venv_root": "/opt/glmfleet/vllm-real", "pip_index_url": vllm_index,
             "nvidia_driver_source": TEST_DOUBLE["nvidia_driver_source"]}
 
 
 @pytest.fixture(scope="module")
-def serving(fleet, package_index):
+def serving(fleet, package_index, test_model):
     """The last fleet host serving through the test double; its unit's sha256 and main PID."""
     name = fleet[-1]
     fleet_host(name).run("systemctl reset-failed vllm.service")  # a test before may have left it failed
-    run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**TEST_DOUBLE, "pip_index_url": package_index})
+    run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**TEST_DOUBLE, **test_model, "pip_index_url": package_index})
     assert run.returncode == 0, run.stderr[-3000:]
     host = fleet_host(name)
     return name, host.file(UNIT).sha256sum, main_pid(name)

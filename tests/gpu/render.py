@@ -37,6 +37,10 @@ MODEL_DIR = "/opt/glmfleet/models/tiny-glm4"
 # Everything else stays at the roles' defaults: the command is the one a fleet host would run.
 SMOKE_DATA = {
     "model_dir": MODEL_DIR,
+    # The smoke makes its model in place (make_tiny_glm4.py): the weights role would only verify
+    # it ('path'); a revision names that one checkpoint.
+    "model_source": "path",
+    "model_revision": "7e57" * 10,
     "vllm_served_model_name": "tiny-glm4",
     # vLLM 0.22 imports flashinfer for its top-k/top-p sampler on every CUDA start unless this is
     # 0; the smoke install leaves flashinfer (and its 1 GB of kernels) out, as a text model's

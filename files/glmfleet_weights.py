@@ -1,0 +1,585 @@
+#!/usr/bin/env python3
+"""glmfleet-weights: fetch, verify and mark one model revision in one directory on this host.
+
+Installed on every host by the model_weights role (standard library only: the host's python3
+runs it). The deploy reads ``state`` (its fact), runs ``sync`` where the weights are not
+complete, and the vLLM unit runs ``check`` before it starts.
+
+Integrity: a manifest (``DIR/.glmfleet/manifest.json``) lists every file of the revision with
+its size and a digest from the hub's own metadata (the LFS sha256, or the git blob id of small
+files) or, where the source has none, the sha256 computed once on the seed. Each host hashes
+its copy against it and records, per file, the stat (size, mtime, ctime, inode) it verified in
+a host-local state file; only when every file is verified is the state marked complete. A
+later run re-hashes only files whose stat changed (any write, truncation or replacement
+changes ctime or inode), so a complete host costs one stat per file and nothing else.
+
+A run withdraws the completion mark before it changes anything, so an interrupted run leaves
+a host that is not complete; transfers write into temporary files (hf's ``.incomplete``,
+rsync's ``--partial-dir``), so a file at its final path is never half written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MANIFEST = ".glmfleet/manifest.json"
+# Not part of the model: hf's download metadata and locks, rsync's partial files, our manifest.
+NOT_MODEL_FILES = (".cache/", ".glmfleet/", ".rsync-partial/")
+CHUNK = 8 << 20
+
+
+class Failure(Exception):
+    """A failure with what to do about it; printed as one clear message, exit status 1."""
+
+
+# --- selection, digests, manifests -------------------------------------------------------------
+
+
+def selected(path: str, include: list[str], exclude: list[str]) -> bool:
+    """The hub CLI's own rule (huggingface_hub's filter_repo_objects): case-sensitive fnmatch,
+    a pattern ending in '/' means everything under it."""
+    def grow(patterns):
+        return [p + "*" if p.endswith("/") else p for p in patterns]
+    if include and not any(fnmatch.fnmatchcase(path, p) for p in grow(include)):
+        return False
+    return not any(fnmatch.fnmatchcase(path, p) for p in grow(exclude))
+
+
+def digest_file(path: Path, kind: str) -> str:
+    """``sha256`` of the content, or the git blob id (sha1 over ``blob <size>\\0`` + content)."""
+    if kind == "sha256":
+        digest = hashlib.sha256()
+    else:
+        digest = hashlib.sha1()
+        digest.update(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_files(directory: Path) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), directory)
+            if not relative.startswith(NOT_MODEL_FILES):
+                found.append(relative)
+    return sorted(found)
+
+
+def manifest_from_hub_tree(directory: Path, model: str, revision: str, include, exclude) -> dict | None:
+    """The hub's metadata as huggingface_hub >= 1.28 leaves it: ``.cache/huggingface/trees/<commit>.json``."""
+    tree = directory / ".cache" / "huggingface" / "trees" / f"{revision}.json"
+    if not tree.exists():
+        return None
+    entries = json.loads(tree.read_text())["files"]
+    files = {}
+    for path, entry in entries.items():
+        if not selected(path, include, exclude):
+            continue
+        if "lfs_sha256" in entry:
+            files[path] = {"size": entry["lfs_size"], "sha256": entry["lfs_sha256"]}
+        else:
+            files[path] = {"size": entry["size"], "git_blob": entry["blob_id"]}
+    return {"format": 1, "model": model, "revision": revision, "origin": "hub tree", "files": files}
+
+
+def computed_manifest(directory: Path, model: str, revision: str, include, exclude) -> dict:
+    files = {}
+    for path in model_files(directory):
+        if selected(path, include, exclude):
+            files[path] = {"size": (directory / path).stat().st_size, "sha256": digest_file(directory / path, "sha256")}
+    return {"format": 1, "model": model, "revision": revision, "origin": "computed on the seed", "files": files}
+
+
+def read_manifest(directory: Path) -> dict | None:
+    path = directory / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
+
+
+def manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+# --- the host-local state: which files were verified, as what stat -----------------------------
+
+
+def stat_of(path: Path) -> list[int] | None:
+    try:
+        s = path.stat()
+    except FileNotFoundError:
+        return None
+    return [s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino]
+
+
+class State:
+    def __init__(self, path: Path, key: str):
+        self.path = path
+        data = json.loads(path.read_text()) if path.exists() else {}
+        if data.get("key") != key:
+            data = {"key": key, "verified": {}}
+        self.data = data
+        self.data.setdefault("verified", {})
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.data.get("complete"))
+
+    def changed(self, directory: Path) -> list[str]:
+        """Files whose stat differs from the one verified (or that were never verified)."""
+        return [p for p, seen in self.data["verified"].items() if stat_of(directory / p) != seen]
+
+    def save(self, **fields) -> None:
+        self.data.update(fields)
+        write_json(self.path, self.data)
+
+
+# --- progress --------------------------------------------------------------------------------
+
+
+def tree_bytes(directory: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass  # a temporary file renamed between listing and stat
+    return total
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class Progress:
+    """Prints bytes arrived, rate and ETA every ``interval`` seconds while a transfer runs, by
+    watching the directory grow (the same for every source: hf, modelscope, rsync)."""
+
+    def __init__(self, directory: Path, expected: int, interval: float, label: str):
+        self.directory, self.expected, self.interval, self.label = directory, expected, interval, label
+        self.stop = threading.Event()
+        self.start_bytes = tree_bytes(directory)
+        self.started = time.monotonic()
+
+    def arrived(self) -> int:
+        return max(0, tree_bytes(self.directory) - self.start_bytes)
+
+    def line(self) -> str:
+        done, elapsed = self.arrived(), time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else 0
+        text = f"{self.label}: {human(done)}"
+        if self.expected:
+            text += f" of {human(self.expected)} ({min(100, 100 * done / self.expected):.0f}%)"
+        text += f", {human(rate)}/s"
+        if self.expected and done >= self.expected / 100 and done < self.expected:  # a rate worth extrapolating
+            text += f", ETA {int((self.expected - done) / rate)} s"
+        return text
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            print(self.line(), flush=True)
+
+    def __enter__(self) -> Progress:
+        threading.Thread(target=self.run, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+
+
+# --- error classification of the hub CLIs' output -------------------------------------------------
+
+# (kind, pattern in the CLI's output, what to do). First match wins: a rate-limited listing is
+# reported by hf as "Local entry not found. 429 ...", so the 429 must be looked at before "not found".
+CLASSES = (
+    ("disk full", r"No space left on device|Errno 28",
+     "the filesystem of model_dir filled up: free space there, or point model_dir at a larger filesystem"),
+    ("gated model", r"requires approval|Cannot access gated repo|GatedRepo",
+     "accept the model's license on its hub page with the account whose token is in hf_token, then re-run"),
+    ("rate limited", r"429 Too Many Requests|rate limit",
+     "the hub limits requests per IP: wait for the window to pass, set hf_token (higher limits), "
+     "use model_source 'peer' so only one host fetches, or an hf_endpoint mirror"),
+    ("bad token", r"Invalid credentials in Authorization header|Invalid user token|401 Unauthorized|Invalid token",
+     "the hub refused the token: check hf_token (a read token of an account with access)"),
+    ("not found", r"Repository Not Found|Revision Not Found|Entry Not Found|Local entry not found|404",
+     "check model and model_revision (a commit of that repository); a private repository also needs hf_token"),
+    ("hub unreachable", r"Connection refused|ConnectError|ConnectTimeout|Name or service not known|"
+                        r"Temporary failure in name resolution|Network is unreachable|timed out",
+     "this host cannot reach the hub: check hf_endpoint and the host's network or proxy"),
+)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def classify(output: str) -> tuple[str, str]:
+    text = ANSI.sub("", output)
+    for kind, pattern, advice in CLASSES:
+        if re.search(pattern, text):
+            return kind, advice
+    return "failed", "see the output above"
+
+
+def run_cli(argv: list[str], env: dict[str, str], what: str) -> None:
+    """Run a hub CLI; on failure raise a Failure that names the classified cause."""
+    process = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, errors="replace")
+    if process.returncode != 0:
+        kind, advice = classify(process.stdout)
+        tail = "\n".join(ANSI.sub("", process.stdout).strip().splitlines()[-12:])
+        raise Failure(f"{what} failed: {kind}: {advice}\n--- last lines of its output:\n{tail}")
+
+
+def hf_size(text: str) -> int:
+    """``hf download --dry-run --json`` sizes ('135.0', '8.9K', '68.2M'): powers of 1000."""
+    match = re.fullmatch(r"([0-9.]+)\s*([KMGTPEZ]?)B?", text.strip())
+    if not match:
+        raise Failure(f"cannot read the size {text!r} in the hf CLI's dry-run output")
+    return int(float(match.group(1)) * 1000 ** " KMGTPEZ".index(match.group(2) or " "))
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+class Source:
+    def __init__(self, args):
+        self.args = args
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "MODELSCOPE_"))}
+        if args.token_file:  # read here, handed over in the environment: never on a command line
+            self.env["HF_TOKEN"] = Path(args.token_file).read_text().strip()
+
+
+class Hub(Source):
+    """``hf download``: the listing first (sizes for the disk check), then the transfer."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=args.cli_home)
+        self.env.update(dict(item.split("=", 1) for item in args.env))
+
+    def argv(self, *extra: str) -> list[str]:
+        a = self.args
+        argv = [a.cli, "download", a.model, "--revision", a.revision, "--local-dir", str(a.dir)]
+        for pattern in a.include:
+            argv += ["--include", pattern]
+        for pattern in a.exclude:
+            argv += ["--exclude", pattern]
+        return argv + list(extra)
+
+    def sizes(self) -> dict[str, int]:
+        process = subprocess.run(self.argv("--dry-run", "--json"), env=self.env, stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, errors="replace")
+        if process.returncode != 0:
+            kind, advice = classify(process.stdout + process.stderr)
+            raise Failure(f"listing {self.args.model}@{self.args.revision} on the hub failed: {kind}: {advice}\n"
+                          + "\n".join(ANSI.sub("", process.stderr).strip().splitlines()[-8:]))
+        # "-": present and current, nothing to download.
+        return {e["file"]: hf_size(e["size"]) for e in json.loads(process.stdout) if e["size"] != "-"}
+
+    def fetch(self) -> None:
+        run_cli(self.argv(), self.env, f"hf download {self.args.model}")
+
+    def manifest(self) -> dict:
+        a = self.args
+        manifest = manifest_from_hub_tree(a.dir, a.model, a.revision, a.include, a.exclude)
+        if manifest is None:
+            raise Failure(f"hf left no {a.dir}/.cache/huggingface/trees/{a.revision}.json: "
+                          "the hf CLI must be huggingface_hub >= 1.28 (hf_cli_version)")
+        return manifest
+
+
+class ModelScope(Source):
+    """``modelscope download``: it verifies each file's sha256 itself; our manifest is computed
+    once from the result on the seed."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.env.update(MODELSCOPE_CACHE=args.cli_home)
+        self.env.update(dict(item.split("=", 1) for item in args.env))
+
+    def sizes(self) -> dict[str, int] | None:
+        return None  # the CLI has no listing: the disk check can only ask for the margin
+
+    def fetch(self) -> None:
+        a = self.args
+        argv = [a.cli, "download", a.model, "--revision", a.revision, "--local-dir", str(a.dir)]
+        if a.include:
+            argv += ["--include", *a.include]
+        if a.exclude:
+            argv += ["--exclude", *a.exclude]
+        run_cli(argv, self.env, f"modelscope download {a.model}")
+
+    def manifest(self) -> dict:
+        a = self.args
+        return computed_manifest(a.dir, a.model, a.revision, a.include, a.exclude)
+
+
+class Peers(Source):
+    """rsync over SSH from hosts that already hold the revision, first listed first; the
+    manifest comes along (a peer's copy is verified here all the same)."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.peer = None
+
+    def rsync(self, peer: str, *paths: str) -> subprocess.CompletedProcess:
+        address, port = peer.rsplit(":", 1)
+        ssh = (f"ssh -p {port} -i {self.args.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
+               f"-o UserKnownHostsFile={self.args.known_hosts} -o Compression=no -o ConnectTimeout=10")
+        # No -z: weights do not compress. Partial files wait in .rsync-partial/ and resume.
+        argv = ["rsync", "--archive", "--partial-dir=.rsync-partial", "--exclude=/.cache/", *self.args.rsync_option, "-e", ssh,
+                *[f"root@{address}:{self.args.peer_path}/{p}" for p in paths], str(self.args.dir) + "/"]
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+
+    def sizes(self) -> dict[str, int]:
+        failures = []
+        for peer in self.args.peer:
+            process = self.rsync(peer, MANIFEST)
+            if process.returncode == 0:
+                self.peer = peer
+                # rsync put the file at DIR/manifest.json: it belongs in .glmfleet/
+                (self.args.dir / ".glmfleet").mkdir(exist_ok=True)
+                os.replace(self.args.dir / "manifest.json", self.args.dir / MANIFEST)
+                return {path: entry["size"] for path, entry in read_manifest(self.args.dir)["files"].items()}
+            failures.append(f"{peer}: {process.stderr.strip().splitlines()[-1:] or process.returncode}")
+        raise Failure("no peer holds the revision's manifest (" + "; ".join(failures) + ")")
+
+    def fetch(self) -> None:
+        process = self.rsync(self.peer, "")
+        if process.returncode != 0:
+            kind, advice = classify(process.stderr)
+            raise Failure(f"rsync from {self.peer} failed: {kind}: {advice}\n{process.stderr.strip()[-2000:]}")
+
+    def manifest(self) -> dict:
+        return read_manifest(self.args.dir)
+
+
+class Given(Source):
+    """``path`` (already on the host) and ``control`` (pushed by the control node): nothing to
+    fetch here; the manifest is the one in the directory (or the hub tree hf left there)."""
+
+    def sizes(self) -> dict[str, int] | None:
+        manifest = self.manifest()
+        return {p: e["size"] for p, e in manifest["files"].items()} if manifest else None
+
+    def fetch(self) -> None:
+        pass
+
+    def manifest(self) -> dict | None:
+        a = self.args
+        return read_manifest(a.dir) or manifest_from_hub_tree(a.dir, a.model, a.revision, a.include, a.exclude)
+
+
+SOURCES = {"hf": Hub, "modelscope": ModelScope, "peer": Peers, "control": Given, "path": Given}
+
+
+# --- the steps ---------------------------------------------------------------------------------
+
+
+def free_bytes(directory: Path) -> tuple[int, Path]:
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    stats = os.statvfs(existing)
+    return stats.f_bavail * stats.f_frsize, existing
+
+
+def preflight(args, sizes: dict[str, int] | None) -> None:
+    """Free space on the target filesystem >= what is still to come + margin, before any transfer."""
+    free, where = free_bytes(args.dir)
+    if sizes is None:
+        missing, total = 0, 0
+    else:
+        total = sum(sizes.values())
+        missing = sum(size for path, size in sizes.items() if stat_of(args.dir / path) is None
+                      or (args.dir / path).stat().st_size != size)
+    need = missing + args.margin_bytes
+    if free < need:
+        raise Failure(
+            f"not enough disk for {args.model}@{args.revision[:12]} in {args.dir}: "
+            f"{human(missing)} still to fetch (of {human(total)}) + {human(args.margin_bytes)} margin "
+            f"= {human(need)} needed, {human(free)} free on the filesystem of {where}. "
+            "Free space there, set model_dir to a larger filesystem, or lower model_disk_margin_gb. Nothing was transferred."
+        )
+    args.expected = missing
+
+
+def verify(args, state: State, manifest: dict, everything: bool) -> list[str]:
+    """Hash what is not known good; delete what is wrong. Returns the files missing or wrong."""
+    bad, verified = [], state.data["verified"]
+    for path, entry in sorted(manifest["files"].items()):
+        target = args.dir / path
+        seen = stat_of(target)
+        if seen is None:
+            bad.append(path)
+            verified.pop(path, None)
+            continue
+        if not everything and verified.get(path) == seen:
+            continue
+        kind = "sha256" if "sha256" in entry else "git_blob"
+        if seen[0] == entry["size"] and digest_file(target, kind) == entry[kind]:
+            os.chmod(target, 0o644)  # vLLM reads as its own user; chmod before the stat is recorded
+            verified[path] = stat_of(target)
+        else:
+            print(f"{path}: {'size' if seen[0] != entry['size'] else kind} does not match the manifest; removed", flush=True)
+            target.unlink()
+            verified.pop(path, None)
+            bad.append(path)
+        state.save()
+    return bad
+
+
+def sync(args) -> None:
+    args.dir = Path(args.dir)
+    state = State(Path(args.state), args.key)
+    # Withdraw the mark first: whatever happens from here on, an unfinished host is not complete.
+    state.save(complete=False)
+    source = SOURCES[args.source](args)
+    label = f"{args.model}@{args.revision[:12]}"
+    origin = {"hf": f"the hub ({source.env.get('HF_ENDPOINT', 'huggingface.co')})", "modelscope": "ModelScope",
+              "peer": "a peer", "control": "the control node", "path": "this host"}[args.source]
+    everything = args.verify == "always"
+
+    if args.phase in ("prepare", "all"):
+        if args.source == "path" and not args.dir.is_dir():
+            raise Failure(f"model_source 'path': {args.dir} does not exist on this host")
+        args.dir.mkdir(parents=True, exist_ok=True)
+        # Check what is already there before fetching: a wrong file is deleted, so it is fetched again.
+        known = Given(args).manifest()
+        if known and known["revision"] == args.revision:
+            verify(args, state, known, everything)
+        if args.source != "path":  # nothing is fetched: no disk is needed
+            preflight(args, source.sizes())
+        if args.phase == "prepare":
+            return
+
+    bad = []
+    for attempt in (1, 2) if args.phase == "all" and args.source not in ("control", "path") else ():
+        print(f"{label}: fetching {human(args.expected)} from {f'peer {source.peer}' if args.source == 'peer' else origin}", flush=True)
+        with Progress(args.dir, args.expected, args.progress_interval, label) as progress:
+            source.fetch()
+        print(progress.line(), "(transfer done)", flush=True)
+        write_json(args.dir / MANIFEST, source.manifest())
+        bad = verify(args, state, read_manifest(args.dir), everything)
+        if not bad:
+            break
+        print(f"attempt {attempt}: {len(bad)} file(s) missing or wrong, fetching them again: {', '.join(bad)}", flush=True)
+    manifest = Given(args).manifest()
+    if manifest is None:
+        raise Failure(f"no manifest in {args.dir}: neither {MANIFEST} nor .cache/huggingface/trees/{args.revision}.json; "
+                      "write one with `glmfleet-weights manifest DIR --model M --revision R` where the files are known good")
+    bad = verify(args, state, manifest, everything=False)
+    if bad:
+        raise Failure(f"{len(bad)} file(s) of {label} are missing or do not match the manifest: {', '.join(bad)}")
+    for root, dirs, _ in os.walk(args.dir):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+    os.chmod(args.dir, 0o755)
+    state.save(complete=True, model=args.model, revision=args.revision, manifest=manifest_digest(manifest),
+               files=len(manifest["files"]), bytes=sum(e["size"] for e in manifest["files"].values()))
+    print(f"{label}: complete, {len(manifest['files'])} files verified against the manifest ({manifest['origin']})", flush=True)
+
+
+def report_state(args) -> dict:
+    state_path = Path(args.state)
+    data = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if not data:
+        return {"complete": False, "reason": "never fetched", "changed": []}
+    if data.get("key") != args.key:
+        return {"complete": False, "reason": "another revision or file selection", "changed": []}
+    if not data.get("complete"):
+        return {"complete": False, "reason": "unfinished", "changed": []}
+    changed = State(state_path, args.key).changed(Path(args.dir))
+    return {"complete": not changed, "reason": "files changed since verified" if changed else "complete", "changed": changed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glmfleet-weights", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--dir", required=True, help="the model directory")
+        p.add_argument("--state", required=True, help="host-local state file")
+        p.add_argument("--key", required=True, help="identity of the configured model, revision and file selection")
+
+    common(p_state := commands.add_parser("state", help="print the completion state as JSON (the deploy's fact)"))
+    common(p_check := commands.add_parser("check", help="exit 0 only where the revision is complete (before vLLM starts)"))
+    common(p_sync := commands.add_parser("sync", help="fetch, verify, mark complete"))
+    p_sync.add_argument("--model", required=True)
+    p_sync.add_argument("--revision", required=True)
+    p_sync.add_argument("--source", choices=sorted(SOURCES), required=True)
+    p_sync.add_argument("--phase", choices=("prepare", "finish", "all"), default="all")
+    p_sync.add_argument("--include", action="append", default=[])
+    p_sync.add_argument("--exclude", action="append", default=[])
+    p_sync.add_argument("--cli", help="the hf or modelscope executable")
+    p_sync.add_argument("--cli-home", default="/var/cache/glmfleet/hub", help="the CLI's own cache and settings")
+    p_sync.add_argument("--env", action="append", default=[], help="NAME=value for the CLI (endpoint, xet)")
+    p_sync.add_argument("--token-file", help="file holding the hub token (never on a command line)")
+    p_sync.add_argument("--peer", action="append", default=[], help="ADDRESS:PORT of a peer that holds the revision")
+    p_sync.add_argument("--peer-path", help="the directory on the peers, as their rrsync sees it")
+    p_sync.add_argument("--peer-key", help="the fleet's transfer key")
+    p_sync.add_argument("--known-hosts", help="the peers' host keys")
+    p_sync.add_argument("--bwlimit", dest="rsync_option", action="append", default=[], type=lambda v: f"--bwlimit={v}",
+                        help="rsync's --bwlimit (KiB/s) for copies from peers")
+    p_sync.add_argument("--margin-bytes", type=int, default=0)
+    p_sync.add_argument("--verify", choices=("changed", "always"), default="changed")
+    p_sync.add_argument("--progress-interval", type=float, default=10)
+    p_manifest = commands.add_parser("manifest", help="write DIR/.glmfleet/manifest.json (hub tree if hf left one, else sha256 of each file)")
+    p_manifest.add_argument("dir")
+    p_manifest.add_argument("--model", required=True)
+    p_manifest.add_argument("--revision", required=True)
+    p_manifest.add_argument("--include", action="append", default=[])
+    p_manifest.add_argument("--exclude", action="append", default=[])
+    p_manifest.add_argument("--output", help="where to write it (default: in DIR)")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "state":
+            print(json.dumps(report_state(args)))
+        elif args.command == "check":
+            found = report_state(args)
+            if not found["complete"]:
+                print(f"model weights in {args.dir} are not complete ({found['reason']}"
+                      + (f": {', '.join(found['changed'][:5])}" if found["changed"] else "") + "); re-run the deploy", file=sys.stderr)
+                return 1
+        elif args.command == "sync":
+            sync(args)
+        elif args.command == "manifest":
+            directory = Path(args.dir)
+            manifest = (manifest_from_hub_tree(directory, args.model, args.revision, args.include, args.exclude)
+                        or computed_manifest(directory, args.model, args.revision, args.include, args.exclude))
+            write_json(Path(args.output) if args.output else directory / MANIFEST, manifest)
+            print(json.dumps({"files": len(manifest["files"]), "bytes": sum(e["size"] for e in manifest["files"].values()),
+                              "origin": manifest["origin"]}))
+    except Failure as failure:
+        print(f"glmfleet-weights: {failure}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

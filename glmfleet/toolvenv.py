@@ -1,0 +1,53 @@
+"""Small pinned command-line tools on hosts, each in its own venv under /opt/glmfleet.
+
+uv (which builds vLLM's venv) and the hub CLIs (hf, modelscope) are installed the same way:
+the host's python3 makes a venv named after the package and version, pip installs the one
+pinned package into it, and the presence of its command says it is done, so a converged host
+runs nothing.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra import host
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import apt, server
+
+TOOLS_ROOT = "/opt/glmfleet"
+
+
+def tool_dir(package: str, version: str) -> str:
+    return f"{TOOLS_ROOT}/{package}-{version}"
+
+
+def tool_bin(package: str, version: str, command: str) -> str:
+    return f"{tool_dir(package, version)}/bin/{command}"
+
+
+def ensure_debs(packages: list[str]) -> None:
+    """Install Debian packages that are missing; refresh apt only then, so a converged host
+    reports no change."""
+    missing = [name for name in packages if name not in host.get_fact(DebPackages)]
+    if missing:
+        apt.packages(name=f"install {' '.join(missing)}", packages=missing, update=True,
+                     extra_install_args="-o DPkg::Lock::Timeout=300")
+
+
+def install_tool(package: str, version: str, python: str, pip_args: list[str], installed: bool):
+    """pip-install ``package==version`` into its own venv, unless ``installed`` (from a fact).
+
+    ``pip_args``: the index (or mirror) and CA bundle options pip needs on this site."""
+    if installed:
+        return None
+    # The venv module is a separate package on Debian and Ubuntu.
+    ensure_debs(["python3-venv"])
+    target = tool_dir(package, version)
+    return server.shell(
+        name=f"install {package} {version} in {target}",
+        commands=[
+            f"rm -rf {target} && {shlex.quote(python)} -m venv {target} && "
+            f"{target}/bin/pip install --quiet --disable-pip-version-check --no-cache-dir "
+            f"{shlex.join(pip_args)} {shlex.quote(f'{package}=={version}')}"
+        ],
+    )
