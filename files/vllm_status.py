@@ -71,12 +71,13 @@ def read_unit(path: str) -> dict | None:
     # Weights the model_weights role fetched are served from <state>/models/<owner>--<name>/<commit>.
     weights = WEIGHTS_DIR.search(model or "")
     image = argv[serve - 1] if serve is not None and argv[0].endswith("/docker") else None
+    venv = os.path.dirname(os.path.dirname(os.path.realpath(argv[0]))) if argv and not image else None
     return {
         "path": path,
         "sha256": hashlib.sha256(raw).hexdigest(),
         "argv": argv,
         # What the program runs from: the venv its `current` link resolves to, or the image.
-        "venv": None if image or not argv else os.path.basename(os.path.dirname(os.path.dirname(os.path.realpath(argv[0])))),
+        "venv": os.path.basename(venv) if venv else None,
         "image": image,
         "model": f"{weights['owner']}/{weights['name']}" if weights else model,
         "revision": weights["revision"] if weights else option(args, "--revision"),

@@ -21,14 +21,16 @@ from pyinfra import host
 from pyinfra.api import Inventory
 from pyinfra.context import ctx_host, ctx_state
 
-from glmfleet.facts import VllmServes, VllmStatus
+from glmfleet.facts import VllmStatus
 from glmfleet.runner import Run, UsageError, load_inventory, select
 from roles import serving_host
 from roles.gateway import GATEWAY_GROUP, gateway
-from roles.rollout import drain, keep_known_good, roll_back
-from roles.verify import argv_for
+from roles.rollout import drain, keep_known_good, roll_back, serves
 from roles.vllm_service import UNIT_PATH
 
+# A rollout restarts services, it does not reboot hosts; the driver role reboots where allowed.
+REBOOT_NEEDED = ("the new NVIDIA driver is installed but not loaded, and its role may not reboot "
+                 "(nvidia_allow_reboot is false): reboot the host, then run the rollout again")
 DEFAULT_BATCHES = "1,25%,100%"
 DEFAULT_MAX_FAIL = "0"
 
@@ -99,10 +101,9 @@ def table(results: list[HostResult]) -> str:
 def survey_host():
     """What a host runs now, whether it serves that, and whether the deploy would change it."""
     status = host.get_fact(VllmStatus, path=UNIT_PATH) or {}
-    unit = status.get("unit")
-    serves = bool(unit) and host.get_fact(VllmServes, verify_argv=argv_for(unit["base_url"], unit["served_model_name"]))["ok"]
+    serving = serves(status.get("unit"))
     serving_host()
-    return status, serves
+    return status, serving
 
 
 def would_change(run: Run, name: str) -> bool:
@@ -214,6 +215,9 @@ class Rollout:
             for name in staged:
                 if name in failed:
                     continue
+                if planned[name] is None:  # the service was left alone: nothing to verify or roll back
+                    self.fail(name, "FAILED: needs a reboot into the new NVIDIA driver", REBOOT_NEEDED)
+                    continue
                 restart, verified = planned[name]
                 self.results[name].result = "updated"
                 self.results[name].ready_s = run.seconds(name, restart, verified) if restart.executed else None
@@ -221,10 +225,12 @@ class Rollout:
         for name, why in failed.items():
             self.say(f"  {name} failed: {first_line(why)}")
             self.results[name].why = why
-        self.step(f"drained, updated, verified: {', '.join(n for n in staged if n not in failed) or 'none'}")
+        updated = [name for name in staged if self.results[name].result == "updated"]
+        self.step(f"drained, updated, verified: {', '.join(updated) or 'none'}")
         if failed:
             self.roll_back(sorted(failed))
-            self.step(f"rolled back and verified: {', '.join(n for n in failed if n not in self.out_of_pool) or 'none'}")
+            recovered = [name for name in failed if name not in self.out_of_pool]
+            self.step(f"rolled back and verified: {', '.join(recovered) or 'none'}")
 
         if error := self.edit_pool():
             return error

@@ -57,9 +57,8 @@ def load_inventory(path: str, data: dict[str, Any] | None = None) -> Inventory:
 def copy_inventory(inventory: Inventory) -> Inventory:
     """The same hosts, groups and data in new Host objects."""
     names = [(host.name, inventory.host_data[host.name]) for host in inventory]
-    groups = {
-        name: ([host.name for host in inventory.groups.get(name, [])], data) for name, data in inventory.group_data.items()
-    }
+    groups = {name: ([host.name for host in inventory.groups.get(name, [])], data)
+              for name, data in inventory.group_data.items()}
     return Inventory((names, inventory.data), override_data=inventory.override_data, **groups)
 
 

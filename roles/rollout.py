@@ -41,9 +41,11 @@ def restore_command(cfg: HostConfig) -> str:
     root = shlex.quote(cfg.vllm_venv_root)
     return "; ".join([
         "set -e",
-        f"test -f {KNOWN_GOOD_DIR}/venv || {{ echo 'no known-good state on this host: nothing to roll back to'; exit 1; }}",
+        f"test -f {KNOWN_GOOD_DIR}/venv || "
+        "{ echo 'no known-good state on this host: nothing to roll back to'; exit 1; }",
         f"good=$(cat {KNOWN_GOOD_DIR}/venv)",
-        f'test -z "$good" || test -e {root}/"$good"/.glmfleet-complete || {{ echo "the known-good venv $good is gone"; exit 1; }}',
+        f'test -z "$good" || test -e {root}/"$good"/.glmfleet-complete || '
+        '{ echo "the known-good venv $good is gone"; exit 1; }',
         f"replaced=$(readlink {root}/current || true)",
         f"cp -p {KNOWN_GOOD_DIR}/{UNIT} {UNIT_PATH}",
         f"cp -p {KNOWN_GOOD_DIR}/vllm.env {ENV_FILE}",
@@ -57,6 +59,13 @@ def restore_command(cfg: HostConfig) -> str:
     ])
 
 
+def serves(unit: dict | None) -> bool:
+    """Whether the host serves as this parsed unit defines serving: its port, its model name."""
+    if not unit:
+        return False
+    return host.get_fact(VllmServes, verify_argv=argv_for(unit["base_url"], unit["served_model_name"]))["ok"]
+
+
 @deploy("keep the known-good state")
 def keep_known_good():
     """
@@ -66,8 +75,7 @@ def keep_known_good():
     state a later rollback returns to.
     """
     cfg = host_config(host)
-    running = host.get_fact(VllmUnit, path=UNIT_PATH)
-    if running and host.get_fact(VllmServes, verify_argv=argv_for(running["base_url"], running["served_model_name"]))["ok"]:
+    if serves(host.get_fact(VllmUnit, path=UNIT_PATH)):
         server.shell(name="keep the known-good unit, environment and venv", commands=[keep_command(cfg)])
 
 
