@@ -96,6 +96,10 @@ class FleetError(Exception):
     """A fleet operation failed; the message says which host and where to look."""
 
 
+class BootStopped(FleetError):
+    """A host's container exited before it finished booting."""
+
+
 def fleet_slot() -> int:
     slot = os.environ.get("GLMFLEET_FLEET_SLOT", "0")
     if slot not in [str(n) for n in range(10)]:
@@ -176,7 +180,14 @@ def start_host(name: str) -> None:
         host = _host(name)
         if not is_up(host):
             _start_supervisor(host)
-        _wait_all_ready([host])
+        try:
+            _wait_all_ready([host])
+        except BootStopped as first:
+            # Seen rarely right after a forced power-off on a loaded machine (cause not yet caught):
+            # power it on once more, and say so with what the console showed.
+            print(f"localfleet: {first}; booting it once more", file=sys.stderr, flush=True)
+            _start_supervisor(host)
+            _wait_all_ready([host])
 
 
 def inventory_hosts() -> list[tuple[str, dict]]:
@@ -210,8 +221,10 @@ def wait_ready(host: dict, timeout_s: float = READY_TIMEOUT_S) -> str:
     last_answer = "no answer yet"
     while True:
         if not is_up(host):
-            raise FleetError(
-                f"{host['name']} stopped while booting; console log: {host['console_log']}"
+            console = Path(host["console_log"]).read_text(errors="replace").splitlines()[-15:]
+            raise BootStopped(
+                f"{host['name']} stopped while booting; console log {host['console_log']} ends:\n"
+                + "\n".join(console)
             )
         try:
             result = subprocess.run(

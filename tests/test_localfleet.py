@@ -105,3 +105,13 @@ def test_down_leaves_no_container_and_no_mount(fleet_hosts):
         assert f"--directory={fleet_dir}/" not in " ".join(argv), argv  # a systemd-nspawn
     mount_points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     assert not [point for point in mount_points if point.startswith(f"{fleet_dir}/")]
+
+
+def test_a_host_that_stops_while_booting_is_reported_with_its_console(tmp_path):
+    console = tmp_path / "console.log"
+    console.write_text("Spawning container fleet-09 on /x.\nDirectory /x is currently busy.\n")
+    never_started = {"name": "fleet-09", "console_log": str(console)}  # no supervisor pid file
+    with pytest.raises(localfleet.BootStopped) as stopped:
+        localfleet.wait_ready(never_started, timeout_s=5)
+    assert str(stopped.value).endswith(f"console log {console} ends:\nSpawning container fleet-09 on /x.\n"
+                                       "Directory /x is currently busy.")

@@ -214,8 +214,6 @@ def rollout_stopping_a_host(path: str, data: dict, stop: str, when: str, *args: 
     return process.wait(), "".join(output)
 
 
-@pytest.mark.xfail(reason="the powered-off host sometimes fails to boot again (fleet: stopped while booting) on a loaded machine; issue 6 stays open",
-                   strict=False)
 def test_host_powered_off_mid_rollout_counts_against_max_fail(deployed, hosts, data, inventory):
     lost = hosts[1]
     path = inventory({"vllm_max_model_len": 1024})
