@@ -9,10 +9,12 @@ health-gated batches.
 from pyinfra import host, inventory
 
 from glmfleet.config import validate_inventory
+from glmfleet.connection import without_nagle
 from roles import serving_host
 from roles.gateway import GATEWAY_GROUP, gateway
 
 validate_inventory(inventory)
+without_nagle(host)
 
 serving_host()
 if GATEWAY_GROUP in host.groups:

@@ -25,6 +25,7 @@ from pyinfra.context import ctx_config, ctx_host, ctx_state
 from pyinfra_cli.inventory import make_inventory
 
 from glmfleet.config import validate_inventory
+from glmfleet.connection import without_nagle
 
 
 class UsageError(ValueError):
@@ -107,6 +108,8 @@ class Run:
                 connect_all(self.state)
             except PyinfraError:  # "No hosts remaining!": every host failed to connect
                 pass
+        for host in self.state.active_hosts:
+            without_nagle(host)
         return self
 
     def __exit__(self, *exc) -> None:
