@@ -6,12 +6,13 @@ import hashlib
 import shlex
 from fnmatch import fnmatchcase
 from io import BytesIO, StringIO
+from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.facts.files import File, Sha256File
-from pyinfra.operations import files
+from pyinfra.operations import files, systemd
 
 from glmfleet.facts import DebPackageStates
 
@@ -46,6 +47,45 @@ def secret_file(dest: str, content: str, mode: str = "600", user: str = "root", 
         yield StringCommand("chown", f"{user}:{group}", dest)
     if remote is None or remote.get("mode") != int(mode):
         yield StringCommand("chmod", mode, dest)
+
+
+def directory(managed: dict, path: str, user: str = "root", group: str = "root", mode: str = "755",
+              name: str | None = None):
+    """``files.directory``, planned only where ``managed`` (the ``ManagedPaths`` fact) shows the
+    directory missing or different: a converged host plans nothing, and pyinfra asks none of the
+    operation's own facts (a round trip each, in lock-step across the fleet). Returns the
+    operation, or None when there is nothing to do."""
+    if managed["paths"].get(path) == {"type": "directory", "user": user, "group": group, "mode": mode, "sha256": None}:
+        return None
+    return files.directory(name=name or f"directory {path}", path=path, user=user, group=group, mode=mode)
+
+
+def upload(managed: dict, dest: str, content: str | Path, user: str = "root", group: str = "root",
+           mode: str = "644", name: str | None = None, secret: bool = False):
+    """``files.put`` of a local file (a Path) or of a text, planned like ``directory`` only
+    where the remote file differs in content, owner or mode; with ``secret``, ``secret_file``,
+    which never shows the content. Returns the operation, or None when there is nothing to do."""
+    data = content.read_bytes() if isinstance(content, Path) else content.encode()
+    wanted = {"type": "file", "user": user, "group": group, "mode": mode, "sha256": hashlib.sha256(data).hexdigest()}
+    if managed["paths"].get(dest) == wanted:
+        return None
+    name = name or f"file {dest}"
+    if secret:
+        return secret_file(name=name, dest=dest, content=data.decode(), user=user, group=group, mode=mode)
+    source = str(content) if isinstance(content, Path) else StringIO(content)
+    return files.put(name=name, src=source, dest=dest, user=user, group=group, mode=mode)
+
+
+def unit_enabled(managed: dict, unit: str, name: str | None = None):
+    """``systemd.service(enabled=True)``, planned only where the unit is not enabled yet."""
+    if managed["units"].get(unit, {}).get("enabled"):
+        return None
+    return systemd.service(name=name or f"{unit} enabled", service=unit, running=None, enabled=True)
+
+
+def planned(*ops) -> list:
+    """The operations that were planned, leaving out the None of those with nothing to do."""
+    return [op for op in ops if op is not None]
 
 
 def render_apt_source(url: str, suite: str, components: list[str], keyring: str) -> str:

@@ -14,6 +14,8 @@ from pyinfra import host
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, server
 
+from glmfleet.facts import ask
+
 TOOLS_ROOT = "/opt/glmfleet"
 
 
@@ -28,7 +30,7 @@ def tool_bin(package: str, version: str, command: str) -> str:
 def ensure_debs(packages: list[str]) -> None:
     """Install Debian packages that are missing; refresh apt only then, so a converged host
     reports no change."""
-    missing = [name for name in packages if name not in host.get_fact(DebPackages)]
+    missing = [name for name in packages if name not in ask(host, DebPackages)]
     if missing:
         apt.packages(name=f"install {' '.join(missing)}", packages=missing, update=True,
                      extra_install_args="-o DPkg::Lock::Timeout=300")

@@ -9,9 +9,9 @@ from pyinfra.api import deploy
 from pyinfra.operations import server, systemd
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_one_of, is_str, is_url, optional
-from glmfleet.facts import ContainerHost, GpuHost
+from glmfleet.facts import ContainerHost, ask
 from glmfleet.operations import apt_hold, apt_install, apt_repository, stop_host
-from roles.nvidia_driver import DriverState, is_sha256
+from roles.nvidia_driver import DriverState, gpu_host, is_sha256
 
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
 DOCKER_REPO = "https://download.docker.com/linux/{distro}"
@@ -98,8 +98,8 @@ def container_toolkit(driver: DriverState = DriverState(ready=False)):
     cfg = host_config(host)
     if cfg.vllm_runtime != "image":
         return []
-    gpu = host.get_fact(GpuHost)
-    state = host.get_fact(ContainerHost, image="", cdi_spec=CDI_SPEC)
+    gpu = gpu_host(cfg)
+    state = ask(host, ContainerHost, image="", cdi_spec=CDI_SPEC)
     cdi = cfg.container_gpu_access == "cdi"
 
     if cfg.docker_source == "docker-repo":

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import json
 import re
-from io import StringIO
 from pathlib import Path
 
 import jinja2
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.deb import DebPackages
-from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in, is_listen_address
-from glmfleet.operations import secret_file
+from glmfleet.facts import ManagedPaths, ask
+from glmfleet.operations import planned, upload
 from roles.vllm_service import served_model_name
 
 GATEWAY_GROUP = "gateway"
@@ -29,6 +27,8 @@ CONFIG_PATH = "/etc/nginx/conf.d/glmfleet-gateway.conf"
 # Root-only, read by the nginx master (root) when it loads the configuration.
 KEYS_PATH = "/etc/nginx/glmfleet-gateway-keys.conf"
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
+NGINX = "/usr/sbin/nginx"
+NGINX_UNIT = "nginx.service"
 TEMPLATE = Path(__file__).resolve().parent.parent / "files" / "nginx-gateway.conf.j2"
 
 # One refused or dropped connection rests a host for FAIL_TIMEOUT_S (nginx open source has no
@@ -152,24 +152,19 @@ def gateway(out_of_pool=frozenset()):
     workers take no more requests; a converged gateway changes nothing.
     """
     cfg = host_config(host)
-    was_active = host.get_fact(SystemdStatus).get("nginx.service", False)
+    managed = ask(host, ManagedPaths, paths=[NGINX, DEFAULT_SITE, KEYS_PATH, CONFIG_PATH], units=[NGINX_UNIT])
+    nginx = managed["units"].get(NGINX_UNIT, {"enabled": False, "running": False})
     # Refresh apt only when something must be installed: a converged host reports no change.
-    if "nginx" not in host.get_fact(DebPackages):
+    if NGINX not in managed["paths"]:
         apt.packages(name="nginx", packages=["nginx"], update=True)
     # The distribution's welcome site would listen on port 80 beside the gateway.
-    default_site = files.link(name="no default site", path=DEFAULT_SITE, present=False)
-    keys = secret_file(name=f"API keys {KEYS_PATH}", dest=KEYS_PATH, content=render_keys(cfg.vllm_api_key))
-    config = files.put(
-        name=f"gateway config {CONFIG_PATH}",
-        src=StringIO(render_config(cfg, pool(host.inventory, out_of_pool))),
-        dest=CONFIG_PATH,
-        user="root",
-        group="root",
-        mode="644",
-    )
-    systemd.service(name="nginx running", service="nginx.service", running=True, enabled=True)
-    server.shell(
-        name="reload nginx, wait until the new pool is in force",
-        commands=[reload_command()],
-        _if=[any_changed(default_site, keys, config)] if was_active else [],
-    )
+    default_site = files.link(name="no default site", path=DEFAULT_SITE, present=False) if DEFAULT_SITE in managed["paths"] else None
+    keys = upload(managed, KEYS_PATH, render_keys(cfg.vllm_api_key), mode="600", name=f"API keys {KEYS_PATH}", secret=True)
+    config = upload(managed, CONFIG_PATH, render_config(cfg, pool(host.inventory, out_of_pool)),
+                    name=f"gateway config {CONFIG_PATH}")
+    if not (nginx["enabled"] and nginx["running"]):
+        systemd.service(name="nginx running", service=NGINX_UNIT, running=True, enabled=True)
+    changed = planned(default_site, keys, config)
+    if nginx["running"] and changed:
+        server.shell(name="reload nginx, wait until the new pool is in force", commands=[reload_command()],
+                     _if=any_changed(*changed))

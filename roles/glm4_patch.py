@@ -12,7 +12,7 @@ from pyinfra.facts.files import Sha256File
 from pyinfra.operations import apt, files, server
 
 from glmfleet.config import HostConfig, documented, host_config
-from glmfleet.facts import Glm4Source
+from glmfleet.facts import Glm4Source, ask
 from roles import vllm_image  # vllm_image lays the patched copy over the image's file: attributes used at call time
 from roles.vllm_venv import venv_name
 
@@ -72,11 +72,11 @@ def glm4_patch():
         return []
     venv = f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}"
     if cfg.vllm_runtime == "image":
-        if host.get_fact(Sha256File, path=PATCHED_FOR_IMAGE) == PATCHED_SHA256:
+        if ask(host, Sha256File, path=PATCHED_FOR_IMAGE) == PATCHED_SHA256:
             return []
-    elif host.get_fact(Glm4Source, venv=venv) == PATCHED_SHA256:
+    elif ask(host, Glm4Source, venv=venv) == PATCHED_SHA256:
         return []
-    if "patch" not in host.get_fact(DebPackages):
+    if "patch" not in ask(host, DebPackages):
         apt.packages(name="GNU patch", packages=["patch"], update=True)
     files.put(name="glm4.py patch script", src=str(FILES / "glm4_patch.py"), dest=SCRIPT, mode="755")
     files.put(name="glm4.py patch", src=str(FILES / "glm4-0.8.4.patch"), dest=PATCH, mode="644")

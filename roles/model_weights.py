@@ -48,12 +48,14 @@ from glmfleet.config import (
     is_version,
     optional,
 )
-from glmfleet.facts import ModelWeights
-from glmfleet.operations import live_steps, secret_file
+from glmfleet.facts import ManagedPaths, ModelWeights, ask
+from glmfleet.operations import directory, live_steps, secret_file, upload
 from glmfleet.toolvenv import ensure_debs, install_tool, tool_bin
 from roles.vllm_venv import SYSTEM_CA_BUNDLE, index_args
 
-SCRIPT = "/opt/glmfleet/bin/glmfleet-weights"
+TOOLS_BIN = "/opt/glmfleet/bin"
+SCRIPT = f"{TOOLS_BIN}/glmfleet-weights"
+RSYNC = "/usr/bin/rsync"  # copies from the control node and between peers
 SCRIPT_SOURCE = Path(__file__).resolve().parent.parent / "files" / "glmfleet_weights.py"
 STATE_DIR = "/var/lib/glmfleet/weights"
 SECRETS_DIR = "/etc/glmfleet"
@@ -263,8 +265,8 @@ def fanout_group(cfg: HostConfig) -> str:
 
 
 def weights_fact(target, cfg: HostConfig) -> dict:
-    return target.get_fact(ModelWeights, script=SCRIPT, state_args=state_args(cfg),
-                           tools=[t for t in (cli_bin(cfg, "hf"), cli_bin(cfg, "modelscope")) if t])
+    return ask(target, ModelWeights, script=SCRIPT, state_args=state_args(cfg),
+               tools=[t for t in (cli_bin(cfg, "hf"), cli_bin(cfg, "modelscope"), RSYNC) if t])
 
 
 def fanout_plans() -> dict[str, FanoutPlan]:
@@ -413,10 +415,11 @@ def model_weights():
     peer_plan = fanout_plans().get(fanout_group(cfg)) if cfg.model_source == "peer" else None
     fact = peer_plan.facts[host.name] if peer_plan else weights_fact(host, cfg)
 
-    files.directory(name="glmfleet tools dir", path="/opt/glmfleet/bin", user="root", group="root", mode="755")
-    files.put(name="weights script", src=str(SCRIPT_SOURCE), dest=SCRIPT, user="root", group="root", mode="755")
-    files.directory(name="weights state dir", path=STATE_DIR, user="root", group="root", mode="755")
-    files.directory(name="root-only secrets dir", path=SECRETS_DIR, user="root", group="root", mode="700")
+    managed = ask(host, ManagedPaths, paths=[TOOLS_BIN, SCRIPT, STATE_DIR, SECRETS_DIR])
+    directory(managed, TOOLS_BIN, name="glmfleet tools dir")
+    upload(managed, SCRIPT, SCRIPT_SOURCE, mode="755", name="weights script")
+    directory(managed, STATE_DIR, name="weights state dir")
+    directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")
 
     # Which source this host fetches from in this run: its own origin, or (peer) the seed's
     # origin for the seed and rsync from a peer for everyone else.
@@ -426,7 +429,7 @@ def model_weights():
     else:
         source = None if fact["complete"] else cfg.model_source
 
-    debs = ["rsync"] if cfg.model_source in ("peer", "control") else []
+    debs = ["rsync"] if cfg.model_source in ("peer", "control") and RSYNC not in fact["tools"] else []
     if source in ("hf", "modelscope"):
         package, version = {"hf": ("huggingface_hub", cfg.hf_cli_version), "modelscope": ("modelscope", cfg.modelscope_version)}[source]
         install_tool(package, version, cfg.vllm_python, ["--cert", SYSTEM_CA_BUNDLE, *index_args(cfg)], installed=cli_bin(cfg, source) in fact["tools"])

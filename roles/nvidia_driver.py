@@ -22,7 +22,7 @@ from glmfleet.config import (
     is_url,
     optional,
 )
-from glmfleet.facts import GpuHost
+from glmfleet.facts import GpuHost, ask
 from glmfleet.operations import apt_hold, apt_install, apt_repository, notice, stop_host
 
 CUDA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}"
@@ -225,6 +225,12 @@ def fabric_manager_matches_driver(plan: DriverPlan) -> str:
     )
 
 
+def gpu_host(cfg: HostConfig) -> dict:
+    """The GpuHost fact, asked the same way by every role that reads it (so once per host): the
+    kernel headers' candidate version only where this role may install a driver."""
+    return ask(host, GpuHost, headers_candidate=cfg.nvidia_driver_source != "none")
+
+
 @deploy("NVIDIA driver")
 @documented(SETTINGS)
 def nvidia_driver() -> DriverState:
@@ -245,7 +251,7 @@ def nvidia_driver() -> DriverState:
     cfg = host_config(host)
     if cfg.nvidia_driver_source == "none":
         return DriverState(ready=True)
-    gpu = host.get_fact(GpuHost)
+    gpu = gpu_host(cfg)
     plan = driver_plan(cfg, gpu)
     running = running_driver_is_wanted(cfg, gpu)
     fabric_manager = wants_fabric_manager(cfg, gpu)

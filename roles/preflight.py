@@ -10,7 +10,8 @@ from pyinfra.operations import server
 
 from glmfleet import compat
 from glmfleet.config import documented, host_config
-from glmfleet.facts import GpuHost, ListeningPorts
+from glmfleet.facts import ListeningPorts, ask
+from roles.nvidia_driver import gpu_host
 from roles.vllm_service import UNIT
 
 SETTINGS = ()
@@ -46,10 +47,10 @@ def preflight():
     and the port vLLM will listen on free or already ours.
     """
     cfg = host_config(host)
-    gpus = gpu_facts(host.get_fact(GpuHost))
+    gpus = gpu_facts(gpu_host(cfg))
     for warning in compat.combination_warnings(cfg) + compat.host_warnings(cfg, driver_cuda_version=gpus["driver_cuda_version"]):
         logger.warning(f"{host.name}: {warning}")
-    problems = compat.host_problems(cfg, **gpus, listeners=host.get_fact(ListeningPorts), own_unit=UNIT)
+    problems = compat.host_problems(cfg, **gpus, listeners=ask(host, ListeningPorts, port=cfg.vllm_port), own_unit=UNIT)
     if problems:
         server.shell(name="preflight: the host cannot serve this configuration",
                      commands=[fail_command([f"{host.name}: {problem}" for problem in problems])])

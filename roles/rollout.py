@@ -15,7 +15,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from glmfleet.config import HostConfig, host_config
-from glmfleet.facts import VllmServes, VllmUnit, vllm_status_command
+from glmfleet.facts import VllmServes, VllmUnit, vllm_status_command, ask
 from roles.verify import argv_for, wait_command
 from roles.vllm_service import ENV_FILE, SECRETS_DIR, UNIT, UNIT_PATH
 
@@ -63,7 +63,7 @@ def serves(unit: dict | None) -> bool:
     """Whether the host serves as this parsed unit defines serving: its port, its model name."""
     if not unit:
         return False
-    return host.get_fact(VllmServes, verify_argv=argv_for(unit["base_url"], unit["served_model_name"]))["ok"]
+    return ask(host, VllmServes, verify_argv=argv_for(unit["base_url"], unit["served_model_name"]))["ok"]
 
 
 @deploy("keep the known-good state")
@@ -75,7 +75,7 @@ def keep_known_good():
     state a later rollback returns to.
     """
     cfg = host_config(host)
-    if serves(host.get_fact(VllmUnit, path=UNIT_PATH)):
+    if serves(ask(host, VllmUnit, path=UNIT_PATH)):
         server.shell(name="keep the known-good unit, environment and venv", commands=[keep_command(cfg)])
 
 
@@ -105,7 +105,7 @@ def roll_back():
     Returns the check that the host serves, or None when there is no known-good state.
     """
     cfg = host_config(host)
-    known_good = host.get_fact(VllmUnit, path=KNOWN_GOOD_UNIT)
+    known_good = ask(host, VllmUnit, path=KNOWN_GOOD_UNIT)
     server.shell(name="restore the known-good unit, environment and venv", commands=[restore_command(cfg)])
     if known_good is None:
         return None

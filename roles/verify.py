@@ -7,10 +7,11 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import files, server
+from pyinfra.operations import server
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in
-from glmfleet.facts import VllmServes
+from glmfleet.facts import ManagedPaths, VllmServes, ask
+from glmfleet.operations import upload
 from roles.vllm_service import ENV_FILE, UNIT, served_model_name
 
 VERIFY_SCRIPT = "/opt/glmfleet/bin/verify-vllm"
@@ -66,8 +67,8 @@ def verify(changes=()):
     failure, fails the host with the last lines of the unit's journal. Returns the check.
     """
     cfg = host_config(host)
-    files.put(name="verify script", src=str(SOURCE), dest=VERIFY_SCRIPT, user="root", group="root", mode="755")
-    serving = host.get_fact(VllmServes, verify_argv=verify_argv(cfg))
+    upload(ask(host, ManagedPaths, paths=[VERIFY_SCRIPT]), VERIFY_SCRIPT, SOURCE, mode="755", name="verify script")
+    serving = ask(host, VllmServes, verify_argv=verify_argv(cfg))
     return server.shell(
         # One name on every host: pyinfra merges an operation's names across hosts.
         name="verify a real request is served",

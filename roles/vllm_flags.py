@@ -13,7 +13,7 @@ from pyinfra.facts.files import Sha256File
 from pyinfra.operations import files, server
 
 from glmfleet.config import HostConfig, documented, host_config
-from glmfleet.facts import VllmVenvs
+from glmfleet.facts import VllmVenvs, ask
 from roles.vllm_image import image_ref
 from roles.vllm_service import UNIT, render_unit, serve_args
 from roles.vllm_venv import uv_path, venv_name
@@ -59,9 +59,9 @@ def vllm_flags():
     cfg = host_config(host)
     if cfg.vllm_package != "vllm":
         return
-    if host.get_fact(Sha256File, path=UNIT_PATH) == hashlib.sha256(render_unit(cfg).encode()).hexdigest():
+    if ask(host, Sha256File, path=UNIT_PATH) == hashlib.sha256(render_unit(cfg).encode()).hexdigest():
         # The unit names the image; a venv switch leaves it alone.
-        if cfg.vllm_runtime == "image" or host.get_fact(VllmVenvs, root=cfg.vllm_venv_root, uv=uv_path(cfg))["current"] == venv_name(cfg):
+        if cfg.vllm_runtime == "image" or ask(host, VllmVenvs, root=cfg.vllm_venv_root, uv=uv_path(cfg))["current"] == venv_name(cfg):
             return
     files.put(name="vLLM flag check script", src=str(SOURCE), dest=SCRIPT, mode="755")
     server.shell(name=f"vllm serve flags accepted by vLLM {cfg.vllm_version}", commands=[check_command(cfg)])

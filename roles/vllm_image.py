@@ -13,7 +13,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_str, optional
-from glmfleet.facts import ContainerHost
+from glmfleet.facts import ContainerHost, ask
 from roles import glm4_patch
 from roles.vllm_venv import state_dirs
 
@@ -132,7 +132,7 @@ def vllm_image():
     if cfg.vllm_runtime != "image":
         return []
     state_dirs(cfg)
-    present = host.get_fact(ContainerHost, image=image_ref(cfg))["image_id"]
+    present = ask(host, ContainerHost, image=image_ref(cfg))["image_id"]
     if not cfg.vllm_image_archive:
         if present:
             return []

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from io import StringIO
 from pathlib import Path
 
 import jinja2
 from packaging.version import Version
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.systemd import SystemdStatus
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import server, systemd
 from pyinfra.operations.util import any_changed
 
 from glmfleet import catalog
@@ -31,7 +29,8 @@ from glmfleet.config import (
     is_str_list,
     optional,
 )
-from glmfleet.operations import secret_file
+from glmfleet.facts import ManagedPaths, ask
+from glmfleet.operations import directory, planned, unit_enabled, upload
 from roles.model_weights import check_argv, model_path
 from roles.vllm_image import CONTAINER, docker_run
 from roles.vllm_venv import VLLM_USER, venv_bin
@@ -249,21 +248,17 @@ def vllm_service(restart_when=()):
     operations whose change means the service was (re)started, for the verify role.
     """
     cfg = host_config(host)
-    was_active = host.get_fact(SystemdStatus).get(UNIT, False)
+    managed = ask(host, ManagedPaths, paths=[SECRETS_DIR, ENV_FILE, UNIT_PATH], units=[UNIT])
+    was_active = managed["units"].get(UNIT, {}).get("running", False)
 
-    files.directory(name="root-only secrets dir", path=SECRETS_DIR, user="root", group="root", mode="700")
-    env = secret_file(name=f"environment file {ENV_FILE}", dest=ENV_FILE, content=render_env_file(vllm_environment(cfg), cfg.vllm_runtime))
-    unit = files.put(
-        name=f"unit {UNIT}",
-        src=StringIO(render_unit(cfg)),
-        dest=UNIT_PATH,
-        user="root",
-        group="root",
-        mode="644",
-    )
-    systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
-    systemd.service(name=f"{UNIT} enabled", service=UNIT, running=None, enabled=True)
-    changed = [env, unit, *restart_when]
+    directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")
+    env = upload(managed, ENV_FILE, render_env_file(vllm_environment(cfg), cfg.vllm_runtime), mode="600",
+                 name=f"environment file {ENV_FILE}", secret=True)
+    unit = upload(managed, UNIT_PATH, render_unit(cfg), name=f"unit {UNIT}")
+    if unit:
+        systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
+    unit_enabled(managed, UNIT)
+    changed = planned(env, unit, *restart_when)
     # reset-failed clears systemd's start limit, which a crash loop before this deploy may have
     # hit. A start that fails is not fatal here: verify judges it and shows the journal.
     started = server.shell(

@@ -8,7 +8,7 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import files, server
+from pyinfra.operations import server
 
 from glmfleet.config import (
     HostConfig,
@@ -23,10 +23,12 @@ from glmfleet.config import (
     is_url_list,
     is_version,
 )
-from glmfleet.facts import COMPLETE_MARKER, VllmVenvs
+from glmfleet.facts import COMPLETE_MARKER, ManagedPaths, VllmVenvs, ask
+from glmfleet.operations import directory
 from glmfleet.toolvenv import install_tool, tool_bin
 
 VLLM_USER = "vllm"
+NOLOGIN = "/usr/sbin/nologin"
 UV_CACHE_DIR = "/var/cache/glmfleet/uv"
 # Debian's and Ubuntu's bundle of the host's trusted CAs: a site's own CA (a proxy or mirror
 # with a private certificate) goes there, and pip and uv must trust what the host trusts.
@@ -125,7 +127,7 @@ def vllm_venv(switch=True):
     uv = uv_path(cfg)
 
     state_dirs(cfg)
-    venvs = host.get_fact(VllmVenvs, root=root, uv=uv)
+    venvs = ask(host, VllmVenvs, root=root, uv=uv)
 
     install_tool("uv", cfg.uv_version, cfg.vllm_python, ["--cert", SYSTEM_CA_BUNDLE, *index_args(cfg)], installed=venvs["uv"])
 
@@ -154,18 +156,21 @@ def vllm_venv(switch=True):
 
 def state_dirs(cfg: HostConfig) -> None:
     """The vllm system user and its state directory (caches), for either runtime."""
-    server.group(name="vllm group", group=VLLM_USER, system=True)
-    server.user(
-        name="vllm system user",
-        user=VLLM_USER,
-        group=VLLM_USER,
-        system=True,
-        home=cfg.vllm_state_dir,
-        create_home=False,
-        shell="/usr/sbin/nologin",
-    )
-    for path in (cfg.vllm_state_dir, f"{cfg.vllm_state_dir}/huggingface", f"{cfg.vllm_state_dir}/cache"):
-        files.directory(name=f"vllm state dir {path}", path=path, user=VLLM_USER, group=VLLM_USER, mode="750")
+    paths = (cfg.vllm_state_dir, f"{cfg.vllm_state_dir}/huggingface", f"{cfg.vllm_state_dir}/cache")
+    managed = ask(host, ManagedPaths, paths=list(paths), users=[VLLM_USER])
+    if managed["users"].get(VLLM_USER) != {"group": VLLM_USER, "home": cfg.vllm_state_dir, "shell": NOLOGIN}:
+        server.group(name="vllm group", group=VLLM_USER, system=True)
+        server.user(
+            name="vllm system user",
+            user=VLLM_USER,
+            group=VLLM_USER,
+            system=True,
+            home=cfg.vllm_state_dir,
+            create_home=False,
+            shell=NOLOGIN,
+        )
+    for path in paths:
+        directory(managed, path, user=VLLM_USER, group=VLLM_USER, mode="750", name=f"vllm state dir {path}")
 
 
 def switch_command(root: str, name: str, current: str | None) -> str:

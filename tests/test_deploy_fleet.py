@@ -6,13 +6,16 @@ The tests run in file order on one converged fleet: each step builds on the one 
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 
 import pytest
 
 from glmfleet import localfleet
-from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, TEST_MODEL_REVISION, deploy, fleet_host, make_bare, write_inventory
+from roles.vllm_service import UNIT_PATH
+from tests.fleettools import (API_KEY_ENV, TEST_DOUBLE, TEST_MODEL_REVISION, deploy, fleet_host, make_bare, pyinfra,
+                              write_inventory)
 
 pytestmark = pytest.mark.fleet
 
@@ -95,6 +98,39 @@ def test_second_run_changes_nothing(first_run, fleet, settings):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.changed() == {}
     assert {name: main_pid(name) for name in fleet} == pids
+
+
+def test_a_converged_host_is_checked_in_a_few_commands(first_run, fleet, settings):
+    """Every check of a converged host is one of glmfleet's own facts, each asked once: none of
+    pyinfra's per-operation file, user or service facts (a round trip each, in lock-step)."""
+    run = pyinfra("inventory/local.py", "--debug", "deploy.py", data=settings, env={API_KEY_ENV: API_KEY})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.changed() == {}
+    for name in fleet:
+        facts = re.findall(rf"\[{re.escape(name)}\] Loaded fact (\S+)", run.stderr)
+        assert len(re.findall(rf"Running command on {re.escape(name)}:", run.stderr)) == len(facts) <= 10, facts
+        assert all(fact.startswith("glmfleet.facts.") for fact in facts), facts
+
+
+def test_drift_on_a_converged_host_is_put_right(first_run, fleet, settings):
+    drifted, untouched = fleet[0], fleet[1]
+    host = fleet_host(drifted)
+    unit = host.file(UNIT_PATH).content_string
+    pid = main_pid(drifted)
+    host.check_output(f"chmod 755 /etc/glmfleet; echo '# edited by hand' >> {UNIT_PATH}; "
+                      "chmod 700 /opt/glmfleet/bin/verify-vllm; chown nobody /var/lib/vllm/cache")
+    run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert set(run.changed()) == {drifted}
+    assert {"vLLM service | unit vllm.service", "vLLM service | (re)start vllm.service", "verify vLLM serves | verify script",
+            "vLLM venv | vllm state dir /var/lib/vllm/cache"} <= run.changed()[drifted]
+    assert host.file("/etc/glmfleet").mode == 0o700
+    assert host.file(UNIT_PATH).content_string == unit
+    assert host.file("/opt/glmfleet/bin/verify-vllm").mode == 0o755
+    assert host.file("/var/lib/vllm/cache").user == "vllm"
+    assert main_pid(drifted) != pid  # the unit it ran was not the one glmfleet wrote
+    assert fleet_host(untouched).file("/etc/glmfleet").mode == 0o700
+    assert deploy(data=settings, env={API_KEY_ENV: API_KEY}).changed() == {}
 
 
 def test_bad_value_stops_the_run_before_any_host_changes(first_run, fleet, settings):

@@ -24,15 +24,19 @@ FILES = Path(__file__).resolve().parent.parent / "files"
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
 def test_listening_ports_fact_sees_a_real_listener():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
+    with socket.socket() as listener, socket.socket() as other:
+        for sock in (listener, other):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        port, other_port = listener.getsockname()[1], other.getsockname()[1]
         fact = ListeningPorts()
         output = subprocess.run(["bash", "-c", fact.command()], capture_output=True, text=True, check=True).stdout
         listeners = fact.process(output.splitlines())
+        output = subprocess.run(["bash", "-c", fact.command(port=port)], capture_output=True, text=True, check=True).stdout
+        only_port = fact.process(output.splitlines())
     # This machine's PID 1 is not systemd: no process here belongs to a service.
-    assert (port, None) in listeners
+    assert {(port, None), (other_port, None)} <= set(listeners)
+    assert only_port == [(port, None)]
 
 
 def test_listening_ports_fact_reads_the_service_of_each_holder():
