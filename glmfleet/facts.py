@@ -492,7 +492,7 @@ class ManagedPaths(FactBase):
     """
 
     def command(self, paths: list[str] = (), units: list[str] = (), users: list[str] = ()) -> str:
-        # One tab-separated line each: kind, name, then what was found (empty when absent).
+        # One tab-separated line each: kind, name, then what was found (nothing when absent).
         line = "printf '%s\\t%s\\t%s\\t%s\\n'"
         steps = []
         for path in paths:
@@ -501,8 +501,8 @@ class ManagedPaths(FactBase):
                          f"\"$(test -f {quoted} && test ! -L {quoted} && sha256sum < {quoted} | cut -d' ' -f1)\"")
         for unit in units:
             quoted = shlex.quote(unit)
-            steps.append(f"{line} unit {quoted} \"$(systemctl is-enabled -- {quoted} 2>/dev/null)\" "
-                         f"\"$(systemctl show --property SubState --value -- {quoted} 2>/dev/null)\"")
+            steps.append(f"{line} unit {quoted} $(systemctl show --property UnitFileState --property SubState -- "
+                         f"{quoted} 2>/dev/null | sort | sed 's/^[^=]*=//')")
         for user in users:
             quoted = shlex.quote(user)
             steps.append(f"{line} user {quoted} \"$(getent passwd {quoted})\" \"$(id -gn {quoted} 2>/dev/null)\"")
@@ -522,8 +522,8 @@ class ManagedPaths(FactBase):
                 kind = "file" if file_type.startswith("regular") else file_type  # "regular empty file" too
                 found["paths"][name] = {"type": kind, "user": user, "group": group, "mode": mode,
                                         "sha256": second or None}
-            elif kind == "unit" and first:
-                found["units"][name] = {"enabled": first == "enabled", "running": second == "running"}
+            elif kind == "unit" and first:  # SubState, then UnitFileState (empty for a unit with no file)
+                found["units"][name] = {"enabled": second == "enabled", "running": first == "running"}
             elif kind == "user" and first:
                 home, shell = first.split(":")[5:7]
                 found["users"][name] = {"group": second, "home": home, "shell": shell}

@@ -80,11 +80,13 @@ def test_managed_paths_reads_type_owner_mode_and_content_of_real_paths(tmp_path)
 
 
 def test_managed_paths_reads_units_as_systemctl_prints_them():
-    output = ["unit\tvllm.service\tenabled\trunning", "unit\tnginx.service\tdisabled\tdead",
-              "unit\tgone.service\t", "path\t/etc/glmfleet\t"]
+    # `systemctl show --property UnitFileState --property SubState`, values sorted by property name
+    output = ["unit\tvllm.service\trunning\tenabled", "unit\tnginx.service\tdead\tdisabled",
+              "unit\tgone.service\tdead", "unit\tno-systemctl.service\t", "path\t/etc/glmfleet\t"]
     assert ManagedPaths().process(output) == {
         "paths": {},
         "units": {"vllm.service": {"enabled": True, "running": True},
-                  "nginx.service": {"enabled": False, "running": False}},
+                  "nginx.service": {"enabled": False, "running": False},
+                  "gone.service": {"enabled": False, "running": False}},
         "users": {},
     }
