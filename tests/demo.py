@@ -7,6 +7,7 @@ product's own venv role from a package index this demo serves on loopback.
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import shlex
 import sys
@@ -40,6 +41,16 @@ def host_report(name: str, settings: dict) -> str:
     return f"    {name}: vllm.service {state}, venv {venv}\n      {probe.stdout.strip()}"
 
 
+def demo_api_key() -> str:
+    """The demo fleet's API key: made once, kept root-only beside the fleet's state, so that
+    `make demo` again finds the fleet converged and restarts nothing."""
+    path = localfleet.fleet_dir() / "demo-api-key"
+    if not path.exists():
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as key:
+            key.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, default=2)
@@ -49,7 +60,7 @@ def main() -> int:
     say("==> bringing up the local fleet (the first time builds a Debian root filesystem)")
     localfleet.up(args.hosts)
     names = [host["name"] for host in localfleet.load_hosts()][: args.hosts]
-    env = {API_KEY_ENV: secrets.token_urlsafe(24)}
+    env = {API_KEY_ENV: demo_api_key()}
 
     with tempfile.TemporaryDirectory(prefix="glmfleet-demo-index-") as wheels, \
             tempfile.TemporaryDirectory(prefix="glmfleet-demo-model-") as model:
