@@ -37,12 +37,14 @@ def serving_host(stage_only=False):
         return None
     driver = nvidia_driver.nvidia_driver()
     toolkit_changed = container_toolkit.container_toolkit(driver=driver)
-    runtime_changed = [*vllm_venv.vllm_venv(), *vllm_image.vllm_image(), *glm4_patch.glm4_patch()]
+    vllm_venv.vllm_venv(switch=False)
+    runtime_changed = [*vllm_image.vllm_image(), *glm4_patch.glm4_patch()]
     # Weights need no GPU: they are fetched even on a host that waits for its reboot. A host whose
     # weights fail to complete fails here, so its vLLM is never started.
     new_weights = model_weights.model_weights()
-    # A bad flag fails the host here, before the running unit is replaced.
+    # A bad flag fails the host here, before the new venv becomes `current` and the unit is replaced.
     vllm_flags.vllm_flags()
+    runtime_changed += vllm_venv.vllm_venv_switch()
     # Serving needs the GPU: a host waiting for its reboot into the new driver stops here.
     if not driver.ready:
         return None

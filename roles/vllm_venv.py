@@ -148,10 +148,26 @@ def vllm_venv(switch=True):
             ],
         )
 
-    if venvs["current"] == name or not switch:
+    return vllm_venv_switch() if switch else []
+
+
+@deploy("vLLM venv switch")
+def vllm_venv_switch():
+    """
+    Point ``current`` at the configured venv, which ``vllm_venv`` built, keeping the venv it
+    replaces as ``previous`` for rollback; nothing when it already points there.
+
+    Returns the operations whose change means the service must restart.
+    """
+    cfg = host_config(host)
+    if cfg.vllm_runtime != "venv":
+        return []
+    name = venv_name(cfg)
+    current = ask(host, VllmVenvs, root=cfg.vllm_venv_root, uv=uv_path(cfg))["current"]
+    if current == name:
         return []
     # The switch keeps exactly two venvs: the new current and the previous one, for rollback.
-    return [server.shell(name=f"switch current venv to {name}", commands=[switch_command(root, name, venvs["current"])])]
+    return [server.shell(name=f"switch current venv to {name}", commands=[switch_command(cfg.vllm_venv_root, name, current)])]
 
 
 def state_dirs(cfg: HostConfig) -> None:

@@ -145,3 +145,19 @@ def test_preflight_on_a_real_h200(data, words):
 def test_gpu_checks_take_the_smallest_gpu():
     cards = [{"memory_mib": 81920}, {"memory_mib": 81920}, {"memory_mib": 49152}]
     assert gpu_facts({"smi": cards, "cuda_version": "12.8"}) == {"gpu_count": 3, "gpu_memory_mib": 49152, "driver_cuda_version": "12.8"}
+
+
+def test_a_new_venv_becomes_current_only_after_the_flags_are_accepted():
+    """A flag the new vLLM refuses fails the host with `current` (what the unit runs) untouched."""
+    from roles import serving_host
+    from tests.planning import gpu_host_output, plan
+
+    data = {"nvidia_driver_source": "none", "model_revision": "0123456789abcdef" * 2 + "01234567",
+            "vllm_version": "0.22.0"}
+    ops = [op.name for op in plan(serving_host, data, {"::glmfleet:: os": gpu_host_output(os="debian|12|bookworm"),
+                                                "command -v useradd": ["/usr/sbin/useradd"]})]
+    build = next(i for i, name in enumerate(ops) if name.startswith("vLLM venv | build venv"))
+    flags = next(i for i, name in enumerate(ops) if "flags accepted" in name)
+    switch = next(i for i, name in enumerate(ops) if "switch current venv" in name)
+    restart = next(i for i, name in enumerate(ops) if "(re)start vllm.service" in name)
+    assert build < flags < switch < restart, ops
