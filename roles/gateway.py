@@ -155,10 +155,14 @@ def gateway(out_of_pool=frozenset()):
     managed = ask(host, ManagedPaths, paths=[NGINX, DEFAULT_SITE, KEYS_PATH, CONFIG_PATH], units=[NGINX_UNIT])
     nginx = managed["units"].get(NGINX_UNIT, {"enabled": False, "running": False})
     # Refresh apt only when something must be installed: a converged host reports no change.
-    if NGINX not in managed["paths"]:
+    installing = NGINX not in managed["paths"]
+    if installing:
         apt.packages(name="nginx", packages=["nginx"], update=True)
-    # The distribution's welcome site would listen on port 80 beside the gateway.
-    default_site = files.link(name="no default site", path=DEFAULT_SITE, present=False) if DEFAULT_SITE in managed["paths"] else None
+    # The distribution's welcome site would listen on port 80 beside the gateway; the package
+    # being installed in this run brings it along.
+    default_site = None
+    if installing or DEFAULT_SITE in managed["paths"]:
+        default_site = files.link(name="no default site", path=DEFAULT_SITE, present=False)
     keys = upload(managed, KEYS_PATH, render_keys(cfg.vllm_api_key), mode="600", name=f"API keys {KEYS_PATH}", secret=True)
     config = upload(managed, CONFIG_PATH, render_config(cfg, pool(host.inventory, out_of_pool)),
                     name=f"gateway config {CONFIG_PATH}")

@@ -3,6 +3,7 @@ gateway's rendered configuration, the status program's parsing, and the tables."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import runpy
@@ -263,3 +264,23 @@ def test_the_rollout_table_shows_before_after_result_time_and_why():
     assert re.split(r"\s{2,}", lines[2])[3:] == ["FAILED, rolled back", "-", "not serving after 15 s: no answer"]
     assert re.split(r"\s{2,}", lines[3])[1:4] == ["-", "-", "not reached (rollout stopped)"]
     assert describe({"unit": None}) == "not deployed"
+
+
+def test_the_gateway_plans_only_what_differs_and_foresees_what_the_package_brings():
+    from roles.gateway import CONFIG_PATH, DEFAULT_SITE, KEYS_PATH, NGINX, gateway
+    from tests.planning import plan
+
+    data = {"vllm_api_key": "sk-edge", "model_revision": "0" * 40}
+    # A bare host: nginx comes in this run with its welcome site, which must go in the same run.
+    assert [op.name for op in plan(gateway, data, {})] == [
+        "gateway | nginx", "gateway | no default site", f"gateway | API keys {KEYS_PATH}",
+        f"gateway | gateway config {CONFIG_PATH}", "gateway | nginx running"]
+    # nginx installed and running, its welcome site gone, the keys right, the config stale.
+    keys = hashlib.sha256(render_keys("sk-edge").encode()).hexdigest()
+    converged = [f"path\t{NGINX}\tregular file|root|root|755\t{'0' * 64}",
+                 f"path\t{KEYS_PATH}\tregular file|root|root|600\t{keys}",
+                 f"path\t{CONFIG_PATH}\tregular file|root|root|644\t{'0' * 64}",
+                 "unit\tnginx.service\trunning\tenabled"]
+    assert DEFAULT_SITE not in "\n".join(converged)
+    assert [op.name for op in plan(gateway, data, {NGINX: converged})] == [
+        f"gateway | gateway config {CONFIG_PATH}", "gateway | reload nginx, wait until the new pool is in force"]
