@@ -169,6 +169,8 @@ def gateway(out_of_pool=frozenset()):
     if not (nginx["enabled"] and nginx["running"]):
         systemd.service(name="nginx running", service=NGINX_UNIT, running=True, enabled=True)
     changed = planned(default_site, keys, config)
-    if nginx["running"] and changed:
+    # An nginx not running before this run may be started before the configuration is written
+    # (the package starts it on install), so it reloads in any case; a running one on a change.
+    if changed or not nginx["running"]:
         server.shell(name="reload nginx, wait until the new pool is in force", commands=[reload_command()],
-                     _if=any_changed(*changed))
+                     _if=[any_changed(*changed)] if nginx["running"] else [])

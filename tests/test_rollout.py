@@ -271,10 +271,13 @@ def test_the_gateway_plans_only_what_differs_and_foresees_what_the_package_bring
     from tests.planning import plan
 
     data = {"vllm_api_key": "sk-edge", "model_revision": "0" * 40}
-    # A bare host: nginx comes in this run with its welcome site, which must go in the same run.
-    assert [op.name for op in plan(gateway, data, {})] == [
+    # A bare host: nginx comes in this run with its welcome site, which must go in the same run,
+    # and the package starts it before its configuration is written: it must reload.
+    bare = plan(gateway, data, {})
+    assert [op.name for op in bare] == [
         "gateway | nginx", "gateway | no default site", f"gateway | API keys {KEYS_PATH}",
-        f"gateway | gateway config {CONFIG_PATH}", "gateway | nginx running"]
+        f"gateway | gateway config {CONFIG_PATH}", "gateway | nginx running",
+        "gateway | reload nginx, wait until the new pool is in force"]
     # nginx installed and running, its welcome site gone, the keys right, the config stale.
     keys = hashlib.sha256(render_keys("sk-edge").encode()).hexdigest()
     converged = [f"path\t{NGINX}\tregular file|root|root|755\t{'0' * 64}",
