@@ -9,18 +9,16 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.files import Sha256File
 from pyinfra.operations import files, server
 
 from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import VllmVenvs, ask
 from roles.vllm_image import image_ref
-from roles.vllm_service import UNIT, render_unit, serve_args
+from roles.vllm_service import UNIT_PATH, render_unit, serve_args, service_state
 from roles.vllm_venv import uv_path, venv_name
 
 SOURCE = Path(__file__).resolve().parent.parent / "files" / "check_vllm_flags.py"
 SCRIPT = "/opt/glmfleet/bin/check-vllm-flags"
-UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 
 SETTINGS = ()
 
@@ -59,7 +57,8 @@ def vllm_flags():
     cfg = host_config(host)
     if cfg.vllm_package != "vllm":
         return
-    if ask(host, Sha256File, path=UNIT_PATH) == hashlib.sha256(render_unit(cfg).encode()).hexdigest():
+    unit = service_state()["paths"].get(UNIT_PATH, {})
+    if unit.get("sha256") == hashlib.sha256(render_unit(cfg).encode()).hexdigest():
         # The unit names the image; a venv switch leaves it alone.
         if cfg.vllm_runtime == "image" or ask(host, VllmVenvs, root=cfg.vllm_venv_root, uv=uv_path(cfg))["current"] == venv_name(cfg):
             return

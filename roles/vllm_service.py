@@ -215,6 +215,12 @@ def render_env_file(env: dict[str, str], runtime: str = "venv") -> str:
     return "\n".join(lines) + "\n"
 
 
+def service_state() -> dict:
+    """The ManagedPaths fact of what this role writes: its directory, files and unit (the flag
+    check reads the unit's sha256 from it too, so the host is asked once)."""
+    return ask(host, ManagedPaths, paths=[SECRETS_DIR, ENV_FILE, UNIT_PATH], units=[UNIT])
+
+
 def render_unit(cfg: HostConfig) -> str:
     template = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return template.render(
@@ -248,7 +254,7 @@ def vllm_service(restart_when=()):
     operations whose change means the service was (re)started, for the verify role.
     """
     cfg = host_config(host)
-    managed = ask(host, ManagedPaths, paths=[SECRETS_DIR, ENV_FILE, UNIT_PATH], units=[UNIT])
+    managed = service_state()
     was_active = managed["units"].get(UNIT, {}).get("running", False)
 
     directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")

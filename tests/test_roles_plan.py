@@ -3,6 +3,7 @@ where that needs no fleet (bash, ss, a real listening socket)."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import socket
@@ -161,3 +162,21 @@ def test_a_new_venv_becomes_current_only_after_the_flags_are_accepted():
     switch = next(i for i, name in enumerate(ops) if "switch current venv" in name)
     restart = next(i for i, name in enumerate(ops) if "(re)start vllm.service" in name)
     assert build < flags < switch < restart, ops
+
+
+def test_flags_are_checked_only_when_the_unit_or_the_current_venv_would_change():
+    from roles.vllm_flags import vllm_flags
+    from roles.vllm_service import UNIT_PATH, render_unit
+    from tests.planning import plan
+
+    data = {"model_revision": "0123456789abcdef" * 2 + "01234567", "vllm_version": "0.22.0"}
+    cfg = resolve(data, "@fake/gpu-1")
+    unit = f"path\t{UNIT_PATH}\tregular file|root|root|644\t"
+    rendered = unit + hashlib.sha256(render_unit(cfg).encode()).hexdigest()
+    current = [f"current=venvs/{venv_name(cfg)}"]
+    # The unit as rendered and the venv already current: vLLM accepted these flags before.
+    assert plan(vllm_flags, data, {UNIT_PATH: [rendered], "readlink current": current}) == []
+    # Another unit on the host, or another venv to switch to: the new vLLM checks the flags.
+    for responses in ({UNIT_PATH: [unit + "0" * 64], "readlink current": current},
+                      {UNIT_PATH: [rendered], "readlink current": ["current=venvs/vllm-0.21.0-0000"]}):
+        assert [op.name for op in plan(vllm_flags, data, responses)][-1].endswith("flags accepted by vLLM 0.22.0")
