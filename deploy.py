@@ -10,12 +10,14 @@ from pyinfra import host, inventory
 
 from glmfleet.config import validate_inventory
 from glmfleet.connection import without_nagle
-from roles import serving_host
-from roles.gateway import GATEWAY_GROUP, gateway
+from roles import SERVING_ROLES, ask_roles, gateway, serving_host
+from roles.gateway import GATEWAY_GROUP
 
 validate_inventory(inventory)
 without_nagle(host)
 
+on_gateway = GATEWAY_GROUP in host.groups
+ask_roles(SERVING_ROLES + ((gateway,) if on_gateway else ()))  # one command per host for every role's facts
 serving_host()
-if GATEWAY_GROUP in host.groups:
-    gateway()
+if on_gateway:
+    gateway.gateway()

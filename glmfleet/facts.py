@@ -1,7 +1,8 @@
 """Every fact glmfleet reads from a host, in one place.
 
-Each fact is one SSH round trip (pyinfra caches nothing across runs), so each gathers all it
-needs in one command.
+pyinfra asks a fact again on every call and each is a command of its own, so each fact gathers
+all it needs in one command, ``ask`` asks it once per host and run, and each role declares its
+questions so that ``ask_together`` can ask them all in a single command per host.
 """
 
 from __future__ import annotations
@@ -11,15 +12,30 @@ import json
 import re
 import shlex
 from pathlib import Path
-
+from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
 from pyinfra.api import FactBase, State
+from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.host import Host
 
 COMPLETE_MARKER = ".glmfleet-complete"
 
 _ANSWERS: WeakKeyDictionary[State, dict] = WeakKeyDictionary()
+
+
+class Question(NamedTuple):
+    """A fact and its arguments: one thing a role reads from a host."""
+
+    fact: type[FactBase]
+    kwargs: dict
+
+    def of(self, host: Host):
+        return ask(host, self.fact, **self.kwargs)
+
+
+def _key(host: Host, question: Question) -> tuple:
+    return host.name, question.fact, repr(sorted(question.kwargs.items()))
 
 
 def ask(host: Host, fact_cls: type[FactBase], **kwargs):
@@ -29,10 +45,71 @@ def ask(host: Host, fact_cls: type[FactBase], **kwargs):
     each run (a rollout makes several) has its own State and so its own answers.
     """
     answers = _ANSWERS.setdefault(host.state, {})
-    key = (host.name, fact_cls, repr(sorted(kwargs.items())))
+    key = _key(host, Question(fact_cls, kwargs))
     if key not in answers:
         answers[key] = host.get_fact(fact_cls, **kwargs)
     return answers[key]
+
+
+def ask_together(host: Host, questions: dict[str, Question]) -> dict:
+    """The answers to ``questions`` (by the same names); those not asked yet in this run are
+    asked in one command.
+
+    Each command is an SSH session of its own on the host and, on one host, a round trip
+    after the last: the roles' dozen questions cost one. A question whose command fails, or
+    whose ``requires_command`` is missing, is left to ``ask``, so that pyinfra reports it
+    as it reports any fact.
+    """
+    answers = _ANSWERS.setdefault(host.state, {})
+    new = {_key(host, q): q for q in questions.values() if _key(host, q) not in answers}
+    if new:
+        facts = [(q, q.fact()) for q in new.values()]
+        parts = host.get_fact(Together, commands=[together_part(fact, q.kwargs) for q, fact in facts])
+        for key, (q, fact), (status, lines) in zip(new, facts, parts):
+            if status == 0:
+                try:
+                    answers[key] = fact.process(lines) if lines else fact.default()
+                except FactProcessError:
+                    pass
+    return {name: q.of(host) for name, q in questions.items()}
+
+
+def together_part(fact: FactBase, kwargs: dict) -> str:
+    """A fact's command as one part of ``Together``: in a subshell (an ``exit`` ends only the
+    part), first failing with 127 where its ``requires_command`` is missing."""
+    command = fact.command(**kwargs) if callable(fact.command) else fact.command
+    requires = fact.requires_command(**kwargs) if callable(fact.requires_command) else fact.requires_command
+    check = f"command -v {shlex.quote(requires)} >/dev/null 2>&1 || exit 127; " if requires else ""
+    return f"( {check}{command} )"
+
+
+TOGETHER = "::glmfleet-part::"
+
+
+class Together(FactBase):
+    """Several facts' commands run in one, each part's output lines with its exit status.
+
+    .. code:: python
+
+        [(0, ["line", ...]), (127, [])]
+    """
+
+    default = list
+
+    def command(self, commands: list[str]) -> str:
+        return "; ".join(f"echo '{TOGETHER}'; {command}; echo \"{TOGETHER} $?\"" for command in commands)
+
+    def process(self, output):
+        parts, lines = [], []
+        for line in output:
+            before, marker, status = line.partition(TOGETHER)
+            if before or not marker:  # a part's output may lack its last newline
+                lines.append(before)
+            if marker and status:
+                parts.append((int(status), lines))
+            elif marker:
+                lines = []
+        return parts
 
 
 class VllmVenvs(FactBase):
@@ -475,6 +552,10 @@ class VllmStatus(FactBase):
         return json.loads("\n".join(output))
 
 
+# find's %y letters, named as ``stat -c %F`` and pyinfra's facts name them.
+FIND_TYPES = {"f": "file", "d": "directory", "l": "symbolic link"}
+
+
 class ManagedPaths(FactBase):
     """What a role manages on a host, in one command, so that a converged host plans none of
     pyinfra's file, user and service operations (each asks its own facts, a round trip apiece):
@@ -492,21 +573,18 @@ class ManagedPaths(FactBase):
     """
 
     def command(self, paths: list[str] = (), units: list[str] = (), users: list[str] = ()) -> str:
-        # One tab-separated line each: kind, name, then what was found (nothing when absent).
-        line = "printf '%s\\t%s\\t%s\\t%s\\n'"
-        steps = []
-        for path in paths:
-            quoted = shlex.quote(path)
-            steps.append(f"{line} path {quoted} \"$(stat -c '%F|%U|%G|%a' -- {quoted} 2>/dev/null)\" "
-                         f"\"$(test -f {quoted} && test ! -L {quoted} && sha256sum < {quoted} | cut -d' ' -f1)\"")
-        for unit in units:
-            quoted = shlex.quote(unit)
-            steps.append(f"{line} unit {quoted} $(systemctl show --property UnitFileState --property SubState -- "
-                         f"{quoted} 2>/dev/null | sort | sed 's/^[^=]*=//')")
+        # A handful of processes whatever the number of paths: this runs on every host, every run.
+        # find -maxdepth 0 reports the paths themselves and never follows a link (a link is not
+        # the file wanted there); absent paths are left out.
+        quoted = " ".join(shlex.quote(path) for path in paths)
+        steps = [f"find {quoted} -maxdepth 0 -printf 'path\\t%p\\t%y|%u|%g|%m\\n' 2>/dev/null",
+                 f"find {quoted} -maxdepth 0 -type f -exec sha256sum -- {{}} + 2>/dev/null"] if paths else []
+        if units:
+            steps.append(f"systemctl show --property Id,UnitFileState,SubState -- {shlex.join(units)} 2>/dev/null")
         for user in users:
             quoted = shlex.quote(user)
-            steps.append(f"{line} user {quoted} \"$(getent passwd {quoted})\" \"$(id -gn {quoted} 2>/dev/null)\"")
-        return "; ".join(steps) or "true"
+            steps.append(f"printf 'user\\t%s\\t%s\\t%s\\n' {quoted} \"$(getent passwd {quoted})\" \"$(id -gn {quoted} 2>/dev/null)\"")
+        return "; ".join([*steps, "true"])
 
     @staticmethod
     def default():
@@ -514,17 +592,29 @@ class ManagedPaths(FactBase):
 
     def process(self, output):
         found = self.default()
+        digests, unit = {}, {}
         for line in output:
-            # The output's trailing whitespace may be trimmed: an empty last field goes with it.
-            kind, name, first, second = (line.split("\t") + ["", ""])[:4]
-            if kind == "path" and first:
-                file_type, user, group, mode = first.split("|")
-                kind = "file" if file_type.startswith("regular") else file_type  # "regular empty file" too
-                found["paths"][name] = {"type": kind, "user": user, "group": group, "mode": mode,
-                                        "sha256": second or None}
-            elif kind == "unit" and first:  # SubState, then UnitFileState (empty for a unit with no file)
-                found["units"][name] = {"enabled": second == "enabled", "running": first == "running"}
-            elif kind == "user" and first:
-                home, shell = first.split(":")[5:7]
-                found["users"][name] = {"group": second, "home": home, "shell": shell}
+            if digest := re.fullmatch(r"([0-9a-f]{64})  (.*)", line):  # sha256sum
+                digests[digest[2]] = digest[1]
+            elif "=" in line and "\t" not in line:  # systemctl show: Id= starts one unit's block
+                key, _, value = line.partition("=")
+                if key == "Id":
+                    unit = found["units"][value] = {"enabled": False, "running": False}
+                elif key == "UnitFileState":
+                    unit["enabled"] = value == "enabled"
+                elif key == "SubState":
+                    unit["running"] = value == "running"
+            else:
+                # The output's trailing whitespace may be trimmed: an empty last field goes with it.
+                kind, name, first, second = (line.split("\t") + ["", "", ""])[:4]
+                if kind == "path":
+                    file_type, user, group, mode = first.split("|")
+                    found["paths"][name] = {"type": FIND_TYPES.get(file_type, file_type), "user": user, "group": group,
+                                            "mode": mode, "sha256": None}
+                elif kind == "user" and first:
+                    home, shell = first.split(":")[5:7]
+                    found["users"][name] = {"group": second, "home": home, "shell": shell}
+        for path, digest in digests.items():
+            if found["paths"].get(path, {}).get("type") == "file":
+                found["paths"][path]["sha256"] = digest
         return found

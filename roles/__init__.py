@@ -1,5 +1,10 @@
-"""The roles, in the order deploy.py applies them; each module declares its SETTINGS."""
+"""The roles, in the order deploy.py applies them; each module declares its SETTINGS and the
+facts it reads (``questions``)."""
 
+from pyinfra import host
+
+from glmfleet.config import host_config
+from glmfleet.facts import ask_together
 from roles import (
     container_toolkit,
     gateway,
@@ -16,6 +21,14 @@ from roles import (
 
 ROLES = (preflight, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch, model_weights, vllm_flags,
          vllm_service, verify, gateway)
+SERVING_ROLES = ROLES[:-1]
+
+
+def ask_roles(roles) -> None:
+    """Ask the host everything ``roles`` will read, in one command (``facts.ask_together``)."""
+    cfg = host_config(host)
+    ask_together(host, {f"{role.__name__}.{name}": question for role in roles
+                        for name, question in role.questions(cfg).items()})
 
 
 def serving_host(stage_only=False):
@@ -28,6 +41,7 @@ def serving_host(stage_only=False):
     a rollout reports, (the restart, the check that the host serves), or None where nothing
     starts: when staging, and on a host waiting for its reboot into a new driver.
     """
+    ask_roles(SERVING_ROLES)
     preflight.preflight()
     if stage_only:
         vllm_venv.vllm_venv(switch=False)

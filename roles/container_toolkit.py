@@ -9,9 +9,9 @@ from pyinfra.api import deploy
 from pyinfra.operations import server, systemd
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_one_of, is_str, is_url, optional
-from glmfleet.facts import ContainerHost, ask
+from glmfleet.facts import ContainerHost, Question, ask_together
 from glmfleet.operations import apt_hold, apt_install, apt_repository, stop_host
-from roles.nvidia_driver import DriverState, gpu_host, is_sha256
+from roles.nvidia_driver import DriverState, gpu_question, is_sha256
 
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
 DOCKER_REPO = "https://download.docker.com/linux/{distro}"
@@ -81,6 +81,13 @@ def configure_runtime_command(cdi: bool) -> str:
     return "nvidia-ctk runtime configure --runtime=docker" + (" --cdi.enabled" if cdi else "")
 
 
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    if cfg.vllm_runtime != "image":
+        return {}
+    return {"gpu": gpu_question(cfg), "containers": Question(ContainerHost, {"image": "", "cdi_spec": CDI_SPEC})}
+
+
 @deploy("NVIDIA container toolkit")
 @documented(SETTINGS)
 def container_toolkit(driver: DriverState = DriverState(ready=False)):
@@ -98,8 +105,8 @@ def container_toolkit(driver: DriverState = DriverState(ready=False)):
     cfg = host_config(host)
     if cfg.vllm_runtime != "image":
         return []
-    gpu = gpu_host(cfg)
-    state = ask(host, ContainerHost, image="", cdi_spec=CDI_SPEC)
+    answers = ask_together(host, questions(cfg))
+    gpu, state = answers["gpu"], answers["containers"]
     cdi = cfg.container_gpu_access == "cdi"
 
     if cfg.docker_source == "docker-repo":

@@ -18,7 +18,7 @@ from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in, is_listen_address
-from glmfleet.facts import ManagedPaths, ask
+from glmfleet.facts import ManagedPaths, Question, ask_together
 from glmfleet.operations import planned, upload
 from roles.vllm_service import served_model_name
 
@@ -138,6 +138,11 @@ def reload_command() -> str:
     )
 
 
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; deploy.py asks it with the serving roles' in one command."""
+    return {"managed": Question(ManagedPaths, {"paths": [NGINX, DEFAULT_SITE, KEYS_PATH, CONFIG_PATH], "units": [NGINX_UNIT]})}
+
+
 @deploy("gateway")
 @documented(SETTINGS)
 def gateway(out_of_pool=frozenset()):
@@ -152,7 +157,7 @@ def gateway(out_of_pool=frozenset()):
     workers take no more requests; a converged gateway changes nothing.
     """
     cfg = host_config(host)
-    managed = ask(host, ManagedPaths, paths=[NGINX, DEFAULT_SITE, KEYS_PATH, CONFIG_PATH], units=[NGINX_UNIT])
+    managed = ask_together(host, questions(cfg))["managed"]
     nginx = managed["units"].get(NGINX_UNIT, {"enabled": False, "running": False})
     # Refresh apt only when something must be installed: a converged host reports no change.
     installing = NGINX not in managed["paths"]

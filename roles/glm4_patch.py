@@ -12,7 +12,7 @@ from pyinfra.facts.files import Sha256File
 from pyinfra.operations import apt, files, server
 
 from glmfleet.config import HostConfig, documented, host_config
-from glmfleet.facts import Glm4Source, ask
+from glmfleet.facts import Glm4Source, Question, ask_together
 from roles import vllm_image  # vllm_image lays the patched copy over the image's file: attributes used at call time
 from roles.vllm_venv import venv_name
 
@@ -37,6 +37,19 @@ def combination_problems(cfg: dict) -> list[str]:
 
 def needs_patch(cfg: HostConfig) -> bool:
     return cfg.vllm_package == "vllm" and cfg.vllm_version == BUGGY_VERSION
+
+
+def venv_dir(cfg: HostConfig) -> str:
+    return f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}"
+
+
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    if not needs_patch(cfg):
+        return {}
+    patched = (Question(Sha256File, {"path": PATCHED_FOR_IMAGE}) if cfg.vllm_runtime == "image"
+               else Question(Glm4Source, {"venv": venv_dir(cfg)}))
+    return {"patched_sha256": patched, "debs": Question(DebPackages, {})}
 
 
 def derive_command(image: str) -> str:
@@ -70,13 +83,11 @@ def glm4_patch():
     cfg = host_config(host)
     if not needs_patch(cfg):
         return []
-    venv = f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}"
-    if cfg.vllm_runtime == "image":
-        if ask(host, Sha256File, path=PATCHED_FOR_IMAGE) == PATCHED_SHA256:
-            return []
-    elif ask(host, Glm4Source, venv=venv) == PATCHED_SHA256:
+    venv = venv_dir(cfg)
+    answers = ask_together(host, questions(cfg))
+    if answers["patched_sha256"] == PATCHED_SHA256:
         return []
-    if "patch" not in ask(host, DebPackages):
+    if "patch" not in answers["debs"]:
         apt.packages(name="GNU patch", packages=["patch"], update=True)
     files.put(name="glm4.py patch script", src=str(FILES / "glm4_patch.py"), dest=SCRIPT, mode="755")
     files.put(name="glm4.py patch", src=str(FILES / "glm4-0.8.4.patch"), dest=PATCH, mode="644")

@@ -48,7 +48,7 @@ from glmfleet.config import (
     is_version,
     optional,
 )
-from glmfleet.facts import ManagedPaths, ModelWeights, ask
+from glmfleet.facts import ManagedPaths, ModelWeights, Question, ask_together
 from glmfleet.operations import directory, live_steps, secret_file, upload
 from glmfleet.toolvenv import ensure_debs, install_tool, tool_bin
 from roles.vllm_venv import SYSTEM_CA_BUNDLE, index_args
@@ -264,9 +264,16 @@ def fanout_group(cfg: HostConfig) -> str:
     return json.dumps([model_path(cfg), selection_key(cfg)])
 
 
-def weights_fact(target, cfg: HostConfig) -> dict:
-    return ask(target, ModelWeights, script=SCRIPT, state_args=state_args(cfg),
-               tools=[t for t in (cli_bin(cfg, "hf"), cli_bin(cfg, "modelscope"), RSYNC) if t])
+def weights_question(cfg: HostConfig) -> Question:
+    return Question(ModelWeights, {"script": SCRIPT, "state_args": state_args(cfg),
+                                   "tools": [t for t in (cli_bin(cfg, "hf"), cli_bin(cfg, "modelscope"), RSYNC) if t]})
+
+
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    if cfg.model_revision is None:  # the role stops the host, saying why
+        return {}
+    return {"weights": weights_question(cfg), "managed": Question(ManagedPaths, {"paths": [TOOLS_BIN, SCRIPT, STATE_DIR, SECRETS_DIR]})}
 
 
 def fanout_plans() -> dict[str, FanoutPlan]:
@@ -284,7 +291,7 @@ def fanout_plans() -> dict[str, FanoutPlan]:
             plan = FanoutPlan()
             complete, pending = [], []
             for target, cfg in members:
-                fact = plan.facts[target.name] = weights_fact(target, cfg)
+                fact = plan.facts[target.name] = weights_question(cfg).of(target)
                 (complete if fact["complete"] else pending).append(target.name)
                 address = cfg.model_peer_address or target.data.get("ssh_hostname") or target.name
                 plan.addresses[target.name] = f"{address}:{target.data.get('ssh_port') or 22}"
@@ -413,9 +420,10 @@ def model_weights():
             f"{host.name}: model_revision is not set: glmfleet fetches and serves a pinned commit of {cfg.model}; set it "
             "to the 40-hex commit id from the repository's history (a branch name would make 'already complete' lie)"]))
     peer_plan = fanout_plans().get(fanout_group(cfg)) if cfg.model_source == "peer" else None
-    fact = peer_plan.facts[host.name] if peer_plan else weights_fact(host, cfg)
+    answers = ask_together(host, questions(cfg))
+    fact = peer_plan.facts[host.name] if peer_plan else answers["weights"]
 
-    managed = ask(host, ManagedPaths, paths=[TOOLS_BIN, SCRIPT, STATE_DIR, SECRETS_DIR])
+    managed = answers["managed"]
     directory(managed, TOOLS_BIN, name="glmfleet tools dir")
     upload(managed, SCRIPT, SCRIPT_SOURCE, mode="755", name="weights script")
     directory(managed, STATE_DIR, name="weights state dir")

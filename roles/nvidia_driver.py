@@ -22,7 +22,7 @@ from glmfleet.config import (
     is_url,
     optional,
 )
-from glmfleet.facts import GpuHost, ask
+from glmfleet.facts import GpuHost, Question, ask_together
 from glmfleet.operations import apt_hold, apt_install, apt_repository, notice, stop_host
 
 CUDA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}"
@@ -225,10 +225,15 @@ def fabric_manager_matches_driver(plan: DriverPlan) -> str:
     )
 
 
-def gpu_host(cfg: HostConfig) -> dict:
+def gpu_question(cfg: HostConfig) -> Question:
     """The GpuHost fact, asked the same way by every role that reads it (so once per host): the
     kernel headers' candidate version only where this role may install a driver."""
-    return ask(host, GpuHost, headers_candidate=cfg.nvidia_driver_source != "none")
+    return Question(GpuHost, {"headers_candidate": cfg.nvidia_driver_source != "none"})
+
+
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    return {} if cfg.nvidia_driver_source == "none" else {"gpu": gpu_question(cfg)}
 
 
 @deploy("NVIDIA driver")
@@ -251,7 +256,7 @@ def nvidia_driver() -> DriverState:
     cfg = host_config(host)
     if cfg.nvidia_driver_source == "none":
         return DriverState(ready=True)
-    gpu = gpu_host(cfg)
+    gpu = ask_together(host, questions(cfg))["gpu"]
     plan = driver_plan(cfg, gpu)
     running = running_driver_is_wanted(cfg, gpu)
     fabric_manager = wants_fabric_manager(cfg, gpu)

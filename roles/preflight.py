@@ -10,8 +10,9 @@ from pyinfra.operations import server
 
 from glmfleet import compat
 from glmfleet.config import documented, host_config
-from glmfleet.facts import ListeningPorts, ask
-from roles.nvidia_driver import gpu_host
+from glmfleet.config import HostConfig
+from glmfleet.facts import ListeningPorts, Question, ask_together
+from roles.nvidia_driver import gpu_question
 from roles.vllm_service import UNIT
 
 SETTINGS = ()
@@ -28,6 +29,11 @@ def gpu_facts(gpu: dict) -> dict:
     smi = gpu["smi"] or []
     memory = [card["memory_mib"] for card in smi if card["memory_mib"]]
     return {"gpu_count": len(smi) or None, "gpu_memory_mib": min(memory, default=None), "driver_cuda_version": gpu["cuda_version"]}
+
+
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    return {"gpu": gpu_question(cfg), "listeners": Question(ListeningPorts, {"port": cfg.vllm_port})}
 
 
 def fail_command(problems: list[str]) -> str:
@@ -47,10 +53,11 @@ def preflight():
     and the port vLLM will listen on free or already ours.
     """
     cfg = host_config(host)
-    gpus = gpu_facts(gpu_host(cfg))
+    answers = ask_together(host, questions(cfg))
+    gpus = gpu_facts(answers["gpu"])
     for warning in compat.combination_warnings(cfg) + compat.host_warnings(cfg, driver_cuda_version=gpus["driver_cuda_version"]):
         logger.warning(f"{host.name}: {warning}")
-    problems = compat.host_problems(cfg, **gpus, listeners=ask(host, ListeningPorts, port=cfg.vllm_port), own_unit=UNIT)
+    problems = compat.host_problems(cfg, **gpus, listeners=answers["listeners"], own_unit=UNIT)
     if problems:
         server.shell(name="preflight: the host cannot serve this configuration",
                      commands=[fail_command([f"{host.name}: {problem}" for problem in problems])])

@@ -10,7 +10,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in
-from glmfleet.facts import ManagedPaths, VllmServes, ask
+from glmfleet.facts import ManagedPaths, Question, VllmServes, ask_together
 from glmfleet.operations import upload
 from roles.vllm_service import ENV_FILE, UNIT, served_model_name
 
@@ -53,6 +53,12 @@ def wait_command(cfg: HostConfig, argv: list[str]) -> str:
     return f"{wait} || {{ echo '{JOURNAL_HEADER}'; {journal}; exit 1; }}"
 
 
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    return {"managed": Question(ManagedPaths, {"paths": [VERIFY_SCRIPT]}),
+            "serving": Question(VllmServes, {"verify_argv": verify_argv(cfg)})}
+
+
 @deploy("verify vLLM serves")
 @documented(SETTINGS)
 def verify(changes=()):
@@ -67,8 +73,9 @@ def verify(changes=()):
     failure, fails the host with the last lines of the unit's journal. Returns the check.
     """
     cfg = host_config(host)
-    upload(ask(host, ManagedPaths, paths=[VERIFY_SCRIPT]), VERIFY_SCRIPT, SOURCE, mode="755", name="verify script")
-    serving = ask(host, VllmServes, verify_argv=verify_argv(cfg))
+    answers = ask_together(host, questions(cfg))
+    upload(answers["managed"], VERIFY_SCRIPT, SOURCE, mode="755", name="verify script")
+    serving = answers["serving"]
     return server.shell(
         # One name on every host: pyinfra merges an operation's names across hosts.
         name="verify a real request is served",

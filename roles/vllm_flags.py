@@ -12,10 +12,10 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from glmfleet.config import HostConfig, documented, host_config
-from glmfleet.facts import VllmVenvs, ask
+from glmfleet.facts import Question, ask_together
 from roles.vllm_image import image_ref
-from roles.vllm_service import UNIT_PATH, render_unit, serve_args, service_state
-from roles.vllm_venv import uv_path, venv_name
+from roles.vllm_service import UNIT_PATH, render_unit, serve_args, service_question
+from roles.vllm_venv import venv_name, venvs_question
 
 SOURCE = Path(__file__).resolve().parent.parent / "files" / "check_vllm_flags.py"
 SCRIPT = "/opt/glmfleet/bin/check-vllm-flags"
@@ -42,6 +42,13 @@ def check_command(cfg: HostConfig) -> str:
     return " ".join(f"{name}={value}" for name, value in OFFLINE.items()) + " " + shlex.join([python, SCRIPT, *args])
 
 
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    if cfg.vllm_package != "vllm":
+        return {}
+    return {"service": service_question(), **({"venvs": venvs_question(cfg)} if cfg.vllm_runtime == "venv" else {})}
+
+
 @deploy("check vLLM flags")
 @documented(SETTINGS)
 def vllm_flags():
@@ -57,10 +64,11 @@ def vllm_flags():
     cfg = host_config(host)
     if cfg.vllm_package != "vllm":
         return
-    unit = service_state()["paths"].get(UNIT_PATH, {})
+    answers = ask_together(host, questions(cfg))
+    unit = answers["service"]["paths"].get(UNIT_PATH, {})
     if unit.get("sha256") == hashlib.sha256(render_unit(cfg).encode()).hexdigest():
         # The unit names the image; a venv switch leaves it alone.
-        if cfg.vllm_runtime == "image" or ask(host, VllmVenvs, root=cfg.vllm_venv_root, uv=uv_path(cfg))["current"] == venv_name(cfg):
+        if cfg.vllm_runtime == "image" or answers["venvs"]["current"] == venv_name(cfg):
             return
     files.put(name="vLLM flag check script", src=str(SOURCE), dest=SCRIPT, mode="755")
     server.shell(name=f"vllm serve flags accepted by vLLM {cfg.vllm_version}", commands=[check_command(cfg)])

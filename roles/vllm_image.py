@@ -13,9 +13,9 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_str, optional
-from glmfleet.facts import ContainerHost, ask
+from glmfleet.facts import ContainerHost, Question, ask_together
 from roles import glm4_patch
-from roles.vllm_venv import state_dirs
+from roles.vllm_venv import state_dirs, state_dirs_question
 
 CONTAINER = "vllm"
 ARCHIVE_DIR = "/var/lib/glmfleet/images"
@@ -117,6 +117,13 @@ def docker_run(cfg: HostConfig, env_file: str) -> list[str]:
     ]
 
 
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    if cfg.vllm_runtime != "image":
+        return {}
+    return {"containers": Question(ContainerHost, {"image": image_ref(cfg)}), "state_dirs": state_dirs_question(cfg)}
+
+
 @deploy("vLLM image")
 @documented(SETTINGS)
 def vllm_image():
@@ -131,8 +138,9 @@ def vllm_image():
     cfg = host_config(host)
     if cfg.vllm_runtime != "image":
         return []
-    state_dirs(cfg)
-    present = ask(host, ContainerHost, image=image_ref(cfg))["image_id"]
+    answers = ask_together(host, questions(cfg))
+    state_dirs(cfg, answers["state_dirs"])
+    present = answers["containers"]["image_id"]
     if not cfg.vllm_image_archive:
         if present:
             return []

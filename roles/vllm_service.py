@@ -29,7 +29,7 @@ from glmfleet.config import (
     is_str_list,
     optional,
 )
-from glmfleet.facts import ManagedPaths, ask
+from glmfleet.facts import ManagedPaths, Question, ask_together
 from glmfleet.operations import directory, planned, unit_enabled, upload
 from roles.model_weights import check_argv, model_path
 from roles.vllm_image import CONTAINER, docker_run
@@ -215,10 +215,15 @@ def render_env_file(env: dict[str, str], runtime: str = "venv") -> str:
     return "\n".join(lines) + "\n"
 
 
-def service_state() -> dict:
+def service_question() -> Question:
     """The ManagedPaths fact of what this role writes: its directory, files and unit (the flag
     check reads the unit's sha256 from it too, so the host is asked once)."""
-    return ask(host, ManagedPaths, paths=[SECRETS_DIR, ENV_FILE, UNIT_PATH], units=[UNIT])
+    return Question(ManagedPaths, {"paths": [SECRETS_DIR, ENV_FILE, UNIT_PATH], "units": [UNIT]})
+
+
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    return {"managed": service_question()}
 
 
 def render_unit(cfg: HostConfig) -> str:
@@ -254,7 +259,7 @@ def vllm_service(restart_when=()):
     operations whose change means the service was (re)started, for the verify role.
     """
     cfg = host_config(host)
-    managed = service_state()
+    managed = ask_together(host, questions(cfg))["managed"]
     was_active = managed["units"].get(UNIT, {}).get("running", False)
 
     directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")

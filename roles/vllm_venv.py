@@ -23,7 +23,7 @@ from glmfleet.config import (
     is_url_list,
     is_version,
 )
-from glmfleet.facts import COMPLETE_MARKER, ManagedPaths, VllmVenvs, ask
+from glmfleet.facts import COMPLETE_MARKER, ManagedPaths, Question, VllmVenvs, ask_together
 from glmfleet.operations import directory
 from glmfleet.toolvenv import install_tool, tool_bin
 
@@ -104,6 +104,25 @@ print(f"{package} {found} imports")
 """
 
 
+def venvs_question(cfg: HostConfig) -> Question:
+    return Question(VllmVenvs, {"root": cfg.vllm_venv_root, "uv": uv_path(cfg)})
+
+
+def state_dirs_paths(cfg: HostConfig) -> tuple[str, ...]:
+    return cfg.vllm_state_dir, f"{cfg.vllm_state_dir}/huggingface", f"{cfg.vllm_state_dir}/cache"
+
+
+def state_dirs_question(cfg: HostConfig) -> Question:
+    return Question(ManagedPaths, {"paths": list(state_dirs_paths(cfg)), "users": [VLLM_USER]})
+
+
+def questions(cfg: HostConfig) -> dict[str, Question]:
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
+    if cfg.vllm_runtime != "venv":
+        return {}
+    return {"venvs": venvs_question(cfg), "state_dirs": state_dirs_question(cfg)}
+
+
 @deploy("vLLM venv")
 @documented(SETTINGS)
 def vllm_venv(switch=True):
@@ -126,8 +145,9 @@ def vllm_venv(switch=True):
     name = venv_name(cfg)
     uv = uv_path(cfg)
 
-    state_dirs(cfg)
-    venvs = ask(host, VllmVenvs, root=root, uv=uv)
+    answers = ask_together(host, questions(cfg))
+    venvs = answers["venvs"]
+    state_dirs(cfg, answers["state_dirs"])
 
     install_tool("uv", cfg.uv_version, cfg.vllm_python, ["--cert", SYSTEM_CA_BUNDLE, *index_args(cfg)], installed=venvs["uv"])
 
@@ -163,17 +183,18 @@ def vllm_venv_switch():
     if cfg.vllm_runtime != "venv":
         return []
     name = venv_name(cfg)
-    current = ask(host, VllmVenvs, root=cfg.vllm_venv_root, uv=uv_path(cfg))["current"]
+    current = venvs_question(cfg).of(host)["current"]
     if current == name:
         return []
     # The switch keeps exactly two venvs: the new current and the previous one, for rollback.
     return [server.shell(name=f"switch current venv to {name}", commands=[switch_command(cfg.vllm_venv_root, name, current)])]
 
 
-def state_dirs(cfg: HostConfig) -> None:
-    """The vllm system user and its state directory (caches), for either runtime."""
-    paths = (cfg.vllm_state_dir, f"{cfg.vllm_state_dir}/huggingface", f"{cfg.vllm_state_dir}/cache")
-    managed = ask(host, ManagedPaths, paths=list(paths), users=[VLLM_USER])
+def state_dirs(cfg: HostConfig, managed: dict) -> None:
+    """The vllm system user and its state directory (caches), for either runtime.
+
+    + managed: the answer to ``state_dirs_question``
+    """
     if managed["users"].get(VLLM_USER) != {"group": VLLM_USER, "home": cfg.vllm_state_dir, "shell": NOLOGIN}:
         server.group(name="vllm group", group=VLLM_USER, system=True)
         server.user(
@@ -185,7 +206,7 @@ def state_dirs(cfg: HostConfig) -> None:
             create_home=False,
             shell=NOLOGIN,
         )
-    for path in paths:
+    for path in state_dirs_paths(cfg):
         directory(managed, path, user=VLLM_USER, group=VLLM_USER, mode="750", name=f"vllm state dir {path}")
 
 

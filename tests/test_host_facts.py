@@ -1,5 +1,6 @@
-"""How glmfleet reads hosts cheaply: a fact asked once per host and run, and one command that
-tells a role whether its files, units and users are already right (run here for real, with sh)."""
+"""How glmfleet reads hosts cheaply: a fact asked once per host and run, every role's facts asked
+in one command, and one fact that tells a role whether its files, units and users are already
+right (run here for real, with sh, and through pyinfra's @local connector)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import hashlib
 import os
 import subprocess
 
+import pytest
 from pyinfra.api import Config, FactBase, Inventory, State
 from pyinfra.api.connect import connect_all
+from pyinfra.api.exceptions import PyinfraError
 
-from glmfleet.facts import ManagedPaths, ask
+from glmfleet.facts import ManagedPaths, Question, ask, ask_together
 
 
 class CountedEcho(FactBase):
@@ -47,6 +50,75 @@ def test_a_fact_is_asked_once_per_host_and_run():
     assert CountedEcho.answered == 3
 
 
+class Counted(FactBase):
+    """Runs ``command`` and counts the commands the host ran, through pyinfra's own connector."""
+
+    requires_command = None
+
+    def command(self, command: str, requires: str | None = None) -> str:
+        return command
+
+    def process(self, output):
+        return output
+
+
+def local_host():
+    inventory = Inventory(([("@local", {})], {}))
+    state = State(inventory, Config())
+    connect_all(state)
+    host = inventory.get_host("@local")
+    host.commands_run = []
+    run = host.run_shell_command
+
+    def counting(command, **kwargs):
+        host.commands_run.append(str(command))
+        return run(command, **kwargs)
+
+    host.run_shell_command = counting
+    return host
+
+
+class NeedsTool(Counted):
+    def requires_command(self, command: str, requires: str | None = None) -> str | None:
+        return requires
+
+
+def test_facts_asked_together_are_one_command_and_answer_as_each_alone(tmp_path):
+    (tmp_path / "unit").write_text("[Unit]\n")
+    host = local_host()
+    questions = {
+        "paths": Question(ManagedPaths, {"paths": [str(tmp_path / "unit"), str(tmp_path)]}),
+        "lines": Question(Counted, {"command": "echo one; echo; echo two"}),
+        "no_newline": Question(Counted, {"command": "printf last"}),  # the next part still starts on its own
+        "exits": Question(Counted, {"command": "echo ok; exit 0"}),  # ends its part only
+        "empty": Question(Counted, {"command": "true"}),
+    }
+    answers = ask_together(host, questions)
+    assert len(host.commands_run) == 1
+    assert answers["lines"] == ["one", "", "two"] and answers["no_newline"] == ["last"] and answers["exits"] == ["ok"]
+    assert answers["empty"] is None  # the fact's default, as pyinfra gives for no output
+    alone = local_host()
+    assert answers["paths"] == ask(alone, ManagedPaths, paths=[str(tmp_path / "unit"), str(tmp_path)])
+    assert answers["paths"]["paths"][str(tmp_path / "unit")]["sha256"] == hashlib.sha256(b"[Unit]\n").hexdigest()
+    # Asked again in the same run: nothing runs.
+    assert ask_together(host, questions) == answers and len(host.commands_run) == 1
+
+
+def test_a_fact_that_fails_together_is_asked_alone_for_pyinfra_to_report():
+    host = local_host()
+    questions = {"fine": Question(Counted, {"command": "echo fine"}),
+                 "fails": Question(Counted, {"command": "echo partial; exit 3"})}
+    with pytest.raises(PyinfraError):  # pyinfra fails the host, as for any fact whose command fails
+        ask_together(host, questions)
+    assert len(host.commands_run) == 2 and host.commands_run[1].endswith("exit 3")
+    assert ask(host, Counted, command="echo fine") == ["fine"] and len(host.commands_run) == 2  # answered together
+    host = local_host()
+    missing = Question(NeedsTool, {"command": "echo never", "requires": "no-such-tool-here"})
+    # Together the part fails (127); alone, pyinfra answers the fact's default while planning.
+    assert ask_together(host, {"missing": missing}) == {"missing": None}
+    assert len(host.commands_run) == 2 and "##PYINFRA_NOCMD##" in host.commands_run[1]
+
+
 def run_fact(fact: FactBase, **kwargs) -> dict:
     output = subprocess.run(["sh", "-c", fact.command(**kwargs)], capture_output=True, text=True, check=True).stdout
     return fact.process(output.splitlines())
@@ -80,13 +152,18 @@ def test_managed_paths_reads_type_owner_mode_and_content_of_real_paths(tmp_path)
 
 
 def test_managed_paths_reads_units_as_systemctl_prints_them():
-    # `systemctl show --property UnitFileState --property SubState`, values sorted by property name
-    output = ["unit\tvllm.service\trunning\tenabled", "unit\tnginx.service\tdead\tdisabled",
-              "unit\tgone.service\tdead", "unit\tno-systemctl.service\t", "path\t/etc/glmfleet\t"]
+    # `systemctl show --property Id,UnitFileState,SubState -- vllm.service ssh.service gone.service
+    # systemd-journald.service` on a fleet host (Debian 12, systemd 252), captured as printed.
+    output = ["Id=vllm.service", "SubState=running", "UnitFileState=enabled", "",
+              "Id=ssh.service", "SubState=running", "UnitFileState=enabled", "",
+              "Id=gone.service", "SubState=dead", "UnitFileState=", "",
+              "Id=systemd-journald.service", "SubState=running", "UnitFileState=static"]
     assert ManagedPaths().process(output) == {
         "paths": {},
         "units": {"vllm.service": {"enabled": True, "running": True},
-                  "nginx.service": {"enabled": False, "running": False},
-                  "gone.service": {"enabled": False, "running": False}},
+                  "ssh.service": {"enabled": True, "running": True},
+                  "gone.service": {"enabled": False, "running": False},
+                  # Static units cannot be enabled: not what a role that enables its unit wants.
+                  "systemd-journald.service": {"enabled": False, "running": True}},
         "users": {},
     }
