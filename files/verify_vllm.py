@@ -5,16 +5,19 @@ once). Stdlib only: it runs on the serving host with the system Python.
 
 The API key is read from the unit's environment file, never taken on the command line.
 Exit status 0 when serving, 1 otherwise; the last line printed says what was seen.
+
+Every deploy runs it once per host while planning, so it stays light: http.client, not
+urllib.request (which imports email, tempfile and more: twice the CPU on a small host).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
+from urllib.parse import urlsplit
 
 
 def read_env_file(path: str | None) -> dict[str, str]:
@@ -33,23 +36,30 @@ def read_env_file(path: str | None) -> dict[str, str]:
     return env
 
 
-def request(url: str, api_key: str | None, body: dict | None, timeout: float):
+def request(url: str, api_key: str | None, body: dict | None, timeout: float) -> bytes:
+    """One request on a connection of its own: the payload of a 200 answer, else RuntimeError."""
+    parts = urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.netloc, timeout=timeout)
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers)
-    with urllib.request.urlopen(req, timeout=timeout) as response:
+    try:
+        data = None if body is None else json.dumps(body)
+        connection.request("GET" if body is None else "POST", parts.path, data, headers)
+        response = connection.getresponse()
         payload = response.read()
-        return response.status, payload
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise RuntimeError(f"{url} answered {response.status}: {payload.decode(errors='replace')[:200]}")
+    return payload
 
 
 def check_once(base_url: str, served_name: str, api_key: str | None, timeout: float) -> str:
     """One pass of the three checks; raises with what went wrong, returns a summary."""
-    status, _ = request(f"{base_url}/health", None, None, timeout)
-    if status != 200:
-        raise RuntimeError(f"/health answered {status}")
-    _, payload = request(f"{base_url}/v1/models", api_key, None, timeout)
+    request(f"{base_url}/health", None, None, timeout)
+    payload = request(f"{base_url}/v1/models", api_key, None, timeout)
     names = [model.get("id") for model in json.loads(payload).get("data", [])]
     if served_name not in names:
         raise RuntimeError(f"/v1/models lists {names}, not {served_name!r}")
@@ -60,7 +70,7 @@ def check_once(base_url: str, served_name: str, api_key: str | None, timeout: fl
         "max_tokens": 16,
         "temperature": 0,
     }
-    _, payload = request(f"{base_url}/v1/chat/completions", api_key, body, timeout)
+    payload = request(f"{base_url}/v1/chat/completions", api_key, body, timeout)
     answer = json.loads(payload)
     message = answer["choices"][0]["message"]
     # Reasoning models may spend a short budget on reasoning_content alone.
@@ -72,11 +82,8 @@ def check_once(base_url: str, served_name: str, api_key: str | None, timeout: fl
 
 
 def describe(error: Exception) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        detail = error.read().decode(errors="replace")[:200]
-        return f"{error.url} answered {error.code}: {detail}"
-    if isinstance(error, urllib.error.URLError):
-        return f"no answer: {error.reason}"
+    if isinstance(error, (OSError, http.client.HTTPException)):  # refused, reset, timed out, not HTTP
+        return f"no answer: {error}"
     return str(error) or type(error).__name__
 
 
