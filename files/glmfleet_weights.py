@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+# hashlib, subprocess and threading are imported where they are used: ``state`` runs on every
+# host in every deploy and needs none of them (a fifth of its CPU time).
 
 MANIFEST = ".glmfleet/manifest.json"
 # Not part of the model: hf's download metadata and locks, rsync's partial files, our manifest.
@@ -58,6 +57,7 @@ def selected(path: str, include: list[str], exclude: list[str]) -> bool:
 
 def digest_file(path: Path, kind: str) -> str:
     """``sha256`` of the content, or the git blob id (sha1 over ``blob <size>\\0`` + content)."""
+    import hashlib
     if kind == "sha256":
         digest = hashlib.sha256()
     else:
@@ -119,6 +119,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def manifest_digest(manifest: dict) -> str:
+    import hashlib
     return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
@@ -182,6 +183,7 @@ class Progress:
     watching the directory grow (the same for every source: hf, modelscope, rsync)."""
 
     def __init__(self, directory: Path, expected: int, interval: float, label: str):
+        import threading
         self.directory, self.expected, self.interval, self.label = directory, expected, interval, label
         self.stop = threading.Event()
         self.start_bytes = tree_bytes(directory)
@@ -206,6 +208,7 @@ class Progress:
             print(self.line(), flush=True)
 
     def __enter__(self) -> Progress:
+        import threading
         threading.Thread(target=self.run, daemon=True).start()
         return self
 
@@ -246,6 +249,7 @@ def classify(output: str) -> tuple[str, str]:
 
 def run_cli(argv: list[str], env: dict[str, str], what: str) -> None:
     """Run a hub CLI; on failure raise a Failure that names the classified cause."""
+    import subprocess
     process = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, errors="replace")
     if process.returncode != 0:
@@ -291,6 +295,7 @@ class Hub(Source):
         return argv + list(extra)
 
     def sizes(self) -> dict[str, int]:
+        import subprocess
         process = subprocess.run(self.argv("--dry-run", "--json"), env=self.env, stdin=subprocess.DEVNULL,
                                  capture_output=True, text=True, errors="replace")
         if process.returncode != 0:
@@ -347,6 +352,7 @@ class Peers(Source):
         self.peer = None
 
     def rsync(self, peer: str, *paths: str) -> subprocess.CompletedProcess:
+        import subprocess
         address, port = peer.rsplit(":", 1)
         ssh = (f"ssh -p {port} -i {self.args.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
                f"-o UserKnownHostsFile={self.args.known_hosts} -o Compression=no -o ConnectTimeout=10")
