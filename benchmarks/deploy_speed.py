@@ -15,10 +15,12 @@ import argparse
 import os
 import platform
 import re
+import resource
 import subprocess
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,20 +39,36 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def timed_deploy(hosts: list[str], settings: dict, debug: bool = False) -> tuple[float, float, Counter]:
-    """One `pyinfra -y` run limited to hosts: wall seconds, the machine's busy CPU seconds, and,
-    with debug (whose logging costs time of its own), remote commands per host."""
+@dataclass
+class Timing:
+    seconds: float  # wall
+    cpu: float  # the whole machine's busy CPU: controller, hosts and anything else
+    controller_cpu: float  # pyinfra's own process
+    host_cpu: float | None  # mean per host, from the hosts' cgroups (None without cgroup v2)
+    commands: Counter  # remote commands per host (debug runs only)
+
+
+def timed_deploy(hosts: list[str], settings: dict, debug: bool = False) -> Timing:
+    """One `pyinfra -y` run limited to hosts, with, in a debug run (whose logging costs time of
+    its own), the remote commands per host."""
     limits = [arg for name in hosts for arg in ("--limit", name)]
     command = [str(ROOT / ".venv/bin/pyinfra"), "-y", *(["--debug"] if debug else []), "inventory/local.py", "deploy.py",
                *limits, *data_args(settings)]
+    host_cpu = [localfleet.host_cpu_seconds(name) for name in hosts]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu, started = busy_cpu_seconds(), time.monotonic()
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT), API_KEY_ENV: "bench-key"})
     seconds, cpu = time.monotonic() - started, busy_cpu_seconds() - cpu
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    controller = after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime
+    host_cpu_after = [localfleet.host_cpu_seconds(name) for name in hosts]
+    per_host = (None if None in host_cpu + host_cpu_after
+                else sum(b - a for a, b in zip(host_cpu, host_cpu_after)) / len(hosts))
     commands = Counter(COMMAND_LINE.findall(run.stderr))
     if run.returncode != 0 or (debug and set(commands) != set(hosts)):
         raise SystemExit(f"deploy failed on {hosts} (commands seen on {sorted(commands)}):\n{run.stderr[-3000:]}")
-    return seconds, cpu, commands
+    return Timing(seconds, cpu, controller, per_host, commands)
 
 
 def machine() -> str:
@@ -79,23 +97,28 @@ def main() -> None:
             for size in converge_sizes:
                 for name in names[:size]:
                     make_bare(name)
-                seconds, cpu, commands = timed_deploy(names[:size], settings, debug=True)
-                rows.append(("converge bare hosts", size, seconds, cpu, max(commands.values())))
+                rows.append(("converge bare hosts", size, timed_deploy(names[:size], settings, debug=True)))
             timed_deploy(names[: max(sizes)], settings)  # converge everything the re-runs use
             for size in sizes:
-                _, _, commands = timed_deploy(names[:size], settings, debug=True)
+                commands = timed_deploy(names[:size], settings, debug=True).commands
                 # The median of three runs: the machine's other work makes single runs jitter.
-                runs = sorted(timed_deploy(names[:size], settings)[:2] for _ in range(3))
-                rows.append(("no-op re-run", size, *runs[1], max(commands.values())))
+                runs = sorted((timed_deploy(names[:size], settings) for _ in range(3)), key=lambda timing: timing.seconds)
+                runs[1].commands = commands
+                rows.append(("no-op re-run", size, runs[1]))
 
-    table = ["| run | hosts | wall s | machine CPU s | remote commands per host (max) |", "|---|---|---|---|---|"]
-    table += [f"| {run} | {hosts} | {seconds:.1f} | {cpu:.1f} | {commands} |" for run, hosts, seconds, cpu, commands in rows]
-    noop = {hosts: seconds for run, hosts, seconds, _, _ in rows if run == "no-op re-run"}
+    table = ["| run | hosts | wall s | machine CPU s | controller CPU s | CPU per host (its cgroup) ms "
+             "| remote commands per host (max) |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {run} | {hosts} | {t.seconds:.1f} | {t.cpu:.1f} | {t.controller_cpu:.1f} | "
+              f"{'-' if t.host_cpu is None else f'{t.host_cpu * 1000:.0f}'} | {max(t.commands.values())} |"
+              for run, hosts, t in rows]
+    noop = {hosts: t.seconds for run, hosts, t in rows if run == "no-op re-run"}
     ratios = [f"{size} hosts / 1 host: {noop[size] / noop[1]:.2f}x" for size in sizes if 1 in noop and size != 1]
     text = (f"\n## Deploy speed ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
             f"Machine: {machine()}. `python -m benchmarks.deploy_speed --sizes {args.sizes} --converge {args.converge}`;"
             " other work may have shared the machine. Machine CPU: every core's busy time during the run, the"
-            " controller's and the hosts' together (they share the machine).\n\n" + "\n".join(table) + "\n\n"
+            " controller's and the hosts' together (they share the machine); controller CPU: pyinfra's process;"
+            " CPU per host: what the run cost each host, read from its cgroup (sshd, the checks, vLLM answering).\n\n"
+            + "\n".join(table) + "\n\n"
             + ("No-op re-run scaling: " + "; ".join(ratios) + ".\n" if ratios else ""))
     print(text)
     with open(RESULTS, "a", encoding="utf-8") as results:

@@ -656,6 +656,22 @@ def _enter_own_cgroups(name: str) -> list[Path]:
     return entered
 
 
+def host_cpu_seconds(name: str) -> float | None:
+    """CPU time everything in a running host has used (its cgroup v2 ``cpu.stat``), None where
+    the host has no cgroup v2 of its own. The hosts share this machine's cores, so a benchmark
+    reads what the deploy cost the hosts apart from what it cost the controller."""
+    root = _cgroup_mounts().get("")
+    if root is None:
+        return None
+    for pattern in (f"glmfleet-{name}", f"*/glmfleet-{name}", f"*/*/glmfleet-{name}"):
+        for own in Path(root).glob(pattern):
+            for line in (own / "cpu.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) / 1e6
+    return None
+
+
 def _leave_cgroups(cgroups: list[Path]) -> None:
     for own in cgroups:
         (own.parent / "cgroup.procs").write_text(str(os.getpid()))

@@ -65,6 +65,17 @@ def test_hosts_have_what_the_product_needs(fleet_hosts):
         assert answer.returncode == 0, f"{check}: {answer.stderr}"
 
 
+def test_each_host_is_charged_the_cpu_it_uses(fleet_hosts):
+    """The deploy benchmark splits a run's CPU between the controller and the hosts this way."""
+    busy, idle = (host["name"] for host in fleet_hosts)
+    before = {name: localfleet.host_cpu_seconds(name) for name in (busy, idle)}
+    if None in before.values():
+        pytest.skip("this machine gives the hosts no cgroup v2 of their own")
+    assert ssh(fleet_hosts[0], "timeout 1 sh -c 'while :; do :; done'; true").returncode == 0
+    used = {name: localfleet.host_cpu_seconds(name) - before[name] for name in (busy, idle)}
+    assert used[busy] > 0.5 and used[idle] < 0.3, used
+
+
 def test_rebooted_host_comes_back(fleet_hosts):
     host = fleet_hosts[1]
     before = boot_id(host)
