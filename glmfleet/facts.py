@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
-from pyinfra.api import FactBase, State
+from pyinfra.api import FactBase, State, StringCommand
 from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.host import Host
 
@@ -64,7 +64,8 @@ def ask_together(host: Host, questions: dict[str, Question]) -> dict:
     new = {_key(host, q): q for q in questions.values() if _key(host, q) not in answers}
     if new:
         facts = [(q, q.fact()) for q in new.values()]
-        parts = host.get_fact(Together, commands=[together_part(fact, q.kwargs) for q, fact in facts])
+        # A batch that fails as a whole (not one of its parts) leaves every question to ask.
+        parts = host.get_fact(Together, commands=[together_part(fact, q.kwargs) for q, fact in facts], _ignore_errors=True)
         for key, (q, fact), (status, lines) in zip(new, facts, parts):
             if status == 0:
                 try:
@@ -78,9 +79,12 @@ def together_part(fact: FactBase, kwargs: dict) -> str:
     """A fact's command as one part of ``Together``: in a subshell (an ``exit`` ends only the
     part), first failing with 127 where its ``requires_command`` is missing."""
     command = fact.command(**kwargs) if callable(fact.command) else fact.command
+    if isinstance(command, StringCommand):  # str() would show masked values as masked
+        command = command.get_raw_value()
     requires = fact.requires_command(**kwargs) if callable(fact.requires_command) else fact.requires_command
     check = f"command -v {shlex.quote(requires)} >/dev/null 2>&1 || exit 127; " if requires else ""
-    return f"( {check}{command} )"
+    # The newline ends a trailing comment or heredoc of the fact's command inside its part.
+    return f"( {check}{command}\n)"
 
 
 TOGETHER = "::glmfleet-part::"
@@ -438,7 +442,7 @@ class ContainerHost(FactBase):
         {"daemon_json": {"runtimes": {...}}, "cdi_spec": False, "image_id": "sha256:..." or None}
     """
 
-    def command(self, image: str, cdi_spec: str = "/etc/cdi/nvidia.yaml") -> str:
+    def command(self, image: str, cdi_spec: str) -> str:
         return "; ".join([
             f"echo '{SECTION} daemon_json'", "cat /etc/docker/daemon.json 2>/dev/null",
             f"echo '{SECTION} cdi_spec'", f"test -s {shlex.quote(cdi_spec)} && echo present",
@@ -552,7 +556,7 @@ class VllmStatus(FactBase):
         return json.loads("\n".join(output))
 
 
-# find's %y letters, named as ``stat -c %F`` and pyinfra's facts name them.
+# find's %y letters for what roles manage, named as ``stat -c %F`` names them (others stay letters).
 FIND_TYPES = {"f": "file", "d": "directory", "l": "symbolic link"}
 
 
@@ -579,8 +583,9 @@ class ManagedPaths(FactBase):
         quoted = " ".join(shlex.quote(path) for path in paths)
         steps = [f"find {quoted} -maxdepth 0 -printf 'path\\t%p\\t%y|%u|%g|%m\\n' 2>/dev/null",
                  f"find {quoted} -maxdepth 0 -type f -exec sha256sum -- {{}} + 2>/dev/null"] if paths else []
-        if units:
-            steps.append(f"systemctl show --property Id,UnitFileState,SubState -- {shlex.join(units)} 2>/dev/null")
+        for unit in units:  # named as asked: systemctl's Id of an alias (sshd.service) is another name
+            quoted = shlex.quote(unit)
+            steps.append(f"printf 'unit\\t%s\\n' {quoted}; systemctl show --property UnitFileState,SubState -- {quoted} 2>/dev/null")
         for user in users:
             quoted = shlex.quote(user)
             steps.append(f"printf 'user\\t%s\\t%s\\t%s\\n' {quoted} \"$(getent passwd {quoted})\" \"$(id -gn {quoted} 2>/dev/null)\"")
@@ -592,22 +597,23 @@ class ManagedPaths(FactBase):
 
     def process(self, output):
         found = self.default()
-        digests, unit = {}, {}
+        digests, unit = {}, None
         for line in output:
             if digest := re.fullmatch(r"([0-9a-f]{64})  (.*)", line):  # sha256sum
                 digests[digest[2]] = digest[1]
-            elif "=" in line and "\t" not in line:  # systemctl show: Id= starts one unit's block
+            elif "=" in line and "\t" not in line and unit:  # systemctl show, for the unit named above
                 key, _, value = line.partition("=")
-                if key == "Id":
-                    unit = found["units"][value] = {"enabled": False, "running": False}
-                elif key == "UnitFileState":
-                    unit["enabled"] = value == "enabled"
+                state = found["units"].setdefault(unit, {"enabled": False, "running": False})
+                if key == "UnitFileState":
+                    state["enabled"] = value == "enabled"
                 elif key == "SubState":
-                    unit["running"] = value == "running"
+                    state["running"] = value == "running"
             else:
                 # The output's trailing whitespace may be trimmed: an empty last field goes with it.
                 kind, name, first, second = (line.split("\t") + ["", "", ""])[:4]
-                if kind == "path":
+                if kind == "unit":
+                    unit = name
+                elif kind == "path":
                     file_type, user, group, mode = first.split("|")
                     found["paths"][name] = {"type": FIND_TYPES.get(file_type, file_type), "user": user, "group": group,
                                             "mode": mode, "sha256": None}

@@ -663,12 +663,13 @@ def host_cpu_seconds(name: str) -> float | None:
     root = _cgroup_mounts().get("")
     if root is None:
         return None
-    for pattern in (f"glmfleet-{name}", f"*/glmfleet-{name}", f"*/*/glmfleet-{name}"):
-        for own in Path(root).glob(pattern):
-            for line in (own / "cpu.stat").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "usage_usec":
-                    return int(value) / 1e6
+    own = next(Path(root).rglob(f"glmfleet-{name}"), None)  # below the cgroup that started the fleet
+    if own is None:
+        return None
+    for line in (own / "cpu.stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "usage_usec":
+            return int(value) / 1e6
     return None
 
 

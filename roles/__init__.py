@@ -21,7 +21,10 @@ from roles import (
 
 ROLES = (preflight, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch, model_weights, vllm_flags,
          vllm_service, verify, gateway)
-SERVING_ROLES = ROLES[:-1]
+SERVING_ROLES = (preflight, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch, model_weights,
+                 vllm_flags, vllm_service, verify)
+# What a rollout prepares while the host still serves (serving_host's stage_only).
+STAGING_ROLES = (preflight, vllm_venv, vllm_image, model_weights, vllm_flags)
 
 
 def ask_roles(roles) -> None:
@@ -41,7 +44,7 @@ def serving_host(stage_only=False):
     a rollout reports, (the restart, the check that the host serves), or None where nothing
     starts: when staging, and on a host waiting for its reboot into a new driver.
     """
-    ask_roles(SERVING_ROLES)
+    ask_roles(STAGING_ROLES if stage_only else SERVING_ROLES)
     preflight.preflight()
     if stage_only:
         vllm_venv.vllm_venv(switch=False)

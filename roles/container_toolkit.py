@@ -9,11 +9,11 @@ from pyinfra.api import deploy
 from pyinfra.operations import server, systemd
 
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_one_of, is_str, is_url, optional
-from glmfleet.facts import ContainerHost, Question, ask_together
+from glmfleet.facts import Question, ask_together
 from glmfleet.operations import apt_hold, apt_install, apt_repository, stop_host
 from roles.nvidia_driver import DriverState, gpu_question, is_sha256
+from roles.vllm_image import CDI_SPEC, containers_question
 
-CDI_SPEC = "/etc/cdi/nvidia.yaml"
 DOCKER_REPO = "https://download.docker.com/linux/{distro}"
 TOOLKIT_REPO = "https://nvidia.github.io/libnvidia-container"
 # NVIDIA's install guide pins these four together, at one version.
@@ -85,7 +85,7 @@ def questions(cfg: HostConfig) -> dict[str, Question]:
     """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if cfg.vllm_runtime != "image":
         return {}
-    return {"gpu": gpu_question(cfg), "containers": Question(ContainerHost, {"image": "", "cdi_spec": CDI_SPEC})}
+    return {"gpu": gpu_question(cfg), "containers": containers_question(cfg)}
 
 
 @deploy("NVIDIA container toolkit")

@@ -83,7 +83,6 @@ def glm4_patch():
     cfg = host_config(host)
     if not needs_patch(cfg):
         return []
-    venv = venv_dir(cfg)
     answers = ask_together(host, questions(cfg))
     if answers["patched_sha256"] == PATCHED_SHA256:
         return []
@@ -94,5 +93,6 @@ def glm4_patch():
     if cfg.vllm_runtime == "image":
         files.directory(name="patched glm4.py directory", path=PATCHED_FOR_IMAGE.rsplit("/", 1)[0], mode="755")
         return [server.shell(name=f"patched glm4.py from {vllm_image.image_ref(cfg)}", commands=[derive_command(vllm_image.image_ref(cfg))])]
+    venv = venv_dir(cfg)
     return [server.shell(name=f"patch glm4.py of vLLM {BUGGY_VERSION} in {venv}",
                          commands=[shlex.join([f"{venv}/bin/python", SCRIPT, "apply", "--vllm", BUGGY_VERSION, *CHECKSUMS, PATCH])])]

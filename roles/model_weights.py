@@ -271,7 +271,7 @@ def weights_question(cfg: HostConfig) -> Question:
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
     """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
-    if cfg.model_revision is None:  # the role stops the host, saying why
+    if cfg.model_revision is None:  # the role raises the ConfigError that says why
         return {}
     return {"weights": weights_question(cfg), "managed": Question(ManagedPaths, {"paths": [TOOLS_BIN, SCRIPT, STATE_DIR, SECRETS_DIR]})}
 

@@ -9,8 +9,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from glmfleet import compat
-from glmfleet.config import documented, host_config
-from glmfleet.config import HostConfig
+from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import ListeningPorts, Question, ask_together
 from roles.nvidia_driver import gpu_question
 from roles.vllm_service import UNIT

@@ -19,6 +19,8 @@ from roles.vllm_venv import state_dirs, state_dirs_question
 
 CONTAINER = "vllm"
 ARCHIVE_DIR = "/var/lib/glmfleet/images"
+# The container toolkit writes it; the container reaches the GPUs through it (container_gpu_access cdi).
+CDI_SPEC = "/etc/cdi/nvidia.yaml"
 
 
 def is_image_name(value) -> bool:
@@ -117,11 +119,16 @@ def docker_run(cfg: HostConfig, env_file: str) -> list[str]:
     ]
 
 
+def containers_question(cfg: HostConfig) -> Question:
+    """ContainerHost, asked the same way by this role and the container toolkit's (so once)."""
+    return Question(ContainerHost, {"image": image_ref(cfg), "cdi_spec": CDI_SPEC})
+
+
 def questions(cfg: HostConfig) -> dict[str, Question]:
     """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if cfg.vllm_runtime != "image":
         return {}
-    return {"containers": Question(ContainerHost, {"image": image_ref(cfg)}), "state_dirs": state_dirs_question(cfg)}
+    return {"containers": containers_question(cfg), "state_dirs": state_dirs_question(cfg)}
 
 
 @deploy("vLLM image")

@@ -91,11 +91,13 @@ def test_facts_asked_together_are_one_command_and_answer_as_each_alone(tmp_path)
         "lines": Question(Counted, {"command": "echo one; echo; echo two"}),
         "no_newline": Question(Counted, {"command": "printf last"}),  # the next part still starts on its own
         "exits": Question(Counted, {"command": "echo ok; exit 0"}),  # ends its part only
+        "comment": Question(Counted, {"command": "echo b # a comment to the end of the line"}),
         "empty": Question(Counted, {"command": "true"}),
     }
     answers = ask_together(host, questions)
     assert len(host.commands_run) == 1
     assert answers["lines"] == ["one", "", "two"] and answers["no_newline"] == ["last"] and answers["exits"] == ["ok"]
+    assert answers["comment"] == ["b"]
     assert answers["empty"] is None  # the fact's default, as pyinfra gives for no output
     alone = local_host()
     assert answers["paths"] == ask(alone, ManagedPaths, paths=[str(tmp_path / "unit"), str(tmp_path)])
@@ -152,16 +154,17 @@ def test_managed_paths_reads_type_owner_mode_and_content_of_real_paths(tmp_path)
 
 
 def test_managed_paths_reads_units_as_systemctl_prints_them():
-    # `systemctl show --property Id,UnitFileState,SubState -- vllm.service ssh.service gone.service
-    # systemd-journald.service` on a fleet host (Debian 12, systemd 252), captured as printed.
-    output = ["Id=vllm.service", "SubState=running", "UnitFileState=enabled", "",
-              "Id=ssh.service", "SubState=running", "UnitFileState=enabled", "",
-              "Id=gone.service", "SubState=dead", "UnitFileState=", "",
-              "Id=systemd-journald.service", "SubState=running", "UnitFileState=static"]
+    # Each unit's line, then `systemctl show --property UnitFileState,SubState -- UNIT` as a
+    # fleet host (Debian 12, systemd 252) printed it; sshd.service is an alias of ssh.service.
+    output = ["unit\tvllm.service", "SubState=running", "UnitFileState=enabled",
+              "unit\tsshd.service", "SubState=running", "UnitFileState=enabled",
+              "unit\tgone.service", "SubState=dead", "UnitFileState=",
+              "unit\tsystemd-journald.service", "SubState=running", "UnitFileState=static",
+              "unit\tno-systemctl-here.service"]
     assert ManagedPaths().process(output) == {
         "paths": {},
         "units": {"vllm.service": {"enabled": True, "running": True},
-                  "ssh.service": {"enabled": True, "running": True},
+                  "sshd.service": {"enabled": True, "running": True},  # under the name asked for
                   "gone.service": {"enabled": False, "running": False},
                   # Static units cannot be enabled: not what a role that enables its unit wants.
                   "systemd-journald.service": {"enabled": False, "running": True}},

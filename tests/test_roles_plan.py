@@ -180,3 +180,15 @@ def test_flags_are_checked_only_when_the_unit_or_the_current_venv_would_change()
     for responses in ({UNIT_PATH: [unit, f"{'0' * 64}  {UNIT_PATH}"], "readlink current": current},
                       {UNIT_PATH: rendered, "readlink current": ["current=venvs/vllm-0.21.0-0000"]}):
         assert [op.name for op in plan(vllm_flags, data, responses)][-1].endswith("flags accepted by vLLM 0.22.0")
+
+
+def test_a_rollout_stages_without_asking_the_serving_host_for_a_request():
+    """Staging runs beside the serving vLLM: it asks only what its roles read, so neither the
+    real-request check nor any other serving role's fact goes to the host then."""
+    from glmfleet.facts import VllmServes
+    from roles import SERVING_ROLES, STAGING_ROLES
+
+    cfg = resolve({"model_revision": "0" * 40}, "@fake/gpu-1")
+    asked = {role: {question.fact for question in role.questions(cfg).values()} for role in SERVING_ROLES}
+    assert VllmServes in set().union(*asked.values())
+    assert VllmServes not in set().union(*(asked[role] for role in STAGING_ROLES))

@@ -280,11 +280,11 @@ def test_the_gateway_plans_only_what_differs_and_foresees_what_the_package_bring
         "gateway | reload nginx, wait until the new pool is in force"]
     # nginx installed and running, its welcome site gone, the keys right, the config stale.
     keys = hashlib.sha256(render_keys("sk-edge").encode()).hexdigest()
-    # The ManagedPaths command's output: find's lines, sha256sum's, then systemctl show's.
+    # The ManagedPaths command's output: find's lines, sha256sum's, then the unit's and systemctl show's.
     converged = [f"path\t{NGINX}\tf|root|root|755", f"path\t{KEYS_PATH}\tf|root|root|600",
                  f"path\t{CONFIG_PATH}\tf|root|root|644",
                  f"{'0' * 64}  {NGINX}", f"{keys}  {KEYS_PATH}", f"{'0' * 64}  {CONFIG_PATH}",
-                 "Id=nginx.service", "SubState=running", "UnitFileState=enabled"]
+                 "unit\tnginx.service", "SubState=running", "UnitFileState=enabled"]
     assert DEFAULT_SITE not in "\n".join(converged)
     assert [op.name for op in plan(gateway, data, {NGINX: converged})] == [
         f"gateway | gateway config {CONFIG_PATH}", "gateway | reload nginx, wait until the new pool is in force"]
