@@ -352,8 +352,10 @@ class GpuHost(FactBase):
             *([f'test -e "/lib/modules/$(uname -r)/build/Makefile" || '
                 f"LC_ALL=C apt-cache policy {headers} 2>/dev/null | sed -n 's/^ *Candidate: //p'"] if headers_candidate else []),
             f"echo '{SECTION} pci'",
+            # Without lspci, one grep finds NVIDIA's devices among the hundreds of PCI functions a
+            # server has (a cat of each vendor file was a process per function, every run).
             f"if command -v lspci >/dev/null; then lspci -nn -d {NVIDIA_VENDOR}:; else "
-            f'for d in /sys/bus/pci/devices/*; do [ "$(cat "$d/vendor")" = 0x{NVIDIA_VENDOR} ] && '
+            f"for v in $(grep -l -x 0x{NVIDIA_VENDOR} /sys/bus/pci/devices/*/vendor 2>/dev/null); do d=${{v%/vendor}}; "
             'echo "sysfs ${d##*/} $(cat "$d/class") $(cat "$d/device")"; done; fi',
             f"echo '{SECTION} smi'",
             f"command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu={SMI_QUERY} --format=csv,noheader,nounits 2>&1",
