@@ -19,10 +19,9 @@ from roles import (
     vllm_venv,
 )
 
-ROLES = (preflight, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch, model_weights, vllm_flags,
-         vllm_service, verify, gateway)
 SERVING_ROLES = (preflight, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch, model_weights,
                  vllm_flags, vllm_service, verify)
+ROLES = (*SERVING_ROLES, gateway)
 # What a rollout prepares while the host still serves (serving_host's stage_only).
 STAGING_ROLES = (preflight, vllm_venv, vllm_image, model_weights, vllm_flags)
 

@@ -14,7 +14,7 @@ from pyinfra.operations import apt, files, server
 from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import Glm4Source, Question, ask_together
 from roles import vllm_image  # vllm_image lays the patched copy over the image's file: attributes used at call time
-from roles.vllm_venv import venv_name
+from roles.vllm_venv import venv_dir
 
 FILES = Path(__file__).resolve().parent.parent / "files"
 SCRIPT = "/opt/glmfleet/bin/glm4-patch"
@@ -37,10 +37,6 @@ def combination_problems(cfg: dict) -> list[str]:
 
 def needs_patch(cfg: HostConfig) -> bool:
     return cfg.vllm_package == "vllm" and cfg.vllm_version == BUGGY_VERSION
-
-
-def venv_dir(cfg: HostConfig) -> str:
-    return f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}"
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:

@@ -15,7 +15,7 @@ from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import Question, ask_together
 from roles.vllm_image import image_ref
 from roles.vllm_service import UNIT_PATH, render_unit, serve_args, service_question
-from roles.vllm_venv import venv_name, venvs_question
+from roles.vllm_venv import venv_dir, venv_name, venvs_question
 
 SOURCE = Path(__file__).resolve().parent.parent / "files" / "check_vllm_flags.py"
 SCRIPT = "/opt/glmfleet/bin/check-vllm-flags"
@@ -38,7 +38,7 @@ def check_command(cfg: HostConfig) -> str:
         env = [arg for name, value in OFFLINE.items() for arg in ("--env", f"{name}={value}")]
         docker = ["docker", "run", "--rm", "--interactive", "--network", "none", *env, "--entrypoint", "python3", image_ref(cfg)]
         return shlex.join([*docker, "-", *args]) + f" < {SCRIPT}"
-    python = f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}/bin/python"
+    python = f"{venv_dir(cfg)}/bin/python"
     return " ".join(f"{name}={value}" for name, value in OFFLINE.items()) + " " + shlex.join([python, SCRIPT, *args])
 
 

@@ -69,6 +69,11 @@ def venv_name(cfg: HostConfig) -> str:
     return f"{cfg.vllm_package}-{cfg.vllm_version}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+def venv_dir(cfg: HostConfig) -> str:
+    """Where the configured venv is built (``current`` points at it once switched)."""
+    return f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}"
+
+
 def uv_path(cfg: HostConfig) -> str:
     return tool_bin("uv", cfg.uv_version, "uv")
 
@@ -152,7 +157,7 @@ def vllm_venv(switch=True):
     install_tool("uv", cfg.uv_version, cfg.vllm_python, ["--cert", SYSTEM_CA_BUNDLE, *index_args(cfg)], installed=venvs["uv"])
 
     if name not in venvs["complete"]:
-        target = f"{root}/venvs/{name}"
+        target = venv_dir(cfg)
         uv_env = f"UV_SYSTEM_CERTS=1 UV_PYTHON_DOWNLOADS=never UV_CACHE_DIR={UV_CACHE_DIR}"
         server.shell(
             name=f"build venv {name}: {' '.join(requirements(cfg))}",
