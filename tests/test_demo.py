@@ -30,7 +30,9 @@ def demo() -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def demo_slot():
-    """The slot's hosts are powered off and deleted afterwards (its base stays, as a user's would)."""
+    """The slot's hosts are new (an interrupted session may have left some), and are powered off
+    and deleted afterwards (its base stays, as a user's would)."""
+    in_slot("glmfleet.localfleet", "down", "--destroy", timeout=300)
     yield Path(f"{localfleet.DEFAULT_FLEET_DIR}-slot{SLOT}")
     in_slot("glmfleet.localfleet", "down", "--destroy", timeout=300)
 
