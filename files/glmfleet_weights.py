@@ -2,8 +2,9 @@
 """glmfleet-weights: fetch, verify and mark one model revision in one directory on this host.
 
 Installed on every host by the model_weights role (standard library only: the host's python3
-runs it). The deploy reads ``state`` (its fact), runs ``sync`` where the weights are not
-complete, and the vLLM unit runs ``check`` before it starts.
+runs it). The deploy reads the host-local state file (its weights fact decides with
+``completion`` below), runs ``sync`` where the weights are not complete, and the vLLM unit runs
+``check`` before it starts.
 
 Integrity: a manifest (``DIR/.glmfleet/manifest.json``) lists every file of the revision with
 its size and a digest from the hub's own metadata (the LFS sha256, or the git blob id of small
@@ -22,15 +23,16 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-# hashlib, subprocess and threading are imported where they are used: ``state`` runs on every
-# host in every deploy and needs none of them (a fifth of its CPU time).
 
 MANIFEST = ".glmfleet/manifest.json"
 # Not part of the model: hf's download metadata and locks, rsync's partial files, our manifest.
@@ -57,7 +59,6 @@ def selected(path: str, include: list[str], exclude: list[str]) -> bool:
 
 def digest_file(path: Path, kind: str) -> str:
     """``sha256`` of the content, or the git blob id (sha1 over ``blob <size>\\0`` + content)."""
-    import hashlib
     if kind == "sha256":
         digest = hashlib.sha256()
     else:
@@ -119,7 +120,6 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def manifest_digest(manifest: dict) -> str:
-    import hashlib
     return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
@@ -134,6 +134,22 @@ def stat_of(path: Path) -> list[int] | None:
     return [s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino]
 
 
+def completion(data: dict, key: str, stat: Callable[[str], list[int] | None]) -> dict:
+    """Whether a revision is complete, from its state file's data (empty: no file) and ``stat``
+    (path in the model directory -> its stat_of now). Also the deploy's weights fact: it reads
+    the state file and the files' stats with cat and find, and calls this on the controller
+    (no Python started on every host on every run)."""
+    if not data:
+        return {"complete": False, "reason": "never fetched", "changed": []}
+    if data.get("key") != key:
+        return {"complete": False, "reason": "another revision or file selection", "changed": []}
+    if not data.get("complete"):
+        return {"complete": False, "reason": "unfinished", "changed": []}
+    # A file whose stat differs from the one verified (or that is gone) may differ in content.
+    changed = [path for path, seen in data.get("verified", {}).items() if stat(path) != seen]
+    return {"complete": not changed, "reason": "files changed since verified" if changed else "complete", "changed": changed}
+
+
 class State:
     def __init__(self, path: Path, key: str):
         self.path = path
@@ -146,10 +162,6 @@ class State:
     @property
     def complete(self) -> bool:
         return bool(self.data.get("complete"))
-
-    def changed(self, directory: Path) -> list[str]:
-        """Files whose stat differs from the one verified (or that were never verified)."""
-        return [p for p, seen in self.data["verified"].items() if stat_of(directory / p) != seen]
 
     def save(self, **fields) -> None:
         self.data.update(fields)
@@ -183,7 +195,6 @@ class Progress:
     watching the directory grow (the same for every source: hf, modelscope, rsync)."""
 
     def __init__(self, directory: Path, expected: int, interval: float, label: str):
-        import threading
         self.directory, self.expected, self.interval, self.label = directory, expected, interval, label
         self.stop = threading.Event()
         self.start_bytes = tree_bytes(directory)
@@ -208,7 +219,6 @@ class Progress:
             print(self.line(), flush=True)
 
     def __enter__(self) -> Progress:
-        import threading
         threading.Thread(target=self.run, daemon=True).start()
         return self
 
@@ -249,7 +259,6 @@ def classify(output: str) -> tuple[str, str]:
 
 def run_cli(argv: list[str], env: dict[str, str], what: str) -> None:
     """Run a hub CLI; on failure raise a Failure that names the classified cause."""
-    import subprocess
     process = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, errors="replace")
     if process.returncode != 0:
@@ -295,7 +304,6 @@ class Hub(Source):
         return argv + list(extra)
 
     def sizes(self) -> dict[str, int]:
-        import subprocess
         process = subprocess.run(self.argv("--dry-run", "--json"), env=self.env, stdin=subprocess.DEVNULL,
                                  capture_output=True, text=True, errors="replace")
         if process.returncode != 0:
@@ -352,7 +360,6 @@ class Peers(Source):
         self.peer = None
 
     def rsync(self, peer: str, *paths: str) -> subprocess.CompletedProcess:
-        import subprocess
         address, port = peer.rsplit(":", 1)
         ssh = (f"ssh -p {port} -i {self.args.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
                f"-o UserKnownHostsFile={self.args.known_hosts} -o Compression=no -o ConnectTimeout=10")
@@ -513,14 +520,7 @@ def sync(args) -> None:
 def report_state(args) -> dict:
     state_path = Path(args.state)
     data = json.loads(state_path.read_text()) if state_path.exists() else {}
-    if not data:
-        return {"complete": False, "reason": "never fetched", "changed": []}
-    if data.get("key") != args.key:
-        return {"complete": False, "reason": "another revision or file selection", "changed": []}
-    if not data.get("complete"):
-        return {"complete": False, "reason": "unfinished", "changed": []}
-    changed = State(state_path, args.key).changed(Path(args.dir))
-    return {"complete": not changed, "reason": "files changed since verified" if changed else "complete", "changed": changed}
+    return completion(data, args.key, lambda path: stat_of(Path(args.dir) / path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -532,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--state", required=True, help="host-local state file")
         p.add_argument("--key", required=True, help="identity of the configured model, revision and file selection")
 
-    common(p_state := commands.add_parser("state", help="print the completion state as JSON (the deploy's fact)"))
     common(p_check := commands.add_parser("check", help="exit 0 only where the revision is complete (before vLLM starts)"))
     common(p_sync := commands.add_parser("sync", help="fetch, verify, mark complete"))
     p_sync.add_argument("--model", required=True)
@@ -564,9 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        if args.command == "state":
-            print(json.dumps(report_state(args)))
-        elif args.command == "check":
+        if args.command == "check":
             found = report_state(args)
             if not found["complete"]:
                 print(f"model weights in {args.dir} are not complete ({found['reason']}"

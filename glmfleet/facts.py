@@ -8,10 +8,13 @@ questions so that ``ask_together`` can ask them all in a single command per host
 from __future__ import annotations
 
 import csv
+import functools
+import importlib.util
 import json
 import re
 import shlex
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
@@ -20,6 +23,7 @@ from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.host import Host
 
 COMPLETE_MARKER = ".glmfleet-complete"
+FILES = Path(__file__).resolve().parent.parent / "files"
 
 _ANSWERS: WeakKeyDictionary[State, dict] = WeakKeyDictionary()
 
@@ -475,9 +479,11 @@ class ContainerHost(FactBase):
 
 
 class ModelWeights(FactBase):
-    """One model revision's state on this host, from the weights script's host-local state
-    (no hashing: a stat per file), plus which hub CLIs are installed and the host's SSH host
-    key (the other hosts' known_hosts for peer copies).
+    """One model revision's state on this host: the weights script's host-local state file and
+    a stat of every file in the model directory (no hashing), judged here by the script's own
+    ``completion``; plus which hub CLIs are installed and the host's SSH host key (the other
+    hosts' known_hosts for peer copies). Shell only: a Python started on every host on every
+    run was a quarter of a converged host's CPU per deploy (benchmarks/RESULTS.md).
 
     .. code:: python
 
@@ -485,35 +491,55 @@ class ModelWeights(FactBase):
          "tools": ["/opt/glmfleet/huggingface_hub-2.4.0/bin/hf"], "host_key": "ssh-ed25519 AAAA..."}
     """
 
-    def command(self, script: str, state_args: list[str], tools: list[str]) -> str:
-        return (
-            f"for tool in {shlex.join(tools)}; do test -x \"$tool\" && echo \"tool=$tool\"; done; "
-            "echo \"host_key=$(cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null)\"; "
-            f"test -x {shlex.quote(script)} && echo \"state=$({shlex.join([script, 'state', *state_args])} 2>&1)\"; true"
-        )
+    def command(self, state_file: str, model_dir: str, key: str, tools: list[str]) -> str:
+        return "; ".join([
+            f"echo '{SECTION} key'", f"echo {shlex.quote(key)}",
+            f"echo '{SECTION} tools'", f'for tool in {shlex.join(tools)}; do test -x "$tool" && echo "$tool"; done',
+            f"echo '{SECTION} host_key'", "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null",
+            f"echo '{SECTION} state'", f"cat {shlex.quote(state_file)} 2>/dev/null && echo",
+            # %T@ and %C@ are seconds with nanoseconds (and one digit more): the script's stat_of.
+            f"echo '{SECTION} files'", f"find {shlex.quote(model_dir)} -type f -printf '%P\\t%s\\t%T@\\t%C@\\t%i\\n' 2>/dev/null",
+            "true",
+        ])
 
     @staticmethod
     def default():
         return {"complete": False, "reason": "never fetched", "changed": [], "tools": [], "host_key": ""}
 
     def process(self, output):
-        found = self.default()
-        for line in output:
-            key, _, value = line.partition("=")
-            if key == "tool":
-                found["tools"].append(value)
-            elif key == "host_key":
-                found["host_key"] = value
-            elif key == "state":
-                try:
-                    found.update(json.loads(value))
-                except ValueError:
-                    found["reason"] = f"unreadable state: {value[:200]}"
-        return found
+        sections = split_sections(output)
+        found = {**self.default(), "tools": sections.get("tools", []), "host_key": "".join(sections.get("host_key", []))}
+        try:
+            data = json.loads("\n".join(sections.get("state", [])) or "{}")
+        except ValueError:
+            return {**found, "reason": f"unreadable state file: {' '.join(sections['state'])[:200]}"}
+        stats = dict(map(stat_line, sections.get("files", [])))
+        return {**found, **host_script("glmfleet_weights").completion(data, "".join(sections.get("key", [])), stats.get)}
+
+
+def stat_line(line: str) -> tuple[str, list[int]]:
+    """``find -printf '%P\\t%s\\t%T@\\t%C@\\t%i'`` as (path, [size, mtime_ns, ctime_ns, inode])."""
+    path, size, mtime, ctime, inode = line.rsplit("\t", 4)
+    return path, [int(size), nanoseconds(mtime), nanoseconds(ctime), int(inode)]
+
+
+def nanoseconds(stamp: str) -> int:
+    """``1795343173.4162346820`` (find's %T@) as an exact integer of nanoseconds."""
+    seconds, _, fraction = stamp.partition(".")
+    return int(seconds) * 1_000_000_000 + int(fraction[:9].ljust(9, "0"))
+
+
+@functools.cache
+def host_script(name: str) -> ModuleType:
+    """A script of files/ that runs on the hosts, loaded here for the code the controller shares with it."""
+    spec = importlib.util.spec_from_file_location(name, FILES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # files/vllm_status.py runs inline, so it answers on hosts glmfleet never deployed to.
-STATUS_PROGRAM = (Path(__file__).resolve().parent.parent / "files" / "vllm_status.py").read_text()
+STATUS_PROGRAM = (FILES / "vllm_status.py").read_text()
 
 
 def vllm_status_command(*args: str) -> str:

@@ -265,7 +265,7 @@ def fanout_group(cfg: HostConfig) -> str:
 
 
 def weights_question(cfg: HostConfig) -> Question:
-    return Question(ModelWeights, {"script": SCRIPT, "state_args": state_args(cfg),
+    return Question(ModelWeights, {"state_file": state_path(cfg), "model_dir": model_path(cfg), "key": selection_key(cfg),
                                    "tools": [t for t in (cli_bin(cfg, "hf"), cli_bin(cfg, "modelscope"), RSYNC) if t]})
 
 

@@ -16,8 +16,8 @@ from pyinfra.context import ctx_host, ctx_state
 from glmfleet.facts import GpuHost
 
 
-def gpu_host_output(**sections: list[str] | str) -> list[str]:
-    """The GpuHost command's output: each section's lines after its marker."""
+def sectioned_output(**sections: list[str] | str) -> list[str]:
+    """A sectioned fact's output (GpuHost's, ModelWeights'): each section's lines after its marker."""
     output = []
     for name, lines in sections.items():
         output += [f"::glmfleet:: {name}", *([lines] if isinstance(lines, str) else lines)]

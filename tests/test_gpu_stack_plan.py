@@ -12,7 +12,7 @@ from roles.container_toolkit import container_toolkit
 from roles.nvidia_driver import DriverState, nvidia_driver
 from roles.vllm_image import vllm_image
 from tests.imagearchive import write_image_archive
-from tests.planning import GPU_HOST_MARKER, gpu_host_output, plan
+from tests.planning import GPU_HOST_MARKER, sectioned_output, plan
 
 H100 = "18:00.0 3D controller [0302]: NVIDIA Corporation Device [10de:2330] (rev a1)"
 NVSWITCH = "05:00.0 Bridge [0680]: NVIDIA Corporation Device [10de:22a3] (rev a1)"
@@ -21,7 +21,7 @@ B200 = "18:00.0 3D controller [0302]: NVIDIA Corporation Device [10de:2901] (rev
 
 def gpu_host(distro="ubuntu|22.04|jammy", kernel="5.15.0-125-generic", pci=(H100,), module=(), secure_boot="SecureBoot disabled",
              headers_candidate="5.15.0-125.135", signing_keys=()):
-    return {GPU_HOST_MARKER: gpu_host_output(
+    return {GPU_HOST_MARKER: sectioned_output(
         os=distro, arch="amd64", kernel=[kernel, "headers"], headers_candidate=[headers_candidate], pci=list(pci),
         smi=[], cuda=[], module=list(module), modules=[], secure_boot=[secure_boot], signing_keys=list(signing_keys),
     )}

@@ -151,11 +151,11 @@ def test_gpu_checks_take_the_smallest_gpu():
 def test_a_new_venv_becomes_current_only_after_the_flags_are_accepted():
     """A flag the new vLLM refuses fails the host with `current` (what the unit runs) untouched."""
     from roles import serving_host
-    from tests.planning import gpu_host_output, plan
+    from tests.planning import sectioned_output, plan
 
     data = {"nvidia_driver_source": "none", "model_revision": "0123456789abcdef" * 2 + "01234567",
             "vllm_version": "0.22.0"}
-    ops = [op.name for op in plan(serving_host, data, {"::glmfleet:: os": gpu_host_output(os="debian|12|bookworm"),
+    ops = [op.name for op in plan(serving_host, data, {"::glmfleet:: os": sectioned_output(os="debian|12|bookworm"),
                                                 "command -v useradd": ["/usr/sbin/useradd"]})]
     build = next(i for i, name in enumerate(ops) if name.startswith("vLLM venv | build venv"))
     flags = next(i for i, name in enumerate(ops) if "flags accepted" in name)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from glmfleet.config import ConfigError, resolve
+from glmfleet.facts import ModelWeights
 from roles.model_weights import fanout_rounds, model_path, state_path, sync_argv
 from tests.hub_mirror import file_sha256, git
 from tests.hub_refusals import HubRefusal
@@ -24,6 +25,14 @@ sys.path.insert(0, str(SCRIPT.parent))
 import glmfleet_weights  # noqa: E402  (the host script, imported for its classifier)
 
 SHARDS = "model-*.safetensors"
+
+
+def weights_fact(directory: Path, state: Path) -> dict:
+    """The deploy's ModelWeights fact, its command run here by sh over the real files."""
+    fact = ModelWeights()
+    output = subprocess.run(["sh", "-c", fact.command(str(state), str(directory), "k", [])],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    return {name: fact.process(output)[name] for name in ("complete", "reason", "changed")}
 
 
 def shard_inodes(directory: Path) -> dict[str, int]:
@@ -125,13 +134,12 @@ def test_a_corrupted_shard_is_found_and_only_it_is_fetched_again(hub, tmp_path):
     assert sync(directory, state, hub.url, hub.revision).returncode == 0
     before = shard_inodes(directory)
     victim = sorted(before)[2]
+    assert weights_fact(directory, state) == {"complete": True, "reason": "complete", "changed": []}
     with open(directory / victim, "r+b") as f:  # same size, different bytes: only the stat tells
         f.seek(1_000_000)
         f.write(b"\xff" * 16)
 
-    state_now = subprocess.run([sys.executable, str(SCRIPT), "state", "--dir", str(directory), "--state", str(state), "--key", "k"],
-                               capture_output=True, text=True)
-    assert json.loads(state_now.stdout) == {"complete": False, "reason": "files changed since verified", "changed": [victim]}
+    assert weights_fact(directory, state) == {"complete": False, "reason": "files changed since verified", "changed": [victim]}
 
     mark = hub.log_mark()
     result = sync(directory, state, hub.url, hub.revision)
