@@ -6,15 +6,16 @@ once). Stdlib only: it runs on the serving host with the system Python.
 The API key is read from the unit's environment file, never taken on the command line.
 Exit status 0 when serving, 1 otherwise; the last line printed says what was seen.
 
-Every deploy runs it once per host while planning, so it stays light: http.client, not
-urllib.request (which imports email, tempfile and more: twice the CPU on a small host).
+Every deploy runs it once per host while planning, so it stays light: plain HTTP over a socket
+(http.client's imports, email and ssl, were half of this script's CPU on every host and run).
+It only ever asks the host's own vLLM, which glmfleet serves without TLS.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
+import socket
 import sys
 import time
 from urllib.parse import urlsplit
@@ -37,22 +38,26 @@ def read_env_file(path: str | None) -> dict[str, str]:
 
 
 def request(url: str, api_key: str | None, body: dict | None, timeout: float) -> bytes:
-    """One request on a connection of its own: the payload of a 200 answer, else RuntimeError."""
+    """One HTTP/1.0 request on a connection of its own, which the server closes after its answer
+    (so everything up to the close is the answer, never chunked): the payload of a 200 answer,
+    else RuntimeError."""
     parts = urlsplit(url)
-    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_class(parts.netloc, timeout=timeout)
-    headers = {"Content-Type": "application/json"}
+    if parts.scheme != "http":
+        raise ValueError(f"{url}: verify-vllm speaks plain http to the host's own vLLM")
+    data = b"" if body is None else json.dumps(body).encode()
+    head = [f"{'GET' if body is None else 'POST'} {parts.path or '/'} HTTP/1.0", f"Host: {parts.netloc}",
+            "Content-Type: application/json", f"Content-Length: {len(data)}"]
     if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    try:
-        data = None if body is None else json.dumps(body)
-        connection.request("GET" if body is None else "POST", parts.path, data, headers)
-        response = connection.getresponse()
-        payload = response.read()
-    finally:
-        connection.close()
-    if response.status != 200:
-        raise RuntimeError(f"{url} answered {response.status}: {payload.decode(errors='replace')[:200]}")
+        head.append(f"Authorization: Bearer {api_key}")
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as connection:
+        connection.sendall("\r\n".join([*head, "", ""]).encode() + data)
+        answer = b"".join(iter(lambda: connection.recv(1 << 16), b""))
+    head_bytes, _, payload = answer.partition(b"\r\n\r\n")
+    version, _, status = head_bytes.partition(b" ")
+    if not (version.startswith(b"HTTP/") and status[:3].isdigit()):
+        raise RuntimeError(f"{url} answered no HTTP: {answer[:200]!r}")
+    if status[:3] != b"200":
+        raise RuntimeError(f"{url} answered {status[:3].decode()}: {payload.decode(errors='replace')[:200]}")
     return payload
 
 
@@ -82,7 +87,7 @@ def check_once(base_url: str, served_name: str, api_key: str | None, timeout: fl
 
 
 def describe(error: Exception) -> str:
-    if isinstance(error, (OSError, http.client.HTTPException)):  # refused, reset, timed out, not HTTP
+    if isinstance(error, OSError):  # refused, reset, timed out
         return f"no answer: {error}"
     return str(error) or type(error).__name__
 

@@ -1,0 +1,96 @@
+"""files/verify_vllm.py against the HTTP server vLLM's API server runs on: uvicorn, with both of
+its HTTP parsers (vLLM installs uvicorn[standard], so httptools; h11 where that is missing).
+The ASGI app here answers the three endpoints the check asks, as FastAPI answers them in vLLM;
+the fleet tests run the same script against the vLLM test double."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Header, HTTPException, Request
+
+SCRIPT = Path(__file__).resolve().parent.parent / "files" / "verify_vllm.py"
+API_KEY = "sk-verify-http-7f3a"
+SERVED = "glm-4-9b"
+# Enough other models that /v1/models is several reads of the socket long.
+OTHER_MODELS = [{"id": f"padding-model-{index:05d}", "object": "model"} for index in range(3000)]
+
+
+def app_like_vllm() -> FastAPI:
+    app = FastAPI()
+
+    def authorized(authorization: str | None) -> None:
+        if authorization != f"Bearer {API_KEY}":
+            raise HTTPException(status_code=401, detail="Unauthorized")
+
+    @app.get("/health")
+    def health():
+        return None
+
+    @app.get("/v1/models")
+    def models(authorization: str | None = Header(default=None)):
+        authorized(authorization)
+        return {"object": "list", "data": [*OTHER_MODELS, {"id": SERVED, "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, authorization: str | None = Header(default=None)):
+        authorized(authorization)
+        body = await request.json()
+        assert body["model"] == SERVED and body["messages"][0]["role"] == "user"
+        return {"choices": [{"message": {"role": "assistant", "content": "Hello"}}], "usage": {"completion_tokens": 1}}
+
+    return app
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def server_url(request):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app_like_vllm(), http=request.param, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def verify(base_url: str, env_file: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--base-url", base_url, "--served-model-name", SERVED,
+                           "--env-file", str(env_file), "--deadline", "0"], capture_output=True, text=True, timeout=60)
+
+
+def env_file(directory: Path, key: str) -> Path:
+    path = directory / "vllm.env"
+    path.write_text(f'VLLM_API_KEY="{key}"\n')
+    return path
+
+
+def test_a_serving_vllm_passes(server_url, tmp_path):
+    result = verify(server_url, env_file(tmp_path, API_KEY))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"serving: /health 200, /v1/models lists {SERVED!r}, chat completion 'Hello' (1 tokens" in result.stdout
+
+
+def test_a_refused_key_fails_with_the_servers_answer(server_url, tmp_path):
+    result = verify(server_url, env_file(tmp_path, "sk-wrong"))
+    assert result.returncode == 1
+    assert f"not serving after 0 s: {server_url}/v1/models answered 401: " in result.stdout
+    assert "Unauthorized" in result.stdout
+
+
+def test_nothing_listening_is_no_answer(tmp_path):
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = verify(f"http://127.0.0.1:{port}", env_file(tmp_path, API_KEY))
+    assert result.returncode == 1
+    assert result.stdout.startswith("not serving after 0 s: no answer: ")
