@@ -38,12 +38,9 @@ def read_env_file(path: str | None) -> dict[str, str]:
 
 
 def request(url: str, api_key: str | None, body: dict | None, timeout: float) -> bytes:
-    """One HTTP/1.0 request on a connection of its own, which the server closes after its answer
-    (so everything up to the close is the answer, never chunked): the payload of a 200 answer,
-    else RuntimeError."""
+    """One HTTP/1.0 request on a connection of its own: the payload of a 200 answer, else
+    RuntimeError."""
     parts = urlsplit(url)
-    if parts.scheme != "http":
-        raise ValueError(f"{url}: verify-vllm speaks plain http to the host's own vLLM")
     data = b"" if body is None else json.dumps(body).encode()
     head = [f"{'GET' if body is None else 'POST'} {parts.path or '/'} HTTP/1.0", f"Host: {parts.netloc}",
             "Content-Type: application/json", f"Content-Length: {len(data)}"]
@@ -51,14 +48,50 @@ def request(url: str, api_key: str | None, body: dict | None, timeout: float) ->
         head.append(f"Authorization: Bearer {api_key}")
     with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as connection:
         connection.sendall("\r\n".join([*head, "", ""]).encode() + data)
-        answer = b"".join(iter(lambda: connection.recv(1 << 16), b""))
-    head_bytes, _, payload = answer.partition(b"\r\n\r\n")
-    version, _, status = head_bytes.partition(b" ")
-    if not (version.startswith(b"HTTP/") and status[:3].isdigit()):
-        raise RuntimeError(f"{url} answered no HTTP: {answer[:200]!r}")
-    if status[:3] != b"200":
-        raise RuntimeError(f"{url} answered {status[:3].decode()}: {payload.decode(errors='replace')[:200]}")
+        status, payload = read_answer(connection, url)
+    if status != 200:
+        raise RuntimeError(f"{url} answered {status}: {payload.decode(errors='replace')[:200]}")
     return payload
+
+
+def read_answer(connection: socket.socket, url: str) -> tuple[int, bytes]:
+    """The status and payload of one answer, framed by its Content-Length, by chunks (uvicorn
+    with httptools sends them even to HTTP/1.0 clients where a response has no length), or by
+    the server closing the connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        more = connection.recv(1 << 16)
+        if not more:
+            if not received:
+                raise ConnectionError("the server closed the connection without an answer")
+            raise RuntimeError(f"{url} answered no HTTP: {received[:200]!r}")
+        received += more
+    head, _, payload = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    version, _, status = status_line.partition(" ")
+    if not (version.startswith("HTTP/") and status[:3].isdigit()):
+        raise RuntimeError(f"{url} answered no HTTP: {received[:200]!r}")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+    chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+    length = None if chunked or "content-length" not in headers else int(headers["content-length"])
+    while not (length is not None and len(payload) >= length or chunked and (b"\r\n" + payload).endswith(b"\r\n0\r\n\r\n")):
+        more = connection.recv(1 << 16)
+        if not more:
+            break
+        payload += more
+    return int(status[:3]), unchunked(payload) if chunked else payload[:length]
+
+
+def unchunked(data: bytes) -> bytes:
+    """A chunked body's content."""
+    content = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        content, data = content + data[:size], data[size + 2:]
+    return content
 
 
 def check_once(base_url: str, served_name: str, api_key: str | None, timeout: float) -> str:
@@ -101,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=5, help="seconds between tries")
     args = parser.parse_args(argv)
 
+    if urlsplit(args.base_url).scheme != "http":
+        parser.error(f"--base-url {args.base_url}: verify-vllm speaks plain http to the host's own vLLM")
     api_key = read_env_file(args.env_file).get("VLLM_API_KEY")
     base_url = args.base_url.rstrip("/")
     give_up = time.monotonic() + args.deadline

@@ -497,8 +497,10 @@ class ModelWeights(FactBase):
             f"echo '{SECTION} tools'", f'for tool in {shlex.join(tools)}; do test -x "$tool" && echo "$tool"; done',
             f"echo '{SECTION} host_key'", "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null",
             f"echo '{SECTION} state'", f"cat {shlex.quote(state_file)} 2>/dev/null && echo",
-            # %T@ and %C@ are seconds with nanoseconds (and one digit more): the script's stat_of.
-            f"echo '{SECTION} files'", f"find {shlex.quote(model_dir)} -type f -printf '%P\\t%s\\t%T@\\t%C@\\t%i\\n' 2>/dev/null",
+            # The script's stat_of: -L follows links as os.stat does (a model dir or files that
+            # link into a hub cache); %T@ and %C@ are seconds with nanoseconds (and one digit more).
+            f"echo '{SECTION} files'",
+            f"find -L {shlex.quote(model_dir)} -type f -printf '%P\\t%s\\t%T@\\t%C@\\t%i\\n' 2>/dev/null",
             "true",
         ])
 
@@ -512,15 +514,21 @@ class ModelWeights(FactBase):
         try:
             data = json.loads("\n".join(sections.get("state", [])) or "{}")
         except ValueError:
+            data = None
+        if not isinstance(data, dict):
             return {**found, "reason": f"unreadable state file: {' '.join(sections['state'])[:200]}"}
-        stats = dict(map(stat_line, sections.get("files", [])))
+        stats = dict(filter(None, map(stat_line, sections.get("files", []))))
         return {**found, **host_script("glmfleet_weights").completion(data, "".join(sections.get("key", [])), stats.get)}
 
 
-def stat_line(line: str) -> tuple[str, list[int]]:
-    """``find -printf '%P\\t%s\\t%T@\\t%C@\\t%i'`` as (path, [size, mtime_ns, ctime_ns, inode])."""
-    path, size, mtime, ctime, inode = line.rsplit("\t", 4)
-    return path, [int(size), nanoseconds(mtime), nanoseconds(ctime), int(inode)]
+def stat_line(line: str) -> tuple[str, list[int]] | None:
+    """``find -printf '%P\\t%s\\t%T@\\t%C@\\t%i'`` as (path, [size, mtime_ns, ctime_ns, inode]);
+    None for a line that is not one (part of a file name with a newline: that file counts as gone)."""
+    try:
+        path, size, mtime, ctime, inode = line.rsplit("\t", 4)
+        return path, [int(size), nanoseconds(mtime), nanoseconds(ctime), int(inode)]
+    except ValueError:
+        return None
 
 
 def nanoseconds(stamp: str) -> int:

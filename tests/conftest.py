@@ -11,9 +11,11 @@ from tests.fleettools import UV_VERSION, test_model_settings
 from tests.pkgindex import PackageIndex, fill_index_dir
 
 FLEET_SIZE = 2
-# The suite's own fleet slot: `make test` never touches the hosts that `make demo` and
-# `make fleet-up` use (slot 0). Set here, so that every pyinfra run the tests start inherits it.
-os.environ.setdefault("GLMFLEET_FLEET_SLOT", "1")
+# The suite's own fleet slot, whatever the shell exports (the session destroys its hosts):
+# `make test` never touches the hosts of `make demo` and `make fleet-up` (slot 0) or of the
+# benchmarks (slot 8). Set here, so that every pyinfra run the tests start inherits it.
+os.environ["GLMFLEET_FLEET_SLOT"] = "1"
+os.environ.pop("GLMFLEET_FLEET_DIR", None)
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +23,8 @@ def fleet():
     """FLEET_SIZE new hosts, up for the whole session; taken down after it unless
     GLMFLEET_KEEP_FLEET=1. New every session: the tests' first runs expect bare hosts, and a
     host kept from an earlier session still has its driver packages, venvs and weights."""
-    localfleet.down(destroy=True)
+    if localfleet.fleet_dir().exists():
+        localfleet.down(destroy=True)
     localfleet.up(FLEET_SIZE)
     yield [host["name"] for host in localfleet.load_hosts()][:FLEET_SIZE]
     if os.environ.get("GLMFLEET_KEEP_FLEET") != "1":

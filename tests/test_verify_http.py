@@ -1,10 +1,12 @@
 """files/verify_vllm.py against the HTTP server vLLM's API server runs on: uvicorn, with both of
 its HTTP parsers (vLLM installs uvicorn[standard], so httptools; h11 where that is missing).
-The ASGI app here answers the three endpoints the check asks, as FastAPI answers them in vLLM;
+The ASGI app here answers the three endpoints the check asks, as FastAPI answers them in vLLM
+(with a length), or streamed without one (httptools then sends chunks, h11 closes at the end);
 the fleet tests run the same script against the vLLM test double."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import StreamingResponse
 
 SCRIPT = Path(__file__).resolve().parent.parent / "files" / "verify_vllm.py"
 API_KEY = "sk-verify-http-7f3a"
@@ -23,7 +26,7 @@ SERVED = "glm-4-9b"
 OTHER_MODELS = [{"id": f"padding-model-{index:05d}", "object": "model"} for index in range(3000)]
 
 
-def app_like_vllm() -> FastAPI:
+def app_like_vllm(streamed: bool) -> FastAPI:
     app = FastAPI()
 
     def authorized(authorization: str | None) -> None:
@@ -37,7 +40,11 @@ def app_like_vllm() -> FastAPI:
     @app.get("/v1/models")
     def models(authorization: str | None = Header(default=None)):
         authorized(authorization)
-        return {"object": "list", "data": [*OTHER_MODELS, {"id": SERVED, "object": "model"}]}
+        answer = {"object": "list", "data": [*OTHER_MODELS, {"id": SERVED, "object": "model"}]}
+        if streamed:
+            text = json.dumps(answer)
+            return StreamingResponse((text[i:i + 4096] for i in range(0, len(text), 4096)), media_type="application/json")
+        return answer
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, authorization: str | None = Header(default=None)):
@@ -49,11 +56,13 @@ def app_like_vllm() -> FastAPI:
     return app
 
 
-@pytest.fixture(params=["httptools", "h11"])
+@pytest.fixture(params=[("httptools", False), ("httptools", True), ("h11", False), ("h11", True)],
+                ids=["httptools", "httptools-streamed", "h11", "h11-streamed"])
 def server_url(request):
+    parser, streamed = request.param
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app_like_vllm(), http=request.param, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app_like_vllm(streamed), http=parser, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     while not server.started:
@@ -94,3 +103,20 @@ def test_nothing_listening_is_no_answer(tmp_path):
     result = verify(f"http://127.0.0.1:{port}", env_file(tmp_path, API_KEY))
     assert result.returncode == 1
     assert result.stdout.startswith("not serving after 0 s: no answer: ")
+
+
+def test_a_server_that_closes_without_answering_is_no_answer(tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def close_the_connection():
+        connection, _ = listener.accept()
+        connection.recv(1 << 16)  # the request read: closing now sends a FIN, not a reset
+        connection.close()
+
+    threading.Thread(target=close_the_connection, daemon=True).start()
+    result = verify(f"http://127.0.0.1:{listener.getsockname()[1]}", env_file(tmp_path, API_KEY))
+    listener.close()
+    assert result.returncode == 1
+    assert result.stdout == "not serving after 0 s: no answer: the server closed the connection without an answer\n"

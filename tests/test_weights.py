@@ -35,6 +35,15 @@ def weights_fact(directory: Path, state: Path) -> dict:
     return {name: fact.process(output)[name] for name in ("complete", "reason", "changed")}
 
 
+def test_an_odd_weights_answer_is_read_as_not_complete_and_odd_lines_as_gone_files():
+    fact = ModelWeights()
+    assert fact.process(["::glmfleet:: key", "k", "::glmfleet:: state", "[]"])["reason"] == "unreadable state file: []"
+    state = json.dumps({"key": "k", "complete": True, "verified": {"a": [1, 2, 3, 4], "b\nc": [1, 2, 3, 5]}})
+    answer = ["::glmfleet:: key", "k", "::glmfleet:: state", state,
+              "::glmfleet:: files", "a\t1\t0.0000000020\t0.0000000030\t4", "b", "c\t1\t0.0000000020\t0.0000000030\t5"]
+    assert {k: fact.process(answer)[k] for k in ("complete", "changed")} == {"complete": False, "changed": ["b\nc"]}
+
+
 def shard_inodes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_ino for p in sorted(directory.glob(SHARDS))}
 
@@ -135,6 +144,8 @@ def test_a_corrupted_shard_is_found_and_only_it_is_fetched_again(hub, tmp_path):
     before = shard_inodes(directory)
     victim = sorted(before)[2]
     assert weights_fact(directory, state) == {"complete": True, "reason": "complete", "changed": []}
+    (tmp_path / "linked").symlink_to(directory)  # a model_dir that links elsewhere, as the unit's check follows it
+    assert weights_fact(tmp_path / "linked", state)["complete"] is True
     with open(directory / victim, "r+b") as f:  # same size, different bytes: only the stat tells
         f.seek(1_000_000)
         f.write(b"\xff" * 16)
