@@ -20,7 +20,9 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-CATALOG = Path(__file__).resolve().parent.parent / "files" / "catalog.yaml"
+from glmfleet import FILES
+
+CATALOG = FILES / "catalog.yaml"
 GIB = 1024**3
 BF16_BYTES = 2
 

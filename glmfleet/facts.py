@@ -13,7 +13,6 @@ import importlib.util
 import json
 import re
 import shlex
-from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
@@ -22,8 +21,9 @@ from pyinfra.api import FactBase, State, StringCommand
 from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.host import Host
 
+from glmfleet import FILES
+
 COMPLETE_MARKER = ".glmfleet-complete"
-FILES = Path(__file__).resolve().parent.parent / "files"
 
 _ANSWERS: WeakKeyDictionary[State, dict] = WeakKeyDictionary()
 

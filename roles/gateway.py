@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import jinja2
 from pyinfra import host
@@ -17,6 +16,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
+from glmfleet import FILES
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in, is_listen_address
 from glmfleet.facts import ManagedPaths, Question, ask_together
 from glmfleet.operations import planned, upload
@@ -29,7 +29,7 @@ KEYS_PATH = "/etc/nginx/glmfleet-gateway-keys.conf"
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 NGINX = "/usr/sbin/nginx"
 NGINX_UNIT = "nginx.service"
-TEMPLATE = Path(__file__).resolve().parent.parent / "files" / "nginx-gateway.conf.j2"
+TEMPLATE = FILES / "nginx-gateway.conf.j2"
 
 # One refused or dropped connection rests a host for FAIL_TIMEOUT_S (nginx open source has no
 # active health checks: this passive check and the rollout's explicit pool edits stand in).

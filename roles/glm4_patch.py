@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -11,12 +10,12 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import Sha256File
 from pyinfra.operations import apt, files, server
 
+from glmfleet import FILES
 from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import Glm4Source, Question, ask_together
 from roles import vllm_image  # vllm_image lays the patched copy over the image's file: attributes used at call time
 from roles.vllm_venv import venv_dir
 
-FILES = Path(__file__).resolve().parent.parent / "files"
 SCRIPT = "/opt/glmfleet/bin/glm4-patch"
 PATCH = "/opt/glmfleet/share/glm4-0.8.4.patch"
 BUGGY_VERSION = "0.8.4"  # first shipped glm4.py broken; fixed upstream by vLLM PR #16618 in 0.8.5

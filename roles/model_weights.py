@@ -30,6 +30,7 @@ from pyinfra import host, state
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
+from glmfleet import FILES
 from glmfleet import catalog
 from glmfleet.config import (
     ConfigError,
@@ -56,7 +57,7 @@ from roles.vllm_venv import SYSTEM_CA_BUNDLE, index_args
 TOOLS_BIN = "/opt/glmfleet/bin"
 SCRIPT = f"{TOOLS_BIN}/glmfleet-weights"
 RSYNC = "/usr/bin/rsync"  # copies from the control node and between peers
-SCRIPT_SOURCE = Path(__file__).resolve().parent.parent / "files" / "glmfleet_weights.py"
+SCRIPT_SOURCE = FILES / "glmfleet_weights.py"
 STATE_DIR = "/var/lib/glmfleet/weights"
 SECRETS_DIR = "/etc/glmfleet"
 HF_TOKEN_FILE = f"{SECRETS_DIR}/hf_token"

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
+from glmfleet import FILES
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in
 from glmfleet.facts import ManagedPaths, Question, VllmServes, ask_together
 from glmfleet.operations import upload
 from roles.vllm_service import ENV_FILE, UNIT, served_model_name
 
 VERIFY_SCRIPT = "/opt/glmfleet/bin/verify-vllm"
-SOURCE = Path(__file__).resolve().parent.parent / "files" / "verify_vllm.py"
+SOURCE = FILES / "verify_vllm.py"
 JOURNAL_HEADER = f"--- last lines of the {UNIT} journal:"
 
 SETTINGS = (

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
+from glmfleet import FILES
 from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import Question, ask_together
 from roles.vllm_image import image_ref
 from roles.vllm_service import UNIT_PATH, render_unit, serve_args, service_question
 from roles.vllm_venv import venv_dir, venv_name, venvs_question
 
-SOURCE = Path(__file__).resolve().parent.parent / "files" / "check_vllm_flags.py"
+SOURCE = FILES / "check_vllm_flags.py"
 SCRIPT = "/opt/glmfleet/bin/check-vllm-flags"
 
 SETTINGS = ()

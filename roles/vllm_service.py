@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import jinja2
 from packaging.version import Version
@@ -13,6 +12,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import server, systemd
 from pyinfra.operations.util import any_changed
 
+from glmfleet import FILES
 from glmfleet import catalog
 from glmfleet.config import (
     HostConfig,
@@ -39,7 +39,7 @@ UNIT = "vllm.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 SECRETS_DIR = "/etc/glmfleet"
 ENV_FILE = f"{SECRETS_DIR}/vllm.env"
-TEMPLATE = Path(__file__).resolve().parent.parent / "files" / "vllm.service.j2"
+TEMPLATE = FILES / "vllm.service.j2"
 
 
 def is_model(value) -> bool:

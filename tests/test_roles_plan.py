@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from glmfleet import FILES
 from glmfleet.config import resolve
 from glmfleet.facts import ListeningPorts
 from roles import glm4_patch
@@ -20,7 +21,6 @@ from roles.vllm_flags import SCRIPT, check_command
 from roles.vllm_service import vllm_command
 from roles.vllm_venv import venv_name
 
-FILES = Path(__file__).resolve().parent.parent / "files"
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")

@@ -19,7 +19,9 @@ import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-SCRIPT = Path(__file__).resolve().parent.parent / "files" / "verify_vllm.py"
+from glmfleet import FILES
+
+SCRIPT = FILES / "verify_vllm.py"
 API_KEY = "sk-verify-http-7f3a"
 SERVED = "glm-4-9b"
 # Enough other models that /v1/models is several reads of the socket long.

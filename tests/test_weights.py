@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 
 from glmfleet.config import ConfigError, resolve
-from glmfleet.facts import ModelWeights
+from glmfleet.facts import ModelWeights, host_script
 from roles.model_weights import fanout_rounds, model_path, state_path, sync_argv
 from tests.hub_mirror import file_sha256, git
 from tests.hub_refusals import HubRefusal
 from tests.weights_fixtures import HF_CLI, REPO_ID, SCRIPT, hub, sync  # noqa: F401 (hub is a fixture)
 
-sys.path.insert(0, str(SCRIPT.parent))
-import glmfleet_weights  # noqa: E402  (the host script, imported for its classifier)
+glmfleet_weights = host_script("glmfleet_weights")  # the host script, for its classifier
 
 SHARDS = "model-*.safetensors"
 

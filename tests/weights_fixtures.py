@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from glmfleet import FILES
 from tests.hub_mirror import OlahServer, publish
 from tests.model_maker import make_checkpoint
 
 REPO_ID = "glmfleet-test/tiny-glm"
-SCRIPT = Path(__file__).resolve().parent.parent / "files" / "glmfleet_weights.py"
+SCRIPT = FILES / "glmfleet_weights.py"
 HF_CLI = str(Path(sys.executable).with_name("hf"))
 
 
