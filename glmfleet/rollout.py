@@ -220,7 +220,7 @@ class Rollout:
                     continue
                 restart, verified = planned[name]
                 self.results[name].result = "updated"
-                self.results[name].ready_s = run.seconds(name, restart, verified) if restart.executed else None
+                self.results[name].ready_s = run.seconds(name, restart, verified) if restart and restart.executed else None
                 self.out_of_pool.discard(name)
         for name, why in failed.items():
             self.say(f"  {name} failed: {first_line(why)}")

@@ -5,6 +5,7 @@ from pyinfra import host
 
 from glmfleet.config import host_config
 from glmfleet.facts import ask_together
+from glmfleet.operations import planned
 from roles import (
     container_toolkit,
     gateway,
@@ -40,8 +41,9 @@ def serving_host(stage_only=False):
     With stage_only, only what is slow to prepare beside the running service and what can fail
     before it is touched: the venv built without switching to it, the image pulled, the flags
     checked, the weights fetched. A rollout stages while the host still serves. Returns the operations whose timing
-    a rollout reports, (the restart, the check that the host serves), or None where nothing
-    starts: when staging, and on a host waiting for its reboot into a new driver.
+    a rollout reports, (the restart, the check that the host serves), each None where it is
+    not planned (a host that serves and where nothing changes plans neither); or None where
+    nothing starts: when staging, and on a host waiting for its reboot into a new driver.
     """
     ask_roles(STAGING_ROLES if stage_only else SERVING_ROLES)
     preflight.preflight()
@@ -65,4 +67,4 @@ def serving_host(stage_only=False):
     if not driver.ready:
         return None
     started = vllm_service.vllm_service(restart_when=[*runtime_changed, *new_weights, *toolkit_changed, *driver.changes])
-    return started[0], verify.verify(changes=started)
+    return started, verify.verify(changes=planned(started))

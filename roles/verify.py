@@ -68,14 +68,17 @@ def verify(changes=()):
 
     + changes: operations whose change (a start or restart) makes a fresh check necessary
 
-    The same check runs once while planning; a host that already serves and changed nothing
-    reports no change. Otherwise the check waits up to ``vllm_ready_timeout`` and, on
-    failure, fails the host with the last lines of the unit's journal. Returns the check.
+    The same check runs once while planning; on a host that already serves and where none of
+    ``changes`` is planned, that is the whole check and no operation is planned. Otherwise the
+    check waits up to ``vllm_ready_timeout`` and, on failure, fails the host with the last
+    lines of the unit's journal. Returns the check, or None where it was not planned.
     """
     cfg = host_config(host)
     answers = ask_together(host, questions(cfg))
     upload(answers["managed"], VERIFY_SCRIPT, SOURCE, mode="755", name="verify script")
     serving = answers["serving"]
+    if serving["ok"] and not changes:
+        return None
     return server.shell(
         # One name on every host: pyinfra merges an operation's names across hosts.
         name="verify a real request is served",

@@ -256,7 +256,8 @@ def vllm_service(restart_when=()):
 
     daemon-reload runs only when the unit changed; a stopped service starts, and a running one
     restarts only when its unit, its environment or ``restart_when`` changed. Returns the
-    operations whose change means the service was (re)started, for the verify role.
+    (re)start, for the verify role, or None where the service runs and none of these can
+    change: a converged host plans no operation at all.
     """
     cfg = host_config(host)
     managed = ask_together(host, questions(cfg))["managed"]
@@ -270,11 +271,12 @@ def vllm_service(restart_when=()):
         systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
     unit_enabled(managed, UNIT)
     changed = planned(env, unit, *restart_when)
+    if was_active and not changed:
+        return None
     # reset-failed clears systemd's start limit, which a crash loop before this deploy may have
     # hit. A start that fails is not fatal here: verify judges it and shows the journal.
-    started = server.shell(
+    return server.shell(
         name=f"(re)start {UNIT}",
         commands=[f"systemctl reset-failed {UNIT} 2>/dev/null; systemctl restart {UNIT} || true"],
         _if=[any_changed(*changed)] if was_active else [],
     )
-    return [started]

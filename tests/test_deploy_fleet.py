@@ -102,10 +102,12 @@ def test_second_run_changes_nothing(first_run, fleet, settings):
 
 def test_a_converged_host_is_checked_in_one_command(first_run, fleet, settings):
     """Every check of a converged host is one of glmfleet's own facts, all asked together in one
-    command: none of pyinfra's per-operation file, user or service facts (a command each)."""
+    command: none of pyinfra's per-operation file, user or service facts (a command each). With
+    the answers in, it plans no operation at all (not even a restart or check that would skip)."""
     run = pyinfra("inventory/local.py", "--debug", "deploy.py", data=settings, env={API_KEY_ENV: API_KEY})
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.changed() == {}
+    assert "Adding operation" not in run.stderr
     for name in fleet:
         facts = re.findall(rf"\[{re.escape(name)}\] Loaded fact (\S+)", run.stderr)
         assert len(re.findall(rf"Running command on {re.escape(name)}:", run.stderr)) == 1

@@ -192,3 +192,18 @@ def test_a_rollout_stages_without_asking_the_serving_host_for_a_request():
     asked = {role: {question.fact for question in role.questions(cfg).values()} for role in SERVING_ROLES}
     assert VllmServes in set().union(*asked.values())
     assert VllmServes not in set().union(*(asked[role] for role in STAGING_ROLES))
+
+
+def test_verify_plans_its_check_only_where_the_host_does_not_serve():
+    """The check that ran while planning is the whole check on a host that serves and where
+    nothing changed: a converged host plans no operation at all."""
+    from roles.verify import verify
+    from tests.planning import plan
+
+    def planned(answer: list[str]) -> list[str]:
+        return [op.name for op in plan(verify, {"model_revision": "0" * 40}, {"--deadline 0": answer})]
+
+    assert planned(["serving: /health 200, /v1/models lists 'm', chat completion 'Hi'", "rc=0"]) == [
+        "verify vLLM serves | verify script"]
+    assert planned(["not serving after 0 s: no answer", "rc=1"]) == [
+        "verify vLLM serves | verify script", "verify vLLM serves | verify a real request is served"]
