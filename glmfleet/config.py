@@ -15,8 +15,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from packaging.version import Version
+from pyinfra.api import State
 from pyinfra.api.exceptions import PyinfraError
 
 from glmfleet import catalog
@@ -230,13 +232,24 @@ def format_problems(found: list[str]) -> str:
     return "invalid configuration, no host was changed:\n  " + "\n  ".join(found)
 
 
+# State -> its inventory's validated configurations, by host name.
+_VALIDATED: WeakKeyDictionary[State, dict[str, HostConfig]] = WeakKeyDictionary()
+
+
 def host_data(host) -> dict[str, Any]:
     """A pyinfra host's merged data (override > host > groups > all) as a plain dict."""
     return dict(host.data.dict())
 
 
 def validate_inventory(inventory) -> dict[str, HostConfig]:
-    """Check every host of a pyinfra inventory; raise one ConfigError naming every problem."""
+    """Check every host of a pyinfra inventory; raise one ConfigError naming every problem.
+
+    Once per run: pyinfra executes deploy.py once per host, and checking the whole inventory each
+    time made a run's planning grow with the square of the fleet. Each run has its own State.
+    """
+    state = getattr(inventory, "state", None)
+    if state in _VALIDATED:
+        return _VALIDATED[state]
     found, configs = [], {}
     for host in inventory:
         data = host_data(host)
@@ -247,12 +260,17 @@ def validate_inventory(inventory) -> dict[str, HostConfig]:
             configs[host.name] = HostConfig(host.name, values(data, all_settings()))
     if found:
         raise ConfigError(format_problems(found))
+    if state is not None:
+        _VALIDATED[state] = configs
     return configs
 
 
 def host_config(host) -> HostConfig:
-    """The validated settings of a pyinfra host (validated for the whole inventory first)."""
-    return resolve(host_data(host), host.name)
+    """The validated settings of a pyinfra host: those of its run's ``validate_inventory``,
+    else its data validated now."""
+    state = getattr(host, "state", None)  # None: a host of an inventory that no run has taken up
+    validated = _VALIDATED.get(state, {}) if state is not None else {}
+    return validated[host.name] if host.name in validated else resolve(host_data(host), host.name)
 
 
 def documented(settings: tuple[Setting, ...]):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import re
 
-import jinja2
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from glmfleet import FILES
+from glmfleet import template
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in, is_listen_address
 from glmfleet.facts import ManagedPaths, Question, ask_together
 from glmfleet.operations import planned, upload
@@ -29,7 +28,7 @@ KEYS_PATH = "/etc/nginx/glmfleet-gateway-keys.conf"
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 NGINX = "/usr/sbin/nginx"
 NGINX_UNIT = "nginx.service"
-TEMPLATE = FILES / "nginx-gateway.conf.j2"
+TEMPLATE = "nginx-gateway.conf.j2"
 
 # One refused or dropped connection rests a host for FAIL_TIMEOUT_S (nginx open source has no
 # active health checks: this passive check and the rollout's explicit pool edits stand in).
@@ -92,9 +91,8 @@ def pool(inventory, out_of_pool=frozenset()) -> list[dict]:
 
 
 def render_config(cfg: HostConfig, models: list[dict]) -> str:
-    template = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     listen = cfg.gateway_listen_address
-    return template.render(
+    return template(TEMPLATE).render(
         models=models,
         models_json=json.dumps({"object": "list", "data": [
             {"id": model["name"], "object": "model", "owned_by": "glmfleet"} for model in models]}),

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import re
 
-import jinja2
 from packaging.version import Version
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server, systemd
 from pyinfra.operations.util import any_changed
 
-from glmfleet import FILES
-from glmfleet import catalog
+from glmfleet import catalog, template
 from glmfleet.config import (
     HostConfig,
     Setting,
@@ -39,7 +37,7 @@ UNIT = "vllm.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 SECRETS_DIR = "/etc/glmfleet"
 ENV_FILE = f"{SECRETS_DIR}/vllm.env"
-TEMPLATE = FILES / "vllm.service.j2"
+TEMPLATE = "vllm.service.j2"
 
 
 def is_model(value) -> bool:
@@ -227,8 +225,7 @@ def questions(cfg: HostConfig) -> dict[str, Question]:
 
 
 def render_unit(cfg: HostConfig) -> str:
-    template = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return template.render(
+    return template(TEMPLATE).render(
         runtime=cfg.vllm_runtime,
         container=CONTAINER,
         served_model_name=served_model_name(cfg),

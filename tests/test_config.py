@@ -6,11 +6,11 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from pyinfra.api import State
+from pyinfra.api import Config, State
 from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
-from glmfleet.config import ConfigError, all_settings, resolve, settings_table, validate_inventory
+from glmfleet.config import ConfigError, all_settings, host_config, resolve, settings_table, validate_inventory
 from roles.model_weights import sync_argv
 from roles.vllm_service import render_env_file, render_unit, vllm_command, vllm_environment
 
@@ -49,6 +49,20 @@ def test_precedence_host_over_group_over_all(tmp_path):
 def test_data_override_beats_everything(tmp_path):
     inventory = load(tmp_path, 'hosts = [("h1", {"vllm_port": 8101})]\n', override={"vllm_port": 9000})
     assert validate_inventory(inventory)["h1"].vllm_port == 9000
+
+
+def test_an_inventory_is_validated_once_per_run(tmp_path):
+    """pyinfra executes deploy.py once per host: the run's first call checks every host and the
+    others reuse it (checking each time made planning grow with the square of the fleet). The
+    next run, a State of its own, checks again."""
+    inventory = load(tmp_path, 'hosts = [("h1", {}), ("h2", {"vllm_port": 8101})]\n')
+    State(inventory, Config())
+    configs = validate_inventory(inventory)
+    assert validate_inventory(inventory) is configs
+    assert host_config(inventory.get_host("h2")) is configs["h2"]
+    inventory.host_data["h1"]["vllm_port"] = 0
+    State(inventory, Config())
+    assert "h1: vllm_port = 0 is invalid" in str(pytest.raises(ConfigError, validate_inventory, inventory).value)
 
 
 BAD_VALUES = [
