@@ -60,23 +60,42 @@ def ask_together(host: Host, questions: dict[str, Question]) -> dict:
     asked in one command.
 
     Each command is an SSH session of its own on the host and, on one host, a round trip
-    after the last: the roles' dozen questions cost one. A question whose command fails, or
-    whose ``requires_command`` is missing, is left to ``ask``, so that pyinfra reports it
-    as it reports any fact.
+    after the last: the roles' dozen questions cost one. The questions of a fact that can
+    merge them (``merged`` and ``part``, as ``ManagedPaths``) are asked as one. A question
+    whose command fails, or whose ``requires_command`` is missing, is left to ``ask``, so
+    that pyinfra reports it as it reports any fact.
     """
     answers = _ANSWERS.setdefault(host.state, {})
     new = {_key(host, q): q for q in questions.values() if _key(host, q) not in answers}
     if new:
-        facts = [(q, q.fact()) for q in new.values()]
+        batch = merged_questions(list(new.values()))
+        facts = [(asked.fact(), asked) for asked, _ in batch]
         # A batch that fails as a whole (not one of its parts) leaves every question to ask.
-        parts = host.get_fact(Together, commands=[together_part(fact, q.kwargs) for q, fact in facts], _ignore_errors=True)
-        for key, (q, fact), (status, lines) in zip(new, facts, parts):
-            if status == 0:
-                try:
-                    answers[key] = fact.process(lines) if lines else fact.default()
-                except FactProcessError:
-                    pass
+        parts = host.get_fact(Together, commands=[together_part(fact, asked.kwargs) for fact, asked in facts], _ignore_errors=True)
+        for (fact, _), (_, answered), (status, lines) in zip(facts, batch, parts):
+            if status != 0:
+                continue
+            try:
+                answer = fact.process(lines) if lines else fact.default()
+            except FactProcessError:
+                continue
+            for q in answered:
+                answers[_key(host, q)] = q.fact.part(answer, **q.kwargs) if hasattr(q.fact, "part") else answer
     return {name: q.of(host) for name, q in questions.items()}
+
+
+def merged_questions(questions: list[Question]) -> list[tuple[Question, list[Question]]]:
+    """The questions to ask, each with those its answer answers: all of a fact's questions as
+    one where the fact can merge them, the others each alone."""
+    batch: list[tuple[Question, list[Question]]] = []
+    by_fact: dict[type[FactBase], list[Question]] = {}
+    for q in questions:
+        if hasattr(q.fact, "merged"):
+            by_fact.setdefault(q.fact, []).append(q)
+        else:
+            batch.append((q, [q]))
+    batch += [(Question(fact, fact.merged([q.kwargs for q in group])), group) for fact, group in by_fact.items()]
+    return batch
 
 
 def together_part(fact: FactBase, kwargs: dict) -> str:
@@ -630,6 +649,18 @@ class ManagedPaths(FactBase):
     @staticmethod
     def default():
         return {"paths": {}, "units": {}, "users": {}}
+
+    @staticmethod
+    def merged(asked: list[dict]) -> dict:
+        """One question for several roles' (``ask_together``): every path, unit and user once."""
+        return {kind: list(dict.fromkeys(name for kwargs in asked for name in kwargs.get(kind, ())))
+                for kind in ("paths", "units", "users")}
+
+    @staticmethod
+    def part(answer: dict, paths: list[str] = (), units: list[str] = (), users: list[str] = ()) -> dict:
+        """The answer to one role's question, from the merged question's."""
+        return {kind: {name: answer[kind][name] for name in names if name in answer[kind]}
+                for kind, names in (("paths", paths), ("units", units), ("users", users))}
 
     def process(self, output):
         found = self.default()

@@ -106,6 +106,24 @@ def test_facts_asked_together_are_one_command_and_answer_as_each_alone(tmp_path)
     assert ask_together(host, questions) == answers and len(host.commands_run) == 1
 
 
+def test_roles_managed_paths_are_one_part_and_each_role_gets_its_own_answer(tmp_path):
+    """Every role asks ManagedPaths about its own paths, units and users: asked together, they
+    are one find and one sha256sum on the host, and each role's answer is what it would get alone."""
+    (tmp_path / "unit").write_text("[Unit]\n")
+    host = local_host()
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    questions = {
+        "service": Question(ManagedPaths, {"paths": [str(tmp_path / "unit"), str(tmp_path / "absent")], "users": [user]}),
+        "state": Question(ManagedPaths, {"paths": [str(tmp_path), str(tmp_path / "unit")]}),
+    }
+    answers = ask_together(host, questions)
+    assert len(host.commands_run) == 1 and host.commands_run[0].count("sha256sum") == 1
+    for name, question in questions.items():
+        assert answers[name] == ask(local_host(), ManagedPaths, **question.kwargs)
+    assert set(answers["service"]["paths"]) == {str(tmp_path / "unit")} and set(answers["service"]["users"]) == {user}
+    assert set(answers["state"]["paths"]) == {str(tmp_path), str(tmp_path / "unit")} and answers["state"]["users"] == {}
+
+
 def test_a_fact_that_fails_together_is_asked_alone_for_pyinfra_to_report():
     host = local_host()
     questions = {"fine": Question(Counted, {"command": "echo fine"}),
