@@ -11,6 +11,6 @@ FILES = Path(__file__).resolve().parent.parent / "files"
 
 @functools.cache
 def template(name: str) -> jinja2.Template:
-    """A template from files/, compiled once per run (each host renders it; compiling it is
-    most of the cost). A value the template uses and is not given is an error."""
+    """A template from files/, compiled once per process (each host renders it; compiling it
+    is most of the cost). A value the template uses and is not given is an error."""
     return jinja2.Template((FILES / name).read_text(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)

@@ -96,6 +96,7 @@ class Run:
         self.inventory = copy_inventory(inventory)
         self.state = State(check_for_changes=check_for_changes)
         self.state.init(self.inventory, Config(), initial_limit=[self.inventory.get_host(name) for name in names])
+        validate_inventory(self.inventory)  # kept on this run's State, for every host_config of the run
         self.times = OperationTimes()
         self.connect_errors = ConnectErrors()
         self.state.add_callback_handler(self.times)

@@ -207,3 +207,17 @@ def test_verify_plans_its_check_only_where_the_host_does_not_serve():
         "verify vLLM serves | verify script"]
     assert planned(["not serving after 0 s: no answer", "rc=1"]) == [
         "verify vLLM serves | verify script", "verify vLLM serves | verify a real request is served"]
+
+
+def test_verify_checks_again_after_a_planned_change_though_the_host_served():
+    from pyinfra.operations import server
+
+    from roles.verify import verify
+    from tests.planning import plan
+
+    def restart_then_verify():
+        verify(changes=[server.shell(name="restart", commands=["true"])])
+
+    serving = {"--deadline 0": ["serving: /health 200", "rc=0"]}
+    assert [op.name for op in plan(restart_then_verify, {"model_revision": "0" * 40}, serving)][-1] == (
+        "verify vLLM serves | verify a real request is served")
