@@ -24,10 +24,11 @@ import subprocess
 from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path, PurePosixPath
+from weakref import WeakKeyDictionary
 
 from packaging.version import Version
-from pyinfra import host, state
-from pyinfra.api import deploy
+from pyinfra import host
+from pyinfra.api import State, deploy
 from pyinfra.operations import files
 
 from glmfleet import FILES
@@ -258,7 +259,7 @@ class FanoutPlan:
     facts: dict[str, dict] = field(default_factory=dict)
 
 
-_plans: dict[int, dict[str, FanoutPlan]] = {}
+_plans: WeakKeyDictionary[State, dict[str, FanoutPlan]] = WeakKeyDictionary()
 
 
 def fanout_group(cfg: HostConfig) -> str:
@@ -280,10 +281,10 @@ def questions(cfg: HostConfig) -> dict[str, Question]:
 def fanout_plans() -> dict[str, FanoutPlan]:
     """Every peer group's rounds, computed once per deploy from every host's state (one fact
     per host), so each host plans the same rounds."""
-    key = id(state)
-    if key not in _plans:
+    run = host.state  # the run's own State: pyinfra's `state` is one proxy for every run
+    if run not in _plans:
         groups: dict[str, list] = {}
-        for target in state.inventory:  # (the inventory context is unset under pyinfra's API)
+        for target in run.inventory:  # (the inventory context is unset under pyinfra's API)
             cfg = host_config(target)
             if cfg.model_source == "peer":
                 groups.setdefault(fanout_group(cfg), []).append((target, cfg))
@@ -299,9 +300,8 @@ def fanout_plans() -> dict[str, FanoutPlan]:
                 plan.host_keys[target.name] = fact["host_key"]
             plan.rounds = fanout_rounds(complete, pending)
             plans[group] = plan
-        _plans.clear()
-        _plans[key] = plans
-    return _plans[key]
+        _plans[run] = plans
+    return _plans[run]
 
 
 def known_hosts(plan: FanoutPlan) -> str:
@@ -448,7 +448,9 @@ def model_weights():
         secret_file(name=f"hub token {HF_TOKEN_FILE}", dest=HF_TOKEN_FILE, content=cfg.hf_token + "\n")
 
     if peer_plan:
-        return _peer_rounds(cfg, peer_plan, source)
+        # A group whose every member is complete transfers nothing: its key, host keys and
+        # rounds (several commands of pyinfra's own facts on every host) wait for a run that does.
+        return _peer_rounds(cfg, peer_plan, source) if peer_plan.rounds else []
     if source is None:
         return []
     return [live_steps(name=f"fetch {cfg.model}@{cfg.model_revision[:12]} from {source}",

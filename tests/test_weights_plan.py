@@ -53,6 +53,15 @@ def test_a_lone_peer_host_is_its_own_seed_from_the_origin():
     assert not [n for n in names(ops) if "install huggingface_hub" in n]  # the fact saw the CLI installed
 
 
+def test_each_run_plans_its_own_fanout_and_a_complete_group_sets_up_no_transfer():
+    """A rollout makes several runs in one process: each plans the rounds from its own facts.
+    A group whose every copy is complete plans no key, host keys or rounds."""
+    peer = {**PIN, "model_source": "peer"}
+    assert "model weights | weights round 1/1" in names(plan(model_weights, peer, weights_host(None)))
+    ops = plan(model_weights, peer, weights_host(COMPLETE))
+    assert not [n for n in names(ops) if "key" in n or "round" in n or "ssh" in n], names(ops)
+
+
 def test_an_unpinned_revision_stops_the_run_before_any_host_is_touched():
     with pytest.raises(ConfigError) as error:
         plan(model_weights, {}, weights_host(None))
