@@ -13,10 +13,13 @@ import importlib.util
 import json
 import re
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
+from gevent.event import Event
 from pyinfra.api import FactBase, State, StringCommand
 from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.host import Host
@@ -26,6 +29,7 @@ from glmfleet import FILES
 COMPLETE_MARKER = ".glmfleet-complete"
 
 _ANSWERS: WeakKeyDictionary[State, dict] = WeakKeyDictionary()
+_ASKING: WeakKeyDictionary[State, dict[tuple, Event]] = WeakKeyDictionary()
 
 
 class Question(NamedTuple):
@@ -50,8 +54,10 @@ def ask(host: Host, fact_cls: type[FactBase], **kwargs):
     """
     answers = _ANSWERS.setdefault(host.state, {})
     key = _key(host, Question(fact_cls, kwargs))
+    _wait_for(host, [key])
     if key not in answers:
-        answers[key] = host.get_fact(fact_cls, **kwargs)
+        with _asking(host, [key]):
+            answers[key] = host.get_fact(fact_cls, **kwargs)
     return answers[key]
 
 
@@ -66,22 +72,48 @@ def ask_together(host: Host, questions: dict[str, Question]) -> dict:
     that pyinfra reports it as it reports any fact.
     """
     answers = _ANSWERS.setdefault(host.state, {})
+    _wait_for(host, [_key(host, q) for q in questions.values()])
     new = {_key(host, q): q for q in questions.values() if _key(host, q) not in answers}
     if new:
-        batch = merged_questions(list(new.values()))
-        facts = [(asked.fact(), asked) for asked, _ in batch]
-        # A batch that fails as a whole (not one of its parts) leaves every question to ask.
-        parts = host.get_fact(Together, commands=[together_part(fact, asked.kwargs) for fact, asked in facts], _ignore_errors=True)
-        for (fact, _), (_, answered), (status, lines) in zip(facts, batch, parts):
-            if status != 0:
-                continue
-            try:
-                answer = fact.process(lines) if lines else fact.default()
-            except FactProcessError:
-                continue
-            for q in answered:
-                answers[_key(host, q)] = q.fact.part(answer, **q.kwargs) if hasattr(q.fact, "part") else answer
+        with _asking(host, new):
+            batch = merged_questions(list(new.values()))
+            facts = [(asked.fact(), asked) for asked, _ in batch]
+            # A batch that fails as a whole (not one of its parts) leaves every question to ask.
+            parts = host.get_fact(Together, commands=[together_part(fact, asked.kwargs) for fact, asked in facts],
+                                  _ignore_errors=True)
+            for (fact, _), (_, answered), (status, lines) in zip(facts, batch, parts):
+                if status != 0:
+                    continue
+                try:
+                    answer = fact.process(lines) if lines else fact.default()
+                except FactProcessError:
+                    continue
+                for q in answered:
+                    answers[_key(host, q)] = q.fact.part(answer, **q.kwargs) if hasattr(q.fact, "part") else answer
     return {name: q.of(host) for name, q in questions.items()}
+
+
+@contextmanager
+def _asking(host: Host, keys) -> Iterator[None]:
+    """Marks ``keys`` as being asked of ``host``. pyinfra plans hosts side by side in greenlets,
+    and one host's plan may read another's facts (the peer fan-out reads every host's
+    weights): a greenlet that needs them meanwhile waits for this answer instead of asking again."""
+    asking = _ASKING.setdefault(host.state, {})
+    done = Event()
+    for key in keys:
+        asking[key] = done
+    try:
+        yield
+    finally:
+        for key in keys:
+            asking.pop(key, None)
+        done.set()
+
+
+def _wait_for(host: Host, keys) -> None:
+    asking = _ASKING.get(host.state, {})
+    for done in {id(asking[key]): asking[key] for key in keys if key in asking}.values():
+        done.wait()
 
 
 def merged_questions(questions: list[Question]) -> list[tuple[Question, list[Question]]]:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 
+import gevent
 import pytest
 from pyinfra.api import Config, FactBase, Inventory, State
 from pyinfra.api.connect import connect_all
@@ -122,6 +123,20 @@ def test_roles_managed_paths_are_one_part_and_each_role_gets_its_own_answer(tmp_
         assert answers[name] == ask(local_host(), ManagedPaths, **question.kwargs)
     assert set(answers["service"]["paths"]) == {str(tmp_path / "unit")} and set(answers["service"]["users"]) == {user}
     assert set(answers["state"]["paths"]) == {str(tmp_path), str(tmp_path / "unit")} and answers["state"]["users"] == {}
+
+
+def test_a_question_already_under_way_is_waited_for_not_asked_again():
+    """pyinfra plans hosts side by side in greenlets, and one host's plan may read another's
+    facts (the peer fan-out reads every host's weights) while that host's own batch is still
+    under way: it waits for that answer, and the host runs one command."""
+    host = local_host()
+    slow = {"command": "sleep 0.3; echo answer"}
+    together = gevent.spawn(ask_together, host, {"slow": Question(Counted, slow)})
+    gevent.sleep(0)  # the batch starts and waits on the host
+    alone = gevent.spawn(ask, host, Counted, **slow)
+    gevent.joinall([together, alone], raise_error=True)
+    assert together.value == {"slow": ["answer"]} and alone.value == ["answer"]
+    assert len(host.commands_run) == 1
 
 
 def test_a_fact_that_fails_together_is_asked_alone_for_pyinfra_to_report():
