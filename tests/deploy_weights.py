@@ -1,12 +1,14 @@
 """The weights role alone (the weights fleet tests and benchmark): validate, then model_weights.
 
-deploy.py runs the same role between the venv and the service; alone it needs no vLLM.
+deploy.py runs the same role between the venv and the service, its facts asked with every
+role's in one command per host; alone it needs no vLLM.
 """
 
 from pyinfra import inventory
 
 from glmfleet.config import validate_inventory
-from roles.model_weights import model_weights
+from roles import ask_roles, model_weights
 
 validate_inventory(inventory)
-model_weights()
+ask_roles((model_weights,))
+model_weights.model_weights()

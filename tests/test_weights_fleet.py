@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -65,9 +66,9 @@ def inventory(tmp_path: Path, names: list[str]) -> Path:
     return path
 
 
-def deploy_weights(inventory_file: Path, data: dict, background: bool = False):
-    command = [str(Path(sys.executable).parent / "pyinfra"), "-y", "--json", str(inventory_file), "tests/deploy_weights.py",
-               *data_args(data)]
+def deploy_weights(inventory_file: Path, data: dict, background: bool = False, debug: bool = False):
+    command = [str(Path(sys.executable).parent / "pyinfra"), "-y", "--json", *(["--debug"] if debug else []), str(inventory_file),
+               "tests/deploy_weights.py", *data_args(data)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if background:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -142,10 +143,14 @@ def test_fanout_reads_one_copy_from_the_origin_and_every_host_verifies(first_run
 def test_second_run_changes_nothing_hashes_nothing_and_reads_nothing(first_run, hosts, hub, settings, cfg, tmp_path):
     states = {name: modified(name, state_path(cfg)) for name in hosts}
     mark = hub.log_mark()
-    run = deploy_weights(inventory(tmp_path, hosts), settings)
+    run = deploy_weights(inventory(tmp_path, hosts), settings, debug=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.changed() == {}
     assert hub.downloads_since(mark) == []
+    # One command per host: the fan-out read every host's weights from the hosts' own batches,
+    # and a group with every copy complete sets up no transfer.
+    commands = collections.Counter(re.findall(r"Running command on (\S+?):", run.stderr))
+    assert commands == {name: 1 for name in hosts}, commands
     # The weights script did not even run: no host rewrote its state.
     assert {name: modified(name, state_path(cfg)) for name in hosts} == states
 
