@@ -72,8 +72,9 @@ def ask_together(host: Host, questions: dict[str, Question]) -> dict:
     that pyinfra reports it as it reports any fact.
     """
     answers = _ANSWERS.setdefault(host.state, {})
-    _wait_for(host, [_key(host, q) for q in questions.values()])
-    new = {_key(host, q): q for q in questions.values() if _key(host, q) not in answers}
+    keyed = {_key(host, q): q for q in questions.values()}
+    _wait_for(host, keyed)
+    new = {key: q for key, q in keyed.items() if key not in answers}
     if new:
         with _asking(host, new):
             batch = merged_questions(list(new.values()))
