@@ -159,10 +159,6 @@ class State:
         self.data = data
         self.data.setdefault("verified", {})
 
-    @property
-    def complete(self) -> bool:
-        return bool(self.data.get("complete"))
-
     def save(self, **fields) -> None:
         self.data.update(fields)
         write_json(self.path, self.data)
