@@ -6,19 +6,33 @@ once). Stdlib only: it runs on the serving host with the system Python.
 The API key is read from the unit's environment file, never taken on the command line.
 Exit status 0 when serving, 1 otherwise; the last line printed says what was seen.
 
+usage: verify-vllm --base-url http://HOST:PORT --served-model-name NAME [--env-file PATH]
+                   [--deadline SECONDS] [--interval SECONDS]
+
+  --base-url           the host's own vLLM, e.g. http://127.0.0.1:8000 or http://[::1]:8000
+  --served-model-name  the name /v1/models must list and the chat completion asks for
+  --env-file           the unit's EnvironmentFile; VLLM_API_KEY is read from it
+  --deadline           seconds to keep trying (default 600; 0: once)
+  --interval           seconds between tries (default 5)
+
 Every deploy runs it once per host while planning, so it stays light: plain HTTP over a socket
-(http.client's imports, email and ssl, were half of this script's CPU on every host and run).
-It only ever asks the host's own vLLM, which glmfleet serves without TLS.
+(http.client's imports, email and ssl, were half of this script's CPU on every host and run),
+and getopt, not argparse or urllib.parse (together a quarter of what was left). It only ever
+asks the host's own vLLM, which glmfleet serves without TLS.
 """
 
 from __future__ import annotations
 
-import argparse
+import getopt
 import json
+import re
 import socket
 import sys
 import time
-from urllib.parse import urlsplit
+
+# What glmfleet passes: plain http, an IPv4 address, a name or a bracketed IPv6 address, a port.
+BASE_URL = re.compile(r"http://(?P<netloc>(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s/:\[\]]+)):(?P<port>[0-9]{1,5}))/*")
+OPTIONS = {"base-url": None, "served-model-name": None, "env-file": None, "deadline": "600", "interval": "5"}
 
 
 def read_env_file(path: str | None) -> dict[str, str]:
@@ -37,16 +51,47 @@ def read_env_file(path: str | None) -> dict[str, str]:
     return env
 
 
+class UsageError(Exception):
+    """A command line verify-vllm cannot run."""
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """The options by name, defaults filled in (just ``help`` where that was asked); UsageError
+    says what is wrong."""
+    try:
+        pairs, extra = getopt.getopt(argv, "h", ["help", *(f"{name}=" for name in OPTIONS)])
+    except getopt.GetoptError as error:
+        raise UsageError(str(error)) from None
+    if extra:
+        raise UsageError(f"unexpected argument {extra[0]!r}")
+    if any(flag in ("-h", "--help") for flag, _ in pairs):
+        return {"help": ""}
+    options = dict(OPTIONS)
+    options.update((flag[2:], value) for flag, value in pairs)
+    missing = [f"--{name}" for name, value in options.items() if value is None and name != "env-file"]
+    if missing:
+        raise UsageError(f"missing {' and '.join(missing)}")
+    if not BASE_URL.fullmatch(options["base-url"]):
+        raise UsageError(f"--base-url {options['base-url']}: expected http://HOST:PORT, plain http to the host's own vLLM")
+    for name in ("deadline", "interval"):
+        try:
+            float(options[name])
+        except ValueError:
+            raise UsageError(f"--{name} {options[name]}: expected a number of seconds") from None
+    return options
+
+
 def request(url: str, api_key: str | None, body: dict | None, timeout: float) -> bytes:
     """One HTTP/1.0 request on a connection of its own: the payload of a 200 answer, else
-    RuntimeError."""
-    parts = urlsplit(url)
+    RuntimeError. url: a base URL that BASE_URL matches, then the path."""
+    base = BASE_URL.match(url)
+    host, port, path = base["ipv6"] or base["host"], int(base["port"]), "/" + url[base.end():]
     data = b"" if body is None else json.dumps(body).encode()
-    head = [f"{'GET' if body is None else 'POST'} {parts.path or '/'} HTTP/1.0", f"Host: {parts.netloc}",
+    head = [f"{'GET' if body is None else 'POST'} {path} HTTP/1.0", f"Host: {base['netloc']}",
             "Content-Type: application/json", f"Content-Length: {len(data)}"]
     if api_key:
         head.append(f"Authorization: Bearer {api_key}")
-    with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as connection:
+    with socket.create_connection((host, port), timeout=timeout) as connection:
         connection.sendall("\r\n".join([*head, "", ""]).encode() + data)
         status, payload = read_answer(connection, url)
     if status != 200:
@@ -125,32 +170,31 @@ def describe(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
-    parser.add_argument("--served-model-name", required=True)
-    parser.add_argument("--env-file", help="the unit's EnvironmentFile; VLLM_API_KEY is read from it")
-    parser.add_argument("--deadline", type=float, default=600, help="seconds to keep trying (0: once)")
-    parser.add_argument("--interval", type=float, default=5, help="seconds between tries")
-    args = parser.parse_args(argv)
-
-    if urlsplit(args.base_url).scheme != "http":
-        parser.error(f"--base-url {args.base_url}: verify-vllm speaks plain http to the host's own vLLM")
-    api_key = read_env_file(args.env_file).get("VLLM_API_KEY")
-    base_url = args.base_url.rstrip("/")
-    give_up = time.monotonic() + args.deadline
+def main(argv: list[str]) -> int:
+    try:
+        options = parse_args(argv)
+    except UsageError as error:
+        print(f"verify-vllm: {error} (verify-vllm --help lists the options)", file=sys.stderr)
+        return 2
+    if "help" in options:
+        print(__doc__)
+        return 0
+    deadline, interval = float(options["deadline"]), float(options["interval"])
+    api_key = read_env_file(options["env-file"]).get("VLLM_API_KEY")
+    base_url, served_name = options["base-url"].rstrip("/"), options["served-model-name"]
+    give_up = time.monotonic() + deadline
     while True:
         remaining = give_up - time.monotonic()
         try:
-            print(check_once(base_url, args.served_model_name, api_key, timeout=max(10.0, min(remaining, 120.0))))
+            print(check_once(base_url, served_name, api_key, timeout=max(10.0, min(remaining, 120.0))))
             return 0
         except Exception as error:  # every failure is reported the same way: what was seen
             last = describe(error)
-        if time.monotonic() + args.interval > give_up:
-            print(f"not serving after {args.deadline:.0f} s: {last}")
+        if time.monotonic() + interval > give_up:
+            print(f"not serving after {deadline:.0f} s: {last}")
             return 1
-        time.sleep(args.interval)
+        time.sleep(interval)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from glmfleet import FILES
+from glmfleet.facts import host_script
 
 SCRIPT = FILES / "verify_vllm.py"
 API_KEY = "sk-verify-http-7f3a"
@@ -62,21 +64,33 @@ def app_like_vllm(streamed: bool) -> FastAPI:
                 ids=["httptools", "httptools-streamed", "h11", "h11-streamed"])
 def server_url(request):
     parser, streamed = request.param
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app_like_vllm(streamed), http=parser, log_level="warning", lifespan="off"))
+    with serving(app_like_vllm(streamed), parser) as url:
+        yield url
+
+
+@contextmanager
+def serving(app: FastAPI, parser: str = "httptools", address: str = "127.0.0.1"):
+    """uvicorn serving app on a free port of address; yields the base URL."""
+    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    listener.bind((address, 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=parser, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://{f'[{address}]' if ':' in address else address}:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
 
 
 def verify(base_url: str, env_file: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--base-url", base_url, "--served-model-name", SERVED,
-                           "--env-file", str(env_file), "--deadline", "0"], capture_output=True, text=True, timeout=60)
+    return run_script("--base-url", base_url, "--served-model-name", SERVED, "--env-file", str(env_file), "--deadline", "0")
 
 
 def env_file(directory: Path, key: str) -> Path:
@@ -122,3 +136,38 @@ def test_a_server_that_closes_without_answering_is_no_answer(tmp_path):
     listener.close()
     assert result.returncode == 1
     assert result.stdout == "not serving after 0 s: no answer: the server closed the connection without an answer\n"
+
+
+def test_an_ipv6_base_url_with_a_trailing_slash_is_asked(tmp_path):
+    with serving(app_like_vllm(streamed=False), address="::1") as url:
+        result = verify(url + "/", env_file(tmp_path, API_KEY))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("serving: /health 200")
+
+
+@pytest.mark.parametrize("args, problem", [
+    ([], "missing --base-url and --served-model-name"),
+    (["--base-url", "https://127.0.0.1:8000", "--served-model-name", SERVED],
+     "--base-url https://127.0.0.1:8000: expected http://HOST:PORT, plain http to the host's own vLLM"),
+    (["--base-url", "http://127.0.0.1", "--served-model-name", SERVED],
+     "--base-url http://127.0.0.1: expected http://HOST:PORT, plain http to the host's own vLLM"),
+    (["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "--deadline", "soon"],
+     "--deadline soon: expected a number of seconds"),
+    (["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "--port", "8000"], "option --port not recognized"),
+    (["--base-url", "http://127.0.0.1:8000", "--served-model-name"], "option --served-model-name requires argument"),
+    (["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "now"], "unexpected argument 'now'"),
+])
+def test_a_bad_command_line_says_what_is_wrong_and_asks_nothing(args, problem):
+    result = run_script(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == f"verify-vllm: {problem} (verify-vllm --help lists the options)\n"
+
+
+def test_help_documents_every_option():
+    result = run_script("--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("Prove that a vLLM server serves")
+    verify_vllm = host_script("verify_vllm")
+    for name in verify_vllm.OPTIONS:
+        assert f"\n  --{name} " in result.stdout, name
