@@ -229,6 +229,21 @@ class VllmServes(FactBase):
         return {"ok": ok, "detail": detail}
 
 
+# For each line of `ss -Hltnp`: the port of the local address and the first service in the
+# holder's cgroup, "-" for none. One awk for every listener: a shell loop forked five processes
+# per listener.
+LISTENER_SERVICE = r"""{
+    port = $4; sub(/.*:/, "", port); unit = "-"
+    if (match($0, /pid=[0-9]+/)) {
+        cgroup = "/proc/" substr($0, RSTART + 4, RLENGTH - 4) "/cgroup"
+        while (unit == "-" && (getline line < cgroup) > 0)
+            if (match(line, /[^\/]*\.service/)) unit = substr(line, RSTART, RLENGTH)
+        close(cgroup)
+    }
+    print port, unit
+}"""
+
+
 class ListeningPorts(FactBase):
     """Every listening TCP port and the systemd service whose process holds it (None: a process
     outside any service, or one ``ss`` cannot see), from ``ss`` and the holder's cgroup.
@@ -239,14 +254,9 @@ class ListeningPorts(FactBase):
     """
 
     def command(self, port: int | None = None) -> str:
-        """port: only that port's listeners (each listener costs a few processes to look up)."""
+        """port: only that port's listeners."""
         only = f" '( sport = :{int(port)} )'" if port else ""
-        return (
-            f"ss -Hltnp{only} | while read -r _ _ _ local _ users; do "
-            "pid=$(printf %s \"$users\" | sed -n 's/.*pid=\\([0-9]*\\).*/\\1/p'); "
-            "unit=$(test -n \"$pid\" && grep -o '[^/]*\\.service' /proc/$pid/cgroup 2>/dev/null | head -n 1); "
-            "echo \"${local##*:} ${unit:--}\"; done"
-        )
+        return f"ss -Hltnp{only} | awk {shlex.quote(LISTENER_SERVICE)}"
 
     def requires_command(self, port: int | None = None) -> str:
         return "ss"

@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from glmfleet import localfleet
+from glmfleet.facts import ListeningPorts
 from roles.vllm_service import UNIT_PATH
 from tests.fleettools import (API_KEY_ENV, TEST_DOUBLE, TEST_MODEL_REVISION, deploy, fleet_host, make_bare, pyinfra,
                               write_inventory)
@@ -75,6 +76,19 @@ def test_service_runs_as_the_vllm_system_user_from_the_venv(first_run, fleet):
         assert host.file(f"{target}/.glmfleet-complete").exists
         # Compiled at install: the vllm user cannot write bytecode into the venv at start.
         assert host.check_output(f"find {target}/lib -path '*/vllm_test_double/__pycache__/*.pyc' | head -1")
+
+
+def test_listening_ports_names_the_service_holding_each_port(first_run, fleet):
+    """What preflight reads to tell its own vLLM from a port conflict, on a real systemd host.
+    The fleet shares one network: other hosts' listeners show, their processes do not."""
+    fact = ListeningPorts()
+    name, *others = fleet
+    host = fleet_host(name)
+    listeners = fact.process(host.check_output(fact.command()).splitlines())
+    ssh_port = dict(localfleet.inventory_hosts())[name]["ssh_port"]
+    assert {(ssh_port, "ssh.service"), (vllm_port(name), "vllm.service")} <= set(listeners)
+    assert {(vllm_port(other), None) for other in others} <= set(listeners)
+    assert fact.process(host.check_output(fact.command(port=vllm_port(name))).splitlines()) == [(vllm_port(name), "vllm.service")]
 
 
 def test_secrets_are_root_only_and_nowhere_else(first_run, fleet):
