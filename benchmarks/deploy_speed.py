@@ -1,12 +1,15 @@
 """Deploy speed on the local fleet: converge of bare hosts and no-op re-runs, by fleet size.
 
-    .venv/bin/python -m benchmarks.deploy_speed [--sizes 1,4,8,16] [--converge 1,8]
+    .venv/bin/python -m benchmarks.deploy_speed [--sizes 1,4,8,16] [--converge 1,8] [--rounds 5]
 
 Runs in its own fleet slot (GLMFLEET_FLEET_SLOT, default 8), serves through the vLLM test
 double from a loopback package index (so the network does not dominate), prints a table and
 appends it, with machine and date, to benchmarks/RESULTS.md. Not part of `make test`.
 Remote commands per host are counted from pyinfra's own debug log ("Running command"), in a run
-of their own: debug logging slows a run down. A no-op's wall time is the median of three runs.
+of their own: debug logging slows a run down. The no-op re-runs go in rounds, one run of every
+size per round, so that the machine's other work, which drifts over minutes, weighs on every size
+alike: a size's wall time is the median of its rounds, and each scaling ratio the median of the
+rounds' own ratios.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import platform
 import re
 import resource
+import statistics
 import subprocess
 import tempfile
 import time
@@ -80,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,4,8,16", help="fleet sizes for the no-op re-run")
     parser.add_argument("--converge", default="1,8", help="fleet sizes for the converge of bare hosts")
+    parser.add_argument("--rounds", type=int, default=5, help="no-op re-runs of every size, taken in turns")
     args = parser.parse_args()
     os.environ.setdefault("GLMFLEET_FLEET_SLOT", "8")
     sizes = [int(n) for n in args.sizes.split(",")]
@@ -99,27 +104,27 @@ def main() -> None:
                     make_bare(name)
                 rows.append(("converge bare hosts", size, timed_deploy(names[:size], settings, debug=True)))
             timed_deploy(names[: max(sizes)], settings)  # converge everything the re-runs use
+            commands = {size: timed_deploy(names[:size], settings, debug=True).commands for size in sizes}
+            rounds = [{size: timed_deploy(names[:size], settings) for size in sizes} for _ in range(args.rounds)]
             for size in sizes:
-                commands = timed_deploy(names[:size], settings, debug=True).commands
-                # The median of three runs: the machine's other work makes single runs jitter.
-                runs = sorted((timed_deploy(names[:size], settings) for _ in range(3)), key=lambda timing: timing.seconds)
-                runs[1].commands = commands
-                rows.append(("no-op re-run", size, runs[1]))
+                median = sorted((one[size] for one in rounds), key=lambda timing: timing.seconds)[len(rounds) // 2]
+                median.commands = commands[size]
+                rows.append(("no-op re-run", size, median))
 
     table = ["| run | hosts | wall s | machine CPU s | controller CPU s | CPU per host (its cgroup) ms "
              "| remote commands per host (max) |", "|---|---|---|---|---|---|---|"]
     table += [f"| {run} | {hosts} | {t.seconds:.1f} | {t.cpu:.1f} | {t.controller_cpu:.1f} | "
               f"{'-' if t.host_cpu is None else f'{t.host_cpu * 1000:.0f}'} | {max(t.commands.values())} |"
               for run, hosts, t in rows]
-    noop = {hosts: t.seconds for run, hosts, t in rows if run == "no-op re-run"}
-    ratios = [f"{size} hosts / 1 host: {noop[size] / noop[1]:.2f}x" for size in sizes if 1 in noop and size != 1]
+    ratios = [f"{size} hosts / 1 host: {statistics.median(one[size].seconds / one[1].seconds for one in rounds):.2f}x"
+              for size in sizes if 1 in sizes and size != 1]
     text = (f"\n## Deploy speed ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
-            f"Machine: {machine()}. `python -m benchmarks.deploy_speed --sizes {args.sizes} --converge {args.converge}`;"
+            f"Machine: {machine()}. `python -m benchmarks.deploy_speed --sizes {args.sizes} --converge {args.converge} --rounds {args.rounds}`;"
             " other work may have shared the machine. Machine CPU: every core's busy time during the run, the"
             " controller's and the hosts' together (they share the machine); controller CPU: pyinfra's process;"
             " CPU per host: what the run cost each host, read from its cgroup (sshd, the checks, vLLM answering).\n\n"
             + "\n".join(table) + "\n\n"
-            + ("No-op re-run scaling: " + "; ".join(ratios) + ".\n" if ratios else ""))
+            + (f"No-op re-run scaling, median of {args.rounds} rounds' ratios: " + "; ".join(ratios) + ".\n" if ratios else ""))
     print(text)
     with open(RESULTS, "a", encoding="utf-8") as results:
         results.write(text)
