@@ -187,7 +187,8 @@ class VllmVenvs(FactBase):
             f"test -x {uv} && echo uv=1; "
             f"cd {root} 2>/dev/null || exit 0; "
             "echo current=$(readlink current); echo previous=$(readlink previous); "
-            f"for d in venvs/*/; do test -e \"$d{COMPLETE_MARKER}\" && echo complete=$(basename \"$d\"); done; "
+            # ${d%/} and ${d##*/}, not basename: every host runs this every run, a process per venv.
+            f"for d in venvs/*/; do test -e \"$d{COMPLETE_MARKER}\" && {{ d=${{d%/}}; echo complete=${{d##*/}}; }}; done; "
             "true"
         )
 
