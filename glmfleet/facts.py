@@ -409,15 +409,17 @@ class GpuHost(FactBase):
     def command(self, headers_candidate: bool = True) -> str:
         """headers_candidate: also ask apt for the kernel headers' candidate version, where no
         headers are installed (apt-cache takes most of this command's time: 0.17 s of 0.2)."""
-        headers = 'linux-headers-"$(uname -r)"'
+        # Processes are the cost of this command, which every host runs every run: the kernel's
+        # release is asked once, the loaded modules read by one awk.
         return "; ".join([
             f"echo '{SECTION} os'", '. /etc/os-release && echo "$ID|$VERSION_ID|$VERSION_CODENAME"',
             f"echo '{SECTION} arch'", "dpkg --print-architecture",
-            f"echo '{SECTION} kernel'", "uname -r",
-            'test -e "/lib/modules/$(uname -r)/build/Makefile" && echo headers',
+            f"echo '{SECTION} kernel'", 'kernel=$(uname -r)', 'echo "$kernel"',
+            'test -e "/lib/modules/$kernel/build/Makefile" && echo headers',
             f"echo '{SECTION} headers_candidate'",
-            *([f'test -e "/lib/modules/$(uname -r)/build/Makefile" || '
-                f"LC_ALL=C apt-cache policy {headers} 2>/dev/null | sed -n 's/^ *Candidate: //p'"] if headers_candidate else []),
+            *(['test -e "/lib/modules/$kernel/build/Makefile" || '
+               "LC_ALL=C apt-cache policy linux-headers-\"$kernel\" 2>/dev/null | sed -n 's/^ *Candidate: //p'"]
+              if headers_candidate else []),
             f"echo '{SECTION} pci'",
             # Without lspci, one grep finds NVIDIA's devices among the hundreds of PCI functions a
             # server has (a cat of each vendor file was a process per function, every run).
@@ -428,7 +430,7 @@ class GpuHost(FactBase):
             f"command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu={SMI_QUERY} --format=csv,noheader,nounits 2>&1",
             f"echo '{SECTION} cuda'", "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -m1 'CUDA Version'",
             f"echo '{SECTION} module'", "cat /proc/driver/nvidia/version 2>/dev/null",
-            f"echo '{SECTION} modules'", "cut -d' ' -f1 /proc/modules 2>/dev/null | grep -x -E 'nouveau|nvidia'",
+            f"echo '{SECTION} modules'", "awk '$1 == \"nouveau\" || $1 == \"nvidia\" { print $1 }' /proc/modules 2>/dev/null",
             f"echo '{SECTION} secure_boot'",
             f"if command -v mokutil >/dev/null; then mokutil --sb-state 2>&1; elif [ -e {EFI_SECURE_BOOT_VAR} ]; then "
             f'echo "efivar $(od -An -t u1 {EFI_SECURE_BOOT_VAR})"; fi',
