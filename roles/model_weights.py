@@ -26,6 +26,7 @@ from io import StringIO
 from pathlib import Path, PurePosixPath
 from weakref import WeakKeyDictionary
 
+import gevent
 from packaging.version import Version
 from pyinfra import host
 from pyinfra.api import State, deploy
@@ -290,10 +291,14 @@ def fanout_plans() -> dict[str, FanoutPlan]:
                 groups.setdefault(fanout_group(cfg), []).append((target, cfg))
         plans = {}
         for group, members in groups.items():
+            # Side by side: a member whose own plan has not begun (a fleet larger than pyinfra's
+            # parallel pool) is asked here, one round trip each if asked in turn.
+            answers = [gevent.spawn(weights_question(cfg).of, target) for target, cfg in members]
+            gevent.joinall(answers, raise_error=True)
             plan = FanoutPlan()
             complete, pending = [], []
-            for target, cfg in members:
-                fact = plan.facts[target.name] = weights_question(cfg).of(target)
+            for (target, cfg), answer in zip(members, answers):
+                fact = plan.facts[target.name] = answer.value
                 (complete if fact["complete"] else pending).append(target.name)
                 address = cfg.model_peer_address or target.data.get("ssh_hostname") or target.name
                 plan.addresses[target.name] = f"{address}:{target.data.get('ssh_port') or 22}"

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.connectors.fake import FakeConnector
+from pyinfra.context import ctx_host, ctx_state
 
 from glmfleet.config import ConfigError
-from roles.model_weights import HF_TOKEN_FILE, model_weights
+from roles.model_weights import HF_TOKEN_FILE, fanout_plans, model_weights
 from tests.planning import plan, sectioned_output
 
 HF = "/opt/glmfleet/huggingface_hub-2.4.0/bin/hf"
@@ -66,3 +70,33 @@ def test_an_unpinned_revision_stops_the_run_before_any_host_is_touched():
     with pytest.raises(ConfigError) as error:
         plan(model_weights, {}, weights_host(None))
     assert "@fake/gpu-1: model_revision is not set" in str(error.value) and "no host was changed" in str(error.value)
+
+
+def test_the_fanout_asks_every_members_weights_side_by_side(monkeypatch):
+    """Where a member's own plan has not begun (a fleet larger than pyinfra's parallel pool),
+    the fan-out asks it: all members at once, one round trip for the group, not one each."""
+    peers = [f"@fake/gpu-{number}" for number in range(1, 5)]
+    data = {**PIN, "model_source": "peer", "fake_responses": weights_host(COMPLETE), "fake_delay": 0.01,
+            "fake_delay_jitter": 0}
+    inventory = Inventory(([(name, data) for name in peers], {}))
+    state = State(inventory, Config())
+    connect_all(state)
+
+    def weights_asked() -> int:
+        return sum("ssh_host_ed25519_key.pub" in command for name in peers
+                   for command in inventory.get_host(name).connector.executed_commands)
+
+    asked_before_the_first_answer = []
+    answer = FakeConnector._lookup_response
+
+    def answering(self, command):
+        if not asked_before_the_first_answer:
+            asked_before_the_first_answer.append(weights_asked())
+        return answer(self, command)
+
+    monkeypatch.setattr(FakeConnector, "_lookup_response", answering)
+    with ctx_state.use(state), ctx_host.use(inventory.get_host(peers[0])):
+        (plan,) = fanout_plans().values()
+    assert asked_before_the_first_answer == [len(peers)]
+    assert weights_asked() == len(peers)
+    assert sorted(plan.facts) == peers and all(fact["complete"] for fact in plan.facts.values())
