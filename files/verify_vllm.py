@@ -9,17 +9,17 @@ Exit status 0 when serving, 1 otherwise; the last line printed says what was see
 usage: verify-vllm --base-url http://HOST:PORT --served-model-name NAME [--env-file PATH]
                    [--deadline SECONDS] [--interval SECONDS]
 
-  --base-url           the host's own vLLM, e.g. http://127.0.0.1:8000 or http://[::1]:8000
+  --base-url           the host's own vLLM: http://127.0.0.1:8000, http://[::1]:8000, ...
   --served-model-name  the name /v1/models must list and the chat completion asks for
   --env-file           the unit's EnvironmentFile; VLLM_API_KEY is read from it
   --deadline           seconds to keep trying (default 600; 0: once)
   --interval           seconds between tries (default 5)
-
-Every deploy runs it once per host while planning, so it stays light: plain HTTP over a socket
-(http.client's imports, email and ssl, were half of this script's CPU on every host and run),
-and getopt, not argparse or urllib.parse (together a quarter of what was left). It only ever
-asks the host's own vLLM, which glmfleet serves without TLS.
 """
+
+# Every deploy runs this once per host while planning, so it stays light: plain HTTP over a
+# socket (http.client's imports, email and ssl, were half of its CPU on every host and run), and
+# getopt, not argparse or urllib.parse (together a quarter of what was left). It only ever asks
+# the host's own vLLM, which glmfleet serves without TLS.
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ import socket
 import sys
 import time
 
-# What glmfleet passes: plain http, an IPv4 address, a name or a bracketed IPv6 address, a port.
-BASE_URL = re.compile(r"http://(?P<netloc>(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s/:\[\]]+)):(?P<port>[0-9]{1,5}))/*")
+# What glmfleet passes: plain http, an IPv4 address, a name or a bracketed IPv6 address (with
+# its zone where it is link-local: [fe80::1%eth0]), a port.
+BASE_URL = re.compile(r"http://(?P<netloc>(?:\[(?P<ipv6>[0-9A-Fa-f:.]+(?:%[^\s/\[\]]+)?)\]|(?P<host>[^\s/:\[\]]+))"
+                      r":(?P<port>[0-9]{1,5}))/*")
 OPTIONS = {"base-url": None, "served-model-name": None, "env-file": None, "deadline": "600", "interval": "5"}
 
 
@@ -71,7 +73,8 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     missing = [f"--{name}" for name, value in options.items() if value is None and name != "env-file"]
     if missing:
         raise UsageError(f"missing {' and '.join(missing)}")
-    if not BASE_URL.fullmatch(options["base-url"]):
+    base = BASE_URL.fullmatch(options["base-url"])
+    if not base or not 0 < int(base["port"]) < 65536:
         raise UsageError(f"--base-url {options['base-url']}: expected http://HOST:PORT, plain http to the host's own vLLM")
     for name in ("deadline", "interval"):
         try:

@@ -151,6 +151,8 @@ def test_an_ipv6_base_url_with_a_trailing_slash_is_asked(tmp_path):
      "--base-url https://127.0.0.1:8000: expected http://HOST:PORT, plain http to the host's own vLLM"),
     (["--base-url", "http://127.0.0.1", "--served-model-name", SERVED],
      "--base-url http://127.0.0.1: expected http://HOST:PORT, plain http to the host's own vLLM"),
+    (["--base-url", "http://127.0.0.1:99999", "--served-model-name", SERVED],
+     "--base-url http://127.0.0.1:99999: expected http://HOST:PORT, plain http to the host's own vLLM"),
     (["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "--deadline", "soon"],
      "--deadline soon: expected a number of seconds"),
     (["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "--port", "8000"], "option --port not recognized"),
@@ -164,8 +166,16 @@ def test_a_bad_command_line_says_what_is_wrong_and_asks_nothing(args, problem):
     assert result.stderr == f"verify-vllm: {problem} (verify-vllm --help lists the options)\n"
 
 
-def test_help_documents_every_option():
-    result = run_script("--help")
+def test_a_link_local_base_url_with_its_zone_is_asked():
+    """vllm_host may be a link-local address with its zone (fe80::1%eth0), as config accepts."""
+    result = run_script("--base-url=http://[fe80::1%lo]:9", "--served-model-name", SERVED, "--deadline", "0")
+    assert result.returncode == 1 and result.stderr == ""
+    assert result.stdout.startswith("not serving after 0 s: no answer: ")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_documents_every_option(flag):
+    result = run_script(flag)
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.startswith("Prove that a vLLM server serves")
     verify_vllm = host_script("verify_vllm")
