@@ -230,13 +230,15 @@ class VllmServes(FactBase):
         return {"ok": ok, "detail": detail}
 
 
-# For each line of `ss -Hltnp`: the port of the local address and the first service in the
-# holder's cgroup, "-" for none. One awk for every listener: a shell loop forked five processes
-# per listener.
+# For each line of `ss -Hltnp`: the port of the local address and the service of the first
+# holder in one, "-" for none (a socket-activated port is also held by systemd, PID 1, outside
+# any service). `proc`: where the holders' /proc entries are. One awk for every listener: a
+# shell loop forked five processes per listener.
 LISTENER_SERVICE = r"""{
-    port = $4; sub(/.*:/, "", port); unit = "-"
-    if (match($0, /pid=[0-9]+/)) {
-        cgroup = "/proc/" substr($0, RSTART + 4, RLENGTH - 4) "/cgroup"
+    port = $4; sub(/.*:/, "", port); unit = "-"; holders = $0
+    while (unit == "-" && match(holders, /pid=[0-9]+/)) {
+        cgroup = proc "/" substr(holders, RSTART + 4, RLENGTH - 4) "/cgroup"
+        holders = substr(holders, RSTART + RLENGTH)
         while (unit == "-" && (getline line < cgroup) > 0)
             if (match(line, /[^\/]*\.service/)) unit = substr(line, RSTART, RLENGTH)
         close(cgroup)
@@ -257,7 +259,7 @@ class ListeningPorts(FactBase):
     def command(self, port: int | None = None) -> str:
         """port: only that port's listeners."""
         only = f" '( sport = :{int(port)} )'" if port else ""
-        return f"ss -Hltnp{only} | awk {shlex.quote(LISTENER_SERVICE)}"
+        return f"ss -Hltnp{only} | awk -v proc=/proc {shlex.quote(LISTENER_SERVICE)}"
 
     def requires_command(self, port: int | None = None) -> str:
         return "ss"

@@ -14,7 +14,7 @@ import pytest
 
 from glmfleet import FILES
 from glmfleet.config import resolve
-from glmfleet.facts import ListeningPorts
+from glmfleet.facts import LISTENER_SERVICE, ListeningPorts
 from roles import glm4_patch
 from roles.preflight import fail_command, gpu_facts
 from roles.vllm_flags import SCRIPT, check_command
@@ -38,6 +38,27 @@ def test_listening_ports_fact_sees_a_real_listener():
     # This machine's PID 1 is not systemd: no process here belongs to a service.
     assert {(port, None), (other_port, None)} <= set(listeners)
     assert only_port == [(port, None)]
+
+
+def test_listening_ports_names_the_first_holder_in_a_service(tmp_path):
+    """ss lists every process holding a socket: a socket-activated port's holders include
+    systemd (PID 1, in init.scope), in either order; a holder may be gone by the time it is read."""
+    for pid, cgroup in {1: "/init.scope", 300: "/system.slice/ssh.service", 400: "/system.slice/vllm.service",
+                        500: "/user.slice/user-0.slice/session-1.scope"}.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(f"0::{cgroup}\n")
+    ss = "\n".join([
+        'LISTEN 0 4096 0.0.0.0:22 0.0.0.0:* users:(("sshd",pid=300,fd=3),("systemd",pid=1,fd=40))',
+        'LISTEN 0 4096 [::]:2222 [::]:* users:(("systemd",pid=1,fd=41),("sshd",pid=300,fd=4))',
+        'LISTEN 0 2048 127.0.0.1:8000 0.0.0.0:* users:(("python3",pid=500,fd=5),("vllm",pid=400,fd=20))',
+        'LISTEN 0 128 127.0.0.1:9000 0.0.0.0:* users:(("nc",pid=500,fd=3))',
+        'LISTEN 0 128 127.0.0.1:9001 0.0.0.0:* users:(("gone",pid=999,fd=3))',
+        "LISTEN 0 128 [::1]:9002 [::]:*",  # a process this host cannot see
+    ]) + "\n"
+    output = subprocess.run(["awk", "-v", f"proc={tmp_path}", LISTENER_SERVICE], input=ss, capture_output=True,
+                            text=True, check=True).stdout
+    assert ListeningPorts().process(output.splitlines()) == [
+        (22, "ssh.service"), (2222, "ssh.service"), (8000, "vllm.service"), (9000, None), (9001, None), (9002, None)]
 
 
 def test_listening_ports_fact_reads_the_service_of_each_holder():
