@@ -26,7 +26,7 @@ from io import StringIO
 from pathlib import Path, PurePosixPath
 from weakref import WeakKeyDictionary
 
-import gevent
+from gevent.pool import Pool
 from packaging.version import Version
 from pyinfra import host
 from pyinfra.api import State, deploy
@@ -291,14 +291,11 @@ def fanout_plans() -> dict[str, FanoutPlan]:
                 groups.setdefault(fanout_group(cfg), []).append((target, cfg))
         plans = {}
         for group, members in groups.items():
-            # Side by side: a member whose own plan has not begun (a fleet larger than pyinfra's
-            # parallel pool) is asked here, one round trip each if asked in turn.
-            answers = [gevent.spawn(weights_question(cfg).of, target) for target, cfg in members]
-            gevent.joinall(answers, raise_error=True)
+            answers = members_weights(run, members)
             plan = FanoutPlan()
             complete, pending = [], []
-            for (target, cfg), answer in zip(members, answers):
-                fact = plan.facts[target.name] = answer.value
+            for (target, cfg), fact in zip(members, answers):
+                plan.facts[target.name] = fact
                 (complete if fact["complete"] else pending).append(target.name)
                 address = cfg.model_peer_address or target.data.get("ssh_hostname") or target.name
                 plan.addresses[target.name] = f"{address}:{target.data.get('ssh_port') or 22}"
@@ -307,6 +304,26 @@ def fanout_plans() -> dict[str, FanoutPlan]:
             plans[group] = plan
         _plans[run] = plans
     return _plans[run]
+
+
+def members_weights(run: State, members: list) -> list[dict]:
+    """Each member's weights fact, asked side by side (as many at once as pyinfra's --parallel):
+    a member whose own plan has not begun (a fleet larger than that pool) is asked here, a
+    round trip each if asked in turn. A failure is raised here, in this host's planning, as
+    pyinfra reports it; a greenlet that raised would also print its traceback."""
+
+    def weights_or_error(member):
+        target, cfg = member
+        try:
+            return weights_question(cfg).of(target)
+        except Exception as error:  # raised again below
+            return error
+
+    answers = Pool(run.config.PARALLEL or None).map(weights_or_error, members)
+    failed = next((answer for answer in answers if isinstance(answer, Exception)), None)
+    if failed is not None:
+        raise failed
+    return answers
 
 
 def known_hosts(plan: FanoutPlan) -> str:

@@ -12,6 +12,7 @@ from pyinfra.connectors.fake import FakeConnector
 from pyinfra.context import ctx_host, ctx_state
 
 from glmfleet.config import ConfigError
+from glmfleet.facts import ModelWeights
 from roles.model_weights import HF_TOKEN_FILE, fanout_plans, model_weights
 from tests.planning import plan, sectioned_output
 
@@ -72,15 +73,20 @@ def test_an_unpinned_revision_stops_the_run_before_any_host_is_touched():
     assert "@fake/gpu-1: model_revision is not set" in str(error.value) and "no host was changed" in str(error.value)
 
 
+def peer_inventory(responses: dict[str, dict]) -> Inventory:
+    """@fake peers of one group, each with its weights fact's answer; connected."""
+    inventory = Inventory(([(name, {**PIN, "model_source": "peer", "fake_responses": answer, "fake_delay": 0.01,
+                                    "fake_delay_jitter": 0}) for name, answer in responses.items()], {}))
+    connect_all(State(inventory, Config()))
+    return inventory
+
+
 def test_the_fanout_asks_every_members_weights_side_by_side(monkeypatch):
     """Where a member's own plan has not begun (a fleet larger than pyinfra's parallel pool),
     the fan-out asks it: all members at once, one round trip for the group, not one each."""
     peers = [f"@fake/gpu-{number}" for number in range(1, 5)]
-    data = {**PIN, "model_source": "peer", "fake_responses": weights_host(COMPLETE), "fake_delay": 0.01,
-            "fake_delay_jitter": 0}
-    inventory = Inventory(([(name, data) for name in peers], {}))
-    state = State(inventory, Config())
-    connect_all(state)
+    inventory = peer_inventory({name: weights_host(COMPLETE) for name in peers})
+    state = inventory.state
 
     def weights_asked() -> int:
         return sum("ssh_host_ed25519_key.pub" in command for name in peers
@@ -100,3 +106,22 @@ def test_the_fanout_asks_every_members_weights_side_by_side(monkeypatch):
     assert asked_before_the_first_answer == [len(peers)]
     assert weights_asked() == len(peers)
     assert sorted(plan.facts) == peers and all(fact["complete"] for fact in plan.facts.values())
+
+
+def test_an_error_asking_a_member_fails_the_fanout_once_without_a_stray_traceback(monkeypatch, capfd):
+    """The error reaches this host's planning, which pyinfra reports as planning failed; the
+    greenlet that met it prints no traceback of its own."""
+    inventory = peer_inventory({"@fake/gpu-1": weights_host(COMPLETE),
+                                "@fake/gpu-2": weights_host({**COMPLETE, "written_by": "a newer glmfleet"})})
+    process = ModelWeights.process
+
+    def reading(self, output):
+        if any("a newer glmfleet" in line for line in output):
+            raise ValueError("a state file this glmfleet cannot read")
+        return process(self, output)
+
+    monkeypatch.setattr(ModelWeights, "process", reading)
+    with ctx_state.use(inventory.state), ctx_host.use(inventory.get_host("@fake/gpu-1")):
+        with pytest.raises(ValueError, match="a state file this glmfleet cannot read"):
+            fanout_plans()
+    assert "Traceback" not in capfd.readouterr().err
