@@ -8,8 +8,8 @@ appends it, with machine and date, to benchmarks/RESULTS.md. Not part of `make t
 Remote commands per host are counted from pyinfra's own debug log ("Running command"), in a run
 of their own: debug logging slows a run down. The no-op re-runs go in rounds, one run of every
 size per round, so that the machine's other work, which drifts over minutes, weighs on every size
-alike: a size's wall time is the median of its rounds, and each scaling ratio the median of the
-rounds' own ratios.
+alike: a size's wall time is the (low) median of its rounds, and each scaling ratio the (low)
+median of the rounds' own ratios.
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--converge", default="1,8", help="fleet sizes for the converge of bare hosts")
     parser.add_argument("--rounds", type=int, default=5, help="no-op re-runs of every size, taken in turns")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
     os.environ.setdefault("GLMFLEET_FLEET_SLOT", "8")
     sizes = [int(n) for n in args.sizes.split(",")]
     converge_sizes = [int(n) for n in args.converge.split(",")]
@@ -105,9 +107,11 @@ def main() -> None:
                 rows.append(("converge bare hosts", size, timed_deploy(names[:size], settings, debug=True)))
             timed_deploy(names[: max(sizes)], settings)  # converge everything the re-runs use
             commands = {size: timed_deploy(names[:size], settings, debug=True).commands for size in sizes}
-            rounds = [{size: timed_deploy(names[:size], settings) for size in sizes} for _ in range(args.rounds)]
+            # Every other round runs the sizes backwards, so that no size always follows another.
+            rounds = [{size: timed_deploy(names[:size], settings) for size in (sizes if index % 2 == 0 else sizes[::-1])}
+                      for index in range(args.rounds)]
             for size in sizes:
-                median = sorted((one[size] for one in rounds), key=lambda timing: timing.seconds)[len(rounds) // 2]
+                median = sorted((one[size] for one in rounds), key=lambda timing: timing.seconds)[(len(rounds) - 1) // 2]
                 median.commands = commands[size]
                 rows.append(("no-op re-run", size, median))
 
@@ -116,7 +120,8 @@ def main() -> None:
     table += [f"| {run} | {hosts} | {t.seconds:.1f} | {t.cpu:.1f} | {t.controller_cpu:.1f} | "
               f"{'-' if t.host_cpu is None else f'{t.host_cpu * 1000:.0f}'} | {max(t.commands.values())} |"
               for run, hosts, t in rows]
-    ratios = [f"{size} hosts / 1 host: {statistics.median(one[size].seconds / one[1].seconds for one in rounds):.2f}x"
+    # Low medians, like the rows: with an even number of rounds, a round that was run.
+    ratios = [f"{size} hosts / 1 host: {statistics.median_low(one[size].seconds / one[1].seconds for one in rounds):.2f}x"
               for size in sizes if 1 in sizes and size != 1]
     text = (f"\n## Deploy speed ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
             f"Machine: {machine()}. `python -m benchmarks.deploy_speed --sizes {args.sizes} --converge {args.converge} --rounds {args.rounds}`;"
