@@ -12,10 +12,11 @@ import re
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.api.util import get_template
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from glmfleet import template
+from glmfleet import FILES
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in, is_listen_address
 from glmfleet.facts import ManagedPaths, Question, ask_together
 from glmfleet.operations import planned, upload
@@ -28,7 +29,7 @@ KEYS_PATH = "/etc/nginx/glmfleet-gateway-keys.conf"
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 NGINX = "/usr/sbin/nginx"
 NGINX_UNIT = "nginx.service"
-TEMPLATE = "nginx-gateway.conf.j2"
+TEMPLATE = FILES / "nginx-gateway.conf.j2"
 
 # One refused or dropped connection rests a host for FAIL_TIMEOUT_S (nginx open source has no
 # active health checks: this passive check and the rollout's explicit pool edits stand in).
@@ -92,7 +93,7 @@ def pool(inventory, out_of_pool=frozenset()) -> list[dict]:
 
 def render_config(cfg: HostConfig, models: list[dict]) -> str:
     listen = cfg.gateway_listen_address
-    return template(TEMPLATE).render(
+    return get_template(str(TEMPLATE)).render(
         models=models,
         models_json=json.dumps({"object": "list", "data": [
             {"id": model["name"], "object": "model", "owned_by": "glmfleet"} for model in models]}),

@@ -8,10 +8,11 @@ import re
 from packaging.version import Version
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.api.util import get_template
 from pyinfra.operations import server, systemd
 from pyinfra.operations.util import any_changed
 
-from glmfleet import catalog, template
+from glmfleet import FILES, catalog
 from glmfleet.config import (
     HostConfig,
     Setting,
@@ -37,7 +38,7 @@ UNIT = "vllm.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT}"
 SECRETS_DIR = "/etc/glmfleet"
 ENV_FILE = f"{SECRETS_DIR}/vllm.env"
-TEMPLATE = "vllm.service.j2"
+TEMPLATE = FILES / "vllm.service.j2"
 
 
 def is_model(value) -> bool:
@@ -225,7 +226,7 @@ def questions(cfg: HostConfig) -> dict[str, Question]:
 
 
 def render_unit(cfg: HostConfig) -> str:
-    return template(TEMPLATE).render(
+    return get_template(str(TEMPLATE)).render(
         runtime=cfg.vllm_runtime,
         container=CONTAINER,
         served_model_name=served_model_name(cfg),
