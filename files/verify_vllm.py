@@ -34,6 +34,8 @@ import time
 # its zone where it is link-local: [fe80::1%eth0]), a port.
 BASE_URL = re.compile(r"http://(?P<netloc>(?:\[(?P<ipv6>[0-9A-Fa-f:.]+(?:%[^\s/\[\]]+)?)\]|(?P<host>[^\s/:\[\]]+))"
                       r":(?P<port>[0-9]{1,5}))/*")
+# Seconds each request of a single pass may take (a pass within a longer deadline may take up to 120).
+ONCE_TIMEOUT = 10.0
 OPTIONS = {"base-url": None, "served-model-name": None, "env-file": None, "deadline": "600", "interval": "5"}
 
 
@@ -84,9 +86,10 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return options
 
 
-def request(url: str, api_key: str | None, body: dict | None, timeout: float) -> bytes:
+def request(url: str, api_key: str | None, body: dict | None, timeout: float, connect=socket.create_connection) -> bytes:
     """One HTTP/1.0 request on a connection of its own: the payload of a 200 answer, else
-    RuntimeError. url: a base URL that BASE_URL matches, then the path."""
+    RuntimeError. url: a base URL that BASE_URL matches, then the path; connect: opens the
+    connection, as ``socket.create_connection((host, port), timeout)`` does."""
     base = BASE_URL.match(url)
     host, port, path = base["ipv6"] or base["host"], int(base["port"]), "/" + url[base.end():]
     data = b"" if body is None else json.dumps(body).encode()
@@ -94,7 +97,7 @@ def request(url: str, api_key: str | None, body: dict | None, timeout: float) ->
             "Content-Type: application/json", f"Content-Length: {len(data)}"]
     if api_key:
         head.append(f"Authorization: Bearer {api_key}")
-    with socket.create_connection((host, port), timeout=timeout) as connection:
+    with connect((host, port), timeout) as connection:
         connection.sendall("\r\n".join([*head, "", ""]).encode() + data)
         status, payload = read_answer(connection, url)
     if status != 200:
@@ -142,10 +145,12 @@ def unchunked(data: bytes) -> bytes:
     return content
 
 
-def check_once(base_url: str, served_name: str, api_key: str | None, timeout: float) -> str:
-    """One pass of the three checks; raises with what went wrong, returns a summary."""
-    request(f"{base_url}/health", None, None, timeout)
-    payload = request(f"{base_url}/v1/models", api_key, None, timeout)
+def check_once(base_url: str, served_name: str, api_key: str | None, timeout: float = ONCE_TIMEOUT,
+               connect=socket.create_connection) -> str:
+    """One pass of the three checks; raises with what went wrong, returns a summary. connect:
+    as ``request``'s (the controller passes one that connects through the host's SSH connection)."""
+    request(f"{base_url}/health", None, None, timeout, connect)
+    payload = request(f"{base_url}/v1/models", api_key, None, timeout, connect)
     names = [model.get("id") for model in json.loads(payload).get("data", [])]
     if served_name not in names:
         raise RuntimeError(f"/v1/models lists {names}, not {served_name!r}")
@@ -156,7 +161,7 @@ def check_once(base_url: str, served_name: str, api_key: str | None, timeout: fl
         "max_tokens": 16,
         "temperature": 0,
     }
-    payload = request(f"{base_url}/v1/chat/completions", api_key, body, timeout)
+    payload = request(f"{base_url}/v1/chat/completions", api_key, body, timeout, connect)
     answer = json.loads(payload)
     message = answer["choices"][0]["message"]
     # Reasoning models may spend a short budget on reasoning_content alone.
@@ -189,7 +194,7 @@ def main(argv: list[str]) -> int:
     while True:
         remaining = give_up - time.monotonic()
         try:
-            print(check_once(base_url, served_name, api_key, timeout=max(10.0, min(remaining, 120.0))))
+            print(check_once(base_url, served_name, api_key, timeout=max(ONCE_TIMEOUT, min(remaining, 120.0))))
             return 0
         except Exception as error:  # every failure is reported the same way: what was seen
             last = describe(error)

@@ -181,3 +181,18 @@ def test_help_documents_every_option(flag):
     verify_vllm = host_script("verify_vllm")
     for name in verify_vllm.OPTIONS:
         assert f"\n  --{name} " in result.stdout, name
+
+
+def test_every_request_goes_through_the_connect_given(server_url):
+    """The controller passes a connect of its own (through the host's SSH connection): the
+    script's checks open every connection with it."""
+    opened = []
+
+    def connect(address, timeout):
+        opened.append(address)
+        return socket.create_connection(address, timeout)
+
+    summary = host_script("verify_vllm").check_once(server_url, SERVED, API_KEY, connect=connect)
+    assert summary.startswith(f"serving: /health 200, /v1/models lists {SERVED!r}")
+    assert opened == [("127.0.0.1", int(server_url.rsplit(":", 1)[1]))] * 3
+
