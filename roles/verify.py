@@ -10,7 +10,8 @@ from pyinfra.operations import server
 
 from glmfleet import FILES
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in
-from glmfleet.facts import ManagedPaths, Question, VllmServes, ask_together
+from glmfleet.connection import ForwardingRefused, connect_on_host
+from glmfleet.facts import ManagedPaths, Question, VllmServes, ask, ask_together, host_script
 from glmfleet.operations import upload
 from roles.vllm_service import ENV_FILE, UNIT, served_model_name
 
@@ -54,9 +55,32 @@ def wait_command(cfg: HostConfig, argv: list[str]) -> str:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
-    return {"managed": Question(ManagedPaths, {"paths": [VERIFY_SCRIPT]}),
-            "serving": Question(VllmServes, {"verify_argv": verify_argv(cfg)})}
+    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command.
+    The real request is among them only where the controller cannot make it (``serving_now``)."""
+    asked = {"managed": Question(ManagedPaths, {"paths": [VERIFY_SCRIPT]})}
+    if connect_on_host(host) is None:
+        asked["serving"] = Question(VllmServes, {"verify_argv": verify_argv(cfg)})
+    return asked
+
+
+def serving_now(cfg: HostConfig) -> dict:
+    """Whether the host serves now, as ``VllmServes`` answers: one pass of the verify script's
+    checks. The controller makes the requests itself, with the configured API key, where it
+    reaches the host's vLLM port as the host does (``connect_on_host``): the host then runs no
+    Python interpreter for them, every run. Otherwise, and where the host's sshd forwards
+    nothing, the script runs on the host.
+    """
+    connect = connect_on_host(host)
+    if connect is not None:
+        script = host_script("verify_vllm")
+        try:
+            return {"ok": True, "detail": script.check_once(local_url(cfg), served_model_name(cfg), cfg.vllm_api_key,
+                                                            connect=connect)}
+        except ForwardingRefused:
+            pass
+        except Exception as error:  # every failure is an answer: the host does not serve
+            return {"ok": False, "detail": f"not serving: {script.describe(error)}"}
+    return ask(host, VllmServes, verify_argv=verify_argv(cfg))
 
 
 @deploy("verify vLLM serves")
@@ -68,15 +92,16 @@ def verify(changes=()):
 
     + changes: operations whose change (a start or restart) makes a fresh check necessary
 
-    The same check runs once while planning; on a host that already serves and where none of
-    ``changes`` is planned, that is the whole check and no operation is planned. Otherwise the
-    check waits up to ``vllm_ready_timeout`` and, on failure, fails the host with the last
-    lines of the unit's journal. Returns the check, or None where it was not planned.
+    The same check runs once while planning (``serving_now``); on a host that already serves
+    and where none of ``changes`` is planned, that is the whole check and no operation is
+    planned. Otherwise the check waits up to ``vllm_ready_timeout`` and, on failure, fails the
+    host with the last lines of the unit's journal. Returns the check, or None where it was
+    not planned.
     """
     cfg = host_config(host)
     answers = ask_together(host, questions(cfg))
     upload(answers["managed"], VERIFY_SCRIPT, SOURCE, mode="755", name="verify script")
-    serving = answers["serving"]
+    serving = serving_now(cfg)
     if serving["ok"] and not changes:
         return None
     return server.shell(

@@ -11,6 +11,7 @@ from pyinfra.api import Config, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
 from pyinfra.api.command import FunctionCommand, StringCommand
+from pyinfra.api.host import Host
 from pyinfra.context import ctx_host, ctx_state
 
 from glmfleet.facts import GpuHost
@@ -30,17 +31,22 @@ class PlannedOp:
     commands: list[str]
 
 
-def plan(deploy, data: dict, responses: dict, **deploy_kwargs) -> list[PlannedOp]:
-    """The operations ``deploy`` plans for one fake host with ``data``, whose commands answer
-    with ``responses`` (a command substring, or compiled pattern, to its stdout lines)."""
+def fake_host(data: dict, responses: dict) -> tuple[State, Host]:
+    """A connected fake host with ``data``, whose commands answer with ``responses`` (a command
+    substring, or compiled pattern, to its stdout lines), and its State."""
     responses = {**responses, "uname -s": ["Linux"]}
     inventory = Inventory(([("@fake/gpu-1", {**data, "fake_responses": responses,
                                                 # no pretended command durations
                                                 "fake_delay": 0, "fake_delay_jitter": 0})], {}))
     state = State(inventory, Config())
     connect_all(state)
+    return state, inventory.get_host("@fake/gpu-1")
+
+
+def plan(deploy, data: dict, responses: dict, **deploy_kwargs) -> list[PlannedOp]:
+    """The operations ``deploy`` plans for one fake host (``fake_host``)."""
+    state, host = fake_host(data, responses)
     add_deploy(state, deploy, **deploy_kwargs)
-    host = inventory.get_host("@fake/gpu-1")
     with ctx_state.use(state), ctx_host.use(host):
         return list(planned_ops(state, host))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -54,7 +55,27 @@ def main_pid(name: str) -> str:
     return fleet_host(name).check_output("systemctl show --property MainPID --value vllm.service")
 
 
+def completions_served(name: str) -> int:
+    """The host's vLLM's count of requests it answered, from /metrics."""
+    metrics = get(f"http://127.0.0.1:{vllm_port(name)}/metrics", API_KEY)[1].decode()
+    return int(float(re.search(r"^vllm:request_success_total\{.*\} (\S+)$", metrics, re.MULTILINE)[1]))
+
+
+def healthy(name: str) -> bool:
+    try:
+        return get(f"http://127.0.0.1:{vllm_port(name)}/health")[0] == 200
+    except OSError:  # nothing listens yet
+        return False
+
+
+def commands_run(run, name: str) -> int:
+    return len(re.findall(rf"Running command on {re.escape(name)}:", run.stderr))
+
+
 def test_first_run_verifies_every_host_with_a_real_request(first_run, fleet):
+    # The controller's request through each bare host's SSH connection found nothing listening:
+    # an answer, not an error paramiko gets to print.
+    assert "open FAILED" not in first_run.stderr
     changed = first_run.changed()
     for name in fleet:
         assert any(op.startswith("verify") for op in changed[name]), changed[name]
@@ -118,14 +139,61 @@ def test_a_converged_host_is_checked_in_one_command(first_run, fleet, settings):
     """Every check of a converged host is one of glmfleet's own facts, all asked together in one
     command: none of pyinfra's per-operation file, user or service facts (a command each). With
     the answers in, it plans no operation at all (not even a restart or check that would skip)."""
+    served = {name: completions_served(name) for name in fleet}
     run = pyinfra("inventory/local.py", "--debug", "deploy.py", data=settings, env={API_KEY_ENV: API_KEY})
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.changed() == {}
     assert "Adding operation" not in run.stderr
     for name in fleet:
         facts = re.findall(rf"\[{re.escape(name)}\] Loaded fact (\S+)", run.stderr)
-        assert len(re.findall(rf"Running command on {re.escape(name)}:", run.stderr)) == 1
+        assert commands_run(run, name) == 1
         assert facts == ["glmfleet.facts.Together"], facts
+        # The real request was made all the same: by the controller, through the SSH connection.
+        assert completions_served(name) == served[name] + 1
+    assert "--deadline 0" not in run.stderr
+
+
+def test_a_wedged_vllm_fails_a_run_that_changes_nothing_else(first_run, fleet, settings, tmp_path):
+    """Healthy, listening, its unit running, and every generation failing: only the real request
+    made while planning tells it from a vLLM that serves."""
+    wedged = fleet[0]
+    host = fleet_host(wedged)
+    drop_in = "/etc/systemd/system/vllm.service.d/wedged.conf"
+    host.check_output(f"mkdir -p {drop_in.rsplit('/', 1)[0]}; printf '[Service]\\nEnvironment=VLLM_TEST_DOUBLE_FAIL=error\\n' > {drop_in}; "
+                      "systemctl daemon-reload; systemctl restart vllm.service")
+    try:
+        deadline = time.monotonic() + 60
+        while not healthy(wedged):
+            assert time.monotonic() < deadline, "the wedged test double never became healthy"
+            time.sleep(0.5)
+        inventory = write_inventory(tmp_path / "inventory.py", {wedged: {"vllm_ready_timeout": 3}})
+        data = {key: value for key, value in settings.items() if key != "vllm_ready_timeout"}
+        run = deploy(inventory, data=data, env={API_KEY_ENV: API_KEY})
+        assert run.returncode != 0
+        assert f"not serving after 3 s: http://127.0.0.1:{vllm_port(wedged)}/v1/chat/completions answered 500" in run.stderr
+    finally:
+        host.check_output(f"rm -f {drop_in}; systemctl daemon-reload; systemctl restart vllm.service")
+    healed = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+    assert healed.returncode == 0, healed.stderr[-3000:]
+
+
+def test_a_host_that_forwards_nothing_is_checked_by_its_own_script(first_run, fleet, settings):
+    """Where sshd forwards no connections, the real request runs on the host instead: one more
+    command there, the same answer, and nothing on the others."""
+    limited = fleet[1]
+    host = fleet_host(limited)
+    host.check_output("echo 'AllowTcpForwarding no' > /etc/ssh/sshd_config.d/no-forwarding.conf; systemctl reload ssh.service")
+    try:
+        served = completions_served(limited)
+        run = pyinfra("inventory/local.py", "--debug", "deploy.py", data=settings, env={API_KEY_ENV: API_KEY})
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.changed() == {}
+        assert {name: commands_run(run, name) for name in fleet} == {name: 2 if name == limited else 1 for name in fleet}
+        assert re.search(rf"\[{re.escape(limited)}\] Loaded fact glmfleet\.facts\.VllmServes", run.stderr)
+        assert completions_served(limited) == served + 1
+        assert "open FAILED" not in run.stderr
+    finally:
+        host.check_output("rm -f /etc/ssh/sshd_config.d/no-forwarding.conf; systemctl reload ssh.service")
 
 
 def test_drift_on_a_converged_host_is_put_right(first_run, fleet, settings):

@@ -205,12 +205,17 @@ def test_flags_are_checked_only_when_the_unit_or_the_current_venv_would_change()
 
 def test_a_rollout_stages_without_asking_the_serving_host_for_a_request():
     """Staging runs beside the serving vLLM: it asks only what its roles read, so neither the
-    real-request check nor any other serving role's fact goes to the host then."""
+    real-request check nor any other serving role's fact goes to the host then. (A host
+    reached over SSH is asked no VllmServes at all: the controller makes the request.)"""
+    from pyinfra.context import ctx_host
+
     from glmfleet.facts import VllmServes
     from roles import SERVING_ROLES, STAGING_ROLES
+    from tests.planning import fake_host
 
     cfg = resolve({"model_revision": "0" * 40}, "@fake/gpu-1")
-    asked = {role: {question.fact for question in role.questions(cfg).values()} for role in SERVING_ROLES}
+    with ctx_host.use(fake_host({}, {})[1]):
+        asked = {role: {question.fact for question in role.questions(cfg).values()} for role in SERVING_ROLES}
     assert VllmServes in set().union(*asked.values())
     assert VllmServes not in set().union(*(asked[role] for role in STAGING_ROLES))
 

@@ -196,3 +196,27 @@ def test_every_request_goes_through_the_connect_given(server_url):
     assert summary.startswith(f"serving: /health 200, /v1/models lists {SERVED!r}")
     assert opened == [("127.0.0.1", int(server_url.rsplit(":", 1)[1]))] * 3
 
+
+def test_the_controller_makes_the_request_itself_on_the_host_it_runs_on(tmp_path):
+    """pyinfra's @local: the controller is the host, so it connects to vLLM directly. The
+    answer says what the verify script would, and nothing is asked of the host."""
+    from pyinfra.api import Config, Inventory, State
+    from pyinfra.api.connect import connect_all
+    from pyinfra.context import ctx_host, ctx_state
+
+    from glmfleet.config import resolve
+    from roles.verify import serving_now
+
+    def answer(port: int, key: str) -> dict:
+        cfg = resolve({"model_revision": "0" * 40, "vllm_served_model_name": SERVED, "vllm_port": port, "vllm_api_key": key})
+        inventory = Inventory(([("@local", {})], {}))
+        state = State(inventory, Config())
+        connect_all(state)
+        with ctx_state.use(state), ctx_host.use(inventory.get_host("@local")):
+            return serving_now(cfg)
+
+    with serving(app_like_vllm(streamed=False)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        served, refused = answer(port, API_KEY), answer(port, "sk-wrong")
+    assert served["ok"] and served["detail"].startswith(f"serving: /health 200, /v1/models lists {SERVED!r}, chat completion 'Hello'")
+    assert not refused["ok"] and refused["detail"].startswith(f"not serving: {url}/v1/models answered 401: ")
