@@ -174,7 +174,7 @@ def check_once(base_url: str, served_name: str, api_key: str | None, timeout: fl
 
 def describe(error: Exception) -> str:
     if isinstance(error, OSError):  # refused, reset, timed out
-        return f"no answer: {error}"
+        return f"no answer: {error or type(error).__name__}"  # a timeout has no message
     return str(error) or type(error).__name__
 
 

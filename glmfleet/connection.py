@@ -7,15 +7,15 @@ import logging
 import socket
 from collections.abc import Callable
 
-from paramiko import ChannelException, SSHException
-from paramiko.common import OPEN_FAILED_CONNECT_FAILED
+from paramiko import ChannelException
 from pyinfra.api.host import Host
 from pyinfra.connectors.local import LocalConnector
 
 
-class ForwardingRefused(Exception):
-    """The host's sshd forwards no connections for this login (``AllowTcpForwarding no``, a
-    ``restrict`` key, ``PermitOpen``)."""
+class NotForwarded(Exception):
+    """The host's sshd opened no connection for us: it forwards nothing for this login
+    (``AllowTcpForwarding no``, a ``restrict`` key, ``PermitOpen``), or its own connection
+    failed (nothing listens there, or sshd cannot reach the address: ``AddressFamily``)."""
 
 
 def _transport(host: Host):
@@ -39,42 +39,36 @@ def without_nagle(host: Host) -> None:
 
 class _RefusedChannelsAreAnswers(logging.Filter):
     """paramiko logs every refused channel as an error, and pyinfra's CLI prints other libraries'
-    errors: here a port nothing listens on, or a host that forwards nothing, is an answer."""
+    errors: for the channels ``connect_on_host`` opens, a refusal is an answer. (A refusal of
+    pyinfra's own channels is raised to pyinfra as before; only paramiko's line goes.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("open FAILED" in message and message.endswith(("Connect failed", "Administratively prohibited")))
+        message = record.msg  # paramiko formats its own: no arguments to merge, nothing to raise
+        return not (isinstance(message, str) and "open FAILED" in message
+                    and message.endswith(("Connect failed", "Administratively prohibited")))
 
 
-_REFUSALS_FILTER = _RefusedChannelsAreAnswers()
+logging.getLogger("paramiko.transport").addFilter(_RefusedChannelsAreAnswers())
 
 
 def connect_on_host(host: Host) -> Callable | None:
     """A ``socket.create_connection((address, port), timeout)`` that connects from the host
-    itself, as a program on the host would: through the host's SSH connection, where sshd
-    opens the TCP connection on the host (a ``direct-tcpip`` channel, as ``ssh -L`` asks), or
-    directly where pyinfra runs on the host (@local). None for other connectors.
-
-    A refused connection raises ConnectionRefusedError; a host that forwards nothing,
-    ForwardingRefused.
+    itself: through the host's SSH connection, where sshd opens the TCP connection on the host
+    (a ``direct-tcpip`` channel, as ``ssh -L`` asks), or directly where pyinfra runs on the host
+    (@local). None for other connectors. A connection sshd does not open raises NotForwarded.
     """
     if isinstance(host.connector, LocalConnector):
         return socket.create_connection
     transport = _transport(host)
     if transport is None:
         return None
-    logging.getLogger("paramiko.transport").addFilter(_REFUSALS_FILTER)  # once: filters are a set
 
     def connect(address: tuple[str, int], timeout: float):
         try:
             channel = transport.open_channel("direct-tcpip", dest_addr=address, src_addr=("127.0.0.1", 0),
                                              timeout=timeout)
         except ChannelException as error:
-            if error.code == OPEN_FAILED_CONNECT_FAILED:
-                raise ConnectionRefusedError(f"{address[0]} port {address[1]}, as the host connects: {error.text}") from None
-            raise ForwardingRefused(f"{host.name} forwards no connections: {error.text}") from None
-        except SSHException as error:  # no channel within the timeout, or the connection is gone
-            raise ConnectionError(f"{address[0]} port {address[1]}, as the host connects: {error}") from None
+            raise NotForwarded(f"{host.name}'s sshd opened no connection to {address[0]} port {address[1]}: {error.text}") from None
         channel.settimeout(timeout)
         return channel
 

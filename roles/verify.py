@@ -10,7 +10,7 @@ from pyinfra.operations import server
 
 from glmfleet import FILES
 from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in
-from glmfleet.connection import ForwardingRefused, connect_on_host
+from glmfleet.connection import NotForwarded, connect_on_host
 from glmfleet.facts import ManagedPaths, Question, VllmServes, ask, ask_together, host_script
 from glmfleet.operations import upload
 from roles.vllm_service import ENV_FILE, UNIT, served_model_name
@@ -66,9 +66,9 @@ def questions(cfg: HostConfig) -> dict[str, Question]:
 def serving_now(cfg: HostConfig) -> dict:
     """Whether the host serves now, as ``VllmServes`` answers: one pass of the verify script's
     checks. The controller makes the requests itself, with the configured API key, where it
-    reaches the host's vLLM port as the host does (``connect_on_host``): the host then runs no
-    Python interpreter for them, every run. Otherwise, and where the host's sshd forwards
-    nothing, the script runs on the host.
+    reaches the host's vLLM port from the host (``connect_on_host``): the host then runs no
+    Python interpreter for them, every run. Otherwise, and wherever the host's sshd opens no
+    connection (it forwards nothing, or nothing listens yet), the script runs on the host.
     """
     connect = connect_on_host(host)
     if connect is not None:
@@ -76,7 +76,7 @@ def serving_now(cfg: HostConfig) -> dict:
         try:
             return {"ok": True, "detail": script.check_once(local_url(cfg), served_model_name(cfg), cfg.vllm_api_key,
                                                             connect=connect)}
-        except ForwardingRefused:
+        except NotForwarded:
             pass
         except Exception as error:  # every failure is an answer: the host does not serve
             return {"ok": False, "detail": f"not serving: {script.describe(error)}"}

@@ -158,8 +158,8 @@ def test_a_wedged_vllm_fails_a_run_that_changes_nothing_else(first_run, fleet, s
     made while planning tells it from a vLLM that serves."""
     wedged = fleet[0]
     host = fleet_host(wedged)
-    drop_in = "/etc/systemd/system/vllm.service.d/wedged.conf"
-    host.check_output(f"mkdir -p {drop_in.rsplit('/', 1)[0]}; printf '[Service]\\nEnvironment=VLLM_TEST_DOUBLE_FAIL=error\\n' > {drop_in}; "
+    drop_in_dir = "/etc/systemd/system/vllm.service.d"
+    host.check_output(f"mkdir -p {drop_in_dir}; printf '[Service]\\nEnvironment=VLLM_TEST_DOUBLE_FAIL=error\\n' > {drop_in_dir}/wedged.conf; "
                       "systemctl daemon-reload; systemctl restart vllm.service")
     try:
         deadline = time.monotonic() + 60
@@ -171,9 +171,13 @@ def test_a_wedged_vllm_fails_a_run_that_changes_nothing_else(first_run, fleet, s
         run = deploy(inventory, data=data, env={API_KEY_ENV: API_KEY})
         assert run.returncode != 0
         assert f"not serving after 3 s: http://127.0.0.1:{vllm_port(wedged)}/v1/chat/completions answered 500" in run.stderr
+        # Nothing else was planned: the failed check is the one that planning's request asked for.
+        assert run.changed() == {}
+        assert [op["name"] for op in run.results["operations"] if wedged in op["error"]] == [
+            "verify vLLM serves | verify a real request is served"]
     finally:
-        host.check_output(f"rm -f {drop_in}; systemctl daemon-reload; systemctl restart vllm.service")
-    healed = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+        host.check_output(f"rm -rf {drop_in_dir}; systemctl daemon-reload; systemctl restart vllm.service")
+        healed = deploy(data=settings, env={API_KEY_ENV: API_KEY})
     assert healed.returncode == 0, healed.stderr[-3000:]
 
 

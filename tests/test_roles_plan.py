@@ -214,7 +214,7 @@ def test_a_rollout_stages_without_asking_the_serving_host_for_a_request():
     from tests.planning import fake_host
 
     cfg = resolve({"model_revision": "0" * 40}, "@fake/gpu-1")
-    with ctx_host.use(fake_host({}, {})[1]):
+    with ctx_host.use(fake_host({}, {})[1]):  # the fake connector holds no SSH connection: VllmServes is asked
         asked = {role: {question.fact for question in role.questions(cfg).values()} for role in SERVING_ROLES}
     assert VllmServes in set().union(*asked.values())
     assert VllmServes not in set().union(*(asked[role] for role in STAGING_ROLES))
