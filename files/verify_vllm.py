@@ -173,9 +173,8 @@ def check_once(base_url: str, served_name: str, api_key: str | None, timeout: fl
 
 
 def describe(error: Exception) -> str:
-    if isinstance(error, OSError):  # refused, reset, timed out
-        return f"no answer: {error or type(error).__name__}"  # a timeout has no message
-    return str(error) or type(error).__name__
+    said = str(error) or type(error).__name__  # paramiko's channel times out with no message
+    return f"no answer: {said}" if isinstance(error, OSError) else said  # OSError: refused, reset, timed out
 
 
 def main(argv: list[str]) -> int:

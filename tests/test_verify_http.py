@@ -166,6 +166,14 @@ def test_a_bad_command_line_says_what_is_wrong_and_asks_nothing(args, problem):
     assert result.stderr == f"verify-vllm: {problem} (verify-vllm --help lists the options)\n"
 
 
+def test_an_error_without_a_message_is_named_by_its_kind():
+    """A read through the controller's SSH channel times out with an empty socket.timeout."""
+    describe = host_script("verify_vllm").describe
+    assert describe(TimeoutError()) == "no answer: TimeoutError"
+    assert describe(ConnectionRefusedError(111, "Connection refused")) == "no answer: [Errno 111] Connection refused"
+    assert describe(RuntimeError("/v1/models lists []")) == "/v1/models lists []"
+
+
 def test_a_link_local_base_url_with_its_zone_is_asked():
     """vllm_host may be a link-local address with its zone (fe80::1%eth0), as config accepts."""
     result = run_script("--base-url=http://[fe80::1%lo]:9", "--served-model-name", SERVED, "--deadline", "0")
