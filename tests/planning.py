@@ -31,16 +31,21 @@ class PlannedOp:
     commands: list[str]
 
 
+def connected(hosts: list[tuple[str, dict]]) -> Inventory:
+    """An inventory of ``hosts`` (name and data each), its State made and every host connected."""
+    inventory = Inventory((hosts, {}))
+    connect_all(State(inventory, Config()))
+    return inventory
+
+
 def fake_host(data: dict, responses: dict) -> tuple[State, Host]:
     """A connected fake host with ``data``, whose commands answer with ``responses`` (a command
     substring, or compiled pattern, to its stdout lines), and its State."""
     responses = {**responses, "uname -s": ["Linux"]}
-    inventory = Inventory(([("@fake/gpu-1", {**data, "fake_responses": responses,
-                                                # no pretended command durations
-                                                "fake_delay": 0, "fake_delay_jitter": 0})], {}))
-    state = State(inventory, Config())
-    connect_all(state)
-    return state, inventory.get_host("@fake/gpu-1")
+    inventory = connected([("@fake/gpu-1", {**data, "fake_responses": responses,
+                                            # no pretended command durations
+                                            "fake_delay": 0, "fake_delay_jitter": 0})])
+    return inventory.state, inventory.get_host("@fake/gpu-1")
 
 
 def plan(deploy, data: dict, responses: dict, **deploy_kwargs) -> list[PlannedOp]:

@@ -208,19 +208,16 @@ def test_every_request_goes_through_the_connect_given(server_url):
 def test_the_controller_makes_the_request_itself_on_the_host_it_runs_on(tmp_path):
     """pyinfra's @local: the controller is the host, so it connects to vLLM directly. The
     answer says what the verify script would, and nothing is asked of the host."""
-    from pyinfra.api import Config, Inventory, State
-    from pyinfra.api.connect import connect_all
     from pyinfra.context import ctx_host, ctx_state
 
     from glmfleet.config import resolve
     from roles.verify import serving_now
+    from tests.planning import connected
 
     def answer(port: int, key: str) -> dict:
         cfg = resolve({"model_revision": "0" * 40, "vllm_served_model_name": SERVED, "vllm_port": port, "vllm_api_key": key})
-        inventory = Inventory(([("@local", {})], {}))
-        state = State(inventory, Config())
-        connect_all(state)
-        with ctx_state.use(state), ctx_host.use(inventory.get_host("@local")):
+        inventory = connected([("@local", {})])
+        with ctx_state.use(inventory.state), ctx_host.use(inventory.get_host("@local")):
             return serving_now(cfg)
 
     with serving(app_like_vllm(streamed=False)) as url:

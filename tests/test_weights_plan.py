@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from pyinfra.api import Config, Inventory, State
-from pyinfra.api.connect import connect_all
+from pyinfra.api import Inventory
 from pyinfra.connectors.fake import FakeConnector
 from pyinfra.context import ctx_host, ctx_state
 
 from glmfleet.config import ConfigError
 from glmfleet.facts import ModelWeights
 from roles.model_weights import HF_TOKEN_FILE, fanout_plans, model_weights
-from tests.planning import plan, sectioned_output
+from tests.planning import connected, plan, sectioned_output
 
 HF = "/opt/glmfleet/huggingface_hub-2.4.0/bin/hf"
 PIN = {"model_revision": "0123456789abcdef0123456789abcdef01234567"}
@@ -75,10 +74,8 @@ def test_an_unpinned_revision_stops_the_run_before_any_host_is_touched():
 
 def peer_inventory(responses: dict[str, dict]) -> Inventory:
     """@fake peers of one group, each with its weights fact's answer; connected."""
-    inventory = Inventory(([(name, {**PIN, "model_source": "peer", "fake_responses": answer, "fake_delay": 0.01,
-                                    "fake_delay_jitter": 0}) for name, answer in responses.items()], {}))
-    connect_all(State(inventory, Config()))
-    return inventory
+    return connected([(name, {**PIN, "model_source": "peer", "fake_responses": answer, "fake_delay": 0.01,
+                              "fake_delay_jitter": 0}) for name, answer in responses.items()])
 
 
 def test_the_fanout_asks_every_members_weights_side_by_side(monkeypatch):
