@@ -186,7 +186,9 @@ class VllmVenvs(FactBase):
         return (
             f"test -x {uv} && echo uv=1; "
             f"cd {root} 2>/dev/null || exit 0; "
-            "echo current=$(readlink current); echo previous=$(readlink previous); "
+            # One find for both links (readlink was a process each): an absent one prints nothing, a
+            # non-link an empty target.
+            "find current previous -maxdepth 0 -printf '%f=%l\\n' 2>/dev/null; "
             # ${d%/} and ${d##*/}, not basename: every host runs this every run, a process per venv.
             f"for d in venvs/*/; do test -e \"$d{COMPLETE_MARKER}\" && {{ d=${{d%/}}; echo complete=${{d##*/}}; }}; done; "
             "true"
@@ -412,28 +414,31 @@ class GpuHost(FactBase):
     def command(self, headers_candidate: bool = True) -> str:
         """headers_candidate: also ask apt for the kernel headers' candidate version, where no
         headers are installed (apt-cache takes most of this command's time: 0.17 s of 0.2)."""
-        # Processes are the cost of this command, which every host runs every run: the kernel's
-        # release is asked once, the loaded modules read by one awk.
+        # Processes are the cost of this command, which every host runs every run (a fork and
+        # exec is ~1 ms of a host's CPU): the shell reads the kernel's release, the PCI IDs and
+        # the loaded modules itself, from the files uname, grep and awk would read.
         return "; ".join([
             f"echo '{SECTION} os'", '. /etc/os-release && echo "$ID|$VERSION_ID|$VERSION_CODENAME"',
             f"echo '{SECTION} arch'", "dpkg --print-architecture",
-            f"echo '{SECTION} kernel'", 'kernel=$(uname -r)', 'echo "$kernel"',
+            f"echo '{SECTION} kernel'", 'read -r kernel < /proc/sys/kernel/osrelease', 'echo "$kernel"',
             'test -e "/lib/modules/$kernel/build/Makefile" && echo headers',
             f"echo '{SECTION} headers_candidate'",
             *(['test -e "/lib/modules/$kernel/build/Makefile" || '
                "LC_ALL=C apt-cache policy linux-headers-\"$kernel\" 2>/dev/null | sed -n 's/^ *Candidate: //p'"]
               if headers_candidate else []),
             f"echo '{SECTION} pci'",
-            # Without lspci, one grep finds NVIDIA's devices among the hundreds of PCI functions a
-            # server has (a cat of each vendor file was a process per function, every run).
+            # Without lspci, the shell's read finds NVIDIA's devices among the hundreds of PCI
+            # functions a server has, with no process per function.
             f"if command -v lspci >/dev/null; then lspci -nn -d {NVIDIA_VENDOR}:; else "
-            f"for v in $(grep -l -x 0x{NVIDIA_VENDOR} /sys/bus/pci/devices/*/vendor 2>/dev/null); do d=${{v%/vendor}}; "
-            'echo "sysfs ${d##*/} $(cat "$d/class") $(cat "$d/device")"; done; fi',
+            'for v in /sys/bus/pci/devices/*/vendor; do read -r vendor 2>/dev/null < "$v"; '
+            f'[ "$vendor" = 0x{NVIDIA_VENDOR} ] || continue; d=${{v%/vendor}}; '
+            'read -r class < "$d/class"; read -r device < "$d/device"; echo "sysfs ${d##*/} $class $device"; done; fi',
             f"echo '{SECTION} smi'",
             f"command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu={SMI_QUERY} --format=csv,noheader,nounits 2>&1",
             f"echo '{SECTION} cuda'", "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -m1 'CUDA Version'",
             f"echo '{SECTION} module'", "cat /proc/driver/nvidia/version 2>/dev/null",
-            f"echo '{SECTION} modules'", "awk '$1 == \"nouveau\" || $1 == \"nvidia\" { print $1 }' /proc/modules 2>/dev/null",
+            # A loaded module's /sys/module/NAME/initstate is what lsmod's /proc/modules lists.
+            f"echo '{SECTION} modules'", "for module in nouveau nvidia; do [ -e /sys/module/$module/initstate ] && echo $module; done",
             f"echo '{SECTION} secure_boot'",
             f"if command -v mokutil >/dev/null; then mokutil --sb-state 2>&1; elif [ -e {EFI_SECURE_BOOT_VAR} ]; then "
             f'echo "efivar $(od -An -t u1 {EFI_SECURE_BOOT_VAR})"; fi',
@@ -563,7 +568,8 @@ class ModelWeights(FactBase):
         return "; ".join([
             f"echo '{SECTION} key'", f"echo {shlex.quote(key)}",
             f"echo '{SECTION} tools'", f'for tool in {shlex.join(tools)}; do test -x "$tool" && echo "$tool"; done',
-            f"echo '{SECTION} host_key'", "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null",
+            f"echo '{SECTION} host_key'",
+            '{ read -r type key _; [ -n "$key" ] && echo "$type $key"; } 2>/dev/null < /etc/ssh/ssh_host_ed25519_key.pub',
             f"echo '{SECTION} state'", f"cat {shlex.quote(state_file)} 2>/dev/null && echo",
             # The script's stat_of: -L follows links as os.stat does (a model dir or files that
             # link into a hub cache); %T@ and %C@ are seconds with nanoseconds (and one digit more).
@@ -683,10 +689,11 @@ class ManagedPaths(FactBase):
     def command(self, paths: list[str] = (), units: list[str] = (), users: list[str] = ()) -> str:
         # A handful of processes whatever the number of paths: this runs on every host, every run.
         # find -maxdepth 0 reports the paths themselves and never follows a link (a link is not
-        # the file wanted there); absent paths are left out.
+        # the file wanted there); absent paths are left out. The same find hands the regular
+        # files to sha256sum.
         quoted = " ".join(shlex.quote(path) for path in paths)
-        steps = [f"find {quoted} -maxdepth 0 -printf 'path\\t%p\\t%y|%u|%g|%m\\n' 2>/dev/null",
-                 f"find {quoted} -maxdepth 0 -type f -exec sha256sum -- {{}} + 2>/dev/null"] if paths else []
+        steps = [f"find {quoted} -maxdepth 0 -printf 'path\\t%p\\t%y|%u|%g|%m\\n' -type f -exec sha256sum -- {{}} + 2>/dev/null"
+                 ] if paths else []
         for unit in units:  # named as asked: systemctl's Id of an alias (sshd.service) is another name
             quoted = shlex.quote(unit)
             steps.append(f"printf 'unit\\t%s\\n' {quoted}; systemctl show --property UnitFileState,SubState -- {quoted} 2>/dev/null")

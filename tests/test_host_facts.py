@@ -14,7 +14,7 @@ from pyinfra.api import Config, FactBase, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.exceptions import PyinfraError
 
-from glmfleet.facts import ManagedPaths, Question, ask, ask_together
+from glmfleet.facts import COMPLETE_MARKER, ManagedPaths, Question, VllmVenvs, ask, ask_together
 
 
 class CountedEcho(FactBase):
@@ -184,6 +184,27 @@ def test_managed_paths_reads_type_owner_mode_and_content_of_real_paths(tmp_path)
     root_home, root_shell = subprocess.run(["getent", "passwd", "root"], capture_output=True, text=True,
                                            check=True).stdout.strip().split(":")[5:7]
     assert found["users"] == {"root": {"group": "root", "home": root_home, "shell": root_shell}}
+
+
+def test_venvs_links_and_complete_venvs_are_read_from_a_real_root(tmp_path):
+    for name in ("vllm-0.22.0-ab12", "vllm-0.21.0-cd34", "vllm-0.20.0-half"):
+        (tmp_path / "venvs" / name).mkdir(parents=True)
+    for name in ("vllm-0.22.0-ab12", "vllm-0.21.0-cd34"):
+        (tmp_path / "venvs" / name / COMPLETE_MARKER).touch()
+    (tmp_path / "current").symlink_to("venvs/vllm-0.22.0-ab12")
+    uv = tmp_path / "uv"
+    uv.touch(mode=0o755)
+    found = run_fact(VllmVenvs(), root=str(tmp_path), uv=str(uv))
+    assert found == {"uv": True, "current": "vllm-0.22.0-ab12", "previous": None,
+                     "complete": ["vllm-0.21.0-cd34", "vllm-0.22.0-ab12"]}
+    # previous as a link to an absolute path; current a directory, not a link: not a venv glmfleet switched to.
+    (tmp_path / "previous").symlink_to(tmp_path / "venvs" / "vllm-0.21.0-cd34")
+    (tmp_path / "current").unlink()
+    (tmp_path / "current").mkdir()
+    found = run_fact(VllmVenvs(), root=str(tmp_path), uv=str(tmp_path / "no-uv"))
+    assert (found["uv"], found["current"], found["previous"]) == (False, None, "vllm-0.21.0-cd34")
+    assert run_fact(VllmVenvs(), root=str(tmp_path / "absent"), uv=str(uv)) == {
+        "uv": True, "current": None, "previous": None, "complete": []}
 
 
 def test_managed_paths_reads_units_as_systemctl_prints_them():

@@ -196,10 +196,10 @@ def test_flags_are_checked_only_when_the_unit_or_the_current_venv_would_change()
     rendered = [unit, f"{hashlib.sha256(render_unit(cfg).encode()).hexdigest()}  {UNIT_PATH}"]
     current = [f"current=venvs/{venv_name(cfg)}"]
     # The unit as rendered and the venv already current: vLLM accepted these flags before.
-    assert plan(vllm_flags, data, {UNIT_PATH: rendered, "readlink current": current}) == []
+    assert plan(vllm_flags, data, {UNIT_PATH: rendered, "find current previous": current}) == []
     # Another unit on the host, or another venv to switch to: the new vLLM checks the flags.
-    for responses in ({UNIT_PATH: [unit, f"{'0' * 64}  {UNIT_PATH}"], "readlink current": current},
-                      {UNIT_PATH: rendered, "readlink current": ["current=venvs/vllm-0.21.0-0000"]}):
+    for responses in ({UNIT_PATH: [unit, f"{'0' * 64}  {UNIT_PATH}"], "find current previous": current},
+                      {UNIT_PATH: rendered, "find current previous": ["current=venvs/vllm-0.21.0-0000"]}):
         assert [op.name for op in plan(vllm_flags, data, responses)][-1].endswith("flags accepted by vLLM 0.22.0")
 
 
