@@ -1,6 +1,6 @@
 """Deploy speed on the local fleet: converge of bare hosts and no-op re-runs, by fleet size.
 
-    .venv/bin/python -m benchmarks.deploy_speed [--sizes 1,4,8,16] [--converge 1,8] [--rounds 5]
+    .venv/bin/python -m benchmarks.deploy_speed [--sizes 1,4,8,16] [--converge 1,8] [--rounds 15]
 
 Runs in its own fleet slot (GLMFLEET_FLEET_SLOT, default 8), serves through the vLLM test
 double from a loopback package index (so the network does not dominate), prints a table and
@@ -9,7 +9,10 @@ Remote commands per host are counted from pyinfra's own debug log ("Running comm
 of their own: debug logging slows a run down. The no-op re-runs go in rounds, one run of every
 size per round, so that the machine's other work, which drifts over minutes, weighs on every size
 alike: a size's wall time is the (low) median of its rounds, and each scaling ratio the (low)
-median of the rounds' own ratios.
+median of the rounds' own ratios, with their quartiles. Each round also runs the SSH floor,
+`pyinfra exec -- true` (pyinfra's start, one login and one trivial command per host, nothing of
+glmfleet's) at every size: on this machine the hosts share the controller's cores, so the
+floor's own ratios show what the fleet's size costs before glmfleet does anything.
 """
 
 from __future__ import annotations
@@ -52,11 +55,15 @@ class Timing:
     commands: Counter  # remote commands per host (debug runs only)
 
 
-def timed_deploy(hosts: list[str], settings: dict, debug: bool = False) -> Timing:
-    """One `pyinfra -y` run limited to hosts, with, in a debug run (whose logging costs time of
-    its own), the remote commands per host."""
+DEPLOY = ("deploy.py",)
+SSH_FLOOR = ("exec", "--", "true")
+
+
+def timed_deploy(hosts: list[str], settings: dict, debug: bool = False, operations=DEPLOY) -> Timing:
+    """One `pyinfra -y` run of deploy.py (or other operations) limited to hosts, with, in a
+    debug run (whose logging costs time of its own), the remote commands per host."""
     limits = [arg for name in hosts for arg in ("--limit", name)]
-    command = [str(ROOT / ".venv/bin/pyinfra"), "-y", *(["--debug"] if debug else []), "inventory/local.py", "deploy.py",
+    command = [str(ROOT / ".venv/bin/pyinfra"), "-y", *(["--debug"] if debug else []), "inventory/local.py", *operations,
                *limits, *data_args(settings)]
     host_cpu = [localfleet.host_cpu_seconds(name) for name in hosts]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -84,10 +91,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,4,8,16", help="fleet sizes for the no-op re-run")
     parser.add_argument("--converge", default="1,8", help="fleet sizes for the converge of bare hosts")
-    parser.add_argument("--rounds", type=int, default=5, help="no-op re-runs of every size, taken in turns")
+    parser.add_argument("--rounds", type=int, default=15, help="no-op re-runs of every size, taken in turns")
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: at least 1")
+    if args.rounds < 2:
+        parser.error(f"--rounds {args.rounds}: at least 2 (the ratios' quartiles need two)")
     os.environ.setdefault("GLMFLEET_FLEET_SLOT", "8")
     sizes = [int(n) for n in args.sizes.split(",")]
     converge_sizes = [int(n) for n in args.converge.split(",")]
@@ -107,21 +114,32 @@ def main() -> None:
                 rows.append(("converge bare hosts", size, timed_deploy(names[:size], settings, debug=True)))
             timed_deploy(names[: max(sizes)], settings)  # converge everything the re-runs use
             commands = {size: timed_deploy(names[:size], settings, debug=True).commands for size in sizes}
-            # Every other round runs the sizes backwards, so that no size always follows another.
-            rounds = [{size: timed_deploy(names[:size], settings) for size in (sizes if index % 2 == 0 else sizes[::-1])}
-                      for index in range(args.rounds)]
-            for size in sizes:
-                median = sorted((one[size] for one in rounds), key=lambda timing: timing.seconds)[(len(rounds) - 1) // 2]
-                median.commands = commands[size]
-                rows.append(("no-op re-run", size, median))
+            runs = [(operations, size) for size in sizes for operations in (DEPLOY, SSH_FLOOR)]
+            # Every other round runs backwards, so that no run always follows another.
+            rounds = [{run: timed_deploy(names[:run[1]], settings, operations=run[0])
+                       for run in (runs if index % 2 == 0 else runs[::-1])} for index in range(args.rounds)]
+            for label, operations in (("no-op re-run", DEPLOY), ("SSH floor: `exec -- true`", SSH_FLOOR)):
+                for size in sizes:
+                    median = sorted((one[operations, size] for one in rounds),
+                                    key=lambda timing: timing.seconds)[(len(rounds) - 1) // 2]
+                    if operations == DEPLOY:
+                        median.commands = commands[size]
+                    rows.append((label, size, median))
 
     table = ["| run | hosts | wall s | machine CPU s | controller CPU s | CPU per host (its cgroup) ms "
              "| remote commands per host (max) |", "|---|---|---|---|---|---|---|"]
     table += [f"| {run} | {hosts} | {t.seconds:.1f} | {t.cpu:.1f} | {t.controller_cpu:.1f} | "
-              f"{'-' if t.host_cpu is None else f'{t.host_cpu * 1000:.0f}'} | {max(t.commands.values())} |"
+              f"{'-' if t.host_cpu is None else f'{t.host_cpu * 1000:.0f}'} | {max(t.commands.values(), default='-')} |"
               for run, hosts, t in rows]
-    # Low medians, like the rows: with an even number of rounds, a round that was run.
-    ratios = [f"{size} hosts / 1 host: {statistics.median_low(one[size].seconds / one[1].seconds for one in rounds):.2f}x"
+
+    def scaling(operations, size) -> str:
+        """The rounds' own ratios of size to 1 host: their low median (like the rows: with an
+        even number of rounds, a round that was run) and quartiles."""
+        ratios = [one[operations, size].seconds / one[operations, 1].seconds for one in rounds]
+        first, _, third = statistics.quantiles(ratios, n=4)
+        return f"{statistics.median_low(ratios):.2f}x ({first:.2f}-{third:.2f})"
+
+    ratios = [f"{size} hosts / 1 host: {scaling(DEPLOY, size)}, SSH floor {scaling(SSH_FLOOR, size)}"
               for size in sizes if 1 in sizes and size != 1]
     text = (f"\n## Deploy speed ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
             f"Machine: {machine()}. `python -m benchmarks.deploy_speed --sizes {args.sizes} --converge {args.converge} --rounds {args.rounds}`;"
@@ -129,7 +147,8 @@ def main() -> None:
             " controller's and the hosts' together (they share the machine); controller CPU: pyinfra's process;"
             " CPU per host: what the run cost each host, read from its cgroup (sshd, the checks, vLLM answering).\n\n"
             + "\n".join(table) + "\n\n"
-            + (f"No-op re-run scaling, median of {args.rounds} rounds' ratios: " + "; ".join(ratios) + ".\n" if ratios else ""))
+            + (f"No-op re-run scaling, median (quartiles) of {args.rounds} rounds' ratios: " + "; ".join(ratios) + ".\n"
+               if ratios else ""))
     print(text)
     with open(RESULTS, "a", encoding="utf-8") as results:
         results.write(text)
