@@ -1,9 +1,10 @@
 """Parsing of what the GPU facts read: real captured output (tests/fixtures/), and the cases no
 machine here can produce (NVSwitch, Blackwell, Secure Boot) composed from the tools' documented
-formats and marked as such."""
+formats and marked as such; and the GPU fact's own command, run on a composed sysfs."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,37 @@ def test_sysfs_fallback_without_pciutils():
     assert [(d["class"], d["device"]) for d in devices] == [("0302", "2901"), ("0680", "22a3")]
     fact = GpuHost().process(sectioned(pci=["sysfs 0000:18:00.0 0x030200 0x2901"]))
     assert fact["open_modules_required"] is True  # 0x2901: B200, Blackwell
+
+
+def test_the_facts_own_command_reads_pci_ids_and_modules_from_sysfs(tmp_path):
+    # Composed as the kernel lays sysfs out (one line per attribute file): an H100, an
+    # NVSwitch and an Intel bridge; nvidia loaded (its initstate), nouveau present but not a
+    # loaded module (built in or only its parameters: no initstate).
+    devices, modules = tmp_path / "devices", tmp_path / "module"
+    for slot, vendor, pci_class, device in [("0000:18:00.0", "0x10de", "0x030200", "0x2330"),
+                                            ("0000:05:00.0", "0x10de", "0x068000", "0x22a3"),
+                                            ("0000:00:1f.0", "0x8086", "0x060100", "0xa1c8")]:
+        for name, value in (("vendor", vendor), ("class", pci_class), ("device", device)):
+            (devices / slot).mkdir(parents=True, exist_ok=True)
+            (devices / slot / name).write_text(value + "\n")
+    (modules / "nvidia").mkdir(parents=True)
+    (modules / "nvidia" / "initstate").write_text("live\n")
+    (modules / "nouveau").mkdir()
+    command = GpuHost().command(headers_candidate=False)
+    for real, composed in (("command -v lspci", "false"),  # the sysfs branch, whether or not lspci is here
+                           ("/sys/bus/pci/devices", str(devices)), ("/sys/module", str(modules))):
+        assert real in command
+        command = command.replace(real, composed)
+    output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert output[output.index("::glmfleet:: pci") + 1:output.index("::glmfleet:: smi")] == [
+        "sysfs 0000:05:00.0 0x068000 0x22a3", "sysfs 0000:18:00.0 0x030200 0x2330"]
+    assert output[output.index("::glmfleet:: modules") + 1:output.index("::glmfleet:: secure_boot")] == ["nvidia"]
+    fact = GpuHost().process(output)
+    assert [(gpu["slot"], gpu["device"]) for gpu in fact["gpus"]] == [("0000:18:00.0", "2330")]
+    assert fact["nvswitches"] == 1 and fact["nouveau_loaded"] is False
+    (modules / "nouveau" / "initstate").write_text("live\n")
+    assert GpuHost().process(subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                            check=True).stdout.splitlines())["nouveau_loaded"] is True
 
 
 # /proc/driver/nvidia/version's first line, as the proprietary and the open modules word it
