@@ -430,7 +430,7 @@ class GpuHost(FactBase):
             # Without lspci, the shell's read finds NVIDIA's devices among the hundreds of PCI
             # functions a server has, with no process per function.
             f"if command -v lspci >/dev/null; then lspci -nn -d {NVIDIA_VENDOR}:; else "
-            'for v in /sys/bus/pci/devices/*/vendor; do read -r vendor 2>/dev/null < "$v"; '
+            'for v in /sys/bus/pci/devices/*/vendor; do read -r vendor 2>/dev/null < "$v" || continue; '
             f'[ "$vendor" = 0x{NVIDIA_VENDOR} ] || continue; d=${{v%/vendor}}; '
             'read -r class < "$d/class"; read -r device < "$d/device"; echo "sysfs ${d##*/} $class $device"; done; fi',
             f"echo '{SECTION} smi'",

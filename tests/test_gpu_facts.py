@@ -91,6 +91,8 @@ def test_the_facts_own_command_reads_pci_ids_and_modules_from_sysfs(tmp_path):
         for name, value in (("vendor", vendor), ("class", pci_class), ("device", device)):
             (devices / slot).mkdir(parents=True, exist_ok=True)
             (devices / slot / name).write_text(value + "\n")
+    (devices / "0000:18:00.1").mkdir()  # a function whose vendor cannot be opened: no line, none of the last's
+    (devices / "0000:18:00.1" / "vendor").symlink_to(tmp_path / "gone")
     (modules / "nvidia").mkdir(parents=True)
     (modules / "nvidia" / "initstate").write_text("live\n")
     (modules / "nouveau").mkdir()
