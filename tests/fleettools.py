@@ -11,9 +11,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import testinfra
 
 from glmfleet import localfleet
@@ -137,3 +139,12 @@ def make_bare(name: str) -> None:
         f"rm -rf {' '.join(DEPLOYED_PATHS)}; systemctl daemon-reload; "
         "id vllm >/dev/null 2>&1 && userdel vllm; getent group vllm >/dev/null && groupdel vllm; true"
     )
+
+
+def wait_for(condition, what: str, timeout_s: float = 10) -> None:
+    """Polls ``condition`` until it holds; fails the test, naming ``what``, after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)

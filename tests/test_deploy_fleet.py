@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 
@@ -17,7 +16,7 @@ from glmfleet import localfleet
 from glmfleet.facts import ListeningPorts
 from roles.vllm_service import UNIT_PATH
 from tests.fleettools import (API_KEY_ENV, TEST_DOUBLE, TEST_MODEL_REVISION, deploy, fleet_host, make_bare, pyinfra,
-                              write_inventory)
+                              wait_for, write_inventory)
 
 pytestmark = pytest.mark.fleet
 
@@ -162,10 +161,7 @@ def test_a_wedged_vllm_fails_a_run_that_changes_nothing_else(first_run, fleet, s
     host.check_output(f"mkdir -p {drop_in_dir}; printf '[Service]\\nEnvironment=VLLM_TEST_DOUBLE_FAIL=error\\n' > {drop_in_dir}/wedged.conf; "
                       "systemctl daemon-reload; systemctl restart vllm.service")
     try:
-        deadline = time.monotonic() + 60
-        while not healthy(wedged):
-            assert time.monotonic() < deadline, "the wedged test double never became healthy"
-            time.sleep(0.5)
+        wait_for(lambda: healthy(wedged), what="the wedged test double to answer /health", timeout_s=60)
         inventory = write_inventory(tmp_path / "inventory.py", {wedged: {"vllm_ready_timeout": 3}})
         data = {key: value for key, value in settings.items() if key != "vllm_ready_timeout"}
         run = deploy(inventory, data=data, env={API_KEY_ENV: API_KEY})

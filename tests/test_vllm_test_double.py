@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests import pkgindex
-from tests.fleettools import UV_VERSION
+from tests.fleettools import UV_VERSION, wait_for
 
 DOUBLE_VERSION = pkgindex.TEST_DOUBLE_VERSION
 DOUBLE_WHEEL = f"vllm_test_double-{DOUBLE_VERSION}-py3-none-any.whl"
@@ -160,14 +160,6 @@ def http_request(method: str, url: str, payload=None, headers: dict | None = Non
             return Response(response.status, response.read())
     except urllib.error.HTTPError as error:
         return Response(error.code, error.read())
-
-
-def wait_for(condition, what: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _free_port() -> int:
