@@ -63,8 +63,9 @@ def timed_deploy(hosts: list[str], settings: dict, debug: bool = False, operatio
     """One `pyinfra -y` run of deploy.py (or other operations) limited to hosts, with, in a
     debug run (whose logging costs time of its own), the remote commands per host."""
     limits = [arg for name in hosts for arg in ("--limit", name)]
-    command = [str(ROOT / ".venv/bin/pyinfra"), "-y", *(["--debug"] if debug else []), "inventory/local.py", *operations,
-               *limits, *data_args(settings)]
+    # The operations come last: after `exec --`, every word is the command's, options included.
+    command = [str(ROOT / ".venv/bin/pyinfra"), "-y", *(["--debug"] if debug else []), *limits, *data_args(settings),
+               "inventory/local.py", *operations]
     host_cpu = [localfleet.host_cpu_seconds(name) for name in hosts]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu, started = busy_cpu_seconds(), time.monotonic()
