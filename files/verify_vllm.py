@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Prove that a vLLM server serves: /health is 200, /v1/models lists the served name, and one
-short real chat completion returns text. Polls until --deadline seconds have passed (0: try
-once). Stdlib only: it runs on the serving host with the system Python.
+"""Prove that a vLLM server serves: one short real chat completion for the served name returns
+text. vLLM answers it only when its engine is healthy and serves that name; where it answers
+otherwise, /health and /v1/models (does it list the name?) say why. Polls until --deadline
+seconds have passed (0: try once). Stdlib only: it runs on the serving host with the system Python.
 
 The API key is read from the unit's environment file, never taken on the command line.
 Exit status 0 when serving, 1 otherwise; the last line printed says what was seen.
@@ -10,7 +11,7 @@ usage: verify-vllm --base-url http://HOST:PORT --served-model-name NAME [--env-f
                    [--deadline SECONDS] [--interval SECONDS]
 
   --base-url           the host's own vLLM: http://127.0.0.1:8000, http://[::1]:8000, ...
-  --served-model-name  the name /v1/models must list and the chat completion asks for
+  --served-model-name  the name the chat completion asks for (and /v1/models must list)
   --env-file           the unit's EnvironmentFile; VLLM_API_KEY is read from it
   --deadline           seconds to keep trying (default 600; 0: once)
   --interval           seconds between tries (default 5)
@@ -86,9 +87,13 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return options
 
 
+class ErrorAnswer(RuntimeError):
+    """An HTTP answer other than 200."""
+
+
 def request(url: str, api_key: str | None, body: dict | None, timeout: float, connect=socket.create_connection) -> bytes:
     """One HTTP/1.0 request on a connection of its own: the payload of a 200 answer, else
-    RuntimeError. url: a base URL that BASE_URL matches, then the path; connect: opens the
+    ErrorAnswer. url: a base URL that BASE_URL matches, then the path; connect: opens the
     connection, as ``socket.create_connection((host, port), timeout)`` does."""
     base = BASE_URL.match(url)
     host, port, path = base["ipv6"] or base["host"], int(base["port"]), "/" + url[base.end():]
@@ -101,7 +106,7 @@ def request(url: str, api_key: str | None, body: dict | None, timeout: float, co
         connection.sendall("\r\n".join([*head, "", ""]).encode() + data)
         status, payload = read_answer(connection, url)
     if status != 200:
-        raise RuntimeError(f"{url} answered {status}: {payload.decode(errors='replace')[:200]}")
+        raise ErrorAnswer(f"{url} answered {status}: {payload.decode(errors='replace')[:200]}")
     return payload
 
 
@@ -147,13 +152,11 @@ def unchunked(data: bytes) -> bytes:
 
 def check_once(base_url: str, served_name: str, api_key: str | None, timeout: float = ONCE_TIMEOUT,
                connect=socket.create_connection) -> str:
-    """One pass of the three checks; raises with what went wrong, returns a summary. connect:
-    as ``request``'s (the controller passes one that connects through the host's SSH connection)."""
-    request(f"{base_url}/health", None, None, timeout, connect)
-    payload = request(f"{base_url}/v1/models", api_key, None, timeout, connect)
-    names = [model.get("id") for model in json.loads(payload).get("data", [])]
-    if served_name not in names:
-        raise RuntimeError(f"/v1/models lists {names}, not {served_name!r}")
+    """One pass of the check; raises with what went wrong, returns a summary. connect: as
+    ``request``'s (the controller passes one that connects through the host's SSH connection).
+
+    Every deploy makes this check on every host, so a serving host is asked one request, not
+    three: the completion alone proves what /health and /v1/models would."""
     started = time.monotonic()
     body = {
         "model": served_name,
@@ -161,7 +164,11 @@ def check_once(base_url: str, served_name: str, api_key: str | None, timeout: fl
         "max_tokens": 16,
         "temperature": 0,
     }
-    payload = request(f"{base_url}/v1/chat/completions", api_key, body, timeout, connect)
+    try:
+        payload = request(f"{base_url}/v1/chat/completions", api_key, body, timeout, connect)
+    except ErrorAnswer:
+        explain(base_url, served_name, api_key, timeout, connect)
+        raise
     answer = json.loads(payload)
     message = answer["choices"][0]["message"]
     # Reasoning models may spend a short budget on reasoning_content alone.
@@ -169,7 +176,21 @@ def check_once(base_url: str, served_name: str, api_key: str | None, timeout: fl
     if not text.strip():
         raise RuntimeError(f"chat completion returned no text: {answer}")
     tokens = answer.get("usage", {}).get("completion_tokens", "?")
-    return f"serving: /health 200, /v1/models lists {served_name!r}, chat completion {text.strip()[:60]!r} ({tokens} tokens in {time.monotonic() - started:.2f} s)"
+    return f"serving: {served_name!r} answered a chat completion: {text.strip()[:60]!r} ({tokens} tokens in {time.monotonic() - started:.2f} s)"
+
+
+def explain(base_url: str, served_name: str, api_key: str | None, timeout: float, connect) -> None:
+    """Raise what /health or /v1/models says is wrong with a server that answered the completion
+    with an error: an unhealthy engine, a refused key, a name it does not serve. Return where
+    they say nothing (the completion's own answer says it best) or do not answer at all."""
+    try:
+        request(f"{base_url}/health", None, None, timeout, connect)
+        payload = request(f"{base_url}/v1/models", api_key, None, timeout, connect)
+    except OSError:  # no answer now says less than the completion's answer did
+        return
+    names = [model.get("id") for model in json.loads(payload).get("data", [])]
+    if served_name not in names:
+        raise RuntimeError(f"/v1/models lists {names}, not {served_name!r}")
 
 
 def describe(error: Exception) -> str:

@@ -213,8 +213,8 @@ class VllmVenvs(FactBase):
 
 class VllmServes(FactBase):
     """Whether the vLLM on this host serves right now: the verify script run once, without
-    waiting (``/health``, ``/v1/models`` lists the name, one real chat completion). The deploy
-    makes the same checks from the controller where it can (``roles.verify.serving_now``).
+    waiting (one real chat completion; ``/health`` and ``/v1/models`` where it is answered with an
+    error). The deploy makes the same check from the controller where it can (``roles.verify.serving_now``).
 
     Returns ``{"ok": bool, "detail": last line of the script's output}``.
     """

@@ -65,9 +65,9 @@ def questions(cfg: HostConfig) -> dict[str, Question]:
 
 def serving_now(cfg: HostConfig) -> dict:
     """Whether the host serves now, as ``VllmServes`` answers: one pass of the verify script's
-    checks. The controller makes the requests itself, with the configured API key, where it
+    check. The controller makes the request itself, with the configured API key, where it
     reaches the host's vLLM port from the host (``connect_on_host``): the host then runs no
-    Python interpreter for them, every run. Otherwise, and wherever the host's sshd opens no
+    Python interpreter for it, every run. Otherwise, and wherever the host's sshd opens no
     connection (it forwards nothing, or nothing listens yet), the script runs on the host.
     """
     connect = connect_on_host(host)
@@ -87,8 +87,8 @@ def serving_now(cfg: HostConfig) -> dict:
 @documented(SETTINGS)
 def verify(changes=()):
     """
-    Prove the host serves: ``/health``, ``/v1/models`` lists the served name, and one short
-    real chat completion returns text.
+    Prove the host serves: one short real chat completion for the served name returns text
+    (where vLLM answers it with an error, ``/health`` and ``/v1/models`` say why).
 
     + changes: operations whose change (a start or restart) makes a fresh check necessary
 

@@ -229,7 +229,7 @@ def test_verify_plans_its_check_only_where_the_host_does_not_serve():
     def planned(answer: list[str]) -> list[str]:
         return [op.name for op in plan(verify, {"model_revision": "0" * 40}, {"--deadline 0": answer})]
 
-    assert planned(["serving: /health 200, /v1/models lists 'm', chat completion 'Hi'", "rc=0"]) == [
+    assert planned(["serving: 'm' answered a chat completion: 'Hi'", "rc=0"]) == [
         "verify vLLM serves | verify script"]
     assert planned(["not serving after 0 s: no answer", "rc=1"]) == [
         "verify vLLM serves | verify script", "verify vLLM serves | verify a real request is served"]

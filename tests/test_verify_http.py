@@ -1,7 +1,7 @@
 """files/verify_vllm.py against the HTTP server vLLM's API server runs on: uvicorn, with both of
 its HTTP parsers (vLLM installs uvicorn[standard], so httptools; h11 where that is missing).
-The ASGI app here answers the three endpoints the check asks, as FastAPI answers them in vLLM
-(with a length), or streamed without one (httptools then sends chunks, h11 closes at the end);
+The ASGI app here answers the three endpoints the check may ask, as FastAPI answers them in
+vLLM (with a length), or streamed without one (httptools then sends chunks, h11 closes at the end);
 the fleet tests run the same script against the vLLM test double."""
 
 from __future__ import annotations
@@ -30,32 +30,41 @@ SERVED = "glm-4-9b"
 OTHER_MODELS = [{"id": f"padding-model-{index:05d}", "object": "model"} for index in range(3000)]
 
 
-def app_like_vllm(streamed: bool) -> FastAPI:
+def app_like_vllm(streamed: bool, healthy: bool = True) -> FastAPI:
+    """vLLM's answers, as its API server gives them; unhealthy: its engine is dead (/health
+    503, every completion 500)."""
     app = FastAPI()
 
     def authorized(authorization: str | None) -> None:
         if authorization != f"Bearer {API_KEY}":
             raise HTTPException(status_code=401, detail="Unauthorized")
 
+    def answer(payload: dict):
+        if streamed:
+            text = json.dumps(payload)
+            return StreamingResponse((text[i:i + 4096] for i in range(0, len(text), 4096)), media_type="application/json")
+        return payload
+
     @app.get("/health")
     def health():
-        return None
+        if not healthy:
+            raise HTTPException(status_code=503)
 
     @app.get("/v1/models")
     def models(authorization: str | None = Header(default=None)):
         authorized(authorization)
-        answer = {"object": "list", "data": [*OTHER_MODELS, {"id": SERVED, "object": "model"}]}
-        if streamed:
-            text = json.dumps(answer)
-            return StreamingResponse((text[i:i + 4096] for i in range(0, len(text), 4096)), media_type="application/json")
-        return answer
+        return answer({"object": "list", "data": [*OTHER_MODELS, {"id": SERVED, "object": "model"}]})
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, authorization: str | None = Header(default=None)):
         authorized(authorization)
         body = await request.json()
-        assert body["model"] == SERVED and body["messages"][0]["role"] == "user"
-        return {"choices": [{"message": {"role": "assistant", "content": "Hello"}}], "usage": {"completion_tokens": 1}}
+        assert body["messages"][0]["role"] == "user"
+        if body["model"] != SERVED:
+            raise HTTPException(status_code=404, detail=f"The model `{body['model']}` does not exist.")
+        if not healthy:
+            raise HTTPException(status_code=500, detail="EngineCore encountered an issue.")
+        return answer({"choices": [{"message": {"role": "assistant", "content": "Hello"}}], "usage": {"completion_tokens": 1}})
 
     return app
 
@@ -89,8 +98,8 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
 
 
-def verify(base_url: str, env_file: Path) -> subprocess.CompletedProcess:
-    return run_script("--base-url", base_url, "--served-model-name", SERVED, "--env-file", str(env_file), "--deadline", "0")
+def verify(base_url: str, env_file: Path, served: str = SERVED) -> subprocess.CompletedProcess:
+    return run_script("--base-url", base_url, "--served-model-name", served, "--env-file", str(env_file), "--deadline", "0")
 
 
 def env_file(directory: Path, key: str) -> Path:
@@ -102,7 +111,7 @@ def env_file(directory: Path, key: str) -> Path:
 def test_a_serving_vllm_passes(server_url, tmp_path):
     result = verify(server_url, env_file(tmp_path, API_KEY))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"serving: /health 200, /v1/models lists {SERVED!r}, chat completion 'Hello' (1 tokens" in result.stdout
+    assert f"serving: {SERVED!r} answered a chat completion: 'Hello' (1 tokens" in result.stdout
 
 
 def test_a_refused_key_fails_with_the_servers_answer(server_url, tmp_path):
@@ -110,6 +119,20 @@ def test_a_refused_key_fails_with_the_servers_answer(server_url, tmp_path):
     assert result.returncode == 1
     assert f"not serving after 0 s: {server_url}/v1/models answered 401: " in result.stdout
     assert "Unauthorized" in result.stdout
+
+
+def test_a_name_the_server_does_not_serve_is_named_with_those_it_does(server_url, tmp_path):
+    result = verify(server_url, env_file(tmp_path, API_KEY), served="glm-4-32b")
+    assert result.returncode == 1
+    assert result.stdout.startswith("not serving after 0 s: /v1/models lists ['padding-model-00000', ")
+    assert result.stdout.endswith(f"{SERVED!r}], not 'glm-4-32b'\n")
+
+
+def test_a_dead_engine_is_named_by_its_health(tmp_path):
+    with serving(app_like_vllm(streamed=False, healthy=False)) as url:
+        result = verify(url, env_file(tmp_path, API_KEY))
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"not serving after 0 s: {url}/health answered 503: ")
 
 
 def test_nothing_listening_is_no_answer(tmp_path):
@@ -138,11 +161,32 @@ def test_a_server_that_closes_without_answering_is_no_answer(tmp_path):
     assert result.stdout == "not serving after 0 s: no answer: the server closed the connection without an answer\n"
 
 
+def test_an_error_answer_is_reported_as_given_where_nothing_answers_after_it(tmp_path):
+    """A server that answers the completion with an error, then stops: /health and /v1/models
+    get no answer, which says less than the completion's answer did."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def answer_once_then_stop():
+        connection, _ = listener.accept()
+        connection.recv(1 << 16)
+        listener.close()  # before answering: the next connection is refused, never left waiting
+        connection.sendall(b"HTTP/1.0 500 Internal Server Error\r\nContent-Length: 15\r\n\r\nEngine is dead.")
+        connection.close()
+
+    threading.Thread(target=answer_once_then_stop, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    result = verify(url, env_file(tmp_path, API_KEY))
+    assert result.returncode == 1
+    assert result.stdout == f"not serving after 0 s: {url}/v1/chat/completions answered 500: Engine is dead.\n"
+
+
 def test_an_ipv6_base_url_with_a_trailing_slash_is_asked(tmp_path):
     with serving(app_like_vllm(streamed=False), address="::1") as url:
         result = verify(url + "/", env_file(tmp_path, API_KEY))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith("serving: /health 200")
+    assert result.stdout.startswith(f"serving: {SERVED!r} answered a chat completion: 'Hello'")
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -193,16 +237,22 @@ def test_help_documents_every_option(flag):
 
 def test_every_request_goes_through_the_connect_given(server_url):
     """The controller passes a connect of its own (through the host's SSH connection): the
-    script's checks open every connection with it."""
+    script opens every connection with it, one for a serving host, three for one that
+    answers with an error (the completion, then /health and /v1/models to say why)."""
+    verify_vllm = host_script("verify_vllm")
     opened = []
 
     def connect(address, timeout):
         opened.append(address)
         return socket.create_connection(address, timeout)
 
-    summary = host_script("verify_vllm").check_once(server_url, SERVED, API_KEY, connect=connect)
-    assert summary.startswith(f"serving: /health 200, /v1/models lists {SERVED!r}")
-    assert opened == [("127.0.0.1", int(server_url.rsplit(":", 1)[1]))] * 3
+    summary = verify_vllm.check_once(server_url, SERVED, API_KEY, connect=connect)
+    assert summary.startswith(f"serving: {SERVED!r} answered a chat completion")
+    vllm_address = ("127.0.0.1", int(server_url.rsplit(":", 1)[1]))
+    assert opened == [vllm_address]
+    with pytest.raises(verify_vllm.ErrorAnswer, match="/v1/models answered 401"):
+        verify_vllm.check_once(server_url, SERVED, "sk-wrong", connect=connect)
+    assert opened == [vllm_address] * 4
 
 
 def test_the_controller_makes_the_request_itself_on_the_host_it_runs_on(tmp_path):
@@ -223,5 +273,5 @@ def test_the_controller_makes_the_request_itself_on_the_host_it_runs_on(tmp_path
     with serving(app_like_vllm(streamed=False)) as url:
         port = int(url.rsplit(":", 1)[1])
         served, refused = answer(port, API_KEY), answer(port, "sk-wrong")
-    assert served["ok"] and served["detail"].startswith(f"serving: /health 200, /v1/models lists {SERVED!r}, chat completion 'Hello'")
+    assert served["ok"] and served["detail"].startswith(f"serving: {SERVED!r} answered a chat completion: 'Hello'")
     assert not refused["ok"] and refused["detail"].startswith(f"not serving: {url}/v1/models answered 401: ")
