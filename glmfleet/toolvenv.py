@@ -4,6 +4,12 @@ uv (which builds vLLM's venv) and the hub CLIs (hf, modelscope) are installed th
 the host's python3 makes a venv named after the package and version, pip installs the one
 pinned package into it, and the presence of its command says it is done, so a converged host
 runs nothing.
+
+pip itself is not installed into the venv: it runs from the wheel the interpreter's ensurepip
+would have installed (pip supports ``python pip-*.whl/pip install``). Installing pip (and, for
+Python 3.11, setuptools) into a venv compiles some two thousand files: measured on a local fleet
+host (Debian 12, Python 3.11), ``python3 -m venv`` took 5.6 s of CPU of the 7.3 s that installing
+uv did; without it, 3.1 s.
 """
 
 from __future__ import annotations
@@ -17,6 +23,14 @@ from pyinfra.operations import apt, server
 from glmfleet.facts import ask
 
 TOOLS_ROOT = "/opt/glmfleet"
+# The pip wheel the interpreter's ensurepip installs: from the distribution's shared directory
+# where it keeps them apart (Debian and Ubuntu: /usr/share/python-wheels), else ensurepip's own.
+FIND_PIP_WHEEL = (
+    "import ensurepip, glob, os, sys, sysconfig; "
+    "where = sysconfig.get_config_var('WHEEL_PKG_DIR') or os.path.join(os.path.dirname(ensurepip.__file__), '_bundled'); "
+    "wheels = glob.glob(os.path.join(where, 'pip-*.whl')); "
+    "print(max(wheels)) if wheels else sys.exit(f'no pip wheel for ensurepip in {where}')"
+)
 
 
 def tool_dir(package: str, version: str) -> str:
@@ -48,8 +62,9 @@ def install_tool(package: str, version: str, python: str, pip_args: list[str], i
     return server.shell(
         name=f"install {package} {version} in {target}",
         commands=[
-            f"rm -rf {target} && {shlex.quote(python)} -m venv {target} && "
-            f"{target}/bin/pip install --quiet --disable-pip-version-check --no-cache-dir "
+            f"rm -rf {target} && {shlex.quote(python)} -m venv --without-pip {target} && "
+            f"pip_wheel=$({target}/bin/python -c {shlex.quote(FIND_PIP_WHEEL)}) && "
+            f"{target}/bin/python \"$pip_wheel/pip\" install --quiet --disable-pip-version-check --no-cache-dir "
             f"{shlex.join(pip_args)} {shlex.quote(f'{package}=={version}')}"
         ],
     )
