@@ -14,7 +14,8 @@ usage: verify-vllm --base-url http://HOST:PORT --served-model-name NAME [--env-f
   --served-model-name  the name the chat completion asks for (and /v1/models must list)
   --env-file           the unit's EnvironmentFile; VLLM_API_KEY is read from it
   --deadline           seconds to keep trying (default 600; 0: once)
-  --interval           seconds between tries (default 5)
+  --interval           seconds between tries (default 1: a try where nothing listens yet costs
+                       nothing, and a host counts as serving that much sooner)
 """
 
 # Every deploy runs this once per host while planning, so it stays light: plain HTTP over a
@@ -37,7 +38,7 @@ BASE_URL = re.compile(r"http://(?P<netloc>(?:\[(?P<ipv6>[0-9A-Fa-f:.]+(?:%[^\s/\
                       r":(?P<port>[0-9]{1,5}))/*")
 # Seconds each request of a single pass may take (a pass within a longer deadline may take up to 120).
 ONCE_TIMEOUT = 10.0
-OPTIONS = {"base-url": None, "served-model-name": None, "env-file": None, "deadline": "600", "interval": "5"}
+OPTIONS = {"base-url": None, "served-model-name": None, "env-file": None, "deadline": "600", "interval": "1"}
 
 
 def read_env_file(path: str | None) -> dict[str, str]:
