@@ -8,7 +8,8 @@ installed EnvironmentFile, then:
 1. cold start: the exact argv, as the unit's ``User=``, in its ``WorkingDirectory=``, with
    ``env -i`` semantics (the env file's variables, parsed by the project's own verify script,
    plus PATH as systemd sets it); time from exec to the first ``/health`` 200;
-2. the project's verify step (``verify_argv`` + ``--deadline``) against it;
+2. the project's verify step (``verify_argv`` + ``--deadline``) against it; a request with a
+   wrong key; the verify step once for a name the server does not serve (it must say so);
 3. stop as the unit does (SIGTERM, then SIGKILL to what is left after the stop timeout);
 4. warm start: the same again, with ``VLLM_CACHE_ROOT`` (under the persistent state dir) kept
    and ``/tmp`` cleared of the user's compile files, as ``PrivateTmp=yes`` gives each start a
@@ -259,7 +260,13 @@ def smoke() -> int:
         results["wrong_key_status"] = 200
     except urllib.error.HTTPError as error:
         results["wrong_key_status"] = error.code
-    ok = results["runs"][-1]["verify"]["rc"] == 0
+    # A name vLLM does not serve: the verify step's completion gets a 404, which /v1/models explains.
+    unserved = list(verify_argv)
+    unserved[unserved.index("--served-model-name") + 1] = "not-served"
+    results["verify_unserved_name"] = named = run([*unserved, "--deadline", "0"], timeout=60)
+    save()
+    print(f"== verify of a name not served: rc={named['rc']}: {named['tail'].strip()}", flush=True)
+    ok = results["runs"][-1]["verify"]["rc"] == 0 and named["rc"] == 1 and "/v1/models lists" in named["tail"]
     if args.skip_warm:
         stop(cold, "cold")
         return 0 if ok else 1
