@@ -4,6 +4,8 @@ formats and marked as such; and the GPU fact's own command, run on a composed sy
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from glmfleet.facts import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# nvidia-smi's header from driver 610 on ("Driver Version" and "CUDA Version" renamed), as
+# published from a 610.57.04 host.
+R610_HEADER = "| NVIDIA-SMI 610.57.04              KMD Version: 610.57.04     CUDA UMD Version: 13.3     |"
 
 
 def lines(path: Path) -> list[str]:
@@ -38,6 +43,12 @@ def test_no_driver_nvidia_smi_output_means_no_gpus_seen():
     # Real: Debian's nvidia-smi on a machine without the module (see fixtures/nodriver/README.md).
     assert parse_smi_query(lines(FIXTURES / "nodriver" / "nvidia-smi-query-gpu.txt")) is None
     assert parse_cuda_version(lines(FIXTURES / "nodriver" / "nvidia-smi.txt")) is None
+
+
+def test_drivers_from_610_name_the_cuda_version_cuda_umd_version():
+    """Drivers from 610 on renamed "CUDA Version" in nvidia-smi's header and in ``nvidia-smi -q``."""
+    assert parse_cuda_version([R610_HEADER]) == "13.3"
+    assert parse_cuda_version(["    CUDA UMD Version                      : 13.3"]) == "13.3"
 
 
 def test_host_with_packages_installed_but_no_driver_loaded():
@@ -111,6 +122,25 @@ def test_the_facts_own_command_reads_pci_ids_and_modules_from_sysfs(tmp_path):
     (modules / "nouveau" / "initstate").write_text("live\n")
     assert GpuHost().process(subprocess.run(["sh", "-c", command], capture_output=True, text=True,
                                             check=True).stdout.splitlines())["nouveau_loaded"] is True
+
+
+@pytest.mark.parametrize(("knows_version", "expected"), [(True, "13.0"), (False, "13.3")])
+def test_the_facts_own_command_asks_nvidia_smi_version_and_else_its_table(tmp_path, knows_version, expected):
+    """An nvidia-smi with --version (its output as captured on the H100) is asked that alone; one
+    without it (it refuses the option, as nvidia-smi refuses any it does not know) prints its
+    table, here with a 610 driver's header."""
+    version = (FIXTURES / "h100" / "nvidia-smi-version.txt").read_text()
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n"
+                    f"case \"$1\" in\n"
+                    f"  --version) {f'printf %s {shlex.quote(version)}' if knows_version else 'echo Invalid combination of input arguments.; exit 2'} ;;\n"
+                    f"  '') {'exit 1' if knows_version else f'echo {shlex.quote(R610_HEADER)}'} ;;\n"
+                    "  *) exit 9 ;;\n"
+                    "esac\n")
+    fake.chmod(0o755)
+    output = subprocess.run(["sh", "-c", GpuHost().command(headers_candidate=False)], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}).stdout.splitlines()
+    assert GpuHost().process(output)["cuda_version"] == expected
 
 
 # /proc/driver/nvidia/version's first line, as the proprietary and the open modules word it

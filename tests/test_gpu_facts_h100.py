@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from glmfleet.facts import SECTION, GpuHost
+from glmfleet.facts import SECTION, GpuHost, parse_cuda_version
 
 H100 = Path(__file__).parent / "fixtures" / "h100"
 
@@ -52,6 +52,12 @@ def test_separate_captures_parse_into_the_same_picture_as_the_fact():
     ])
     for key in ("gpus", "smi", "cuda_version", "module", "open_modules_required"):
         assert separate[key] == fact[key], key
+
+
+def test_the_drivers_cuda_version_reads_the_same_from_every_nvidia_smi_output():
+    """The fact asks ``nvidia-smi --version``; the status table's header and ``-q`` say the same."""
+    for name in ("nvidia-smi-version.txt", "nvidia-smi.txt", "nvidia-smi-q.txt"):
+        assert parse_cuda_version(capture(name)) == "13.0", name
 
 
 def test_sysfs_listing_agrees_with_the_facts_pci_section():
