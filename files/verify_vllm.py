@@ -187,9 +187,9 @@ def explain(base_url: str, served_name: str, api_key: str | None, timeout: float
     try:
         request(f"{base_url}/health", None, None, timeout, connect)
         payload = request(f"{base_url}/v1/models", api_key, None, timeout, connect)
-    except OSError:  # no answer now says less than the completion's answer did
+        names = [model.get("id") for model in json.loads(payload).get("data", [])]
+    except (OSError, ValueError):  # no answer, or none to read, says less than the completion's did
         return
-    names = [model.get("id") for model in json.loads(payload).get("data", [])]
     if served_name not in names:
         raise RuntimeError(f"/v1/models lists {names}, not {served_name!r}")
 

@@ -7,15 +7,16 @@ import logging
 import socket
 from collections.abc import Callable
 
-from paramiko import ChannelException
+from paramiko import ChannelException, SSHException
 from pyinfra.api.host import Host
 from pyinfra.connectors.local import LocalConnector
 
 
-class NotForwarded(Exception):
+class NotForwarded(ConnectionError):
     """The host's sshd opened no connection for us: it forwards nothing for this login
     (``AllowTcpForwarding no``, a ``restrict`` key, ``PermitOpen``), or its own connection
-    failed (nothing listens there, or sshd cannot reach the address: ``AddressFamily``)."""
+    failed (nothing listens there, or sshd cannot reach the address: ``AddressFamily``).
+    A ConnectionError, as the refusal of a connection made directly would be."""
 
 
 def _transport(host: Host):
@@ -55,7 +56,9 @@ def connect_on_host(host: Host) -> Callable | None:
     """A ``socket.create_connection((address, port), timeout)`` that connects from the host
     itself: through the host's SSH connection, where sshd opens the TCP connection on the host
     (a ``direct-tcpip`` channel, as ``ssh -L`` asks), or directly where pyinfra runs on the host
-    (@local). None for other connectors. A connection sshd does not open raises NotForwarded.
+    (@local). None for other connectors. A connection sshd does not open raises NotForwarded;
+    a channel that does not open in time, or an SSH connection that is gone, ConnectionError:
+    the host script's callers take every OSError for no answer.
     """
     if isinstance(host.connector, LocalConnector):
         return socket.create_connection
@@ -69,6 +72,8 @@ def connect_on_host(host: Host) -> Callable | None:
                                              timeout=timeout)
         except ChannelException as error:
             raise NotForwarded(f"{host.name}'s sshd opened no connection to {address[0]} port {address[1]}: {error.text}") from None
+        except SSHException as error:  # "Timeout opening channel.", "SSH session not active"
+            raise ConnectionError(f"{host.name}'s SSH connection opened no channel: {error}") from None
         channel.settimeout(timeout)
         return channel
 

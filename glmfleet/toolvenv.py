@@ -23,13 +23,14 @@ from pyinfra.operations import apt, server
 from glmfleet.facts import ask
 
 TOOLS_ROOT = "/opt/glmfleet"
-# The pip wheel the interpreter's ensurepip installs: from the distribution's shared directory
-# where it keeps them apart (Debian and Ubuntu: /usr/share/python-wheels), else ensurepip's own.
+# The pip wheel the interpreter's ensurepip installs, looked for where ensurepip looks: the
+# distribution's shared directory where it keeps them apart (Debian and Ubuntu:
+# /usr/share/python-wheels), then ensurepip's own.
 FIND_PIP_WHEEL = (
     "import ensurepip, glob, os, sys, sysconfig; "
-    "where = sysconfig.get_config_var('WHEEL_PKG_DIR') or os.path.join(os.path.dirname(ensurepip.__file__), '_bundled'); "
-    "wheels = glob.glob(os.path.join(where, 'pip-*.whl')); "
-    "print(max(wheels)) if wheels else sys.exit(f'no pip wheel for ensurepip in {where}')"
+    "places = [sysconfig.get_config_var('WHEEL_PKG_DIR'), os.path.join(os.path.dirname(ensurepip.__file__), '_bundled')]; "
+    "wheels = next((found for place in places if place and (found := sorted(glob.glob(os.path.join(place, 'pip-*.whl'))))), None); "
+    "print(wheels[-1]) if wheels else sys.exit(f'no pip wheel for ensurepip in {places}')"
 )
 
 

@@ -244,6 +244,6 @@ def test_verify_checks_again_after_a_planned_change_though_the_host_served():
     def restart_then_verify():
         verify(changes=[server.shell(name="restart", commands=["true"])])
 
-    serving = {"--deadline 0": ["serving: /health 200", "rc=0"]}
+    serving = {"--deadline 0": ["serving: 'm' answered a chat completion: 'Hi'", "rc=0"]}
     assert [op.name for op in plan(restart_then_verify, {"model_revision": "0" * 40}, serving)][-1] == (
         "verify vLLM serves | verify a real request is served")

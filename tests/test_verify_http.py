@@ -30,9 +30,9 @@ SERVED = "glm-4-9b"
 OTHER_MODELS = [{"id": f"padding-model-{index:05d}", "object": "model"} for index in range(3000)]
 
 
-def app_like_vllm(streamed: bool, healthy: bool = True) -> FastAPI:
-    """vLLM's answers, as its API server gives them; unhealthy: its engine is dead (/health
-    503, every completion 500)."""
+def app_like_vllm(streamed: bool, health: int = 200, completion_error: int | None = None) -> FastAPI:
+    """vLLM's answers, as its API server gives them; health: /health's status (503: the engine
+    is dead); completion_error: the status every completion gets instead of an answer."""
     app = FastAPI()
 
     def authorized(authorization: str | None) -> None:
@@ -46,9 +46,9 @@ def app_like_vllm(streamed: bool, healthy: bool = True) -> FastAPI:
         return payload
 
     @app.get("/health")
-    def health():
-        if not healthy:
-            raise HTTPException(status_code=503)
+    def health_check():
+        if health != 200:
+            raise HTTPException(status_code=health)
 
     @app.get("/v1/models")
     def models(authorization: str | None = Header(default=None)):
@@ -62,8 +62,8 @@ def app_like_vllm(streamed: bool, healthy: bool = True) -> FastAPI:
         assert body["messages"][0]["role"] == "user"
         if body["model"] != SERVED:
             raise HTTPException(status_code=404, detail=f"The model `{body['model']}` does not exist.")
-        if not healthy:
-            raise HTTPException(status_code=500, detail="EngineCore encountered an issue.")
+        if completion_error:
+            raise HTTPException(status_code=completion_error, detail="EngineCore encountered an issue.")
         return answer({"choices": [{"message": {"role": "assistant", "content": "Hello"}}], "usage": {"completion_tokens": 1}})
 
     return app
@@ -129,10 +129,18 @@ def test_a_name_the_server_does_not_serve_is_named_with_those_it_does(server_url
 
 
 def test_a_dead_engine_is_named_by_its_health(tmp_path):
-    with serving(app_like_vllm(streamed=False, healthy=False)) as url:
+    with serving(app_like_vllm(streamed=False, health=503, completion_error=500)) as url:
         result = verify(url, env_file(tmp_path, API_KEY))
     assert result.returncode == 1
     assert result.stdout.startswith(f"not serving after 0 s: {url}/health answered 503: ")
+
+
+def test_an_error_answer_the_other_checks_find_nothing_behind_is_reported_as_given(tmp_path):
+    with serving(app_like_vllm(streamed=False, completion_error=500)) as url:
+        result = verify(url, env_file(tmp_path, API_KEY))
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"not serving after 0 s: {url}/v1/chat/completions answered 500: ")
+    assert "EngineCore encountered an issue." in result.stdout
 
 
 def test_nothing_listening_is_no_answer(tmp_path):
@@ -253,6 +261,27 @@ def test_every_request_goes_through_the_connect_given(server_url):
     with pytest.raises(verify_vllm.ErrorAnswer, match="/v1/models answered 401"):
         verify_vllm.check_once(server_url, SERVED, "sk-wrong", connect=connect)
     assert opened == [vllm_address] * 4
+
+
+def test_a_connection_sshd_does_not_open_while_explaining_leaves_the_completions_answer():
+    """The controller's connect raises NotForwarded where the host's sshd opens no connection
+    (vLLM went away after answering): like a refused connection, it leaves the completion's
+    own answer to tell what is wrong."""
+    from glmfleet.connection import NotForwarded
+
+    verify_vllm = host_script("verify_vllm")
+    opened = []
+
+    def connect(address, timeout):
+        opened.append(address)
+        if len(opened) > 1:
+            raise NotForwarded(f"fleet-01's sshd opened no connection to {address[0]} port {address[1]}: Connect failed")
+        return socket.create_connection(address, timeout)
+
+    with serving(app_like_vllm(streamed=False, completion_error=500)) as url:
+        with pytest.raises(verify_vllm.ErrorAnswer, match="/v1/chat/completions answered 500"):
+            verify_vllm.check_once(url, SERVED, API_KEY, connect=connect)
+    assert len(opened) == 2  # the completion, then /health: sshd opened no connection for it
 
 
 def test_the_controller_makes_the_request_itself_on_the_host_it_runs_on(tmp_path):
