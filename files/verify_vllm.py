@@ -15,7 +15,8 @@ usage: verify-vllm --base-url http://HOST:PORT --served-model-name NAME [--env-f
   --env-file           the unit's EnvironmentFile; VLLM_API_KEY is read from it
   --deadline           seconds to keep trying (default 600; 0: once)
   --interval           seconds between tries (default 1: a try where nothing listens yet costs
-                       nothing, and a host counts as serving that much sooner)
+                       nothing, and a host counts as serving that much sooner); at least 5
+                       after a try the server answered without serving
 """
 
 # Every deploy runs this once per host while planning, so it stays light: plain HTTP over a
@@ -38,6 +39,7 @@ BASE_URL = re.compile(r"http://(?P<netloc>(?:\[(?P<ipv6>[0-9A-Fa-f:.]+(?:%[^\s/\
                       r":(?P<port>[0-9]{1,5}))/*")
 # Seconds each request of a single pass may take (a pass within a longer deadline may take up to 120).
 ONCE_TIMEOUT = 10.0
+ANSWERED_INTERVAL = 5.0  # seconds at least between tries that the server answered with an error
 OPTIONS = {"base-url": None, "served-model-name": None, "env-file": None, "deadline": "600", "interval": "1"}
 
 
@@ -219,10 +221,13 @@ def main(argv: list[str]) -> int:
             return 0
         except Exception as error:  # every failure is reported the same way: what was seen
             last = describe(error)
-        if time.monotonic() + interval > give_up:
+            # A server that answers without serving is not loading: a fix takes a restart, and
+            # asking every second would only fill its log.
+            pause = interval if isinstance(error, OSError) else max(interval, ANSWERED_INTERVAL)
+        if time.monotonic() + pause > give_up:
             print(f"not serving after {deadline:.0f} s: {last}")
             return 1
-        time.sleep(interval)
+        time.sleep(pause)
 
 
 if __name__ == "__main__":

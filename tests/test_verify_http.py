@@ -55,8 +55,11 @@ def app_like_vllm(streamed: bool, health: int = 200, completion_error: int | Non
         authorized(authorization)
         return answer({"object": "list", "data": [*OTHER_MODELS, {"id": SERVED, "object": "model"}]})
 
+    app.state.completions_asked = 0
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request, authorization: str | None = Header(default=None)):
+        app.state.completions_asked += 1
         authorized(authorization)
         body = await request.json()
         assert body["messages"][0]["role"] == "user"
@@ -119,6 +122,17 @@ def test_a_refused_key_fails_with_the_servers_answer(server_url, tmp_path):
     assert result.returncode == 1
     assert f"not serving after 0 s: {server_url}/v1/models answered 401: " in result.stdout
     assert "Unauthorized" in result.stdout
+
+
+def test_a_server_that_answers_without_serving_is_asked_again_only_after_five_seconds(tmp_path):
+    """Tries come every --interval while nothing answers, but a server that answers with an
+    error is not loading: asking it every second would only fill its log."""
+    app = app_like_vllm(streamed=False)
+    with serving(app) as url:
+        result = run_script("--base-url", url, "--served-model-name", SERVED, "--env-file", str(env_file(tmp_path, "sk-wrong")),
+                            "--deadline", "3", "--interval", "1")
+    assert result.returncode == 1 and "/v1/models answered 401" in result.stdout
+    assert app.state.completions_asked == 1
 
 
 def test_a_name_the_server_does_not_serve_is_named_with_those_it_does(server_url, tmp_path):
