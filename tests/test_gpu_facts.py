@@ -129,14 +129,13 @@ def test_the_facts_own_command_asks_nvidia_smi_version_and_else_its_table(tmp_pa
     """An nvidia-smi with --version (its output as captured on the H100) is asked that alone; one
     without it (it refuses the option, as nvidia-smi refuses any it does not know) prints its
     table, here with a 610 driver's header."""
-    version = (FIXTURES / "h100" / "nvidia-smi-version.txt").read_text()
+    if knows_version:
+        version = (FIXTURES / "h100" / "nvidia-smi-version.txt").read_text()
+        asked_version, asked_table = f"printf %s {shlex.quote(version)}", "exit 1"
+    else:
+        asked_version, asked_table = "echo Invalid combination of input arguments.; exit 2", f"echo {shlex.quote(R610_HEADER)}"
     fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\n"
-                    f"case \"$1\" in\n"
-                    f"  --version) {f'printf %s {shlex.quote(version)}' if knows_version else 'echo Invalid combination of input arguments.; exit 2'} ;;\n"
-                    f"  '') {'exit 1' if knows_version else f'echo {shlex.quote(R610_HEADER)}'} ;;\n"
-                    "  *) exit 9 ;;\n"
-                    "esac\n")
+    fake.write_text(f"#!/bin/sh\ncase \"$1\" in\n  --version) {asked_version} ;;\n  '') {asked_table} ;;\n  *) exit 9 ;;\nesac\n")
     fake.chmod(0o755)
     output = subprocess.run(["sh", "-c", GpuHost().command(headers_candidate=False)], capture_output=True, text=True,
                             check=True, env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}).stdout.splitlines()

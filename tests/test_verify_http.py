@@ -166,19 +166,27 @@ def test_nothing_listening_is_no_answer(tmp_path):
     assert result.stdout.startswith("not serving after 0 s: no answer: ")
 
 
-def test_a_server_that_closes_without_answering_is_no_answer(tmp_path):
+@contextmanager
+def one_connection(handle):
+    """A bare TCP server on loopback: ``handle(connection, listener)`` gets the first connection
+    it accepts, in a thread. Yields its base URL."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
+    threading.Thread(target=lambda: handle(listener.accept()[0], listener), daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
 
-    def close_the_connection():
-        connection, _ = listener.accept()
+
+def test_a_server_that_closes_without_answering_is_no_answer(tmp_path):
+    def close_the_connection(connection, _listener):
         connection.recv(1 << 16)  # the request read: closing now sends a FIN, not a reset
         connection.close()
 
-    threading.Thread(target=close_the_connection, daemon=True).start()
-    result = verify(f"http://127.0.0.1:{listener.getsockname()[1]}", env_file(tmp_path, API_KEY))
-    listener.close()
+    with one_connection(close_the_connection) as url:
+        result = verify(url, env_file(tmp_path, API_KEY))
     assert result.returncode == 1
     assert result.stdout == "not serving after 0 s: no answer: the server closed the connection without an answer\n"
 
@@ -186,20 +194,14 @@ def test_a_server_that_closes_without_answering_is_no_answer(tmp_path):
 def test_an_error_answer_is_reported_as_given_where_nothing_answers_after_it(tmp_path):
     """A server that answers the completion with an error, then stops: /health and /v1/models
     get no answer, which says less than the completion's answer did."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-
-    def answer_once_then_stop():
-        connection, _ = listener.accept()
+    def answer_once_then_stop(connection, listener):
         connection.recv(1 << 16)
         listener.close()  # before answering: the next connection is refused, never left waiting
         connection.sendall(b"HTTP/1.0 500 Internal Server Error\r\nContent-Length: 15\r\n\r\nEngine is dead.")
         connection.close()
 
-    threading.Thread(target=answer_once_then_stop, daemon=True).start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    result = verify(url, env_file(tmp_path, API_KEY))
+    with one_connection(answer_once_then_stop) as url:
+        result = verify(url, env_file(tmp_path, API_KEY))
     assert result.returncode == 1
     assert result.stdout == f"not serving after 0 s: {url}/v1/chat/completions answered 500: Engine is dead.\n"
 
