@@ -10,9 +10,7 @@ error that names host, key, value and what would be accepted.
 from __future__ import annotations
 
 import difflib
-import ipaddress
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -22,6 +20,7 @@ from pyinfra.api import State
 from pyinfra.api.exceptions import PyinfraError
 
 from glmfleet import catalog
+from glmfleet.checks import Check, control_characters, redact
 
 # Keys that belong to pyinfra itself (connectors and global arguments), not to glmfleet.
 PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_", "fake_")
@@ -35,84 +34,20 @@ class ConfigError(PyinfraError):
 class Setting:
     """One data key: its default, what it means, and which values it accepts.
 
-    ``check`` returns True for an acceptable value; ``accepted`` says what is accepted, for
-    the error message. ``secret`` values are never echoed back.
+    ``check`` tests a value and says what it accepts (``checks.Check``); ``accepted`` only where
+    the words must say more than the check's. ``secret`` values are never echoed back.
     """
 
     name: str
     default: Any
     doc: str
-    accepted: str
-    check: Callable[[Any], bool]
+    check: Check
     secret: bool = False
+    accepted_text: str | None = None
 
-
-# Value checks, combined by the settings that use them.
-
-
-def is_str(value: Any) -> bool:
-    return isinstance(value, str) and value != ""
-
-
-def is_int_in(low: int, high: int) -> Callable[[Any], bool]:
-    return lambda value: type(value) is int and low <= value <= high
-
-
-def is_number_in(low: float, high: float) -> Callable[[Any], bool]:
-    """A float in the half-open range (low, high]."""
-    return lambda value: type(value) in (int, float) and low < value <= high
-
-
-def is_bool(value: Any) -> bool:
-    return type(value) is bool
-
-
-def is_one_of(*choices: str) -> Callable[[Any], bool]:
-    return lambda value: value in choices
-
-
-def is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(is_str(item) for item in value)
-
-
-def is_env_dict(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)) and isinstance(val, str) and "\n" not in val
-        for key, val in value.items()
-    )
-
-
-def is_abs_path(value: Any) -> bool:
-    return is_str(value) and value.startswith("/") and "\n" not in value
-
-
-def is_listen_address(value: Any) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: value is None or check(value)
-
-
-def is_pinned_requirement(value: Any) -> bool:
-    """``name==version`` (extras allowed): a pin, not a range, so re-runs install the same."""
-    return is_str(value) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+", value) is not None
-
-
-def is_version(value: Any) -> bool:
-    return is_str(value) and re.fullmatch(r"[0-9][A-Za-z0-9.+!_-]*", value) is not None
-
-
-def is_url(value: Any) -> bool:
-    return is_str(value) and re.fullmatch(r"(https?|file)://\S+", value) is not None
-
-
-def is_url_list(value: Any) -> bool:
-    return isinstance(value, list) and all(is_url(item) for item in value)
+    @property
+    def accepted(self) -> str:
+        return self.accepted_text or self.check.accepted
 
 
 class HostConfig(Mapping):
@@ -153,11 +88,13 @@ def all_settings() -> dict[str, Setting]:
 
 
 def show(setting: Setting | None, value: Any) -> str:
-    return "<hidden>" if setting is not None and setting.secret else repr(value)
+    """A value as an error message shows it: a secret hidden, a URL's credentials masked."""
+    return "<hidden>" if setting is not None and setting.secret else redact(repr(value))
 
 
-def problems(data: Mapping[str, Any], host: str) -> list[str]:
-    """Every problem with one host's data, each naming host, key, value and what is accepted."""
+def problems(data: Mapping[str, Any], host: str, groups: Iterable[str] = ()) -> list[str]:
+    """Every problem with one host's data, each naming host, key, value and what is accepted;
+    ``groups``: the inventory groups the host is in (a gateway's ports, say)."""
     settings = all_settings()
     found = []
     for key, value in data.items():
@@ -170,11 +107,17 @@ def problems(data: Mapping[str, Any], host: str) -> list[str]:
             + "; see README.md for the keys glmfleet reads"
         )
     for key, setting in settings.items():
-        if key in data and not setting.check(data[key]):
+        if key not in data:
+            continue
+        if control_characters(data[key]):
+            found.append(f"{host}: {key} = {show(setting, data[key])} is invalid: it holds a control character (a newline, "
+                         "tab, NUL, escape...), which no command line, unit, env file or config file glmfleet writes "
+                         f"can hold; accepted: {setting.accepted}")
+        elif not setting.check(data[key]):
             found.append(f"{host}: {key} = {show(setting, data[key])} is invalid; accepted: {setting.accepted}")
     if found:
         return found
-    return [f"{host}: {message}" for message in combination_problems(values(data, settings))]
+    return [f"{host}: {message}" for message in combination_problems(values(data, settings), frozenset(groups))]
 
 
 # Keys whose catalog default and user value combine: the user's entry wins per variable or per
@@ -212,12 +155,13 @@ def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, A
     return result
 
 
-def combination_problems(cfg: dict[str, Any]) -> Iterable[str]:
-    """Values that are each fine alone but cannot work together."""
+def combination_problems(cfg: dict[str, Any], groups: frozenset[str] = frozenset()) -> Iterable[str]:
+    """Values that are each fine alone but cannot work together (each role's ``combination_problems``)."""
     from roles import ROLES
 
     for role in ROLES:
-        yield from role.combination_problems(cfg)
+        if hasattr(role, "combination_problems"):
+            yield from role.combination_problems(cfg, groups)
 
 
 def resolve(data: Mapping[str, Any], host: str = "localhost") -> HostConfig:
@@ -253,7 +197,7 @@ def validate_inventory(inventory) -> dict[str, HostConfig]:
     found, configs = [], {}
     for host in inventory:
         data = host_data(host)
-        host_problems = problems(data, host.name)
+        host_problems = problems(data, host.name, host.groups)
         if host_problems:
             found.extend(host_problems)
         else:

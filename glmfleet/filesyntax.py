@@ -1,0 +1,94 @@
+"""One rule per file syntax: how a value is written into each kind of file glmfleet renders
+(a systemd unit's command line, a systemd or Docker environment file, nginx's configuration,
+authorized_keys, known_hosts), so that the program that reads the file reads back exactly the
+value, or the value is refused with the reason. Control characters never get here: the
+configuration refuses them in every setting (``checks.control_characters``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from glmfleet import checks
+
+
+class Unwritable(ValueError):
+    """A value this file's syntax cannot hold; the message says why."""
+
+
+def no_line_breaks(value: str, where: str) -> str:
+    if checks.CONTROL.search(value):
+        raise Unwritable(f"{where} cannot hold a control character (a newline, tab, NUL...)")
+    return value
+
+
+# --- systemd unit files (systemd.service(5), systemd.syntax(7)) ---------------------------------
+
+SYSTEMD_BARE = re.compile(r"[\w@%+=:,./$~-]+")
+
+
+def systemd_word(arg: str) -> str:
+    """One argument of ExecStart= (and the other settings that split words): ``%`` specifiers and
+    ``$`` variables escaped, quoted where it has anything else than plain characters, and a lone
+    ``;`` (which separates commands) escaped."""
+    no_line_breaks(arg, "a systemd unit")
+    escaped = arg.replace("%", "%%").replace("$", "$$")
+    if escaped == ";":
+        return "\\;"
+    if SYSTEMD_BARE.fullmatch(escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_text(value: str) -> str:
+    """Free text of a unit (Description=): only ``%`` specifiers are expanded there."""
+    return no_line_breaks(value, "a systemd unit").replace("%", "%%")
+
+
+def systemd_command_line(argv: list[str]) -> str:
+    return " ".join(systemd_word(arg) for arg in argv)
+
+
+def systemd_env_line(name: str, value: str) -> str:
+    """``NAME="value"`` for EnvironmentFile=: in double quotes systemd reads ``\\"``, ``\\\\``,
+    ``\\$`` and ``\\``` as the character itself, so the value is read back exactly, never expanded."""
+    no_line_breaks(value, "an environment file")
+    return f'{name}="' + re.sub(r'(["\\\\$`])', r"\\\1", value) + '"'
+
+
+# --- Docker's --env-file ---------------------------------------------------------------------
+
+
+def docker_env_line(name: str, value: str) -> str:
+    """``NAME=value``: Docker takes everything after the first ``=`` literally, to the line's end."""
+    return f"{name}={no_line_breaks(value, 'a Docker env file')}"
+
+
+# --- nginx configuration -----------------------------------------------------------------------
+
+
+def nginx_string(value: str) -> str:
+    """A double-quoted nginx string (a ``map`` source value): ``\\`` and ``"`` escaped."""
+    no_line_breaks(value, "nginx's configuration")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- OpenSSH's authorized_keys and known_hosts (sshd(8)) ---------------------------------------
+
+
+def authorized_keys_option(value: str) -> str:
+    """A quoted option value (``command="..."``): sshd ends it at the first ``"`` not preceded by
+    a backslash and has no escape for a backslash itself, so both are refused."""
+    no_line_breaks(value, "authorized_keys")
+    if '"' in value or "\\" in value:
+        raise Unwritable("an authorized_keys option cannot hold a double quote or a backslash")
+    return f'"{value}"'
+
+
+def known_hosts_host(hostname: str, port: int | str) -> str:
+    """A known_hosts host pattern for one host: ``[name]:port``, or the bare name on port 22.
+    Only a host name or IP address: a comma, space, ``*``, ``?`` or ``!`` would make it a list
+    or a pattern that matches other hosts."""
+    if not checks.host_or_address(hostname):
+        raise Unwritable(f"{hostname!r} is not a host name or IP address, which is all known_hosts may hold")
+    return hostname if str(port) == "22" else f"[{hostname}]:{int(port)}"
