@@ -33,12 +33,13 @@ def data_overrides(pairs: list[str]) -> dict:
     return data
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmfleet", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     roll = commands.add_parser("rollout", help="apply the inventory to a serving fleet in health-gated batches")
+    # argparse formats help with %: a percentage in the default is written %% to print as %.
     roll.add_argument("--batch", default=DEFAULT_BATCHES,
-                      help=f"batch sizes, counts or percentages; the last repeats (default {DEFAULT_BATCHES})")
+                      help=f"batch sizes, counts or percentages; the last repeats (default {DEFAULT_BATCHES.replace('%', '%%')})")
     roll.add_argument("--max-fail", default=DEFAULT_MAX_FAIL,
                       help="stop once more hosts failed than this count or percentage (default 0)")
     status = commands.add_parser("status", help="per host: unit, vLLM version, model, GPUs, health, requests")
@@ -47,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("--limit", action="append", default=[], help="only this group or host name pattern")
         command.add_argument("--data", action="append", default=[], help="override data, key=value (as pyinfra)")
         command.add_argument("-v", "--verbose", action="store_true", help="show pyinfra's output")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     logging.getLogger("pyinfra").setLevel(logging.INFO if args.verbose else logging.CRITICAL)

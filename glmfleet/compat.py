@@ -27,6 +27,13 @@ from glmfleet import catalog
 # graphs. A deliberately low floor: the check refuses what cannot fit, not what might be tight.
 RESERVE_GIB = 1.0
 TP_SIZES = (1, 2, 4, 8)  # tensor parallel sizes on one host
+# vLLM 0.8.4 first shipped glm4.py (the GLM-4-0414 models), broken; fixed upstream by vLLM PR
+# #16618 in 0.8.5. roles/glm4_patch.py patches it; the image runtime lays the patched copy over.
+GLM4_BROKEN_IN = "0.8.4"
+
+
+def needs_glm4_patch(cfg: Mapping[str, Any]) -> bool:
+    return cfg["vllm_package"] == "vllm" and cfg["vllm_version"] == GLM4_BROKEN_IN
 
 
 def vllm_release(cfg: Mapping[str, Any]) -> Version | None:

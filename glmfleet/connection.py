@@ -6,9 +6,13 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
+from weakref import WeakSet
 
 from paramiko import ChannelException, SSHException
+from pyinfra import logger
+from pyinfra.api import State
 from pyinfra.api.host import Host
+from pyinfra.api.state import BaseStateCallback
 from pyinfra.connectors.local import LocalConnector
 
 
@@ -78,3 +82,37 @@ def connect_on_host(host: Host) -> Callable | None:
         return channel
 
     return connect
+
+
+def connection_lost(host: Host) -> bool:
+    """Whether the host's SSH connection is gone (the host powered off, rebooted, or its network
+    dropped); False for other connectors."""
+    transport = _transport(host)
+    return transport is not None and not transport.is_active()
+
+
+class LostConnections(BaseStateCallback):
+    """Names each host whose connection is gone when one of its operations fails, with the
+    cause and the step: pyinfra's own line says only how many commands ran."""
+
+    def __init__(self) -> None:
+        self.lost: dict[str, str] = {}
+
+    def operation_host_error(self, state, host, op_hash, retry_count=0, max_retries=0):
+        if host.name not in self.lost and connection_lost(host):
+            step = " / ".join(sorted(state.op_meta[op_hash].names))
+            self.lost[host.name] = f"connection lost during {step}: the host is down or its network is unreachable"
+            logger.error(f"--> {host.name}: {self.lost[host.name]}")
+
+
+_REPORTING: WeakSet = WeakSet()
+
+
+def report_lost_connections(state: State) -> LostConnections | None:
+    """Add a ``LostConnections`` to a run, once (deploy.py runs once per host)."""
+    if state in _REPORTING:
+        return None
+    _REPORTING.add(state)
+    handler = LostConnections()
+    state.add_callback_handler(handler)
+    return handler

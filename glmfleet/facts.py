@@ -12,7 +12,6 @@ import functools
 import importlib.util
 import json
 import re
-import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -25,8 +24,16 @@ from pyinfra.api.exceptions import FactProcessError
 from pyinfra.api.host import Host
 
 from glmfleet import FILES
+from glmfleet.layout import (
+    COMPLETE_MARKER,
+    DKMS_SIGNING_KEYS,
+    EFI_SECURE_BOOT_VAR,
+    MADE_DIRS_RECORD,
+    ROOT_AUTHORIZED_KEYS,
+    SSH_HOST_KEY_PUB,
+)
+from glmfleet.shell import join, quote
 
-COMPLETE_MARKER = ".glmfleet-complete"
 
 _ANSWERS: WeakKeyDictionary[State, dict] = WeakKeyDictionary()
 _ASKING: WeakKeyDictionary[State, dict[tuple, Event]] = WeakKeyDictionary()
@@ -138,7 +145,7 @@ def together_part(fact: FactBase, kwargs: dict) -> str:
     if isinstance(command, StringCommand):  # str() would show masked values as masked
         command = command.get_raw_value()
     requires = fact.requires_command(**kwargs) if callable(fact.requires_command) else fact.requires_command
-    check = f"command -v {shlex.quote(requires)} >/dev/null 2>&1 || exit 127; " if requires else ""
+    check = f"command -v {quote(requires)} >/dev/null 2>&1 || exit 127; " if requires else ""
     # The newline ends a trailing comment or heredoc of the fact's command inside its part.
     return f"( {check}{command}\n)"
 
@@ -173,8 +180,10 @@ class Together(FactBase):
 
 
 class VllmVenvs(FactBase):
-    """The venvs under a glmfleet vLLM root: which are complete, and where ``current`` and
-    ``previous`` point, plus whether the pinned uv is installed.
+    """The venvs under a glmfleet vLLM root: which are complete (the completion marker there,
+    and every file it records there: the interpreter, the vllm entry point, the package's
+    metadata and module), and where ``current`` and ``previous`` point, plus whether the pinned
+    uv is installed.
 
     .. code:: python
 
@@ -182,7 +191,7 @@ class VllmVenvs(FactBase):
     """
 
     def command(self, root: str, uv: str) -> str:
-        root, uv = shlex.quote(root), shlex.quote(uv)
+        root, uv = quote(root), quote(uv)
         return (
             f"test -x {uv} && echo uv=1; "
             f"cd {root} 2>/dev/null || exit 0; "
@@ -190,7 +199,13 @@ class VllmVenvs(FactBase):
             # non-link an empty target.
             "find current previous -maxdepth 0 -printf '%f=%l\\n' 2>/dev/null; "
             # ${d%/} and ${d##*/}, not basename: every host runs this every run, a process per venv.
-            f"for d in venvs/*/; do test -e \"$d{COMPLETE_MARKER}\" && {{ d=${{d%/}}; echo complete=${{d##*/}}; }}; done; "
+            # A marker's record, a relative path a line (no spaces: bin/, lib/python3.X/site-packages/),
+            # must all be there; test -e follows the interpreter's link: a python gone is a venv gone.
+            # An empty marker (an older glmfleet's) records the interpreter and the entry point.
+            f"for d in venvs/*/; do m=\"$d{COMPLETE_MARKER}\"; test -e \"$m\" || continue; whole=1; "
+            "for f in bin/python bin/vllm; do test -e \"$d$f\" || whole=; done; "
+            "while read -r f; do test -e \"$d$f\" || whole=; done < \"$m\"; "
+            "test -n \"$whole\" && { d=${d%/}; echo complete=${d##*/}; }; done; "
             "true"
         )
 
@@ -220,8 +235,8 @@ class VllmServes(FactBase):
     """
 
     def command(self, verify_argv: list[str]) -> str:
-        script = shlex.quote(verify_argv[0])
-        return f"test -x {script} || {{ echo 'verify script not installed'; exit 0; }}; {shlex.join(verify_argv)} --deadline 0 2>&1; echo rc=$?"
+        script = quote(verify_argv[0])
+        return f"test -x {script} || {{ echo 'verify script not installed'; exit 0; }}; {join(verify_argv)} --deadline 0 2>&1; echo rc=$?"
 
     @staticmethod
     def default():
@@ -259,10 +274,12 @@ class ListeningPorts(FactBase):
         [(22, "ssh.service"), (8000, "vllm.service"), (9000, None)]
     """
 
+    default = list
+
     def command(self, port: int | None = None) -> str:
         """port: only that port's listeners."""
         only = f" '( sport = :{int(port)} )'" if port else ""
-        return f"ss -Hltnp{only} | awk -v proc=/proc {shlex.quote(LISTENER_SERVICE)}"
+        return f"ss -Hltnp{only} | awk -v proc=/proc {quote(LISTENER_SERVICE)}"
 
     def requires_command(self, port: int | None = None) -> str:
         return "ss"
@@ -280,7 +297,7 @@ class Glm4Source(FactBase):
     """The sha256 of vLLM's ``glm4.py`` in a venv (None when the venv has no such file)."""
 
     def command(self, venv: str) -> str:
-        path = f"{shlex.quote(venv)}/lib/python3*/site-packages/vllm/model_executor/models/glm4.py"
+        path = f"{quote(venv)}/lib/python3*/site-packages/vllm/model_executor/models/glm4.py"
         return f"for f in {path}; do test -f \"$f\" && sha256sum \"$f\"; done; true"
 
     def process(self, output):
@@ -299,8 +316,6 @@ NVSWITCH_CLASS = "0680"
 # 0x29xx and up Blackwell (GB100/GB20x) and later, which only the open kernel modules drive.
 FIRST_OPEN_ONLY_DEVICE = 0x2900
 SMI_QUERY = "index,name,pci.bus_id,driver_version,memory.total,persistence_mode,compute_cap"
-EFI_SECURE_BOOT_VAR = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
-DKMS_SIGNING_KEYS = ("/var/lib/dkms/mok.pub", "/var/lib/shim-signed/mok/MOK.der")
 
 
 def split_sections(output: list[str]) -> dict[str, list[str]]:
@@ -487,6 +502,30 @@ def gpu_host(sections: dict[str, list[str]]) -> dict:
     }
 
 
+class DriverBranchesOffered(FactBase):
+    """The NVIDIA driver branches the host's apt lists offer from its distribution: Ubuntu's
+    signed precompiled ``nvidia-headless-no-dkms-BRANCH-server`` packages, Debian's
+    ``nvidia-driver`` versions. Sorted, as strings; empty where the lists offer none.
+
+    .. code:: python
+
+        ["535"]
+    """
+
+    default = list
+
+    def command(self) -> str:
+        return ("apt-cache pkgnames nvidia-headless-no-dkms- 2>/dev/null; "
+                "apt-cache madison nvidia-driver 2>/dev/null | cut -d'|' -f2; true")
+
+    def process(self, output):
+        branches = set()
+        for line in output:
+            if match := re.fullmatch(r"nvidia-headless-no-dkms-([0-9]{3})-server(-open)?|\s*([0-9]{3})\.\S*\s*", line):
+                branches.add(match[1] or match[3])
+        return sorted(branches)
+
+
 class DebPackageStates(FactBase):
     """Installed Debian packages with their version and whether they are held
     (``apt-mark hold``), in one ``dpkg-query``.
@@ -529,9 +568,9 @@ class ContainerHost(FactBase):
     def command(self, image: str, cdi_spec: str) -> str:
         return "; ".join([
             f"echo '{SECTION} daemon_json'", "cat /etc/docker/daemon.json 2>/dev/null",
-            f"echo '{SECTION} cdi_spec'", f"test -s {shlex.quote(cdi_spec)} && echo present",
+            f"echo '{SECTION} cdi_spec'", f"test -s {quote(cdi_spec)} && echo present",
             f"echo '{SECTION} image'",
-            f"command -v docker >/dev/null && docker image inspect --format '{{{{.Id}}}}' {shlex.quote(image)} 2>/dev/null",
+            f"command -v docker >/dev/null && docker image inspect --format '{{{{.Id}}}}' {quote(image)} 2>/dev/null",
             "true",
         ])
 
@@ -559,37 +598,43 @@ class ContainerHost(FactBase):
 class ModelWeights(FactBase):
     """One model revision's state on this host: the weights script's host-local state file and
     a stat of every file in the model directory (no hashing), judged here by the script's own
-    ``completion``; plus which hub CLIs are installed and the host's SSH host key (the other
-    hosts' known_hosts for peer copies). Shell only: a Python started on every host on every
-    run was a quarter of a converged host's CPU per deploy (benchmarks/RESULTS.md).
+    ``completion``; plus which hub CLIs are installed, the host's SSH host key (the other
+    hosts' known_hosts for peer copies), and the lines of root's authorized_keys that hold one
+    of ``transfer_marks`` (glmfleet's transfer keys). Shell only: a Python started on every
+    host on every run was a quarter of a converged host's CPU per deploy (benchmarks/RESULTS.md).
 
     .. code:: python
 
         {"complete": False, "reason": "files changed since verified", "changed": ["model-00003-of-00005.safetensors"],
-         "tools": ["/opt/glmfleet/huggingface_hub-2.4.0/bin/hf"], "host_key": "ssh-ed25519 AAAA..."}
+         "tools": ["/opt/glmfleet/huggingface_hub-2.4.0/bin/hf"], "host_key": "ssh-ed25519 AAAA...",
+         "authorized": ['restrict,command="/usr/bin/rrsync -ro /var/lib/glmfleet/models" ssh-ed25519 AAAA... glmfleet-peer-transfer']}
     """
 
-    def command(self, state_file: str, model_dir: str, key: str, tools: list[str]) -> str:
+    def command(self, state_file: str, model_dir: str, key: str, tools: list[str], transfer_marks: list[str] = ()) -> str:
+        marks = " ".join(f"-e {quote(mark)}" for mark in transfer_marks)
         return "; ".join([
-            f"echo '{SECTION} key'", f"echo {shlex.quote(key)}",
-            f"echo '{SECTION} tools'", f'for tool in {shlex.join(tools)}; do test -x "$tool" && echo "$tool"; done',
+            f"echo '{SECTION} key'", f"echo {quote(key)}",
+            f"echo '{SECTION} tools'", f'for tool in {join(tools)}; do test -x "$tool" && echo "$tool"; done',
             f"echo '{SECTION} host_key'",
-            '{ read -r type key _; [ -n "$key" ] && echo "$type $key"; } 2>/dev/null < /etc/ssh/ssh_host_ed25519_key.pub',
-            f"echo '{SECTION} state'", f"cat {shlex.quote(state_file)} 2>/dev/null && echo",
+            f'{{ read -r type key _; [ -n "$key" ] && echo "$type $key"; }} 2>/dev/null < {quote(SSH_HOST_KEY_PUB)}',
+            f"echo '{SECTION} authorized'",
+            *([f"grep -F {marks} {quote(ROOT_AUTHORIZED_KEYS)} 2>/dev/null"] if transfer_marks else []),
+            f"echo '{SECTION} state'", f"cat {quote(state_file)} 2>/dev/null && echo",
             # The script's stat_of: -L follows links as os.stat does (a model dir or files that
             # link into a hub cache); %T@ and %C@ are seconds with nanoseconds (and one digit more).
             f"echo '{SECTION} files'",
-            f"find -L {shlex.quote(model_dir)} -type f -printf '%P\\t%s\\t%T@\\t%C@\\t%i\\n' 2>/dev/null",
+            f"find -L {quote(model_dir)} -type f -printf '%P\\t%s\\t%T@\\t%C@\\t%i\\n' 2>/dev/null",
             "true",
         ])
 
     @staticmethod
     def default():
-        return {"complete": False, "reason": "never fetched", "changed": [], "tools": [], "host_key": ""}
+        return {"complete": False, "reason": "never fetched", "changed": [], "tools": [], "host_key": "", "authorized": []}
 
     def process(self, output):
         sections = split_sections(output)
-        found = {**self.default(), "tools": sections.get("tools", []), "host_key": "".join(sections.get("host_key", []))}
+        found = {**self.default(), "tools": sections.get("tools", []), "host_key": "".join(sections.get("host_key", [])),
+                 "authorized": sections.get("authorized", [])}
         try:
             data = json.loads("\n".join(sections.get("state", [])) or "{}")
         except ValueError:
@@ -631,7 +676,7 @@ STATUS_PROGRAM = (FILES / "vllm_status.py").read_text()
 
 def vllm_status_command(*args: str) -> str:
     """A shell command that runs files/vllm_status.py on the host with the system Python."""
-    return f"python3 -c {shlex.quote(STATUS_PROGRAM)} {shlex.join(args)}"
+    return f"python3 -c {quote(STATUS_PROGRAM)} {join(args)}"
 
 
 class VllmUnit(FactBase):
@@ -678,8 +723,11 @@ FIND_TYPES = {"f": "file", "d": "directory", "l": "symbolic link"}
 class ManagedPaths(FactBase):
     """What a role manages on a host, in one command, so that a converged host plans none of
     pyinfra's file, user and service operations (each asks its own facts, a round trip apiece):
-    each path's type, owner, group, mode and (regular files) sha256, each unit's enabled and
-    running state, each user's primary group, home and shell. Absent ones are left out.
+    each path's type, owner, group, mode and (regular files) sha256, and its mtime apart; each
+    unit's enabled and running state, whether systemd holds an older copy of its file than the
+    disk's (``need_reload``), its drop-ins, and when its main process started (unix time, None
+    when it runs none); each user's primary group, home and shell. Absent ones are left out.
+    With paths, also ``made``: the configured directories glmfleet made (``layout.MADE_DIRS_RECORD``).
 
     .. code:: python
 
@@ -687,29 +735,36 @@ class ManagedPaths(FactBase):
                                      "sha256": None},
                    "/etc/glmfleet/vllm.env": {"type": "file", "user": "root", "group": "root", "mode": "600",
                                               "sha256": "9f86d0..."}},
-         "units": {"vllm.service": {"enabled": True, "running": True}},
-         "users": {"vllm": {"group": "vllm", "home": "/var/lib/vllm", "shell": "/usr/sbin/nologin"}}}
+         "mtimes": {"/etc/glmfleet": 1733580000.5, "/etc/glmfleet/vllm.env": 1733580001.25},
+         "units": {"vllm.service": {"enabled": True, "running": True, "need_reload": False, "dropins": [],
+                                    "started": 1733580002.0}},
+         "users": {"vllm": {"group": "vllm", "home": "/var/lib/vllm", "shell": "/usr/sbin/nologin"}},
+         "made": ["/var/lib/vllm"]}
     """
+
+    UNIT_PROPERTIES = "UnitFileState,SubState,NeedDaemonReload,DropInPaths,ExecMainStartTimestampMonotonic"
 
     def command(self, paths: list[str] = (), units: list[str] = (), users: list[str] = ()) -> str:
         # A handful of processes whatever the number of paths: this runs on every host, every run.
         # find -maxdepth 0 reports the paths themselves and never follows a link (a link is not
         # the file wanted there); absent paths are left out. The same find hands the regular
         # files to sha256sum.
-        quoted = " ".join(shlex.quote(path) for path in paths)
-        steps = [f"find {quoted} -maxdepth 0 -printf 'path\\t%p\\t%y|%u|%g|%m\\n' -type f -exec sha256sum -- {{}} + 2>/dev/null"
+        steps = [f"find {join(paths)} -maxdepth 0 -printf 'path\\t%p\\t%y|%u|%g|%m\\t%T@\\n' -type f -exec sha256sum -- {{}} + 2>/dev/null",
+                 f"while read -r made; do printf 'made\\t%s\\n' \"$made\"; done < {quote(MADE_DIRS_RECORD)} 2>/dev/null"
                  ] if paths else []
+        if units:  # the realtime and monotonic clocks side by side: a start's monotonic time as unix time
+            steps.append("read -r uptime _ < /proc/uptime; printf 'clock\\t%s\\t%s\\n' \"$(date +%s.%N)\" \"$uptime\"")
         for unit in units:  # named as asked: systemctl's Id of an alias (sshd.service) is another name
-            quoted = shlex.quote(unit)
-            steps.append(f"printf 'unit\\t%s\\n' {quoted}; systemctl show --property UnitFileState,SubState -- {quoted} 2>/dev/null")
+            quoted = quote(unit)
+            steps.append(f"printf 'unit\\t%s\\n' {quoted}; systemctl show --property {self.UNIT_PROPERTIES} -- {quoted} 2>/dev/null")
         for user in users:
-            quoted = shlex.quote(user)
+            quoted = quote(user)
             steps.append(f"printf 'user\\t%s\\t%s\\t%s\\n' {quoted} \"$(getent passwd {quoted})\" \"$(id -gn {quoted} 2>/dev/null)\"")
         return "; ".join([*steps, "true"])
 
     @staticmethod
     def default():
-        return {"paths": {}, "units": {}, "users": {}}
+        return {"paths": {}, "mtimes": {}, "units": {}, "users": {}, "made": []}
 
     @staticmethod
     def merged(asked: list[dict]) -> dict:
@@ -720,34 +775,47 @@ class ManagedPaths(FactBase):
     @staticmethod
     def part(answer: dict, paths: list[str] = (), units: list[str] = (), users: list[str] = ()) -> dict:
         """The answer to one role's question, from the merged question's."""
-        return {kind: {name: answer[kind][name] for name in names if name in answer[kind]}
-                for kind, names in (("paths", paths), ("units", units), ("users", users))}
+        return {**{kind: {name: answer[kind][name] for name in names if name in answer[kind]}
+                   for kind, names in (("paths", paths), ("mtimes", paths), ("units", units), ("users", users))},
+                "made": answer["made"]}
 
     def process(self, output):
         found = self.default()
-        digests, unit = {}, None
+        digests, unit, offset = {}, None, None
         for line in output:
             if digest := re.fullmatch(r"([0-9a-f]{64})  (.*)", line):  # sha256sum
                 digests[digest[2]] = digest[1]
             elif "=" in line and "\t" not in line and unit:  # systemctl show, for the unit named above
                 key, _, value = line.partition("=")
-                state = found["units"].setdefault(unit, {"enabled": False, "running": False})
+                state = found["units"].setdefault(unit, {"enabled": False, "running": False, "need_reload": False,
+                                                         "dropins": [], "started": None})
                 if key == "UnitFileState":
                     state["enabled"] = value == "enabled"
                 elif key == "SubState":
                     state["running"] = value == "running"
+                elif key == "NeedDaemonReload":
+                    state["need_reload"] = value == "yes"
+                elif key == "DropInPaths":
+                    state["dropins"] = value.split()
+                elif key == "ExecMainStartTimestampMonotonic" and value not in ("", "0") and offset is not None:
+                    state["started"] = offset + int(value) / 1e6
             else:
                 # The output's trailing whitespace may be trimmed: an empty last field goes with it.
                 kind, name, first, second = (line.split("\t") + ["", "", ""])[:4]
                 if kind == "unit":
                     unit = name
+                elif kind == "clock":
+                    offset = float(name) - float(first)  # the realtime clock at monotonic zero
                 elif kind == "path":
                     file_type, user, group, mode = first.split("|")
                     found["paths"][name] = {"type": FIND_TYPES.get(file_type, file_type), "user": user, "group": group,
                                             "mode": mode, "sha256": None}
+                    found["mtimes"][name] = float(second) if second else None
                 elif kind == "user" and first:
                     home, shell = first.split(":")[5:7]
                     found["users"][name] = {"group": second, "home": home, "shell": shell}
+                elif kind == "made":
+                    found["made"].append(name)
         for path, digest in digests.items():
             if found["paths"].get(path, {}).get("type") == "file":
                 found["paths"][path]["sha256"] = digest

@@ -477,15 +477,26 @@ def _supervisor_argv(name: str) -> list[str]:
 
 
 def _supervisor_pid(host: dict) -> int | None:
-    """The pid of the host's supervisor if it runs; a recycled pid does not count."""
+    """The pid of the host's supervisor if it runs; a recycled pid does not count, nor a
+    supervisor that has exited and not been reaped yet (a zombie)."""
     try:
         pid = int(_pid_file(host).read_text())
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-    except (FileNotFoundError, ValueError):
+        proc = Path(f"/proc/{pid}")
+        argv = (proc / "cmdline").read_bytes().split(b"\0")[:-1]
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        if not argv:
+            # In the middle of an execve (unshare exec'ing the supervisor) the kernel shows no
+            # argv for an instant: a user process (it has an executable) that is not a zombie is
+            # still the supervisor. Read as "gone", this stopped a host "while booting" with an
+            # empty console log, about once in 450 tests (issue 18).
+            os.readlink(proc / "exe")
+    except (OSError, ValueError, IndexError):
+        return None
+    if state == "Z":
         return None
     # The same ending before unshare has exec'd the supervisor (measured under load) and after.
     expected_ending = [os.fsencode(arg) for arg in _supervisor_argv(host["name"])[1:]]
-    return pid if argv[-len(expected_ending):] == expected_ending else None
+    return pid if not argv or argv[-len(expected_ending):] == expected_ending else None
 
 
 def _start_supervisor(host: dict) -> None:

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-import shlex
 from fnmatch import fnmatchcase
-from io import BytesIO, StringIO
+from io import StringIO
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
+from pyinfra.api import FunctionCommand, StringCommand, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
-from pyinfra.facts.files import File, Sha256File
-from pyinfra.operations import files, systemd
+from pyinfra.facts.files import Sha256File
+from pyinfra.operations import files, server, systemd
 
+from glmfleet.checks import redact, url_credentials, without_credentials
 from glmfleet.facts import DebPackageStates
-
-KEYRINGS_DIR = "/etc/apt/keyrings"
+from glmfleet.layout import KEYRINGS_DIR, MADE_DIRS_RECORD, NETRC, OWN_DIRS, STATE_ROOT, apt_keyring, apt_source
+from glmfleet.shell import fail_with, join, quote
 # Every apt-get call waits for a dpkg lock held by another apt (cloud-init, unattended-upgrades)
 # instead of failing at once, and never asks a question.
 APT_GET = (
@@ -25,53 +25,130 @@ APT_GET = (
 )
 
 
-@operation()
-def secret_file(dest: str, content: str, mode: str = "600", user: str = "root", group: str = "root"):
-    """
-    Upload a file that holds secrets, never showing its content.
+def secret_write_command(dest: str, user: str, group: str, mode: str) -> str:
+    """Write standard input to ``dest`` so that no other user can read it at any moment: into a
+    new file that ``mktemp`` makes 0600 beside it, owned and moded before it replaces ``dest``.
+    (pyinfra's own upload stages files in /tmp, mode 644, when it runs commands with sudo.)"""
+    temporary = '"$tmp"'
+    return (f"umask 077 && tmp=$(mktemp {quote(dest + '.XXXXXX')}) && "
+            f"{{ cat > {temporary} && chown {quote(f'{user}:{group}')} {temporary} && chmod {quote(mode)} {temporary} && "
+            f"mv -f {temporary} {quote(dest)} || {{ rm -f {temporary}; exit 1; }}; }}")
 
-    + dest: remote path; its directory must already exist and be closed to other users
-      (connected as root, the upload writes there directly, before the mode is set)
-    + content: the file's text
-    + mode, user, group: ownership and permissions
 
-    Unlike ``files.put``, nothing of the content reaches pyinfra's output, not even with
-    ``--diff``; the change is detected from the sha256 alone.
-    """
-    data = content.encode()
-    remote = host.get_fact(File, path=dest)
-    if remote is None or host.get_fact(Sha256File, path=dest) != hashlib.sha256(data).hexdigest():
-        yield FileUploadCommand(BytesIO(data), dest)
-        remote = None
-    if remote is None or (remote.get("user"), remote.get("group")) != (user, group):
-        yield StringCommand("chown", f"{user}:{group}", dest)
-    if remote is None or remote.get("mode") != int(mode):
-        yield StringCommand("chmod", mode, dest)
+def write_secret(name: str, dest: str, content: str, user: str = "root", group: str = "root", mode: str = "600"):
+    """An operation that streams ``content`` into ``dest`` over the command's standard input
+    (``secret_write_command``): never on a command line, never staged in a readable file, never
+    in pyinfra's output (only the operation's name and the file's path are shown)."""
+    if not content.endswith("\n"):
+        raise ValueError("a secret file's content ends with a newline (pyinfra adds one to standard input)")
+    return server.shell(name=name, commands=[secret_write_command(dest, user, group, mode)], _stdin=content)
 
 
 def directory(managed: dict, path: str, user: str = "root", group: str = "root", mode: str = "755",
               name: str | None = None):
-    """``files.directory``, planned only where ``managed`` (the ``ManagedPaths`` fact) shows the
-    directory missing or different: a converged host plans nothing, and pyinfra asks none of the
-    operation's own facts (a round trip each, in lock-step across the fleet). Returns the
-    operation, or None when there is nothing to do."""
+    """``files.directory`` of one of glmfleet's own directories (``layout.OWN_DIRS``), planned
+    only where ``managed`` (the ``ManagedPaths`` fact) shows it missing or different: a converged
+    host plans nothing, and pyinfra asks none of the operation's own facts (a round trip each,
+    in lock-step across the fleet). Returns the operation, or None when there is nothing to do."""
+    if path not in OWN_DIRS:
+        raise ValueError(f"{path} is not one of glmfleet's own directories: use owned_directory")
     if managed["paths"].get(path) == {"type": "directory", "user": user, "group": group, "mode": mode, "sha256": None}:
         return None
     return files.directory(name=name or f"directory {path}", path=path, user=user, group=group, mode=mode)
 
 
+# Every existing directory above ``$p``, links resolved, must be root's and writable by root
+# alone, so nobody else can swap a component for a link between this check and the mkdir. Above
+# the deepest one, a root-owned sticky directory (/tmp) is fine: others cannot rename what is in it.
+SAFE_ANCESTORS = (
+    'a=$(dirname -- "$p"); while [ ! -e "$a" ]; do a=$(dirname -- "$a"); done; '
+    'a=$(realpath -e -- "$a") || exit 1; d=$a; while :; do s=$(stat -c "%u %a" -- "$d") || exit 1; m=0${s#* }; '
+    'case "$s" in "0 "*) ;; *) printf "%s\\n" "$d (above $p) is not owned by root: glmfleet makes and changes '
+    'nothing below a directory another user controls" >&2; exit 1;; esac; '
+    'if [ $(( m & 022 )) -ne 0 ] && { [ "$d" = "$a" ] || [ $(( m & 01000 )) -eq 0 ]; }; then printf "%s\\n" '
+    '"$d (above $p) is writable by users other than root: glmfleet makes and changes nothing below it" >&2; exit 1; fi; '
+    '[ "$d" = / ] && break; d=$(dirname -- "$d"); done'
+)
+
+
+def owned_directory(managed: dict, path: str, key: str, user: str = "root", group: str = "root", mode: str = "755"):
+    """A configured directory that glmfleet owns (``vllm_venv_root``, ``vllm_state_dir``,
+    ``model_root``): made once, below directories only root can change, and recorded in
+    ``layout.MADE_DIRS_RECORD``; a recorded one that drifted is put right. One that exists and
+    that glmfleet did not make keeps its owner and mode: if they are not what glmfleet needs, the
+    host stops with the fix. Returns the operation, or None when there is nothing to do.
+
+    + key: the setting that names the directory, for the message
+    """
+    wanted = {"type": "directory", "user": user, "group": group, "mode": mode, "sha256": None}
+    found = managed["paths"].get(path)
+    if found == wanted:
+        return None
+    owner, p = quote(f"{user}:{group}"), quote(path)
+    if found is None:
+        return server.shell(name=f"make {path} ({key})", commands=[
+            f"umask 022; p={p}; {SAFE_ANCESTORS}; mkdir -p -- \"$p\" {quote(STATE_ROOT)} && chown {owner} -- \"$p\" && "
+            f"chmod {quote(mode)} -- \"$p\" && printf '%s\\n' \"$p\" >> {quote(MADE_DIRS_RECORD)}"])
+    if path in managed.get("made", ()) and found["type"] == "directory":
+        return server.shell(name=f"put {path} right ({key})", commands=[
+            f"p={p}; {SAFE_ANCESTORS}; chown {owner} -- \"$p\" && chmod {quote(mode)} -- \"$p\""])
+    kind = found["type"] if found["type"] != "directory" else f"owned by {found['user']}:{found['group']} with mode {found['mode']}"
+    return stop_host(name=f"stop: {key} {path} exists and glmfleet did not make it", reason=(
+        f"{key} = {path!r} exists ({kind}) and glmfleet did not make it, so it changes nothing there; glmfleet needs a "
+        f"directory owned by {user}:{group} with mode {mode}: choose another path, or make it so yourself "
+        f"(chown {user}:{group} {path}; chmod {mode} {path})"))
+
+
+# Makes or repairs directories in the service user's home without following anything that user
+# could have planted: each is opened relative to the home, O_NOFOLLOW; a link in its place is
+# removed (the link, never its target) and a directory made. argv: home uid gid mode name...
+SERVICE_DIRS_PROGRAM = """
+import os, stat, sys
+home, uid, gid, mode, names = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4], 8), sys.argv[5:]
+base = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+for name in names:
+    try:
+        if not stat.S_ISDIR(os.stat(name, dir_fd=base, follow_symlinks=False).st_mode):
+            os.unlink(name, dir_fd=base)
+    except FileNotFoundError:
+        pass
+    try:
+        os.mkdir(name, 0o700, dir_fd=base)
+    except FileExistsError:
+        pass
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=base)
+    os.fchown(fd, uid, gid)
+    os.fchmod(fd, mode)
+    os.close(fd)
+"""
+
+
+def service_user_dirs(managed: dict, home: str, names: list[str], user: str, mode: str = "750"):
+    """Directories in the service user's home (``home``/NAME), made or put right where
+    ``managed`` shows them missing or different, through ``SERVICE_DIRS_PROGRAM``: root
+    follows no link the service user could plant there. Returns the operation or None."""
+    wanted = {"type": "directory", "user": user, "group": user, "mode": mode, "sha256": None}
+    due = [name for name in names if managed["paths"].get(f"{home}/{name}") != wanted]
+    if not due:
+        return None
+    return server.shell(name=f"{user}'s directories in {home}: {', '.join(due)}", commands=[
+        f"python3 -c {quote(SERVICE_DIRS_PROGRAM)} {quote(home)} \"$(id -u {quote(user)})\" \"$(id -g {quote(user)})\" "
+        f"{join([mode, *due])}"])
+
+
 def upload(managed: dict, dest: str, content: str | Path, user: str = "root", group: str = "root",
            mode: str = "644", name: str | None = None, secret: bool = False):
     """``files.put`` of a local file (a Path) or of a text, planned like ``directory`` only
-    where the remote file differs in content, owner or mode; with ``secret``, ``secret_file``,
-    which never shows the content. Returns the operation, or None when there is nothing to do."""
+    where the remote file differs in content, owner or mode; with ``secret``, ``write_secret``,
+    which never shows the content nor stages it readable. Returns the operation, or None when
+    there is nothing to do."""
     data = content.read_bytes() if isinstance(content, Path) else content.encode()
     wanted = {"type": "file", "user": user, "group": group, "mode": mode, "sha256": hashlib.sha256(data).hexdigest()}
     if managed["paths"].get(dest) == wanted:
         return None
     name = name or f"file {dest}"
     if secret:
-        return secret_file(name=name, dest=dest, content=data.decode(), user=user, group=group, mode=mode)
+        return write_secret(name, dest, data.decode(), user=user, group=group, mode=mode)
     source = str(content) if isinstance(content, Path) else StringIO(content)
     return files.put(name=name, src=source, dest=dest, user=user, group=group, mode=mode)
 
@@ -100,20 +177,23 @@ def render_apt_source(url: str, suite: str, components: list[str], keyring: str)
 
 def fetch_key_command(key_url: str, keyring: str, key_sha256: str | None) -> str:
     """Download a repository key next to its place, check its sha256 when pinned, then move it
-    in: a key that fails the check never reaches apt."""
-    partial = f"{keyring}.partial"
-    steps = [
-        f"mkdir -p {KEYRINGS_DIR}",
-        f"{{ if command -v curl >/dev/null; then curl -fsSL -o {partial} {shlex.quote(key_url)}; "
-        f"else wget -q -O {partial} {shlex.quote(key_url)}; fi; }}",
-    ]
+    in: a key that fails the check never reaches apt. Credentials of the URL come from the
+    root-only netrc (``layout.NETRC``, curl's ``--netrc-file``), never from the command line."""
+    partial = quote(f"{keyring}.partial")
+    url = quote(without_credentials(key_url))
+    if url_credentials(key_url):
+        download = f"curl -fsSL --netrc-file {quote(NETRC)} -o {partial} {url}"
+    else:
+        download = (f"{{ if command -v curl >/dev/null; then curl -fsSL -o {partial} {url}; "
+                    f"else wget -q -O {partial} {url}; fi; }}")
+    steps = [f"mkdir -p {quote(KEYRINGS_DIR)}", download]
     if key_sha256:
         steps.append(
-            f"{{ echo '{key_sha256}  {partial}' | sha256sum --check --status || "
-            f"{{ echo \"{key_url} has sha256 $(sha256sum < {partial} | cut -d' ' -f1), pinned {key_sha256}\" >&2; "
-            f"rm -f {partial}; exit 1; }}; }}"
+            f"{{ echo {quote(f'{key_sha256}  {keyring}.partial')} | sha256sum --check --status || "
+            f"{{ found=$(sha256sum < {partial} | cut -d' ' -f1); rm -f {partial}; "
+            f"printf '%s has sha256 %s, pinned %s\\n' {quote(redact(key_url))} \"$found\" {quote(key_sha256)} >&2; exit 1; }}; }}"
         )
-    steps.append(f"chmod 644 {partial} && mv -f {partial} {keyring}")
+    steps.append(f"chmod 644 {partial} && mv -f {partial} {quote(keyring)}")
     return " && ".join(steps)
 
 
@@ -133,13 +213,13 @@ def apt_repository(repo: str, url: str, suite: str, components: list[str], key_u
 
     The key is fetched when missing or, if pinned, when it differs from the pin.
     """
-    keyring = f"{KEYRINGS_DIR}/glmfleet-{repo}.asc"
+    keyring = apt_keyring(repo)
     present = host.get_fact(Sha256File, path=keyring)
     if present is None or (key_sha256 and present != key_sha256):
         yield fetch_key_command(key_url, keyring, key_sha256)
     yield from files.put._inner(
-        src=StringIO(render_apt_source(url, suite, components, keyring)),
-        dest=f"/etc/apt/sources.list.d/glmfleet-{repo}.sources",
+        src=StringIO(render_apt_source(without_credentials(url), suite, components, keyring)),
+        dest=apt_source(repo),
         user="root",
         group="root",
         mode="644",
@@ -173,7 +253,7 @@ def apt_install(packages: dict[str, str | None]):
     wanted = [name if pattern is None else f"{name}={pattern}" for name, pattern in packages.items()]
     yield (
         f"{APT_GET} update && {APT_GET} install --no-install-recommends --allow-downgrades "
-        f"--allow-change-held-packages {shlex.join(wanted)}"
+        f"--allow-change-held-packages {join(wanted)}"
     )
 
 
@@ -196,7 +276,7 @@ def apt_hold(patterns: list[str], pending: bool = False):
         host.noop(f"packages matching {' '.join(patterns)} are held")
         return
     yield (
-        f"dpkg-query -W -f='${{db:Status-Abbrev}} ${{Package}}\\n' {shlex.join(patterns)} 2>/dev/null "
+        f"dpkg-query -W -f='${{db:Status-Abbrev}} ${{Package}}\\n' {join(patterns)} 2>/dev/null "
         "| awk '$1 ~ /^.i/ {print $2}' | xargs -r apt-mark hold"
     )
 
@@ -208,7 +288,7 @@ def stop_host(reason: str):
 
     + reason: the message, shown as the operation's error output
     """
-    yield f"printf '%s\\n' {shlex.quote(reason)} >&2; exit 1"
+    yield fail_with(reason)
 
 
 @operation()

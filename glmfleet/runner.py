@@ -25,7 +25,8 @@ from pyinfra.context import ctx_config, ctx_host, ctx_state
 from pyinfra_cli.inventory import make_inventory
 
 from glmfleet.config import validate_inventory
-from glmfleet.connection import without_nagle
+from glmfleet.connection import LostConnections, without_nagle
+from roles import prepare_control_node
 
 
 class UsageError(ValueError):
@@ -97,10 +98,12 @@ class Run:
         self.state = State(check_for_changes=check_for_changes)
         self.state.init(self.inventory, Config(), initial_limit=[self.inventory.get_host(name) for name in names])
         validate_inventory(self.inventory)  # kept on this run's State, for every host_config of the run
+        prepare_control_node(self.inventory)
         self.times = OperationTimes()
         self.connect_errors = ConnectErrors()
-        self.state.add_callback_handler(self.times)
-        self.state.add_callback_handler(self.connect_errors)
+        self.lost = LostConnections()
+        for handler in (self.times, self.connect_errors, self.lost):
+            self.state.add_callback_handler(handler)
         self.plan_errors: dict[str, str] = {}
 
     def __enter__(self) -> Run:
@@ -158,14 +161,14 @@ class Run:
 
     @property
     def unreachable(self) -> dict[str, str]:
-        """Host name -> why it could not be connected to."""
-        return dict(self.connect_errors.errors)
+        """Host name -> why it could not be connected to, or why its connection was lost."""
+        return {**self.connect_errors.errors, **self.lost.lost}
 
     def failed(self) -> dict[str, str]:
         """Host name -> why it failed: its connection error, or the output of the first
         operation that failed on it."""
         return {
-            host.name: self.connect_errors.errors.get(host.name) or self.plan_errors.get(host.name)
+            host.name: self.unreachable.get(host.name) or self.plan_errors.get(host.name)
             or self._failed_op_output(host)
             for host in self.state.failed_hosts
         }

@@ -14,15 +14,16 @@ uv did; without it, 3.1 s.
 
 from __future__ import annotations
 
-import shlex
-
 from pyinfra import host
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, server
 
+from glmfleet.checks import without_credentials
+from glmfleet.credentials import tool_environment
 from glmfleet.facts import ask
+from glmfleet.layout import SYSTEM_CA_BUNDLE
+from glmfleet.shell import assignments, join, quote
 
-TOOLS_ROOT = "/opt/glmfleet"
 # The pip wheel the interpreter's ensurepip installs, looked for where ensurepip looks: the
 # distribution's shared directory where it keeps them apart (Debian and Ubuntu:
 # /usr/share/python-wheels), then ensurepip's own.
@@ -34,12 +35,19 @@ FIND_PIP_WHEEL = (
 )
 
 
-def tool_dir(package: str, version: str) -> str:
-    return f"{TOOLS_ROOT}/{package}-{version}"
+def index_args(cfg) -> list[str]:
+    """pip's and uv's index options, without credentials (they come from ``layout.NETRC``)."""
+    args = ["--index-url", without_credentials(cfg.pip_index_url)]
+    for url in cfg.pip_extra_index_url:
+        args += ["--extra-index-url", without_credentials(url)]
+    for url in cfg.pip_find_links:
+        args += ["--find-links", without_credentials(url)]
+    return args
 
 
-def tool_bin(package: str, version: str, command: str) -> str:
-    return f"{tool_dir(package, version)}/bin/{command}"
+def pip_args(cfg) -> list[str]:
+    """pip's options on this site: the host's CA store (a mirror's private CA) and the indexes."""
+    return ["--cert", SYSTEM_CA_BUNDLE, *index_args(cfg)]
 
 
 def ensure_debs(packages: list[str]) -> None:
@@ -51,21 +59,21 @@ def ensure_debs(packages: list[str]) -> None:
                      extra_install_args="-o DPkg::Lock::Timeout=300")
 
 
-def install_tool(package: str, version: str, python: str, pip_args: list[str], installed: bool):
-    """pip-install ``package==version`` into its own venv, unless ``installed`` (from a fact).
-
-    ``pip_args``: the index (or mirror) and CA bundle options pip needs on this site."""
+def install_tool(target: str, requirements: list[str], installed: bool, cfg) -> None:
+    """pip-install pinned ``requirements`` (``name==version``) into their own venv, ``target``
+    (``layout.tool_dir``), with the configured python and the site's indexes and CA store
+    (``pip_args``; pip finds the indexes' logins through ``NETRC``), unless ``installed`` (from a fact)."""
     if installed:
         return None
     # The venv module is a separate package on Debian and Ubuntu.
     ensure_debs(["python3-venv"])
-    target = tool_dir(package, version)
+    python_of_venv = quote(f"{target}/bin/python")
     return server.shell(
-        name=f"install {package} {version} in {target}",
+        name=f"install {' '.join(requirements)} in {target}",
         commands=[
-            f"rm -rf {target} && {shlex.quote(python)} -m venv --without-pip {target} && "
-            f"pip_wheel=$({target}/bin/python -c {shlex.quote(FIND_PIP_WHEEL)}) && "
-            f"{target}/bin/python \"$pip_wheel/pip\" install --quiet --disable-pip-version-check --no-cache-dir "
-            f"{shlex.join(pip_args)} {shlex.quote(f'{package}=={version}')}"
+            f"rm -rf -- {quote(target)} && {quote(cfg.vllm_python)} -m venv --without-pip {quote(target)} && "
+            f"pip_wheel=$({python_of_venv} -c {quote(FIND_PIP_WHEEL)}) && "
+            f"{assignments(tool_environment(cfg))} {python_of_venv} \"$pip_wheel/pip\" install --quiet "
+            f"--disable-pip-version-check --no-cache-dir {join(pip_args(cfg))} {join(requirements)}"
         ],
     )
