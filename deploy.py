@@ -6,15 +6,17 @@ the inventory, group_data/ or --data stops the whole run with nothing changed. H
 health-gated batches.
 """
 
-from pyinfra import host, inventory
+from pyinfra import host, inventory, state
 
 from glmfleet.config import validate_inventory
-from glmfleet.connection import without_nagle
-from roles import SERVING_ROLES, ask_roles, gateway, serving_host
+from glmfleet.connection import report_lost_connections, without_nagle
+from roles import SERVING_ROLES, ask_roles, gateway, prepare_control_node, serving_host
 from roles.gateway import GATEWAY_GROUP
 
 validate_inventory(inventory)
+prepare_control_node(inventory)  # the control node's own work, before any host is planned
 without_nagle(host)
+report_lost_connections(state)  # a host lost mid-run is named with the cause
 
 on_gateway = GATEWAY_GROUP in host.groups
 ask_roles(SERVING_ROLES + ((gateway,) if on_gateway else ()))  # one command per host for every role's facts

@@ -17,6 +17,11 @@ changes ctime or inode), so a complete host costs one stat per file and nothing 
 A run withdraws the completion mark before it changes anything, so an interrupted run leaves
 a host that is not complete; transfers write into temporary files (hf's ``.incomplete``,
 rsync's ``--partial-dir``), so a file at its final path is never half written.
+
+As root it writes only below directories that root alone can change (``safe_directory``): no
+link another user planted is followed, and no mode is changed on what it did not make. Files
+it makes are world-readable (umask 022): vLLM reads them as its own user. With ``--source
+path`` it writes nothing at all: a file that does not match is reported, never removed.
 """
 
 from __future__ import annotations
@@ -35,13 +40,34 @@ from collections.abc import Callable
 from pathlib import Path
 
 MANIFEST = ".glmfleet/manifest.json"
-# Not part of the model: hf's download metadata and locks, rsync's partial files, our manifest.
+# Not part of the model: hf's download metadata and locks, rsync's partial files, our manifest;
+# and the hub CLIs' unfinished downloads (hf's and modelscope's ``*.incomplete``).
 NOT_MODEL_FILES = (".cache/", ".glmfleet/", ".rsync-partial/")
+UNFINISHED_SUFFIX = ".incomplete"
 CHUNK = 8 << 20
 
 
 class Failure(Exception):
     """A failure with what to do about it; printed as one clear message, exit status 1."""
+
+
+def safe_directory(directory: Path) -> None:
+    """Refuse to write below ``directory`` unless every directory above it (links resolved) and
+    the directory itself, where it exists, is root's and writable by root alone: otherwise
+    another user could swap a component for a link between a check and a write. Above the
+    deepest existing one, a root-owned sticky directory (/tmp) is fine: others cannot rename
+    what is in it."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    real = Path(os.path.realpath(existing))
+    for place in [real, *real.parents]:
+        info = place.stat()
+        shared = info.st_mode & 0o022 and (place == real or not info.st_mode & 0o1000)
+        if info.st_uid != 0 or shared:
+            raise Failure(f"{place} (at or above {directory}) is not root's alone (owner uid {info.st_uid}, mode "
+                          f"{info.st_mode & 0o7777:o}): glmfleet writes weights only where no other user can change the "
+                          "directories; set model_dir (or model_root) to such a place")
 
 
 # --- selection, digests, manifests -------------------------------------------------------------
@@ -75,7 +101,7 @@ def model_files(directory: Path) -> list[str]:
     for root, dirs, files in os.walk(directory):
         for name in files:
             relative = os.path.relpath(os.path.join(root, name), directory)
-            if not relative.startswith(NOT_MODEL_FILES):
+            if not relative.startswith(NOT_MODEL_FILES) and not relative.endswith(UNFINISHED_SUFFIX):
                 found.append(relative)
     return sorted(found)
 
@@ -226,17 +252,19 @@ class Progress:
 
 # (kind, pattern in the CLI's output, what to do). First match wins: a rate-limited listing is
 # reported by hf as "Local entry not found. 429 ...", so the 429 must be looked at before "not found".
+# The modelscope CLI (modelscope-hub) says "error: [E<code>] [<HTTP status>] ...": its codes are
+# matched, not its texts.
 CLASSES = (
     ("disk full", r"No space left on device|Errno 28",
      "the filesystem of model_dir filled up: free space there, or point model_dir at a larger filesystem"),
     ("gated model", r"requires approval|Cannot access gated repo|GatedRepo",
      "accept the model's license on its hub page with the account whose token is in hf_token, then re-run"),
-    ("rate limited", r"429 Too Many Requests|rate limit",
+    ("rate limited", r"429 Too Many Requests|rate limit|\[E1021\]|\[429\]",
      "the hub limits requests per IP: wait for the window to pass, set hf_token (higher limits), "
      "use model_source 'peer' so only one host fetches, or an hf_endpoint mirror"),
-    ("bad token", r"Invalid credentials in Authorization header|Invalid user token|401 Unauthorized|Invalid token",
+    ("bad token", r"Invalid credentials in Authorization header|Invalid user token|401 Unauthorized|Invalid token|\[E3001\]|\[401\]",
      "the hub refused the token: check hf_token (a read token of an account with access)"),
-    ("not found", r"Repository Not Found|Revision Not Found|Entry Not Found|Local entry not found|404",
+    ("not found", r"Repository Not Found|Revision Not Found|Entry Not Found|Local entry not found|404|\[E3020\]|record not found",
      "check model and model_revision (a commit of that repository); a private repository also needs hf_token"),
     ("hub unreachable", r"Connection refused|ConnectError|ConnectTimeout|Name or service not known|"
                         r"Temporary failure in name resolution|Network is unreachable|timed out",
@@ -278,8 +306,8 @@ class Source:
     def __init__(self, args):
         self.args = args
         self.env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "MODELSCOPE_"))}
-        if args.token_file:  # read here, handed over in the environment: never on a command line
-            self.env["HF_TOKEN"] = Path(args.token_file).read_text().strip()
+        if args.env_file:  # the token and endpoint, read here and handed over in the environment: never on a command line
+            self.env.update(json.loads(Path(args.env_file).read_text()))
 
 
 class Hub(Source):
@@ -288,7 +316,6 @@ class Hub(Source):
     def __init__(self, args):
         super().__init__(args)
         self.env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=args.cli_home)
-        self.env.update(dict(item.split("=", 1) for item in args.env))
 
     def argv(self, *extra: str) -> list[str]:
         a = self.args
@@ -323,12 +350,12 @@ class Hub(Source):
 
 class ModelScope(Source):
     """``modelscope download``: it verifies each file's sha256 itself; our manifest is computed
-    once from the result on the seed."""
+    once from the result on the seed. Its settings and session file go to the CLI's home, not
+    root's (``MODELSCOPE_HOME``)."""
 
     def __init__(self, args):
         super().__init__(args)
-        self.env.update(MODELSCOPE_CACHE=args.cli_home)
-        self.env.update(dict(item.split("=", 1) for item in args.env))
+        self.env.update(MODELSCOPE_CACHE=args.cli_home, MODELSCOPE_HOME=args.cli_home)
 
     def sizes(self) -> dict[str, int] | None:
         return None  # the CLI has no listing: the disk check can only ask for the margin
@@ -344,7 +371,13 @@ class ModelScope(Source):
 
     def manifest(self) -> dict:
         a = self.args
-        return computed_manifest(a.dir, a.model, a.revision, a.include, a.exclude)
+        manifest = computed_manifest(a.dir, a.model, a.revision, a.include, a.exclude)
+        if not manifest["files"]:
+            # The hub answers a revision it does not have with an empty listing, and the CLI then
+            # exits 0 having fetched nothing.
+            raise Failure(f"modelscope download {a.model}@{a.revision} fetched no file: not found: the hub lists none at "
+                          "that revision (or none the include/exclude patterns keep); check model and model_revision")
+        return manifest
 
 
 class Peers(Source):
@@ -359,8 +392,10 @@ class Peers(Source):
         address, port = peer.rsplit(":", 1)
         ssh = (f"ssh -p {port} -i {self.args.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
                f"-o UserKnownHostsFile={self.args.known_hosts} -o Compression=no -o ConnectTimeout=10")
-        # No -z: weights do not compress. Partial files wait in .rsync-partial/ and resume.
-        argv = ["rsync", "--archive", "--partial-dir=.rsync-partial", "--exclude=/.cache/", *self.args.rsync_option, "-e", ssh,
+        # No -z: weights do not compress. Partial files wait in .rsync-partial/ and resume. Files
+        # arrive root's and world-readable, as the peer's are.
+        argv = ["rsync", "--archive", "--no-owner", "--no-group", "--chmod=Du=rwx,Dgo=rx,Fu=rw,Fgo=r",
+                "--partial-dir=.rsync-partial", "--exclude=/.cache/", *self.args.rsync_option, "-e", ssh,
                 *[f"root@{address}:{self.args.peer_path}/{p}" for p in paths], str(self.args.dir) + "/"]
         return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
 
@@ -438,7 +473,8 @@ def preflight(args, sizes: dict[str, int] | None) -> None:
 
 
 def verify(args, state: State, manifest: dict, everything: bool) -> list[str]:
-    """Hash what is not known good; delete what is wrong. Returns the files missing or wrong."""
+    """Hash what is not known good; delete what is wrong (report it, with ``--source path``,
+    whose files are not ours to delete). Returns the files missing or wrong."""
     bad, verified = [], state.data["verified"]
     for path, entry in sorted(manifest["files"].items()):
         target = args.dir / path
@@ -451,11 +487,14 @@ def verify(args, state: State, manifest: dict, everything: bool) -> list[str]:
             continue
         kind = "sha256" if "sha256" in entry else "git_blob"
         if seen[0] == entry["size"] and digest_file(target, kind) == entry[kind]:
-            os.chmod(target, 0o644)  # vLLM reads as its own user; chmod before the stat is recorded
-            verified[path] = stat_of(target)
+            verified[path] = seen
         else:
-            print(f"{path}: {'size' if seen[0] != entry['size'] else kind} does not match the manifest; removed", flush=True)
-            target.unlink()
+            mismatch = "size" if seen[0] != entry["size"] else kind
+            if args.source == "path":
+                print(f"{path}: {mismatch} does not match the manifest", flush=True)
+            else:
+                print(f"{path}: {mismatch} does not match the manifest; removed", flush=True)
+                target.unlink()
             verified.pop(path, None)
             bad.append(path)
         state.save()
@@ -473,10 +512,17 @@ def sync(args) -> None:
               "peer": "a peer", "control": "the control node", "path": "this host"}[args.source]
     everything = args.verify == "always"
 
-    if args.phase in ("prepare", "all"):
-        if args.source == "path" and not args.dir.is_dir():
+    if args.source == "path":
+        if not args.dir.is_dir():
             raise Failure(f"model_source 'path': {args.dir} does not exist on this host")
-        args.dir.mkdir(parents=True, exist_ok=True)
+    else:
+        safe_directory(args.dir)
+    if args.phase == "receive":  # the control node pushes the manifest next
+        (args.dir / ".glmfleet").mkdir(parents=True, exist_ok=True)
+        return
+    if args.phase in ("prepare", "all"):
+        if args.source != "path":
+            args.dir.mkdir(parents=True, exist_ok=True)
         # Check what is already there before fetching: a wrong file is deleted, so it is fetched again.
         known = Given(args).manifest()
         if known and known["revision"] == args.revision:
@@ -504,10 +550,6 @@ def sync(args) -> None:
     bad = verify(args, state, manifest, everything=False)
     if bad:
         raise Failure(f"{len(bad)} file(s) of {label} are missing or do not match the manifest: {', '.join(bad)}")
-    for root, dirs, _ in os.walk(args.dir):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o755)
-    os.chmod(args.dir, 0o755)
     state.save(complete=True, model=args.model, revision=args.revision, manifest=manifest_digest(manifest),
                files=len(manifest["files"]), bytes=sum(e["size"] for e in manifest["files"].values()))
     print(f"{label}: complete, {len(manifest['files'])} files verified against the manifest ({manifest['origin']})", flush=True)
@@ -520,6 +562,7 @@ def report_state(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o022)
     parser = argparse.ArgumentParser(prog="glmfleet-weights", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -533,13 +576,14 @@ def main(argv: list[str] | None = None) -> int:
     p_sync.add_argument("--model", required=True)
     p_sync.add_argument("--revision", required=True)
     p_sync.add_argument("--source", choices=sorted(SOURCES), required=True)
-    p_sync.add_argument("--phase", choices=("prepare", "finish", "all"), default="all")
+    p_sync.add_argument("--phase", choices=("receive", "prepare", "finish", "all"), default="all",
+                        help="receive: make DIR/.glmfleet for a pushed manifest; prepare: verify what is there and check "
+                             "the disk; finish: verify and mark; all: prepare, fetch, finish")
     p_sync.add_argument("--include", action="append", default=[])
     p_sync.add_argument("--exclude", action="append", default=[])
     p_sync.add_argument("--cli", help="the hf or modelscope executable")
     p_sync.add_argument("--cli-home", default="/var/cache/glmfleet/hub", help="the CLI's own cache and settings")
-    p_sync.add_argument("--env", action="append", default=[], help="NAME=value for the CLI (endpoint, xet)")
-    p_sync.add_argument("--token-file", help="file holding the hub token (never on a command line)")
+    p_sync.add_argument("--env-file", help="a JSON object of the CLI's environment (endpoint, token): never on a command line")
     p_sync.add_argument("--peer", action="append", default=[], help="ADDRESS:PORT of a peer that holds the revision")
     p_sync.add_argument("--peer-path", help="the directory on the peers, as their rrsync sees it")
     p_sync.add_argument("--peer-key", help="the fleet's transfer key")

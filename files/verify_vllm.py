@@ -44,17 +44,19 @@ OPTIONS = {"base-url": None, "served-model-name": None, "env-file": None, "deadl
 
 
 def read_env_file(path: str | None) -> dict[str, str]:
-    """Parse the KEY="value" lines glmfleet writes into a systemd EnvironmentFile."""
+    """The variables of the env file glmfleet writes: systemd's ``KEY="value"`` (in double quotes
+    a backslash makes ``"``, ``\\``, ``$`` and a backquote themselves), or Docker's ``KEY=value``
+    taken literally (the image runtime's)."""
     env = {}
     if not path:
         return env
     with open(path, encoding="utf-8") as handle:
         for line in handle:
-            key, sep, value = line.strip().partition("=")
+            key, sep, value = line.rstrip("\n").partition("=")
             if not sep or key.startswith("#"):
                 continue
             if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+                value = re.sub(r'\\(["\\\\$`])', r"\1", value[1:-1])
             env[key] = value
     return env
 

@@ -1,9 +1,12 @@
 """The roles, in the order deploy.py applies them; each module declares its SETTINGS and the
 facts it reads (``questions``)."""
 
+import threading
+from weakref import WeakSet
+
 from pyinfra import host
 
-from glmfleet.config import host_config
+from glmfleet.config import host_config, validate_inventory
 from glmfleet.facts import ask_together
 from glmfleet.operations import planned
 from roles import (
@@ -13,6 +16,7 @@ from roles import (
     model_weights,
     nvidia_driver,
     preflight,
+    site_credentials,
     verify,
     vllm_flags,
     vllm_image,
@@ -20,11 +24,33 @@ from roles import (
     vllm_venv,
 )
 
-SERVING_ROLES = (preflight, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch, model_weights,
-                 vllm_flags, vllm_service, verify)
+SERVING_ROLES = (preflight, site_credentials, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch,
+                 model_weights, vllm_flags, vllm_service, verify)
 ROLES = (*SERVING_ROLES, gateway)
 # What a rollout prepares while the host still serves (serving_host's stage_only).
 STAGING_ROLES = (preflight, vllm_venv, vllm_image, model_weights, vllm_flags)
+
+
+_PREPARED: WeakSet = WeakSet()  # the runs (pyinfra States) whose control node work is done
+# pyinfra loads deploy.py for several hosts side by side (gevent); under its monkey patching this
+# lock makes the others wait while the first does the work, which runs subprocesses.
+_PREPARING = threading.Lock()
+
+
+def prepare_control_node(inventory) -> None:
+    """Each role's work on the control node (``prepare``: the transfer key, manifests of control
+    directories), once per run and before any host is planned: nothing runs here while
+    pyinfra plans."""
+    state = getattr(inventory, "state", None)
+    with _PREPARING:
+        if state is not None and state in _PREPARED:
+            return
+        configs = validate_inventory(inventory)
+        for role in ROLES:
+            if hasattr(role, "prepare"):
+                role.prepare(configs)
+        if state is not None:
+            _PREPARED.add(state)
 
 
 def ask_roles(roles) -> None:
@@ -47,6 +73,7 @@ def serving_host(stage_only=False):
     """
     ask_roles(STAGING_ROLES if stage_only else SERVING_ROLES)
     preflight.preflight()
+    site_credentials.site_credentials()
     if stage_only:
         vllm_venv.vllm_venv(switch=False)
         vllm_image.vllm_image()
@@ -55,8 +82,7 @@ def serving_host(stage_only=False):
         return None
     driver = nvidia_driver.nvidia_driver()
     toolkit_changed = container_toolkit.container_toolkit(driver=driver)
-    vllm_venv.vllm_venv(switch=False)
-    runtime_changed = [*vllm_image.vllm_image(), *glm4_patch.glm4_patch()]
+    runtime_changed = [*vllm_venv.vllm_venv(switch=False), *vllm_image.vllm_image(), *glm4_patch.glm4_patch()]
     # Weights need no GPU: they are fetched even on a host that waits for its reboot. A host whose
     # weights fail to complete fails here, so its vLLM is never started.
     new_weights = model_weights.model_weights()

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import re
-
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server, systemd
 
-from glmfleet.config import HostConfig, Setting, documented, host_config, is_one_of, is_str, is_url, optional
+from glmfleet import checks
+from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.facts import Question, ask_together
+from glmfleet.layout import CDI_SPEC, DOCKER_DAEMON_JSON
 from glmfleet.operations import apt_hold, apt_install, apt_repository, stop_host
-from roles.nvidia_driver import DriverState, gpu_question, is_sha256
-from roles.vllm_image import CDI_SPEC, containers_question
+from glmfleet.shell import quote
+from roles.nvidia_driver import DriverState, gpu_question
+from roles.vllm_image import containers_question
 
 DOCKER_REPO = "https://download.docker.com/linux/{distro}"
 TOOLKIT_REPO = "https://nvidia.github.io/libnvidia-container"
@@ -22,39 +23,36 @@ TOOLKIT_PACKAGES = ["nvidia-container-toolkit", "nvidia-container-toolkit-base",
 DOCKER_PACKAGES = {"distro": ["docker.io"], "docker-repo": ["docker-ce", "docker-ce-cli", "containerd.io"]}
 
 
-def is_apt_version(value) -> bool:
+def apt_version(example: str) -> checks.Check:
     """An apt version, or a glob of versions as ``apt-get install package=GLOB`` takes it."""
-    return is_str(value) and re.fullmatch(r"[0-9][A-Za-z0-9.+~:*?-]*", value) is not None
+    return checks.matches(r"[0-9][A-Za-z0-9.+~:*?-]*", f"an apt version such as {example!r}")
 
 
 SETTINGS = (
     Setting("docker_source", "docker-repo", "where Docker comes from: Docker's apt repository (current engine, CDI "
-            "on by default from 28) or the distro's docker.io (Debian 12: 20.10, no CDI)", "'docker-repo' or 'distro'",
-            is_one_of("docker-repo", "distro")),
+            "on by default from 28) or the distro's docker.io (Debian 12: 20.10, no CDI)", checks.one_of("docker-repo", "distro")),
     Setting("docker_version", "5:28.5.1-1~*", "Docker engine version, an apt version or glob (docker-repo: "
-            "'5:28.5.1-1~*'; distro: e.g. '20.10.24+dfsg1-*'); None takes the newest at install time", "None or an "
-            "apt version such as '5:28.5.1-1~*'", optional(is_apt_version)),
+            "'5:28.5.1-1~*'; distro: e.g. '20.10.24+dfsg1-*'); None takes the newest at install time",
+            checks.optional(apt_version("5:28.5.1-1~*"))),
     Setting("docker_repo_url", DOCKER_REPO, "Docker's apt repository (or a mirror); {distro} becomes ubuntu or debian",
-            "an http(s) or file URL", is_url),
-    Setting("docker_repo_key_url", DOCKER_REPO + "/gpg", "Docker's signing key (same placeholder)",
-            "an http(s) or file URL", is_url),
+            checks.url_template("distro")),
+    Setting("docker_repo_key_url", DOCKER_REPO + "/gpg", "Docker's signing key (same placeholder)", checks.url_template("distro")),
     Setting("docker_repo_key_sha256", None, "sha256 of that key file; when set, another key is refused",
-            "None or 64 hex digits", optional(is_sha256)),
+            checks.optional(checks.sha256)),
     Setting("nvidia_container_toolkit_version", "1.17.8-1", "NVIDIA Container Toolkit version (all four packages)",
-            "an apt version such as '1.17.8-1'", is_apt_version),
+            apt_version("1.17.8-1")),
     Setting("nvidia_container_toolkit_repo_url", TOOLKIT_REPO + "/stable/deb/{arch}", "the toolkit's apt repository "
-            "(or a mirror); {arch} becomes amd64 or arm64", "an http(s) or file URL", is_url),
+            "(or a mirror); {arch} becomes amd64 or arm64", checks.url_template("arch")),
     Setting("nvidia_container_toolkit_key_url", TOOLKIT_REPO + "/gpgkey", "the toolkit repository's signing key",
-            "an http(s) or file URL", is_url),
+            checks.url_template("arch")),
     Setting("nvidia_container_toolkit_key_sha256", None, "sha256 of that key file; when set, another key is refused",
-            "None or 64 hex digits", optional(is_sha256)),
+            checks.optional(checks.sha256)),
     Setting("container_gpu_access", "cdi", "how the vLLM container gets its GPUs: CDI devices (survive "
-            "`systemctl daemon-reload`, need Docker 25+) or `--gpus` (any Docker with the toolkit)", "'cdi' or 'gpus'",
-            is_one_of("cdi", "gpus")),
+            "`systemctl daemon-reload`, need Docker 25+) or `--gpus` (any Docker with the toolkit)", checks.one_of("cdi", "gpus")),
 )
 
 
-def combination_problems(cfg: dict) -> list[str]:
+def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     found = []
     if cfg["vllm_runtime"] != "image" or cfg["docker_source"] != "distro":
         return found
@@ -137,8 +135,8 @@ def container_toolkit(driver: DriverState = DriverState(ready=False)):
     apt_hold(name="Docker and toolkit packages held", patterns=list(packages), pending=installed.will_change)
 
     if state["daemon_json"] == "invalid":
-        stop_host(name="stop: /etc/docker/daemon.json is not JSON",
-                  reason="/etc/docker/daemon.json is not valid JSON; fix it (dockerd would not start) and run again")
+        stop_host(name=f"stop: {DOCKER_DAEMON_JSON} is not JSON",
+                  reason=f"{DOCKER_DAEMON_JSON} is not valid JSON; fix it (dockerd would not start) and run again")
         return []
     docker = systemd.service(name="docker running and enabled", service="docker.service", running=True, enabled=True)
     changes = [installed]
@@ -152,7 +150,7 @@ def container_toolkit(driver: DriverState = DriverState(ready=False)):
     if driver.ready and (not state["cdi_spec"] or driver.changes):
         changes.append(server.shell(
             name=f"CDI spec of the GPUs in {CDI_SPEC}",
-            commands=[f"nvidia-ctk cdi generate --output={CDI_SPEC}"],
+            commands=[f"nvidia-ctk cdi generate --output={quote(CDI_SPEC)}"],
             _if=lambda: not state["cdi_spec"] or any(op.did_change() for op in driver.changes),
         ))
     return [docker, *changes]

@@ -16,19 +16,23 @@ from pyinfra.api.util import get_template
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from glmfleet import FILES
-from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in, is_listen_address
-from glmfleet.facts import ManagedPaths, Question, ask_together
-from glmfleet.operations import planned, upload
+from glmfleet import FILES, checks, filesyntax
+from glmfleet.config import HostConfig, Setting, documented, host_config
+from glmfleet.facts import ListeningPorts, ManagedPaths, Question, ask_together
+from glmfleet.layout import (
+    GATEWAY_CONFIG as CONFIG_PATH,
+    GATEWAY_KEYS as KEYS_PATH,
+    NGINX,
+    NGINX_DEFAULT_SITE as DEFAULT_SITE,
+    NGINX_ERROR_LOG,
+    NGINX_PID,
+    NGINX_UNIT,
+)
+from glmfleet.operations import planned, stop_host, upload
+from glmfleet.shell import quote
 from roles.vllm_service import served_model_name
 
 GATEWAY_GROUP = "gateway"
-CONFIG_PATH = "/etc/nginx/conf.d/glmfleet-gateway.conf"
-# Root-only, read by the nginx master (root) when it loads the configuration.
-KEYS_PATH = "/etc/nginx/glmfleet-gateway-keys.conf"
-DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
-NGINX = "/usr/sbin/nginx"
-NGINX_UNIT = "nginx.service"
 TEMPLATE = FILES / "nginx-gateway.conf.j2"
 
 # One refused or dropped connection rests a host for FAIL_TIMEOUT_S (nginx open source has no
@@ -44,24 +48,34 @@ RELOAD_WAIT_S = 30
 ROUTABLE_NAME = re.compile(r"[A-Za-z0-9._:@+/-]+")
 
 SETTINGS = (
-    Setting("gateway_listen_address", "127.0.0.1", "address the gateway listens on (hosts of the `gateway` group)",
-            "an IP address such as '0.0.0.0'", is_listen_address),
-    Setting("gateway_port", 8080, "TCP port the gateway listens on", "an integer 1-65535", is_int_in(1, 65535)),
+    Setting("gateway_listen_address", "127.0.0.1", "address the gateway listens on (hosts of the `gateway` group; "
+            "another than loopback needs vllm_api_key, or vllm_allow_unauthenticated)", checks.listen_address),
+    Setting("gateway_port", 8080, "TCP port the gateway listens on", checks.int_in(1, 65535)),
     Setting("gateway_request_timeout", 600, "seconds the gateway waits on an upstream (a long generation)",
-            "an integer 10-86400", is_int_in(10, 86400)),
+            checks.int_in(10, 86400)),
 )
 
 
-def combination_problems(cfg: dict) -> list[str]:
+def listens_on(address: str, port: int, other_address: str, other_port: int) -> bool:
+    """Whether two listeners on one host collide: the same port where either takes every address."""
+    return port == other_port and (address == other_address or "0.0.0.0" in (address, other_address)
+                                   or "::" in (address, other_address))
+
+
+def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     found = []
+    if GATEWAY_GROUP in groups and listens_on(cfg["gateway_listen_address"], cfg["gateway_port"], cfg["vllm_host"],
+                                              cfg["vllm_port"]):
+        found.append(f"gateway_port = {cfg['gateway_port']} on {cfg['gateway_listen_address']} is also vllm_port on "
+                     f"{cfg['vllm_host']} of this host, which serves and runs the gateway: set gateway_port to another port")
     name = cfg["vllm_served_model_name"] or cfg["model"]
     if not ROUTABLE_NAME.fullmatch(name):
         key = "vllm_served_model_name" if cfg["vllm_served_model_name"] else "model"
         found.append(f"{key} = {name!r} cannot be routed by the gateway; use letters, digits and . _ : @ + / -")
-    key = cfg["vllm_api_key"]
-    if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
-        found.append("vllm_api_key = <hidden> has spaces or characters outside printable ASCII; "
-                     "clients send it in an HTTP header: use printable ASCII without spaces")
+    if not checks.is_loopback(cfg["gateway_listen_address"]) and not cfg["vllm_api_key"] and not cfg["vllm_allow_unauthenticated"]:
+        found.append(f"gateway_listen_address = {cfg['gateway_listen_address']!r} lets every client that reaches the gateway "
+                     "use the fleet, and vllm_api_key is not set: set vllm_api_key, or vllm_allow_unauthenticated: true if "
+                     "the network is trusted")
     return found
 
 
@@ -113,7 +127,7 @@ def render_keys(api_key: str | None) -> str:
     """The `map` entries that let a client in: the exact Authorization header value."""
     lines = ["# Managed by glmfleet. Root-only: it holds the API key."]
     if api_key:
-        lines.append(f'"Bearer {api_key}" 1;')
+        lines.append(f"{filesyntax.nginx_string(f'Bearer {api_key}')} 1;")
     return "\n".join(lines) + "\n"
 
 
@@ -123,23 +137,31 @@ def reload_command() -> str:
     `nginx -s reload` returns at once, and the old workers keep taking requests until the
     master has started new ones and told the old ones to stop: a drain that began earlier could
     still see new requests arrive. So: wait until every worker from before the reload has exited
-    or is shutting down (it then only finishes the requests it has).
+    or is shutting down (it then only finishes the requests it has). A new configuration the
+    master cannot apply (a port it cannot bind) it logs as ``[emerg]`` and keeps the old one:
+    that fails the host at once, with nginx's own words.
     """
+    log = quote(NGINX_ERROR_LOG)
     return (
         "nginx -t -q || exit 1; "
-        "master=$(cat /run/nginx.pid); old=$(cat /proc/$master/task/$master/children); "
+        f"master=$(cat {quote(NGINX_PID)}); old=$(cat /proc/$master/task/$master/children); "
+        f"logged=$(stat -c %s {log} 2>/dev/null || echo 0); "
         "nginx -s reload || exit 1; "
         f"for i in $(seq {RELOAD_WAIT_S * 20}); do left=; "
         "for p in $old; do case \"$(tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null)\" in "
         "''|*'is shutting down'*) ;; *) left=1;; esac; done; "
-        "test -z \"$left\" && exit 0; sleep 0.05; done; "
-        f"echo 'nginx kept its old workers for {RELOAD_WAIT_S} s: see /var/log/nginx/error.log'; exit 1"
+        "test -z \"$left\" && exit 0; "
+        f"if tail -c +$((logged + 1)) {log} 2>/dev/null | grep -F '[emerg]' >&2; then "
+        f"echo {quote('nginx kept its old configuration: it could not apply the new one (above)')} >&2; exit 1; fi; "
+        "sleep 0.05; done; "
+        f"echo {quote(f'nginx kept its old workers for {RELOAD_WAIT_S} s: see {NGINX_ERROR_LOG}')}; exit 1"
     )
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
     """What this role reads from the host, by name; deploy.py asks it with the serving roles' in one command."""
-    return {"managed": Question(ManagedPaths, {"paths": [NGINX, DEFAULT_SITE, KEYS_PATH, CONFIG_PATH], "units": [NGINX_UNIT]})}
+    return {"managed": Question(ManagedPaths, {"paths": [NGINX, DEFAULT_SITE, KEYS_PATH, CONFIG_PATH], "units": [NGINX_UNIT]}),
+            "listeners": Question(ListeningPorts, {"port": cfg.gateway_port})}
 
 
 @deploy("gateway")
@@ -156,7 +178,15 @@ def gateway(out_of_pool=frozenset()):
     workers take no more requests; a converged gateway changes nothing.
     """
     cfg = host_config(host)
-    managed = ask_together(host, questions(cfg))["managed"]
+    answers = ask_together(host, questions(cfg))
+    managed = answers["managed"]
+    holders = sorted({unit or "a process outside any systemd service" for port, unit in answers["listeners"]
+                      if port == cfg.gateway_port and unit != NGINX_UNIT})
+    if holders:
+        stop_host(name=f"stop: gateway_port {cfg.gateway_port} is taken", reason=(
+            f"gateway_port = {cfg.gateway_port} is already in use by {' and '.join(holders)}: set gateway_port to a free "
+            "port, or stop what holds it"))
+        return
     nginx = managed["units"].get(NGINX_UNIT, {"enabled": False, "running": False})
     # Refresh apt only when something must be installed: a converged host reports no change.
     installing = NGINX not in managed["paths"]

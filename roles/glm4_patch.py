@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
@@ -11,31 +9,25 @@ from pyinfra.facts.files import Sha256File
 from pyinfra.operations import apt, files, server
 
 from glmfleet import FILES
+from glmfleet.compat import GLM4_BROKEN_IN, needs_glm4_patch
 from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import Glm4Source, Question, ask_together
-from roles import vllm_image  # vllm_image lays the patched copy over the image's file: attributes used at call time
+from glmfleet.layout import GLM4_PATCH as PATCH, GLM4_PATCH_SCRIPT as SCRIPT, IMAGE_GLM4, PATCHED_GLM4 as PATCHED_FOR_IMAGE
+from glmfleet.shell import join, quote
+from roles.vllm_image import image_ref
 from roles.vllm_venv import venv_dir
 
-SCRIPT = "/opt/glmfleet/bin/glm4-patch"
-PATCH = "/opt/glmfleet/share/glm4-0.8.4.patch"
-BUGGY_VERSION = "0.8.4"  # first shipped glm4.py broken; fixed upstream by vLLM PR #16618 in 0.8.5
+BUGGY_VERSION = GLM4_BROKEN_IN
 ORIGINAL_SHA256 = "7c495ea634a8ed95cfd109a021affdb7ae38dea4a788ceb4348c25398a6d0ed6"  # 0.8.4's wheel
 PATCHED_SHA256 = "c8b7dc47c6522b0535a411715d0b03a329b57a07ff545ffad670cde509a2a730"  # after files/glm4-0.8.4.patch
 CHECKSUMS = ["--original", ORIGINAL_SHA256, "--patched", PATCHED_SHA256]
-# Where vLLM's official image (0.8.4 and later) has the file, and where the host keeps the
-# patched copy laid over it.
-IMAGE_GLM4 = "/usr/local/lib/python3.12/dist-packages/vllm/model_executor/models/glm4.py"
-PATCHED_FOR_IMAGE = "/var/lib/glmfleet/glm4/glm4.py"
 
 SETTINGS = ()
 
 
-def combination_problems(cfg: dict) -> list[str]:
-    return []
-
 
 def needs_patch(cfg: HostConfig) -> bool:
-    return cfg.vllm_package == "vllm" and cfg.vllm_version == BUGGY_VERSION
+    return needs_glm4_patch(cfg)
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
@@ -51,14 +43,9 @@ def derive_command(image: str) -> str:
     """Image runtime: copy glm4.py out of the image and write the patched file from it; the
     script refuses any copy that is not 0.8.4's original."""
     copied = f"{PATCHED_FOR_IMAGE}.image"
-    return (f"set -e; id=$(docker create {shlex.quote(image)}); trap 'docker rm \"$id\" >/dev/null' EXIT; "
-            f"docker cp \"$id:{IMAGE_GLM4}\" {copied}; "
-            + shlex.join(["python3", SCRIPT, "derive", *CHECKSUMS, PATCH, copied, PATCHED_FOR_IMAGE]) + f"; rm -f {copied}")
-
-
-def image_volumes(cfg) -> list[str]:
-    """Image runtime: the patched file laid read-only over the image's own, where it needs one."""
-    return ["--volume", f"{PATCHED_FOR_IMAGE}:{IMAGE_GLM4}:ro"] if needs_patch(cfg) else []
+    return (f"set -e; id=$(docker create {quote(image)}); trap 'docker rm \"$id\" >/dev/null' EXIT; "
+            f"docker cp \"$id:\"{quote(IMAGE_GLM4)} {quote(copied)}; "
+            + join(["python3", SCRIPT, "derive", *CHECKSUMS, PATCH, copied, PATCHED_FOR_IMAGE]) + f"; rm -f {quote(copied)}")
 
 
 @deploy("glm4.py patch")
@@ -87,7 +74,7 @@ def glm4_patch():
     files.put(name="glm4.py patch", src=str(FILES / "glm4-0.8.4.patch"), dest=PATCH, mode="644")
     if cfg.vllm_runtime == "image":
         files.directory(name="patched glm4.py directory", path=PATCHED_FOR_IMAGE.rsplit("/", 1)[0], mode="755")
-        return [server.shell(name=f"patched glm4.py from {vllm_image.image_ref(cfg)}", commands=[derive_command(vllm_image.image_ref(cfg))])]
+        return [server.shell(name=f"patched glm4.py from {image_ref(cfg)}", commands=[derive_command(image_ref(cfg))])]
     venv = venv_dir(cfg)
     return [server.shell(name=f"patch glm4.py of vLLM {BUGGY_VERSION} in {venv}",
-                         commands=[shlex.join([f"{venv}/bin/python", SCRIPT, "apply", "--vllm", BUGGY_VERSION, *CHECKSUMS, PATCH])])]
+                         commands=[join([f"{venv}/bin/python", SCRIPT, "apply", "--vllm", BUGGY_VERSION, *CHECKSUMS, PATCH])])]

@@ -11,67 +11,50 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 
-from glmfleet.config import (
-    HostConfig,
-    Setting,
-    documented,
-    host_config,
-    is_bool,
-    is_int_in,
-    is_one_of,
-    is_url,
-    optional,
-)
-from glmfleet.facts import GpuHost, Question, ask_together
+from glmfleet import checks
+from glmfleet.config import HostConfig, Setting, documented, host_config
+from glmfleet.facts import DriverBranchesOffered, GpuHost, Question, ask, ask_together
+from glmfleet.layout import NOUVEAU_BLACKLIST, NVIDIA_HOLD_CONF as UNATTENDED_CONF, PERSISTENCED_DROPIN
 from glmfleet.operations import apt_hold, apt_install, apt_repository, notice, stop_host
 
 CUDA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}"
 
-
-def is_branch(value) -> bool:
-    """Three digits; ``--data nvidia_driver_branch=580`` arrives as an int, which is fine too."""
-    return type(value) in (str, int) and re.fullmatch(r"[0-9]{3}", str(value)) is not None
-
-
-def is_driver_version(value) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9]{3}\.[0-9]+(\.[0-9]+)?", value) is not None
-
-
-def is_sha256(value) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
-
+# Three digits; ``--data nvidia_driver_branch=580`` arrives as an int, which is fine too.
+branch = checks.Check(lambda v: type(v) in (str, int) and re.fullmatch(r"[0-9]{3}", str(v)) is not None, "a branch such as '580'")
+driver_version = checks.matches(r"[0-9]{3}\.[0-9]+(\.[0-9]+)?", "a version such as '580.95.05'")
 
 SETTINGS = (
     Setting("nvidia_driver_source", "distro",
             "where the driver comes from: the distro's archive (Ubuntu: Canonical-signed modules; Debian: non-free, "
             "DKMS), NVIDIA's CUDA apt repository (DKMS), or none (the host's driver is managed elsewhere)",
-            "'distro', 'cuda-repo' or 'none'", is_one_of("distro", "cuda-repo", "none")),
-    Setting("nvidia_driver_branch", "580", "driver branch (Debian 12's archive has only 535)", "a branch such as '580'",
-            is_branch),
+            checks.one_of("distro", "cuda-repo", "none")),
+    Setting("nvidia_driver_branch", None, "driver branch (default: per distro and source, the newest production branch "
+            "its repositories offer: Debian 12's archive 535; Ubuntu's and NVIDIA's repository 580); a branch the host's "
+            "repositories do not offer stops that host before anything changes, naming those they offer",
+            checks.optional(branch)),
     Setting("nvidia_driver_version", None, "exact driver version within the branch, e.g. '580.95.05' (default: the "
-            "newest of the branch at install time, then held)", "None or a version such as '580.95.05'",
-            optional(is_driver_version)),
+            "newest of the branch at install time, then held)", checks.optional(driver_version)),
     Setting("nvidia_driver_open", None, "use the open kernel modules (default: only where the GPUs require them, "
-            "Blackwell and later)", "None, true or false", optional(is_bool)),
+            "Blackwell and later)", checks.optional(checks.boolean)),
     Setting("nvidia_fabric_manager", None, "install and run Fabric Manager (default: when the host has NVSwitches, "
-            "as 8-GPU SXM machines do)", "None, true or false", optional(is_bool)),
+            "as 8-GPU SXM machines do)", checks.optional(checks.boolean)),
     Setting("nvidia_allow_reboot", False, "reboot the host when its driver changed, then check nvidia-smi sees every "
-            "GPU; otherwise the run reports 'reboot required' and skips what needs the GPU", "true or false", is_bool),
+            "GPU; otherwise the run reports 'reboot required' and skips what needs the GPU", checks.boolean),
     Setting("nvidia_reboot_timeout", 900, "seconds a rebooting host may take to come back (big servers POST slowly)",
-            "an integer 60-7200", is_int_in(60, 7200)),
+            checks.int_in(60, 7200)),
     Setting("nvidia_cuda_repo_url", CUDA_REPO, "NVIDIA's CUDA apt repository (or a mirror); {distro} becomes "
-            "ubuntu2204, ubuntu2404 or debian12 and {arch} x86_64 or sbsa", "an http(s) or file URL", is_url),
+            "ubuntu2204, ubuntu2404 or debian12 and {arch} x86_64 or sbsa", checks.url_template("distro", "arch")),
     Setting("nvidia_cuda_repo_key_url", CUDA_REPO + "/3bf863cc.pub", "the CUDA repository's signing key (same "
-            "placeholders)", "an http(s) or file URL", is_url),
+            "placeholders)", checks.url_template("distro", "arch")),
     Setting("nvidia_cuda_repo_key_sha256", None, "sha256 of that key file; when set, another key is refused",
-            "None or 64 hex digits", optional(is_sha256)),
+            checks.optional(checks.sha256)),
 )
 
 
-def combination_problems(cfg: dict) -> list[str]:
+def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     found = []
     version, branch = cfg["nvidia_driver_version"], cfg["nvidia_driver_branch"]
-    if version and not version.startswith(f"{branch}."):
+    if version and branch is not None and not version.startswith(f"{branch}."):
         found.append(f"nvidia_driver_version = {version!r} is not in nvidia_driver_branch = {branch!r}; "
                      f"set nvidia_driver_branch to {version.split('.')[0]!r}")
     return found
@@ -84,9 +67,6 @@ HOLD_PATTERNS = ["*nvidia*", "libcuda*", "libnvcuvid*", "cuda-drivers*", "linux-
 UNATTENDED_BLACKLIST = ["nvidia-", "libnvidia-", "libcuda", "libnvcuvid", "cuda-drivers", "firmware-nvidia",
                         "xserver-xorg-video-nvidia", "linux-image-", "linux-headers-", "linux-modules-",
                         "linux-objects-", "linux-signatures-", "linux-generic"]
-UNATTENDED_CONF = "/etc/apt/apt.conf.d/51glmfleet-nvidia-hold"
-NOUVEAU_BLACKLIST = "/etc/modprobe.d/glmfleet-blacklist-nouveau.conf"
-PERSISTENCED_DROPIN = "/etc/systemd/system/nvidia-persistenced.service.d/glmfleet.conf"
 DISTRO_REPOS = {("ubuntu", "22.04"): "ubuntu2204", ("ubuntu", "24.04"): "ubuntu2404", ("debian", "12"): "debian12"}
 CUDA_ARCH = {"amd64": "x86_64", "arm64": "sbsa"}
 
@@ -115,11 +95,25 @@ class DriverState:
     changes: list = field(default_factory=list)
 
 
-def version_glob(cfg: HostConfig) -> str:
+# The branch glmfleet installs where nvidia_driver_branch is not set: the newest production
+# branch each source offers (Debian 12's non-free archive carries 535 alone).
+DEFAULT_BRANCH = "580"
+DEFAULT_BRANCH_BY_DISTRO = {("distro", "debian", "12"): "535"}
+
+
+def wanted_branch(cfg: HostConfig, gpu: dict) -> str:
+    if cfg.nvidia_driver_branch is not None:
+        return str(cfg.nvidia_driver_branch)
+    if cfg.nvidia_driver_version:
+        return cfg.nvidia_driver_version.split(".")[0]
+    return DEFAULT_BRANCH_BY_DISTRO.get((cfg.nvidia_driver_source, gpu["distro"], gpu["distro_version"]), DEFAULT_BRANCH)
+
+
+def version_glob(cfg: HostConfig, gpu: dict) -> str:
     """The apt version pattern of the wanted driver: one release, or any of the branch."""
     if cfg.nvidia_driver_version:
         return f"{cfg.nvidia_driver_version}-*"
-    return f"{cfg.nvidia_driver_branch}.*"
+    return f"{wanted_branch(cfg, gpu)}.*"
 
 
 def wants_open(cfg: HostConfig, gpu: dict) -> bool:
@@ -132,7 +126,7 @@ def wants_fabric_manager(cfg: HostConfig, gpu: dict) -> bool:
 
 def driver_plan(cfg: HostConfig, gpu: dict) -> DriverPlan:
     """The packages for the host's distro, the driver source and the module flavour."""
-    branch, glob, kernel = cfg.nvidia_driver_branch, version_glob(cfg), gpu["kernel"]
+    branch, glob, kernel = wanted_branch(cfg, gpu), version_glob(cfg, gpu), gpu["kernel"]
     headers = [f"linux-headers-{kernel}"] if gpu["kernel_headers_candidate"] else []
     if cfg.nvidia_driver_source == "distro" and gpu["distro"] == "ubuntu":
         # Canonical's precompiled modules are signed for Secure Boot and need neither DKMS nor
@@ -167,7 +161,7 @@ def running_driver_is_wanted(cfg: HostConfig, gpu: dict) -> bool:
         return False
     if cfg.nvidia_driver_version:
         return module["version"] == cfg.nvidia_driver_version
-    return module["version"].startswith(f"{cfg.nvidia_driver_branch}.")
+    return module["version"].startswith(f"{wanted_branch(cfg, gpu)}.")
 
 
 def cuda_repo_url(template: str, gpu: dict) -> str:
@@ -199,10 +193,25 @@ def host_problems(cfg: HostConfig, gpu: dict, plan: DriverPlan, installing: bool
     return found
 
 
+def driver_problems(cfg: HostConfig, gpu: dict) -> list[str]:
+    """Why this host cannot get the wanted driver (preflight stops the host with them before
+    anything changes): ``host_problems``, and a branch its distribution does not offer."""
+    running = running_driver_is_wanted(cfg, gpu)
+    problems = host_problems(cfg, gpu, driver_plan(cfg, gpu), installing=not running)
+    if not running and cfg.nvidia_driver_source == "distro":
+        # Asked only where a driver is to be installed: a converged host makes no extra round trip.
+        offered = ask(host, DriverBranchesOffered)
+        if offered and wanted_branch(cfg, gpu) not in offered:
+            problems.append(f"nvidia_driver_branch {wanted_branch(cfg, gpu)} is not offered by this host's repositories "
+                            f"({gpu['distro']} {gpu['distro_version']} offers {', '.join(offered)}): set nvidia_driver_branch "
+                            "to one of them, or nvidia_driver_source: cuda-repo for NVIDIA's branches")
+    return problems
+
+
 def reboot_reason(cfg: HostConfig, gpu: dict, installing: bool) -> str:
     running = gpu["module"]["version"] if gpu["module"] else "none"
     gpus = f"{len(gpu['gpus'])} GPU(s)" if gpu["gpus"] else "no NVIDIA GPU found on the PCI bus"
-    wanted = cfg.nvidia_driver_version or f"branch {cfg.nvidia_driver_branch}"
+    wanted = cfg.nvidia_driver_version or f"branch {wanted_branch(cfg, gpu)}"
     return f"reboot required: driver {wanted} {'being installed' if installing else 'installed'}, running: {running} ({gpus})"
 
 
@@ -260,14 +269,14 @@ def nvidia_driver() -> DriverState:
     plan = driver_plan(cfg, gpu)
     running = running_driver_is_wanted(cfg, gpu)
     fabric_manager = wants_fabric_manager(cfg, gpu)
-    problems = host_problems(cfg, gpu, plan, installing=not running)
+    problems = driver_problems(cfg, gpu)
     if problems:
         stop_host(name="stop: this host cannot run the wanted NVIDIA driver", reason="; ".join(problems))
         return DriverState(ready=False)
 
     packages = {} if running else {**{name: None for name in plan.headers}, **plan.packages}
     if fabric_manager:
-        packages[plan.fabric_manager] = f"{gpu['module']['version']}-*" if running else version_glob(cfg)
+        packages[plan.fabric_manager] = f"{gpu['module']['version']}-*" if running else version_glob(cfg, gpu)
     if cfg.nvidia_driver_source == "cuda-repo":
         apt_repository(
             name="NVIDIA CUDA repository",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-
 from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.operations import server
@@ -11,13 +9,14 @@ from pyinfra.operations import server
 from glmfleet import compat
 from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import ListeningPorts, Question, ask_together
-from roles.nvidia_driver import gpu_question
-from roles.vllm_service import UNIT
+from glmfleet.layout import UNIT
+from glmfleet.shell import fail_with
+from roles.nvidia_driver import driver_problems, gpu_question
 
 SETTINGS = ()
 
 
-def combination_problems(cfg: dict) -> list[str]:
+def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     """The catalog's rules: model against vLLM release, parsers, engine, companions, heads."""
     return compat.combination_problems(cfg)
 
@@ -36,7 +35,7 @@ def questions(cfg: HostConfig) -> dict[str, Question]:
 
 
 def fail_command(problems: list[str]) -> str:
-    return "; ".join(f"echo {shlex.quote(problem)} >&2" for problem in problems) + "; exit 1"
+    return fail_with(*problems)
 
 
 @deploy("preflight")
@@ -49,7 +48,8 @@ def preflight():
     Checks what the host's facts tell: enough GPUs for tensor × pipeline parallel, weights and
     one full-length sequence of KV cache within ``vllm_gpu_memory_utilization`` of the smallest
     GPU, a driver for the CUDA of the pinned vLLM's torch (all three once a driver answers),
-    and the port vLLM will listen on free or already ours.
+    the port vLLM will listen on free or already ours, and that the driver role can install the
+    wanted driver (``nvidia_driver.driver_problems``: distro, Secure Boot, the branch offered).
     """
     cfg = host_config(host)
     answers = ask_together(host, questions(cfg))
@@ -57,6 +57,8 @@ def preflight():
     for warning in compat.combination_warnings(cfg) + compat.host_warnings(cfg, driver_cuda_version=gpus["driver_cuda_version"]):
         logger.warning(f"{host.name}: {warning}")
     problems = compat.host_problems(cfg, **gpus, listeners=answers["listeners"], own_unit=UNIT)
+    if cfg.nvidia_driver_source != "none":
+        problems += driver_problems(cfg, answers["gpu"])
     if problems:
         server.shell(name="preflight: the host cannot serve this configuration",
                      commands=[fail_command([f"{host.name}: {problem}" for problem in problems])])

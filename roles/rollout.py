@@ -8,53 +8,58 @@ records what a host ran: the host itself is the record.
 
 from __future__ import annotations
 
-import shlex
-
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from glmfleet.config import HostConfig, host_config
 from glmfleet.facts import VllmServes, VllmUnit, vllm_status_command, ask
+from glmfleet.layout import (
+    COMPLETE_MARKER,
+    ENV_FILE,
+    KNOWN_GOOD_DIR,
+    KNOWN_GOOD_ENV,
+    KNOWN_GOOD_UNIT,
+    KNOWN_GOOD_VENV,
+    UNIT,
+    UNIT_PATH,
+)
+from glmfleet.shell import quote
 from roles.verify import argv_for, wait_command
-from roles.vllm_service import ENV_FILE, SECRETS_DIR, UNIT, UNIT_PATH
-
-KNOWN_GOOD_DIR = f"{SECRETS_DIR}/known-good"  # inside the root-only dir: it holds the env file
-KNOWN_GOOD_UNIT = f"{KNOWN_GOOD_DIR}/{UNIT}"
 
 
 def keep_command(cfg: HostConfig) -> str:
     """Copy unit, env file and the `current` venv link's target (empty for the image runtime,
     whose unit names its image) aside, replacing the last copy only once the new one is complete."""
-    new = f"{KNOWN_GOOD_DIR}.new"
+    new, good = quote(f"{KNOWN_GOOD_DIR}.new"), quote(KNOWN_GOOD_DIR)
     return " && ".join([
         f"rm -rf {new}", f"mkdir -m 700 {new}",
-        f"cp -p {UNIT_PATH} {new}/{UNIT}", f"cp -p {ENV_FILE} {new}/vllm.env",
-        f"{{ readlink {shlex.quote(cfg.vllm_venv_root)}/current || true; }} > {new}/venv",
-        f"rm -rf {KNOWN_GOOD_DIR}", f"mv {new} {KNOWN_GOOD_DIR}",
+        f"cp -p {quote(UNIT_PATH)} {new}/{quote(UNIT)}", f"cp -p {quote(ENV_FILE)} {new}/vllm.env",
+        f"{{ readlink {quote(cfg.vllm_venv_root + '/current')} || true; }} > {new}/venv",
+        f"rm -rf {good}", f"mv {new} {good}",
     ])
 
 
 def restore_command(cfg: HostConfig) -> str:
     """Put the known-good unit, env file and venv back and restart; the venv replaced becomes
     `previous`, as a venv switch would leave it."""
-    root = shlex.quote(cfg.vllm_venv_root)
+    root = quote(cfg.vllm_venv_root)
     return "; ".join([
         "set -e",
-        f"test -f {KNOWN_GOOD_DIR}/venv || "
+        f"test -f {quote(KNOWN_GOOD_VENV)} || "
         "{ echo 'no known-good state on this host: nothing to roll back to'; exit 1; }",
-        f"good=$(cat {KNOWN_GOOD_DIR}/venv)",
-        f'test -z "$good" || test -e {root}/"$good"/.glmfleet-complete || '
+        f"good=$(cat {quote(KNOWN_GOOD_VENV)})",
+        f'test -z "$good" || test -e {root}/"$good"/{quote(COMPLETE_MARKER)} || '
         '{ echo "the known-good venv $good is gone"; exit 1; }',
         f"replaced=$(readlink {root}/current || true)",
-        f"cp -p {KNOWN_GOOD_DIR}/{UNIT} {UNIT_PATH}",
-        f"cp -p {KNOWN_GOOD_DIR}/vllm.env {ENV_FILE}",
+        f"cp -p {quote(KNOWN_GOOD_UNIT)} {quote(UNIT_PATH)}",
+        f"cp -p {quote(KNOWN_GOOD_ENV)} {quote(ENV_FILE)}",
         f'if [ -n "$good" ]; then cd {root} && ln -sfn "$good" current.new && mv -Tf current.new current; fi',
         'if [ -n "$good" ] && [ -n "$replaced" ] && [ "$replaced" != "$good" ]; then '
         'ln -sfn "$replaced" previous.new && mv -Tf previous.new previous; fi',
         "systemctl daemon-reload",
-        f"systemctl reset-failed {UNIT} 2>/dev/null || true",
-        f"systemctl restart {UNIT}",
+        f"systemctl reset-failed {quote(UNIT)} 2>/dev/null || true",
+        f"systemctl restart {quote(UNIT)}",
         'echo "rolled back to the known-good unit${good:+ and venv ${good#venvs/}}"',
     ])
 

@@ -2,41 +2,33 @@
 
 from __future__ import annotations
 
-import shlex
-
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
-from glmfleet import FILES
-from glmfleet.config import HostConfig, Setting, documented, host_config, is_int_in
+from glmfleet import FILES, checks
+from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.connection import NotForwarded, connect_on_host
 from glmfleet.facts import ManagedPaths, Question, VllmServes, ask, ask_together, host_script
+from glmfleet.layout import ENV_FILE, UNIT, VERIFY_SCRIPT, local_url as url_of
 from glmfleet.operations import upload
-from roles.vllm_service import ENV_FILE, UNIT, served_model_name
+from glmfleet.shell import join, quote
+from roles.vllm_service import served_model_name
 
-VERIFY_SCRIPT = "/opt/glmfleet/bin/verify-vllm"
 SOURCE = FILES / "verify_vllm.py"
 JOURNAL_HEADER = f"--- last lines of the {UNIT} journal:"
 
 SETTINGS = (
     Setting("vllm_ready_timeout", 1800, "seconds the verify step waits for vLLM to serve (big models load for minutes)",
-            "an integer 0-86400", is_int_in(0, 86400)),
-    Setting("verify_journal_lines", 40, "lines of the unit's journal shown when a host fails to serve", "an integer 0-10000",
-            is_int_in(0, 10000)),
+            checks.int_in(0, 86400)),
+    Setting("verify_journal_lines", 40, "lines of the unit's journal shown when a host fails to serve", checks.int_in(0, 10000)),
 )
 
-
-def combination_problems(cfg: dict) -> list[str]:
-    return []
 
 
 def local_url(cfg: HostConfig) -> str:
     """Where the host itself reaches its vLLM: a wildcard listen address means loopback."""
-    address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(cfg.vllm_host, cfg.vllm_host)
-    if ":" in address:
-        address = f"[{address}]"
-    return f"http://{address}:{cfg.vllm_port}"
+    return url_of(cfg.vllm_host, cfg.vllm_port)
 
 
 def verify_argv(cfg: HostConfig) -> list[str]:
@@ -49,9 +41,9 @@ def argv_for(base_url: str, served_name: str) -> list[str]:
 
 def wait_command(cfg: HostConfig, argv: list[str]) -> str:
     """Wait up to vllm_ready_timeout for the check to pass; on failure show the unit's journal."""
-    wait = shlex.join([*argv, "--deadline", str(cfg.vllm_ready_timeout)])
-    journal = f"journalctl --unit {UNIT} --lines {cfg.verify_journal_lines} --no-pager --quiet"
-    return f"{wait} || {{ echo '{JOURNAL_HEADER}'; {journal}; exit 1; }}"
+    wait = join([*argv, "--deadline", str(cfg.vllm_ready_timeout)])
+    journal = join(["journalctl", "--unit", UNIT, "--lines", str(cfg.verify_journal_lines), "--no-pager", "--quiet"])
+    return f"{wait} || {{ echo {quote(JOURNAL_HEADER)}; {journal}; exit 1; }}"
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:

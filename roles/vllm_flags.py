@@ -4,7 +4,7 @@ the unit is written, so a typo never takes a serving host down."""
 from __future__ import annotations
 
 import hashlib
-import shlex
+import json
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -13,40 +13,45 @@ from pyinfra.operations import files, server
 from glmfleet import FILES
 from glmfleet.config import HostConfig, documented, host_config
 from glmfleet.facts import Question, ask_together
+from glmfleet.layout import FLAGS_SCRIPT as SCRIPT, UNIT_PATH
+from glmfleet.shell import assignments, join, quote
 from roles.vllm_image import image_ref
-from roles.vllm_service import UNIT_PATH, render_unit, serve_args, service_question
+from roles.vllm_service import FLAG_KEYS, render_unit, serve_args, service_question
 from roles.vllm_venv import venv_dir, venv_name, venvs_question
 
 SOURCE = FILES / "check_vllm_flags.py"
-SCRIPT = "/opt/glmfleet/bin/check-vllm-flags"
 
 SETTINGS = ()
 
-
-def combination_problems(cfg: dict) -> list[str]:
-    return []
 
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
+def guard_argument(cfg: HostConfig) -> list[str]:
+    """``--guard`` for the check: the flags glmfleet's keys own and where vllm_extra_args begin,
+    so that vLLM's own parser says whether any extra argument, however spelt, sets one of them."""
+    owned = sorted({flag for flag in FLAG_KEYS if flag.startswith("--") and flag != "--config"})
+    extra_from = len(serve_args(cfg)) - len(cfg.vllm_extra_args)
+    return ["--guard", json.dumps({"flags": owned, "extra_from": extra_from}, separators=(",", ":"))]
+
+
 def check_command(cfg: HostConfig) -> str:
     """The pinned vLLM's own python runs the check, offline, on what follows `vllm serve`: the
     venv's, or the image's in a throwaway container without network or GPU."""
-    args = serve_args(cfg)
+    args = [*guard_argument(cfg), "--", *serve_args(cfg)]
     if cfg.vllm_runtime == "image":
         env = [arg for name, value in OFFLINE.items() for arg in ("--env", f"{name}={value}")]
         docker = ["docker", "run", "--rm", "--interactive", "--network", "none", *env, "--entrypoint", "python3", image_ref(cfg)]
-        return shlex.join([*docker, "-", *args]) + f" < {SCRIPT}"
-    python = f"{venv_dir(cfg)}/bin/python"
-    return " ".join(f"{name}={value}" for name, value in OFFLINE.items()) + " " + shlex.join([python, SCRIPT, *args])
+        return f"{join([*docker, '-', *args])} < {quote(SCRIPT)}"
+    return f"{assignments(OFFLINE)} {join([f'{venv_dir(cfg)}/bin/python', SCRIPT, *args])}"
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
     """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if cfg.vllm_package != "vllm":
         return {}
-    return {"service": service_question(), **({"venvs": venvs_question(cfg)} if cfg.vllm_runtime == "venv" else {})}
+    return {"service": service_question(cfg), **({"venvs": venvs_question(cfg)} if cfg.vllm_runtime == "venv" else {})}
 
 
 @deploy("check vLLM flags")

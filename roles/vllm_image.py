@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import tarfile
 from functools import cache
 from pathlib import Path
@@ -12,44 +11,32 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
-from glmfleet.config import HostConfig, Setting, documented, host_config, is_str, optional
+from glmfleet import checks
+from glmfleet.compat import needs_glm4_patch
+from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.facts import ContainerHost, Question, ask_together
-from roles import glm4_patch
+from glmfleet.layout import CDI_SPEC, CONTAINER, DOCKER, ENV_FILE, IMAGE_ARCHIVE_DIR as ARCHIVE_DIR, IMAGE_GLM4, PATCHED_GLM4
+from glmfleet.shell import quote
 from roles.vllm_venv import state_dirs, state_dirs_question
 
-CONTAINER = "vllm"
-ARCHIVE_DIR = "/var/lib/glmfleet/images"
-# The container toolkit writes it; the container reaches the GPUs through it (container_gpu_access cdi).
-CDI_SPEC = "/etc/cdi/nvidia.yaml"
-
-
-def is_image_name(value) -> bool:
-    """A repository, optionally on a registry: ``vllm/vllm-openai``, ``mirror.example:5000/vllm/vllm-openai``."""
-    return is_str(value) and re.fullmatch(r"[a-z0-9]+([._:/-][a-z0-9]+)*", value) is not None
-
-
-def is_digest(value) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value) is not None
-
-
-def is_archive_path(value) -> bool:
-    return is_str(value) and value.endswith((".tar", ".tar.gz", ".tgz")) and "\n" not in value
-
+# A repository, optionally on a registry: ``vllm/vllm-openai``, ``mirror.example:5000/vllm/vllm-openai``.
+image_name_check = checks.matches(r"[a-z0-9]+([._:/-][a-z0-9]+)*", "an image name such as 'vllm/vllm-openai'")
+archive_path = checks.Check(lambda v: checks.local_path(v) and v.endswith((".tar", ".tar.gz", ".tgz")),
+                            "a path ending in .tar or .tar.gz")
 
 SETTINGS = (
     Setting("vllm_image", "vllm/vllm-openai", "the vLLM image repository (a registry mirror's, on mirror-only sites)",
-            "an image name such as 'vllm/vllm-openai'", is_image_name),
+            image_name_check),
     Setting("vllm_image_tag", None, "the image tag (default: 'v' + vllm_version, as vLLM tags its releases)",
-            "None or a tag such as 'v0.22.0'", optional(lambda v: is_str(v) and re.fullmatch(r"[\w.-]+", v))),
+            checks.optional(checks.matches(r"[\w.-]+", "a tag such as 'v0.22.0'"))),
     Setting("vllm_image_digest", None, "the recorded manifest digest: pull and run exactly this image",
-            "None or 'sha256:' and 64 hex digits", optional(is_digest)),
+            checks.optional(checks.matches(r"sha256:[0-9a-f]{64}", "'sha256:' and 64 hex digits"))),
     Setting("vllm_image_archive", None, "a `docker save` archive on the control node, loaded instead of pulling "
-            "(air-gapped sites); it must hold the tagged image", "None or a path ending in .tar or .tar.gz",
-            optional(is_archive_path)),
+            "(air-gapped sites); it must hold the tagged image", checks.optional(archive_path)),
 )
 
 
-def combination_problems(cfg: dict) -> list[str]:
+def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     if cfg["vllm_runtime"] != "image":
         return []
     found = []
@@ -102,7 +89,13 @@ def archive_image(path: str) -> dict:
     return {"id": f"sha256:{digest}", "tags": manifest[0].get("RepoTags") or []}
 
 
-def docker_run(cfg: HostConfig, env_file: str) -> list[str]:
+def image_volumes(cfg) -> list[str]:
+    """vLLM 0.8.4's broken glm4.py: the patched copy laid read-only over the image's own
+    (roles/glm4_patch.py makes it)."""
+    return ["--volume", f"{PATCHED_GLM4}:{IMAGE_GLM4}:ro"] if needs_glm4_patch(cfg) else []
+
+
+def docker_run(cfg: HostConfig) -> list[str]:
     """``docker run`` in the foreground (systemd supervises it) with the GPUs, host networking
     and IPC (vLLM's shared memory), the state directory (Hugging Face and compile caches) at the
     same path as on the host, the model directory read-only, and the environment from the
@@ -111,11 +104,11 @@ def docker_run(cfg: HostConfig, env_file: str) -> list[str]:
     mounts = ["--volume", f"{cfg.vllm_state_dir}:{cfg.vllm_state_dir}"]
     if cfg.model_dir:
         mounts += ["--volume", f"{cfg.model_dir}:{cfg.model_dir}:ro"]
-    mounts += glm4_patch.image_volumes(cfg)
+    mounts += image_volumes(cfg)
     return [
-        "/usr/bin/docker", "run", "--rm", "--name", CONTAINER, *gpus,
+        DOCKER, "run", "--rm", "--name", CONTAINER, *gpus,
         "--network", "host", "--ipc", "host", "--ulimit", "memlock=-1", "--ulimit", "nofile=65536",
-        *mounts, "--env-file", env_file, "--entrypoint", "vllm", image_ref(cfg),
+        *mounts, "--env-file", ENV_FILE, "--entrypoint", "vllm", image_ref(cfg),
     ]
 
 
@@ -151,18 +144,18 @@ def vllm_image():
     if not cfg.vllm_image_archive:
         if present:
             return []
-        return [server.shell(name=f"pull {image_ref(cfg)}", commands=[f"docker pull {image_ref(cfg)}"])]
+        return [server.shell(name=f"pull {image_ref(cfg)}", commands=[f"docker pull {quote(image_ref(cfg))}"])]
     wanted = archive_image(cfg.vllm_image_archive)["id"]
     if present == wanted:
         return []
-    remote = f"{ARCHIVE_DIR}/{Path(cfg.vllm_image_archive).name}"
+    remote = f"{ARCHIVE_DIR}/image.tar" + (".gz" if cfg.vllm_image_archive.endswith((".gz", ".tgz")) else "")
     files.directory(name="image archive directory", path=ARCHIVE_DIR, user="root", group="root", mode="700")
     files.put(name=f"upload {cfg.vllm_image_archive}", src=cfg.vllm_image_archive, dest=remote, mode="600")
     loaded = server.shell(
         name=f"docker load {image_name(cfg)} ({wanted[:19]})",
         commands=[
-            f"docker load --input {remote} && rm -f {remote} && "
-            f"test \"$(docker image inspect --format '{{{{.Id}}}}' {image_name(cfg)})\" = {wanted}"
+            f"docker load --input {quote(remote)} && rm -f {quote(remote)} && "
+            f"test \"$(docker image inspect --format '{{{{.Id}}}}' {quote(image_name(cfg))})\" = {quote(wanted)}"
         ],
     )
     return [loaded]

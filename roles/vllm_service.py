@@ -2,87 +2,86 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from io import StringIO
 
 from packaging.version import Version
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.util import get_template
-from pyinfra.operations import server, systemd
+from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from glmfleet import FILES, catalog
-from glmfleet.config import (
-    HostConfig,
-    Setting,
-    documented,
-    host_config,
-    is_abs_path,
-    is_bool,
-    is_env_dict,
-    is_int_in,
-    is_listen_address,
-    is_number_in,
-    is_str,
-    is_str_list,
-    optional,
-)
+from glmfleet import FILES, catalog, checks, filesyntax
+from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.facts import ManagedPaths, Question, ask_together
+from glmfleet.layout import (
+    CONTAINER,
+    ENV_FILE,
+    SECRETS_DIR,
+    STAGED_UNIT,
+    STAGING_DIR,
+    UNIT,
+    UNIT_PATH,
+    VLLM_USER,
+    current_link,
+    model_dir,
+    state_subdirs,
+    weights_check_argv,
+)
 from glmfleet.operations import directory, planned, unit_enabled, upload
-from roles.model_weights import check_argv, model_path
-from roles.vllm_image import CONTAINER, docker_run
-from roles.vllm_venv import VLLM_USER, venv_bin
+from glmfleet.shell import join, quote
+from roles.vllm_image import docker_run
+from roles.vllm_venv import venv_bin
 
-UNIT = "vllm.service"
-UNIT_PATH = f"/etc/systemd/system/{UNIT}"
-SECRETS_DIR = "/etc/glmfleet"
-ENV_FILE = f"{SECRETS_DIR}/vllm.env"
 TEMPLATE = FILES / "vllm.service.j2"
 
 
 def is_model(value) -> bool:
-    """A catalog name (files/catalog.yaml), a hub repo id (``owner/name``) or an absolute path."""
-    return is_str(value) and (
-        is_abs_path(value) or re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None or catalog.find(value) is not None
+    """A catalog name (files/catalog.yaml) or a hub repo id (``owner/name``); a path is refused
+    with its own message (model_dir)."""
+    return checks.is_str(value) and (
+        checks.is_abs_path(value) or re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", value) is not None
+        and not {".", ".."} & set(value.split("/")) or catalog.find(value) is not None
     )
 
 
-def is_mm_limits(value) -> bool:
-    return isinstance(value, dict) and bool(value) and all(is_str(k) and type(v) is int and v >= 0 for k, v in value.items())
-
+mm_limits = checks.mapping(checks.word(), checks.int_in(0, 10**6), "a mapping such as {'image': 4, 'video': 1}")
 
 SETTINGS = (
-    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a catalog name (README: Model catalog) or a hub repo id (its files: see model_source)",
-            "a catalog name such as 'glm-4.7-flash', 'owner/name' or an absolute path", is_model),
-    Setting("vllm_host", "127.0.0.1", "address vLLM listens on", "an IP address such as '127.0.0.1' or '0.0.0.0'", is_listen_address),
-    Setting("vllm_port", 8000, "TCP port vLLM listens on", "an integer 1-65535", is_int_in(1, 65535)),
-    Setting("vllm_served_model_name", None, "the name clients ask for (default: the model)", "None or a name",
-            optional(lambda v: is_str(v) and not any(c.isspace() for c in v))),
-    Setting("vllm_tensor_parallel_size", 1, "GPUs one model instance spans", "an integer 1-64", is_int_in(1, 64)),
-    Setting("vllm_pipeline_parallel_size", 1, "pipeline stages; GPUs used = tensor x pipeline parallel size", "an integer 1-64",
-            is_int_in(1, 64)),
-    Setting("vllm_max_model_len", None, "context length (default: the model's own)", "None or an integer 128-10485760",
-            optional(is_int_in(128, 10485760))),
-    Setting("vllm_gpu_memory_utilization", 0.9, "share of each GPU's memory vLLM may take", "a number > 0 and <= 1",
-            is_number_in(0, 1)),
-    Setting("vllm_trust_remote_code", False, "let the model's own Python code run (some GLM repos need it)", "true or false", is_bool),
+    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a catalog name (README: Model catalog) or a hub repo id "
+            "(its files: see model_source)", checks.Check(is_model, "a catalog name such as 'glm-4.7-flash' or 'owner/name'")),
+    Setting("vllm_host", "127.0.0.1", "address vLLM listens on (another than loopback needs vllm_api_key, or "
+            "vllm_allow_unauthenticated)", checks.listen_address),
+    Setting("vllm_port", 8000, "TCP port vLLM listens on", checks.int_in(1, 65535)),
+    Setting("vllm_served_model_name", None, "the name clients ask for (default: the model)", checks.optional(checks.word("a name"))),
+    Setting("vllm_tensor_parallel_size", 1, "GPUs one model instance spans", checks.int_in(1, 64)),
+    Setting("vllm_pipeline_parallel_size", 1, "pipeline stages; GPUs used = tensor x pipeline parallel size", checks.int_in(1, 64)),
+    Setting("vllm_max_model_len", None, "context length (default: the model's own)", checks.optional(checks.int_in(128, 10485760))),
+    Setting("vllm_gpu_memory_utilization", 0.9, "share of each GPU's memory vLLM may take", checks.number_in(0, 1)),
+    Setting("vllm_trust_remote_code", False, "let the model's own Python code run (some GLM repos need it)", checks.boolean),
     Setting("vllm_tool_call_parser", None, "how vLLM parses the model's tool calls (the catalog sets it per model)",
-            "None or a parser name such as 'glm45'", optional(is_str)),
+            checks.optional(checks.word("a parser name such as 'glm45'"))),
     Setting("vllm_enable_auto_tool_choice", False, "let the model decide when to call tools (needs vllm_tool_call_parser)",
-            "true or false", is_bool),
+            checks.boolean),
     Setting("vllm_reasoning_parser", None, "how vLLM separates the model's reasoning from its answer (the catalog sets it)",
-            "None or a parser name such as 'glm45'", optional(is_str)),
+            checks.optional(checks.word("a parser name such as 'glm45'"))),
     Setting("vllm_limit_mm_per_prompt", None, "most images, videos... one prompt may carry (multimodal models)",
-            "None or a mapping such as {'image': 4, 'video': 1}", optional(is_mm_limits)),
+            checks.optional(mm_limits)),
     Setting("vllm_extra_args", [], "further `vllm serve` flags, e.g. ['--enable-prefix-caching']",
-            "a list of strings, none of them a flag that another key sets", is_str_list),
+            checks.list_of(checks.text(), "a list of strings, none of them a flag that another key sets")),
     Setting("vllm_env", {}, "extra environment for vLLM, e.g. {'VLLM_LOGGING_LEVEL': 'DEBUG'}",
-            "a mapping of variable names to one-line strings", is_env_dict),
-    Setting("vllm_api_key", None, "API key clients must send (kept in a root-only file)", "None or a string", optional(is_str), secret=True),
-    Setting("vllm_shutdown_timeout", 30, "seconds in-flight requests get to finish on stop (vLLM >= 0.18)", "an integer 0-3600",
-            is_int_in(0, 3600)),
-    Setting("vllm_start_timeout", 1800, "seconds a start (weights load, compile) may take", "an integer 60-86400", is_int_in(60, 86400)),
+            checks.mapping(checks.env_name, checks.Check(lambda v: isinstance(v, str), ""),
+                           "a mapping of variable names to one-line strings")),
+    Setting("vllm_api_key", None, "API key clients must send (kept in a root-only file)",
+            checks.optional(checks.printable_ascii("printable ASCII without spaces (clients send it in an HTTP header)")),
+            secret=True),
+    Setting("vllm_allow_unauthenticated", False, "serve without an API key on an address other than loopback (every "
+            "client that reaches the port may use the model): say so here, or set vllm_api_key", checks.boolean),
+    Setting("vllm_shutdown_timeout", 30, "seconds in-flight requests get to finish on stop (vLLM >= 0.18)", checks.int_in(0, 3600)),
+    Setting("vllm_start_timeout", 1800, "seconds a start (weights load, compile) may take", checks.int_in(60, 86400)),
 )
 
 # Flags a key already renders: given again in vllm_extra_args they would silently conflict.
@@ -105,6 +104,8 @@ FLAG_KEYS = {
     "--trust-remote-code": "vllm_trust_remote_code",
     "--shutdown-timeout": "vllm_shutdown_timeout",
     "--api-key": "vllm_api_key",
+    # A config file can set any flag, the API key included: what it sets is unknowable here.
+    "--config": "the keys glmfleet reads (vllm_extra_args take the flags themselves)",
 }
 # Variables glmfleet sets itself, or that hold secrets and belong in the secret keys.
 ENV_KEYS = {
@@ -118,16 +119,48 @@ ENV_KEYS = {
 }
 
 
-def combination_problems(cfg: dict) -> list[str]:
+def as_vllm_reads(arg: str) -> str | None:
+    """The flag an argument names as vLLM's parser reads it (``FlexibleArgumentParser``: ``_``
+    and ``-`` alike in a long name up to its first ``.``, ``--name=value`` as ``--name``), or
+    None for a value."""
+    if arg.startswith("--"):
+        name = arg[2:].split("=", 1)[0]
+        head, dot, tail = name.partition(".")
+        return "--" + head.replace("_", "-") + dot + tail
+    if re.fullmatch(r"-[A-Za-z]{1,3}", arg.split("=", 1)[0]):
+        return arg.split("=", 1)[0]
+    return None
+
+
+def guarded_flag(arg: str) -> str | None:
+    """The flag of ``FLAG_KEYS`` an argument would set in vLLM, also abbreviated (argparse
+    takes any unambiguous prefix of a long flag) or as ``--flag.key`` (a JSON flag's part)."""
+    flag = as_vllm_reads(arg)
+    if flag is None:
+        return None
+    base = flag.split(".", 1)[0]
+    if base in FLAG_KEYS:
+        return base
+    if base.startswith("--") and len(base) > 3:
+        return next((guarded for guarded in FLAG_KEYS if guarded.startswith(base)), None)
+    return None
+
+
+def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     found = []
     for arg in cfg["vllm_extra_args"]:
-        flag = arg.split("=", 1)[0]
-        if flag in FLAG_KEYS:
-            found.append(f"vllm_extra_args contains {flag!r}; set {FLAG_KEYS[flag]} instead"
+        flag = guarded_flag(arg)
+        if flag is not None:
+            spelled = arg.split("=", 1)[0]
+            found.append(f"vllm_extra_args contains {spelled!r}" + (f" (vLLM reads it as {flag!r})" if spelled != flag else "")
+                         + f"; set {FLAG_KEYS[flag]} instead"
                          + (" (a key on the command line is visible to every user)" if flag == "--api-key" else ""))
     for name in cfg["vllm_env"]:
         if name in ENV_KEYS:
             found.append(f"vllm_env sets {name}; set {ENV_KEYS[name]} instead")
+    if not checks.is_loopback(cfg["vllm_host"]) and not cfg["vllm_api_key"] and not cfg["vllm_allow_unauthenticated"]:
+        found.append(f"vllm_host = {cfg['vllm_host']!r} serves every client that reaches the port, and vllm_api_key is "
+                     "not set: set vllm_api_key, or vllm_allow_unauthenticated: true if the network is trusted")
     return found
 
 
@@ -144,14 +177,14 @@ def vllm_command(cfg: HostConfig) -> list[str]:
     """The unit's ExecStart, as an argv: ``vllm serve`` with the configured flags, from the venv
     or inside the container."""
     if cfg.vllm_runtime == "image":
-        return [*docker_run(cfg, ENV_FILE), "serve", *serve_args(cfg)]
+        return [*docker_run(cfg), "serve", *serve_args(cfg)]
     return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg)]
 
 
 def serve_args(cfg: HostConfig) -> list[str]:
     """What follows ``vllm serve``: the model and the configured flags."""
     argv = [
-        model_path(cfg),
+        model_dir(cfg),
         "--host", cfg.vllm_host,
         "--port", str(cfg.vllm_port),
         "--served-model-name", served_model_name(cfg),
@@ -181,8 +214,7 @@ def vllm_environment(cfg: HostConfig) -> dict[str, str]:
     """The unit's EnvironmentFile: caches on persistent paths, secrets, and ``vllm_env``."""
     env = {
         "HOME": cfg.vllm_state_dir,
-        "HF_HOME": f"{cfg.vllm_state_dir}/huggingface",
-        "VLLM_CACHE_ROOT": f"{cfg.vllm_state_dir}/cache",
+        **state_subdirs(cfg.vllm_state_dir),
         # The weights are fetched and verified by the model_weights role: vLLM only reads them.
         "HF_HUB_OFFLINE": "1",
         # A fleet's servers do not report usage to third parties.
@@ -195,86 +227,114 @@ def vllm_environment(cfg: HostConfig) -> dict[str, str]:
     return env
 
 
-def systemd_quote(arg: str) -> str:
-    """Quote one argument for ExecStart, which splits on spaces and expands ``$`` and ``%``."""
-    escaped = arg.replace("%", "%%").replace("$", "$$")
-    if re.fullmatch(r"[\w@%+=:,./$-]+", escaped):
-        return escaped
-    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def render_env_file(env: dict[str, str], runtime: str = "venv") -> str:
     """The environment file: systemd's quoted ``KEY="value"`` for the venv's unit, Docker's
     ``--env-file`` lines (``KEY=value``, taken literally) for the container."""
-    lines = ["# Managed by glmfleet. Root-only: it holds secrets."]
-    if runtime == "image":
-        lines += [f"{key}={value}" for key, value in env.items()]
-    else:
-        lines += [f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for key, value in env.items()]
-    return "\n".join(lines) + "\n"
+    line = filesyntax.docker_env_line if runtime == "image" else filesyntax.systemd_env_line
+    return "\n".join(["# Managed by glmfleet. Root-only: it holds secrets.", *(line(k, v) for k, v in env.items())]) + "\n"
 
 
-def service_question() -> Question:
-    """The ManagedPaths fact of what this role writes: its directory, files and unit (the flag
-    check reads the unit's sha256 from it too, so the host is asked once)."""
-    return Question(ManagedPaths, {"paths": [SECRETS_DIR, ENV_FILE, UNIT_PATH], "units": [UNIT]})
+def service_question(cfg: HostConfig) -> Question:
+    """The ManagedPaths fact of what this role writes and what the running service was started
+    from (the flag check reads the unit's sha256 from it too, so the host is asked once)."""
+    paths = [SECRETS_DIR, ENV_FILE, UNIT_PATH, STAGING_DIR]
+    if cfg.vllm_runtime == "venv":
+        paths.append(current_link(cfg.vllm_venv_root))
+    return Question(ManagedPaths, {"paths": paths, "units": [UNIT]})
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
     """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
-    return {"managed": service_question()}
+    return {"managed": service_question(cfg)}
 
 
 def render_unit(cfg: HostConfig) -> str:
     return get_template(str(TEMPLATE)).render(
         runtime=cfg.vllm_runtime,
         container=CONTAINER,
-        served_model_name=served_model_name(cfg),
+        served_model_name=filesyntax.systemd_text(served_model_name(cfg)),
         user=VLLM_USER,
-        state_dir=cfg.vllm_state_dir,
+        state_dir=filesyntax.systemd_word(cfg.vllm_state_dir),
         env_file=ENV_FILE,
-        exec_start=" ".join(systemd_quote(arg) for arg in vllm_command(cfg)),
-        exec_start_pre=" ".join(systemd_quote(arg) for arg in check_argv(cfg)),
+        exec_start=filesyntax.systemd_command_line(vllm_command(cfg)),
+        exec_start_pre=filesyntax.systemd_command_line(weights_check_argv(cfg)),
         restart_sec=15,
         start_timeout=cfg.vllm_start_timeout,
         stop_timeout=cfg.vllm_shutdown_timeout + 30,
         # docker stop's own grace, inside systemd's: the container is killed before the unit is.
         container_stop_timeout=cfg.vllm_shutdown_timeout + 15,
-        writable_paths=[cfg.vllm_state_dir],
+        writable_paths=[filesyntax.systemd_word(cfg.vllm_state_dir)],
     )
+
+
+def restart_command(cfg: HostConfig) -> str:
+    """(Re)start the service; a start systemd refuses (a failed ExecStartPre, a unit it cannot
+    load) fails the host with systemd's own words and the journal's last lines. reset-failed
+    clears the start limit a crash loop before this deploy may have hit."""
+    unit = quote(UNIT)
+    journal = join(["journalctl", "--unit", UNIT, "--lines", str(cfg.verify_journal_lines), "--no-pager", "--quiet"])
+    return (f"systemctl reset-failed {unit} 2>/dev/null; systemctl restart {unit} || "
+            f"{{ systemctl status --no-pager --lines 0 {unit} >&2; echo {quote(f'--- last lines of the {UNIT} journal:')} >&2; "
+            f"{journal} >&2; exit 1; }}")
+
+
+def install_unit_command() -> str:
+    """Put the staged unit in place only once systemd itself accepts it (``systemd-analyze
+    verify``: quoting, keys, executables): a unit systemd cannot load never replaces one that works."""
+    staged, new = quote(STAGED_UNIT), quote(f"{UNIT_PATH}.glmfleet-new")
+    return (f"systemd-analyze verify {staged} && install -o root -g root -m 644 {staged} {new} && "
+            f"mv -f {new} {quote(UNIT_PATH)}")
+
+
+def started_before_its_files(managed: dict, cfg: HostConfig) -> bool:
+    """Whether the running service started before its unit, environment or venv last changed:
+    it runs something other than what is on disk (a restart that failed, a hand edit)."""
+    started = managed["units"].get(UNIT, {}).get("started")
+    changed = [managed["mtimes"].get(path) for path in service_question(cfg).kwargs["paths"] if path != STAGING_DIR]
+    return started is not None and any(mtime is not None and mtime > started for mtime in changed)
 
 
 @deploy("vLLM service")
 @documented(SETTINGS)
 def vllm_service(restart_when=()):
     """
-    Write the vLLM unit and its root-only environment file, and keep the service running.
+    Write the vLLM unit and its root-only environment file, and keep the service running what
+    they say.
 
     + restart_when: operations (e.g. the venv switch) whose change also needs a restart
 
-    daemon-reload runs only when the unit changed; a stopped service starts, and a running one
-    restarts only when its unit, its environment or ``restart_when`` changed. Returns the
-    (re)start, for the verify role, or None where the service runs and none of these can
-    change: a converged host plans no operation at all.
+    The unit replaces the installed one only once ``systemd-analyze verify`` accepts it;
+    daemon-reload runs when the unit changed or systemd holds an older copy; drop-ins under
+    ``vllm.service.d`` (glmfleet writes none) are removed and named. A stopped service starts,
+    and a running one restarts when its unit, its environment, a drop-in or ``restart_when``
+    changed, or when it started before its files last changed; a (re)start systemd refuses
+    fails the host with systemd's words and the journal. Returns the (re)start, for the
+    verify role, or None where the service runs what is on disk and nothing changes: a
+    converged host plans no operation at all.
     """
     cfg = host_config(host)
     managed = ask_together(host, questions(cfg))["managed"]
-    was_active = managed["units"].get(UNIT, {}).get("running", False)
+    state = managed["units"].get(UNIT, {})
+    was_active = state.get("running", False)
 
     directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")
     env = upload(managed, ENV_FILE, render_env_file(vllm_environment(cfg), cfg.vllm_runtime), mode="600",
                  name=f"environment file {ENV_FILE}", secret=True)
-    unit = upload(managed, UNIT_PATH, render_unit(cfg), name=f"unit {UNIT}")
-    if unit:
-        systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
+    unit = None
+    rendered = render_unit(cfg)
+    if managed["paths"].get(UNIT_PATH, {}).get("sha256") != hashlib.sha256(rendered.encode()).hexdigest():
+        directory(managed, STAGING_DIR, name="glmfleet staging dir")
+        files.put(name=f"unit {UNIT} staged", src=StringIO(rendered), dest=STAGED_UNIT, user="root", group="root", mode="644")
+        unit = server.shell(name=f"unit {UNIT}", commands=[install_unit_command()])
+    foreign = state.get("dropins", [])
+    dropins = server.shell(name=f"remove drop-ins glmfleet did not write: {' '.join(foreign)}",
+                           commands=[f"rm -f -- {join(foreign)}"]) if foreign else None
+    if unit or dropins or state.get("need_reload"):
+        systemd.daemon_reload(name="systemd daemon-reload")
     unit_enabled(managed, UNIT)
-    changed = planned(env, unit, *restart_when)
-    if was_active and not changed:
+    changed = planned(env, unit, dropins, *restart_when)
+    stale = was_active and (state.get("need_reload") or started_before_its_files(managed, cfg))
+    if was_active and not changed and not stale:
         return None
-    # reset-failed clears systemd's start limit, which a crash loop before this deploy may have
-    # hit. A start that fails is not fatal here: verify judges it and shows the journal.
-    return server.shell(
-        name=f"(re)start {UNIT}",
-        commands=[f"systemctl reset-failed {UNIT} 2>/dev/null; systemctl restart {UNIT} || true"],
-        _if=[any_changed(*changed)] if was_active else [],
-    )
+    return server.shell(name=f"(re)start {UNIT}", commands=[restart_command(cfg)],
+                        _if=[any_changed(*changed)] if was_active and not stale else [])

@@ -4,59 +4,54 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
 
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
-from glmfleet.config import (
-    HostConfig,
-    Setting,
-    documented,
-    host_config,
-    is_abs_path,
-    is_one_of,
-    is_pinned_requirement,
-    is_str,
-    is_url,
-    is_url_list,
-    is_version,
+from glmfleet import checks
+from glmfleet.config import HostConfig, Setting, documented, host_config
+from glmfleet.credentials import tool_environment
+from glmfleet.facts import ManagedPaths, Question, VllmVenvs, ask_together
+from glmfleet.layout import (
+    COMPLETE_MARKER,
+    NOLOGIN,
+    UNIT,
+    UV_CACHE_DIR,
+    VLLM_USER,
+    current_bin,
+    state_subdirs,
+    tool_bin,
+    tool_dir,
+    venv_dir as venv_path,
+    venvs_dir,
 )
-from glmfleet.facts import COMPLETE_MARKER, ManagedPaths, Question, VllmVenvs, ask_together
-from glmfleet.operations import directory
-from glmfleet.toolvenv import install_tool, tool_bin
-
-VLLM_USER = "vllm"
-NOLOGIN = "/usr/sbin/nologin"
-UV_CACHE_DIR = "/var/cache/glmfleet/uv"
-# Debian's and Ubuntu's bundle of the host's trusted CAs: a site's own CA (a proxy or mirror
-# with a private certificate) goes there, and pip and uv must trust what the host trusts.
-SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+from glmfleet.operations import owned_directory, service_user_dirs
+from glmfleet.shell import assignments, join, quote
+from glmfleet.toolvenv import index_args, install_tool
 
 SETTINGS = (
     Setting("vllm_runtime", "venv", "how vLLM runs: a Python venv on the host, or the official container image "
-            "under systemd", "'venv' or 'image'", is_one_of("venv", "image")),
+            "under systemd", checks.one_of("venv", "image")),
     Setting("vllm_package", "vllm", "the distribution that provides the `vllm` command (tests install a test double)",
-            "a package name", is_str),
-    Setting("vllm_version", "0.22.0", "exact version of vllm_package to install", "a version such as '0.22.0'", is_version),
+            checks.package_name),
+    Setting("vllm_version", "0.22.0", "exact version of vllm_package to install", checks.version("0.22.0")),
     Setting("vllm_extra_packages", [], "companion pins installed with vLLM, e.g. 'transformers==4.57.6'",
-            "a list of 'name==version' pins", lambda v: isinstance(v, list) and all(map(is_pinned_requirement, v))),
+            checks.list_of(checks.pinned_requirement, "a list of 'name==version' pins")),
     Setting("vllm_python", "python3", "the host's Python interpreter the venv is made from (uv never downloads one)",
-            "a command name or absolute path", is_str),
-    Setting("vllm_venv_root", "/opt/glmfleet/vllm", "where venvs live; `current` links to the one in use, `previous` to the last",
-            "an absolute path", is_abs_path),
-    Setting("vllm_state_dir", "/var/lib/vllm", "the vllm user's home: Hugging Face cache and vLLM compile cache persist here",
-            "an absolute path", is_abs_path),
-    Setting("uv_version", "0.13.9", "uv version bootstrapped on the host to build venvs", "a version such as '0.13.9'", is_version),
-    Setting("pip_index_url", "https://pypi.org/simple", "package index (a mirror on mirror-only sites)", "an http(s) or file URL", is_url),
-    Setting("pip_extra_index_url", [], "further package indexes", "a list of http(s) or file URLs", is_url_list),
-    Setting("pip_find_links", [], "directories or pages of wheels to install from", "a list of http(s) or file URLs", is_url_list),
+            checks.command),
+    Setting("vllm_venv_root", "/opt/glmfleet/vllm", "where venvs live; `current` links to the one in use, `previous` to "
+            "the last (made by glmfleet, root's)", checks.owned_dir),
+    Setting("vllm_state_dir", "/var/lib/vllm", "the vllm user's home: Hugging Face cache and vLLM compile cache persist "
+            "here (made by glmfleet, the vllm user's)", checks.owned_dir),
+    Setting("uv_version", "0.13.9", "uv version bootstrapped on the host to build venvs", checks.version("0.13.9")),
+    Setting("pip_index_url", "https://pypi.org/simple", "package index (a mirror on mirror-only sites); credentials in "
+            "it go to a root-only netrc, never to a command line", checks.url),
+    Setting("pip_extra_index_url", [], "further package indexes", checks.list_of(checks.url, "a list of http(s) or file URLs")),
+    Setting("pip_find_links", [], "directories or pages of wheels to install from",
+            checks.list_of(checks.url, "a list of http(s) or file URLs")),
 )
 
-
-def combination_problems(cfg: dict) -> list[str]:
-    return []
 
 
 def requirements(cfg: HostConfig) -> list[str]:
@@ -71,7 +66,7 @@ def venv_name(cfg: HostConfig) -> str:
 
 def venv_dir(cfg: HostConfig) -> str:
     """Where the configured venv is built (``current`` points at it once switched)."""
-    return f"{cfg.vllm_venv_root}/venvs/{venv_name(cfg)}"
+    return venv_path(cfg.vllm_venv_root, venv_name(cfg))
 
 
 def uv_path(cfg: HostConfig) -> str:
@@ -80,32 +75,28 @@ def uv_path(cfg: HostConfig) -> str:
 
 def venv_bin(cfg: HostConfig, name: str) -> str:
     """A program of the venv in use, through the `current` link that rollbacks switch."""
-    return f"{cfg.vllm_venv_root}/current/bin/{name}"
-
-
-def index_args(cfg: HostConfig) -> list[str]:
-    args = ["--index-url", cfg.pip_index_url]
-    for url in cfg.pip_extra_index_url:
-        args += ["--extra-index-url", url]
-    for url in cfg.pip_find_links:
-        args += ["--find-links", url]
-    return args
+    return current_bin(cfg.vllm_venv_root, name)
 
 
 # Run by the new venv's own python: the pinned version must be what got installed, and the
-# `vllm` command's entry point must import.
+# `vllm` command's entry point must import. It prints what the completion marker records: the
+# files, relative to the venv, whose loss makes the venv incomplete (the VllmVenvs fact checks
+# them, a few stats, on every run).
 IMPORT_CHECK = """
-import sys
+import os, sys
 from importlib import metadata
 package, version = sys.argv[1:3]
 found = metadata.version(package)
 if found != version:
     sys.exit(f"{package} {found} installed, {version} pinned")
-entry = [ep for ep in metadata.distribution(package).entry_points if ep.group == "console_scripts" and ep.name == "vllm"]
+distribution = metadata.distribution(package)
+entry = [ep for ep in distribution.entry_points if ep.group == "console_scripts" and ep.name == "vllm"]
 if not entry:
     sys.exit(f"{package} {version} provides no vllm command")
 entry[0].load()
-print(f"{package} {found} imports")
+module = sys.modules[entry[0].module.split(".")[0]]
+for path in ("bin/python", "bin/vllm", distribution._path, module.__file__):
+    print(os.path.relpath(os.path.join(sys.prefix, path), sys.prefix))
 """
 
 
@@ -114,18 +105,19 @@ def venvs_question(cfg: HostConfig) -> Question:
 
 
 def state_dirs_paths(cfg: HostConfig) -> tuple[str, ...]:
-    return cfg.vllm_state_dir, f"{cfg.vllm_state_dir}/huggingface", f"{cfg.vllm_state_dir}/cache"
+    return cfg.vllm_state_dir, *state_subdirs(cfg.vllm_state_dir).values()
 
 
 def state_dirs_question(cfg: HostConfig) -> Question:
-    return Question(ManagedPaths, {"paths": list(state_dirs_paths(cfg)), "users": [VLLM_USER]})
+    return Question(ManagedPaths, {"paths": list(state_dirs_paths(cfg)), "users": [VLLM_USER], "units": [UNIT]})
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
     """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if cfg.vllm_runtime != "venv":
         return {}
-    return {"venvs": venvs_question(cfg), "state_dirs": state_dirs_question(cfg)}
+    return {"venvs": venvs_question(cfg), "state_dirs": state_dirs_question(cfg),
+            "root": Question(ManagedPaths, {"paths": [cfg.vllm_venv_root]})}
 
 
 @deploy("vLLM venv")
@@ -141,7 +133,8 @@ def vllm_venv(switch=True):
     entry point imports; ``current`` switches to it atomically and ``previous`` keeps the venv
     it replaces for rollback. The same pins on a re-run mean no uv invocation at all.
 
-    Returns the operations whose change means the service must restart.
+    Returns the operations whose change means the service must restart: the switch, or the
+    rebuild of the venv in use where it was found damaged.
     """
     cfg = host_config(host)
     if cfg.vllm_runtime != "venv":
@@ -153,27 +146,35 @@ def vllm_venv(switch=True):
     answers = ask_together(host, questions(cfg))
     venvs = answers["venvs"]
     state_dirs(cfg, answers["state_dirs"])
+    owned_directory(answers["root"], root, "vllm_venv_root")
 
-    install_tool("uv", cfg.uv_version, cfg.vllm_python, ["--cert", SYSTEM_CA_BUNDLE, *index_args(cfg)], installed=venvs["uv"])
+    install_tool(tool_dir("uv", cfg.uv_version), [f"uv=={cfg.uv_version}"], installed=venvs["uv"], cfg=cfg)
 
+    rebuilt = []
     if name not in venvs["complete"]:
         target = venv_dir(cfg)
-        uv_env = f"UV_SYSTEM_CERTS=1 UV_PYTHON_DOWNLOADS=never UV_CACHE_DIR={UV_CACHE_DIR}"
-        server.shell(
+        uv_env = assignments({"UV_SYSTEM_CERTS": "1", "UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": UV_CACHE_DIR,
+                              **tool_environment(cfg)})
+        python = f"{target}/bin/python"
+        build = server.shell(
             name=f"build venv {name}: {' '.join(requirements(cfg))}",
             commands=[
-                f"rm -rf {target} && mkdir -p {root}/venvs && "
-                f"{uv_env} {uv} venv --quiet --python {shlex.quote(cfg.vllm_python)} {target} && "
+                f"rm -rf -- {quote(target)} && mkdir -p -- {quote(venvs_dir(root))} && "
+                f"{uv_env} {quote(uv)} venv --quiet --python {quote(cfg.vllm_python)} {quote(target)} && "
                 # Bytecode now: the vllm user cannot write __pycache__ into this root-owned venv, and
                 # without it every start compiles vLLM and torch again (H100: 93.5 s -> 52.9 s warm).
-                f"{uv_env} {uv} pip install --quiet --compile-bytecode --python {target}/bin/python "
-                f"{shlex.join(index_args(cfg))} {shlex.join(requirements(cfg))} && "
-                f"{target}/bin/python -c {shlex.quote(IMPORT_CHECK)} {shlex.quote(cfg.vllm_package)} "
-                f"{shlex.quote(cfg.vllm_version)} && touch {target}/{COMPLETE_MARKER}"
+                f"{uv_env} {quote(uv)} pip install --quiet --compile-bytecode --python {quote(python)} "
+                f"{join(index_args(cfg))} {join(requirements(cfg))} && "
+                f"{join([python, '-c', IMPORT_CHECK, cfg.vllm_package, cfg.vllm_version])} > {quote(f'{target}/{COMPLETE_MARKER}.new')} && "
+                f"mv -f -- {quote(f'{target}/{COMPLETE_MARKER}.new')} {quote(f'{target}/{COMPLETE_MARKER}')}"
             ],
         )
 
-    return vllm_venv_switch() if switch else []
+        # The venv in use, damaged (a file its marker records is gone): rebuilt where it is, so the
+        # service must restart on it.
+        if venvs["current"] == name:
+            rebuilt.append(build)
+    return rebuilt + (vllm_venv_switch() if switch else [])
 
 
 @deploy("vLLM venv switch")
@@ -200,7 +201,13 @@ def state_dirs(cfg: HostConfig, managed: dict) -> None:
 
     + managed: the answer to ``state_dirs_question``
     """
-    if managed["users"].get(VLLM_USER) != {"group": VLLM_USER, "home": cfg.vllm_state_dir, "shell": NOLOGIN}:
+    user = managed["users"].get(VLLM_USER)
+    if user != {"group": VLLM_USER, "home": cfg.vllm_state_dir, "shell": NOLOGIN}:
+        if user and user["home"] != cfg.vllm_state_dir and managed["units"].get(UNIT, {}).get("running"):
+            # usermod refuses to move the home of a user whose processes run; the service restarts
+            # on the new state directory once its unit names it.
+            server.shell(name=f"stop {UNIT}: vllm_state_dir moves from {user['home']} to {cfg.vllm_state_dir}",
+                         commands=[f"systemctl stop {quote(UNIT)}"])
         server.group(name="vllm group", group=VLLM_USER, system=True)
         server.user(
             name="vllm system user",
@@ -211,14 +218,17 @@ def state_dirs(cfg: HostConfig, managed: dict) -> None:
             create_home=False,
             shell=NOLOGIN,
         )
-    for path in state_dirs_paths(cfg):
-        directory(managed, path, user=VLLM_USER, group=VLLM_USER, mode="750", name=f"vllm state dir {path}")
+    owned_directory(managed, cfg.vllm_state_dir, "vllm_state_dir", user=VLLM_USER, group=VLLM_USER, mode="750")
+    names = [path.rsplit("/", 1)[1] for path in state_subdirs(cfg.vllm_state_dir).values()]
+    service_user_dirs(managed, cfg.vllm_state_dir, names, VLLM_USER)
 
 
 def switch_command(root: str, name: str, current: str | None) -> str:
-    keep = {name, current} - {None}
-    steps = [f"cd {root}", f"ln -sfn venvs/{name} current.new", "mv -Tf current.new current"]
+    """Point ``current`` at venvs/NAME and ``previous`` at the venv it replaces, each link
+    replaced atomically, and remove every other venv."""
+    keep = sorted({name, current} - {None})
+    steps = [f"cd -- {quote(root)}", f"ln -sfn {quote(f'venvs/{name}')} current.new", "mv -Tf current.new current"]
     if current:
-        steps += [f"ln -sfn venvs/{current} previous.new", "mv -Tf previous.new previous"]
-    steps.append("for d in venvs/*; do case ${d#venvs/} in " + "|".join(sorted(keep)) + ') ;; *) rm -rf "$d";; esac; done')
+        steps += [f"ln -sfn {quote(f'venvs/{current}')} previous.new", "mv -Tf previous.new previous"]
+    steps.append(f"for d in venvs/*; do case \"${{d#venvs/}}\" in {'|'.join(map(quote, keep))}) ;; *) rm -rf -- \"$d\";; esac; done")
     return " && ".join(steps)

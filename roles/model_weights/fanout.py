@@ -1,0 +1,182 @@
+"""The peer fan-out's plan: who copies from whom, round by round, computed once per run from
+every member's weights fact; and the transfer key's lines in a host's authorized_keys, which
+exist only while a fan-out runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
+
+from gevent.pool import Pool
+from pyinfra import host
+from pyinfra.api import State
+
+from glmfleet import filesyntax
+from glmfleet.config import ConfigError, HostConfig, format_problems, host_config
+from glmfleet.facts import ModelWeights, Question
+from glmfleet.layout import (
+    PEER_KEY,
+    PEER_KNOWN_HOSTS,
+    ROOT_AUTHORIZED_KEYS,
+    ROOT_SSH_DIR,
+    RRSYNC,
+    model_dir,
+    weights_selection_key,
+    weights_state_file,
+)
+from glmfleet.shell import join, quote
+from roles.model_weights.control import KEY_COMMENT, PUBLISHED_KEY
+
+
+def fanout_rounds(complete: list[str], pending: list[str]) -> list[list[tuple[str, str | None]]]:
+    """Who copies from whom, round by round: ``[[(receiver, source), ...], ...]``.
+
+    Every host that holds the revision hands it to one host that does not, so the holders
+    double each round. With no holder, round 0 is the first pending host fetching from the
+    origin (source ``None``): the one copy the whole fleet reads from the origin."""
+    holders, waiting, rounds = list(complete), list(pending), []
+    if not holders and waiting:
+        seed = waiting.pop(0)
+        rounds.append([(seed, None)])
+        holders.append(seed)
+    while waiting:
+        this_round = [(waiting.pop(0), source) for source in holders[: len(waiting)]]
+        rounds.append(this_round)
+        holders += [receiver for receiver, _ in this_round]
+    return rounds
+
+
+@dataclass
+class FanoutPlan:
+    rounds: list[list[tuple[str, str | None]]] = field(default_factory=list)
+    # host name -> "address:port" other hosts reach its sshd on, and its ssh host key
+    addresses: dict[str, str] = field(default_factory=dict)
+    host_keys: dict[str, str] = field(default_factory=dict)
+    facts: dict[str, dict] = field(default_factory=dict)
+
+
+_plans: WeakKeyDictionary[State, dict[str, FanoutPlan]] = WeakKeyDictionary()
+
+
+def fanout_group(cfg: HostConfig) -> str:
+    return json.dumps([model_dir(cfg), weights_selection_key(cfg)])
+
+
+def weights_question(cfg: HostConfig, tools: list[str]) -> Question:
+    return Question(ModelWeights, {"state_file": weights_state_file(cfg), "model_dir": model_dir(cfg),
+                                   "key": weights_selection_key(cfg), "tools": tools,
+                                   "transfer_marks": [KEY_COMMENT, PUBLISHED_KEY]})
+
+
+def fanout_plans(tools_of) -> dict[str, FanoutPlan]:
+    """Every peer group's rounds, computed once per deploy from every host's state (one fact
+    per host), so each host plans the same rounds. ``tools_of(cfg)``: the tools the weights
+    fact looks for (as the role asks it, so the question is asked once)."""
+    run = host.state  # the run's own State: pyinfra's `state` is one proxy for every run
+    if run not in _plans:
+        groups: dict[str, list] = {}
+        for target in run.inventory:  # (the inventory context is unset under pyinfra's API)
+            cfg = host_config(target)
+            if cfg.model_source == "peer":
+                groups.setdefault(fanout_group(cfg), []).append((target, cfg))
+        plans = {}
+        for group, members in groups.items():
+            answers = members_weights(run, [(target, weights_question(cfg, tools_of(cfg))) for target, cfg in members])
+            plan = FanoutPlan()
+            complete, pending = [], []
+            for (target, cfg), fact in zip(members, answers):
+                plan.facts[target.name] = fact
+                (complete if fact["complete"] else pending).append(target.name)
+                address = cfg.model_peer_address or target.data.get("ssh_hostname") or target.name
+                plan.addresses[target.name] = f"{address}:{target.data.get('ssh_port') or 22}"
+                plan.host_keys[target.name] = fact["host_key"]
+            plan.rounds = fanout_rounds(complete, pending)
+            plans[group] = plan
+        _plans[run] = plans
+    return _plans[run]
+
+
+def members_weights(run: State, members: list) -> list[dict]:
+    """Each member's weights fact, asked side by side (as many at once as pyinfra's --parallel):
+    a member whose own plan has not begun (a fleet larger than that pool) is asked here, a
+    round trip each if asked in turn. A failure is raised here, in this host's planning, as
+    pyinfra reports it; a greenlet that raised would also print its traceback."""
+
+    def weights_or_error(member):
+        target, question = member
+        try:
+            return question.of(target)
+        except Exception as error:  # raised again below
+            return error
+
+    answers = Pool(run.config.PARALLEL or None).map(weights_or_error, members)
+    failed = next((answer for answer in answers if isinstance(answer, Exception)), None)
+    if failed is not None:
+        raise failed
+    return answers
+
+
+def seed_of(plan: FanoutPlan) -> str:
+    """The host every receiver falls back to: the one that fetched from the origin, or the first holder."""
+    return plan.rounds[0][0][1] or plan.rounds[0][0][0]
+
+
+def givers_of(plan: FanoutPlan, receiver: str, giver: str) -> list[str]:
+    """Where a receiver copies from: its assigned giver first, the seed should that one fail."""
+    seed = seed_of(plan)
+    return [plan.addresses[giver]] + ([plan.addresses[seed]] if seed not in (giver, receiver) else [])
+
+
+def roles_in(plan: FanoutPlan, name: str) -> set[str]:
+    """What a member does in this run's fan-out: "giver" (its store read by peers, through the
+    transfer key), "receiver" (it copies from peers, with the key); nothing for a member that
+    is complete and gives to no one."""
+    pairs = [pair for round_ in plan.rounds for pair in round_]
+    from_peers = [(receiver, giver) for receiver, giver in pairs if giver is not None]
+    roles = set()
+    if any(receiver == name for receiver, _ in from_peers):
+        roles.add("receiver")
+    if from_peers and (name == seed_of(plan) or any(giver == name for _, giver in from_peers)):
+        roles.add("giver")
+    return roles
+
+
+def known_hosts(plan: FanoutPlan) -> str:
+    lines = []
+    for name, address in sorted(plan.addresses.items()):
+        hostname, port = address.rsplit(":", 1)
+        if not plan.host_keys.get(name):
+            continue
+        try:
+            lines.append(f"{filesyntax.known_hosts_host(hostname, port)} {plan.host_keys[name]}")
+        except filesyntax.Unwritable as error:
+            raise ConfigError(format_problems([f"{name}: the address its peers reach it at, {hostname!r} (model_peer_address, "
+                                               f"else ssh_hostname, else its name), is refused: {error}"])) from None
+    return "\n".join(lines) + "\n"
+
+
+def authorized_line(cfg: HostConfig, public_key: str) -> str:
+    """The transfer key may only read the model store, with rsync, nothing else: no shell, no
+    forwarding, no pty (``restrict``), whatever ``model_dir`` says."""
+    # sshd runs the command with the user's shell: a shell command line, inside the option's quotes.
+    command = filesyntax.authorized_keys_option(join([RRSYNC, "-ro", cfg.model_root]))
+    key_type, blob = public_key.split()[:2]
+    return f"restrict,command={command} {key_type} {blob} {KEY_COMMENT}"
+
+
+def authorize_command(line: str | None) -> str:
+    """Rewrite root's authorized_keys without any glmfleet transfer key (its comment, or the key
+    the repository once published), then with ``line`` if given; the operator's lines stay.
+    Written to a 0600 file beside it and moved into place."""
+    keys = quote(ROOT_AUTHORIZED_KEYS)
+    add = f"printf '%s\\n' {quote(line)}; " if line else ""
+    return (f"umask 077; mkdir -p {quote(ROOT_SSH_DIR)} && tmp=$(mktemp {quote(ROOT_AUTHORIZED_KEYS + '.XXXXXX')}) && "
+            f"{{ {{ if [ -f {keys} ]; then grep -v -F -e {quote(KEY_COMMENT)} -e {quote(PUBLISHED_KEY)} {keys} || true; fi; "
+            f"{add}}} > \"$tmp\" && chmod 600 \"$tmp\" && mv -f \"$tmp\" {keys} || {{ rm -f \"$tmp\"; exit 1; }}; }}")
+
+
+def withdraw_command() -> str:
+    """After a fan-out (or on a host that holds a transfer key it needs no more): no glmfleet key
+    authorized, no private transfer key or peers' host keys left."""
+    return f"{authorize_command(None)} && rm -f {quote(PEER_KEY)} {quote(PEER_KNOWN_HOSTS)}"
