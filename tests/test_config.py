@@ -87,7 +87,15 @@ BAD_VALUES = [
     ("model_disk_margin_gb", -1, "a number 0-100000"),
     ("hf_endpoint", "mirror.internal", "None or an http(s) URL"),
     ("model_revision", "main", "a 40-hex commit id"),
-    ("model_dir", "relative/dir", "an absolute path"),
+    ("model_dir", "relative/dir", "an absolute, normalised path"),
+    ("model_dir", "/srv/../etc", "an absolute, normalised path"),
+    ("vllm_venv_root", "/usr", "not a system directory"),
+    ("vllm_state_dir", "/tmp/vllm", "not a system directory"),
+    ("vllm_package", "x;touch${IFS}/root/pwned;#", "a package name (PEP 508)"),
+    ("vllm_venv_root", "/opt/glm fleet", "no spaces"),
+    ("nvidia_cuda_repo_url", "https://mirror/{foo}/x", "placeholders: {distro} and {arch}"),
+    ("model_peer_address", "10.0.0.1\nevil", "control character"),
+    ("vllm_extra_args", ["--enable-prefix-caching\n--api-key=x"], "control character"),
     ("pip_index_url", "pypi.example", "an http(s) or file URL"),
     ("vllm_trust_remote_code", "yes", "true or false"),
 ]
@@ -174,7 +182,7 @@ def test_command_renders_each_key():
                    "model_revision": "a" * 40})
     argv = vllm_command(cfg)
     # vLLM serves the verified local copy: <vllm_state_dir>/models/<owner>--<name>/<revision>
-    assert argv[:3] == ["/opt/glmfleet/vllm/current/bin/vllm", "serve", "/var/lib/vllm/models/zai-org--GLM-4.7-Flash/" + "a" * 40]
+    assert argv[:3] == ["/opt/glmfleet/vllm/current/bin/vllm", "serve", "/var/lib/glmfleet/models/zai-org--GLM-4.7-Flash/" + "a" * 40]
     flags = dict(zip(argv[3::2], argv[4::2]))
     assert flags["--port"] == "8123" and flags["--max-model-len"] == "4096"
     assert flags["--served-model-name"] == "glm" and "--revision" not in argv

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -23,8 +25,8 @@ import pytest
 
 from glmfleet import catalog, localfleet
 from glmfleet.config import resolve
-from roles.vllm_flags import SCRIPT
-from roles.vllm_service import vllm_command
+from roles.vllm_flags import SCRIPT, check_command
+from roles.vllm_service import serve_args, vllm_command
 from roles.vllm_venv import venv_name
 from tests.fleettools import ROOT, TEST_DOUBLE, UV_VERSION, fleet_host, pyinfra
 
@@ -126,3 +128,20 @@ def test_good_flags_pass_the_check(serving, real):
     run = pyinfra("inventory/local.py", "roles.vllm_flags.vllm_flags", "--limit", name, data={**real, "model": "glm-4.7"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"check vLLM flags | vllm serve flags accepted by vLLM {PINNED}" in run.changed()[name]
+
+
+@pytest.mark.parametrize("spelling", [["--api_key=sk-leak"], ["--api-k", "sk-leak"], ["--port=9"], ["--host", "0.0.0.0"]])
+def test_vllms_own_parser_refuses_any_spelling_of_a_flag_a_key_sets(serving, real, spelling):
+    """The host-side half of the flag guard: whatever the controller's spelling rules miss, vLLM's
+    parser reads the command with and without the extra flags and they must agree on every flag
+    glmfleet's keys set. (The controller refuses these spellings first: this runs the check
+    directly, as a spelling it did not know would reach it.)"""
+    cfg = resolve({**real, "model": "glm-4.7"})
+    command = check_command(cfg)
+    extra = " ".join(shlex.quote(arg) for arg in spelling)
+    guard = json.loads(re.search(r"--guard '([^']*)'", command)[1])
+    result = fleet_host(serving[0]).run(command + " " + extra)
+    assert result.rc == 2, result.stdout + result.stderr
+    # Refused as a flag glmfleet sets, or (an abbreviation vLLM's parser does not take) as unknown.
+    assert "which glmfleet's own keys set" in result.stdout or "unrecognized arguments" in result.stdout, result.stdout
+    assert guard["extra_from"] == len(serve_args(cfg))
