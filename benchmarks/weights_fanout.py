@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from glmfleet import localfleet
-from roles.model_weights import STATE_DIR
+from glmfleet.layout import WEIGHTS_STATE_DIR as STATE_DIR
 from tests.hub_mirror import OlahServer, publish
 from tests.model_maker import make_checkpoint
 from tests.fleettools import fleet_host

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -16,6 +17,8 @@ FLEET_SIZE = 2
 # benchmarks (slot 8). Set here, so that every pyinfra run the tests start inherits it.
 os.environ["GLMFLEET_FLEET_SLOT"] = "1"
 os.environ.pop("GLMFLEET_FLEET_DIR", None)
+# The control node's own keys (the fleet's transfer key): the session's, never the machine's.
+os.environ["GLMFLEET_CONTROL_DIR"] = tempfile.mkdtemp(prefix="glmfleet-control-")
 
 
 @pytest.fixture(scope="session")

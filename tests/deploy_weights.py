@@ -7,8 +7,9 @@ role's in one command per host; alone it needs no vLLM.
 from pyinfra import inventory
 
 from glmfleet.config import validate_inventory
-from roles import ask_roles, model_weights
+from roles import ask_roles, model_weights, prepare_control_node
 
 validate_inventory(inventory)
+prepare_control_node(inventory)
 ask_roles((model_weights,))
 model_weights.model_weights()

@@ -15,6 +15,7 @@ from pyinfra.api.host import Host
 from pyinfra.context import ctx_host, ctx_state
 
 from glmfleet.facts import GpuHost
+from roles import prepare_control_node
 
 
 def sectioned_output(**sections: list[str] | str) -> list[str]:
@@ -51,6 +52,7 @@ def fake_host(data: dict, responses: dict) -> tuple[State, Host]:
 def plan(deploy, data: dict, responses: dict, **deploy_kwargs) -> list[PlannedOp]:
     """The operations ``deploy`` plans for one fake host (``fake_host``)."""
     state, host = fake_host(data, responses)
+    prepare_control_node(state.inventory)  # as deploy.py does before planning
     add_deploy(state, deploy, **deploy_kwargs)
     with ctx_state.use(state), ctx_host.use(host):
         return list(planned_ops(state, host))

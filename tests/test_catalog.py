@@ -96,7 +96,7 @@ def test_a_catalog_name_is_a_valid_model_and_becomes_the_hub_repo():
     cfg = resolve({"model": "glm-4.7-flash", "model_revision": "a" * 40})
     argv = vllm_command(cfg)
     # vLLM serves the weights role's verified copy of the catalog's hub repo, under its name
-    assert argv[2] == "/var/lib/vllm/models/zai-org--GLM-4.7-Flash/" + "a" * 40
+    assert argv[2] == "/var/lib/glmfleet/models/zai-org--GLM-4.7-Flash/" + "a" * 40
     assert served_model_name(cfg) == "zai-org/GLM-4.7-Flash"
     assert argv[argv.index("--tool-call-parser") + 1] == "glm47"
     assert argv[argv.index("--reasoning-parser") + 1] == "glm45"
@@ -118,7 +118,7 @@ def test_any_hub_repo_with_explicit_settings_is_served():
     cfg = resolve({"model": "someone/glm-finetune", "vllm_tool_call_parser": "glm45", "vllm_enable_auto_tool_choice": True,
                    "model_revision": "a" * 40})
     argv = vllm_command(cfg)
-    assert argv[2] == "/var/lib/vllm/models/someone--glm-finetune/" + "a" * 40 and "--enable-auto-tool-choice" in argv
+    assert argv[2] == "/var/lib/glmfleet/models/someone--glm-finetune/" + "a" * 40 and "--enable-auto-tool-choice" in argv
 
 
 def test_the_operators_glm_z1_recipe_gets_v0_the_old_transformers_and_the_patch():

@@ -6,26 +6,34 @@ The tests run in file order on one converged fleet: each step builds on the one 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from glmfleet import localfleet
 from glmfleet.facts import ListeningPorts
 from roles.vllm_service import UNIT_PATH
-from tests.fleettools import (API_KEY_ENV, TEST_DOUBLE, TEST_MODEL_REVISION, deploy, fleet_host, make_bare, pyinfra,
-                              wait_for, write_inventory)
+from tests.fleettools import (API_KEY_ENV, ROOT, TEST_DOUBLE, TEST_MODEL_REVISION, data_args, deploy, fleet_host,
+                              make_bare, pyinfra, wait_for, write_inventory)
 
 pytestmark = pytest.mark.fleet
 
-API_KEY = "sk-glmfleet-e2e-7d1c9a"
+# Every character a file glmfleet writes could misread: the env file, nginx's map, the verify script's reader.
+API_KEY = "sk-e2e-\"q'\\$HOME`id`%n;#7d1c9a"
+# Values the unit and env file must carry to vLLM exactly, as systemd reads them.
+PROBE = "a b \"c\" \\d $HOME ${IFS} `id` %n 'e';f"
 
 
 @pytest.fixture(scope="module")
 def settings(package_index, test_model):
-    return {**TEST_DOUBLE, **test_model, "pip_index_url": package_index}
+    return {**TEST_DOUBLE, **test_model, "pip_index_url": package_index, "vllm_env": {"GLMFLEET_PROBE": PROBE},
+            "vllm_extra_args": [f"--glmfleet-probe={PROBE}"]}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +98,7 @@ def test_service_runs_as_the_vllm_system_user_from_the_venv(first_run, fleet):
         assert user.uid < 1000 and user.shell == "/usr/sbin/nologin"
         assert host.check_output("ps -o user= -p $(systemctl show -p MainPID --value vllm.service)") == "vllm"
         unit = host.file("/etc/systemd/system/vllm.service").content_string
-        assert f"ExecStart=/opt/glmfleet/vllm/current/bin/vllm serve /var/lib/vllm/models/zai-org--GLM-4-9B-0414/{TEST_MODEL_REVISION}" in unit
+        assert f"ExecStart=/opt/glmfleet/vllm/current/bin/vllm serve /var/lib/glmfleet/models/zai-org--GLM-4-9B-0414/{TEST_MODEL_REVISION}" in unit
         assert "EnvironmentFile=/etc/glmfleet/vllm.env" in unit
         target = host.file("/opt/glmfleet/vllm/current").linked_to
         assert host.file(f"{target}/.glmfleet-complete").exists
@@ -126,6 +134,18 @@ def test_secrets_are_root_only_and_nowhere_else(first_run, fleet):
         assert get(f"http://127.0.0.1:{vllm_port(name)}/v1/models")[0] == 401
 
 
+def test_systemd_hands_vllm_every_value_exactly(first_run, fleet):
+    """The unit's ExecStart and EnvironmentFile, read by real systemd: the running process's
+    argv and environment hold the values byte for byte."""
+    for name in fleet:
+        host = fleet_host(name)
+        pid = main_pid(name)
+        argv = host.check_output(f"tr '\\0' '\\n' < /proc/{pid}/cmdline").splitlines()
+        environ = dict(line.split("=", 1) for line in host.check_output(f"tr '\\0' '\\n' < /proc/{pid}/environ").splitlines())
+        assert argv[-1] == f"--glmfleet-probe={PROBE}"
+        assert environ["GLMFLEET_PROBE"] == PROBE and environ["VLLM_API_KEY"] == API_KEY
+
+
 def test_second_run_changes_nothing(first_run, fleet, settings):
     pids = {name: main_pid(name) for name in fleet}
     run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
@@ -157,9 +177,8 @@ def test_a_wedged_vllm_fails_a_run_that_changes_nothing_else(first_run, fleet, s
     made while planning tells it from a vLLM that serves."""
     wedged = fleet[0]
     host = fleet_host(wedged)
-    drop_in_dir = "/etc/systemd/system/vllm.service.d"
-    host.check_output(f"mkdir -p {drop_in_dir}; printf '[Service]\\nEnvironment=VLLM_TEST_DOUBLE_FAIL=error\\n' > {drop_in_dir}/wedged.conf; "
-                      "systemctl daemon-reload; systemctl restart vllm.service")
+    # The manager's own environment: nothing of the unit's changes, as for an engine wedged by itself.
+    host.check_output("systemctl set-environment VLLM_TEST_DOUBLE_FAIL=error; systemctl restart vllm.service")
     try:
         wait_for(lambda: healthy(wedged), what="the wedged test double to answer /health", timeout_s=60)
         inventory = write_inventory(tmp_path / "inventory.py", {wedged: {"vllm_ready_timeout": 3}})
@@ -172,7 +191,7 @@ def test_a_wedged_vllm_fails_a_run_that_changes_nothing_else(first_run, fleet, s
         assert [op["name"] for op in run.results["operations"] if wedged in op["error"]] == [
             "verify vLLM serves | verify a real request is served"]
     finally:
-        host.check_output(f"rm -rf {drop_in_dir}; systemctl daemon-reload; systemctl restart vllm.service")
+        host.check_output("systemctl unset-environment VLLM_TEST_DOUBLE_FAIL; systemctl restart vllm.service")
         healed = deploy(data=settings, env={API_KEY_ENV: API_KEY})
     assert healed.returncode == 0, healed.stderr[-3000:]
 
@@ -207,7 +226,7 @@ def test_drift_on_a_converged_host_is_put_right(first_run, fleet, settings):
     assert run.returncode == 0, run.stderr[-3000:]
     assert set(run.changed()) == {drifted}
     assert {"vLLM service | unit vllm.service", "vLLM service | (re)start vllm.service", "verify vLLM serves | verify script",
-            "vLLM venv | vllm state dir /var/lib/vllm/cache"} <= run.changed()[drifted]
+            "vLLM venv | vllm's directories in /var/lib/vllm: cache"} <= run.changed()[drifted]
     assert host.file("/etc/glmfleet").mode == 0o700
     assert host.file(UNIT_PATH).content_string == unit
     assert host.file("/opt/glmfleet/bin/verify-vllm").mode == 0o755
@@ -215,6 +234,59 @@ def test_drift_on_a_converged_host_is_put_right(first_run, fleet, settings):
     assert main_pid(drifted) != pid  # the unit it ran was not the one glmfleet wrote
     assert fleet_host(untouched).file("/etc/glmfleet").mode == 0o700
     assert deploy(data=settings, env={API_KEY_ENV: API_KEY}).changed() == {}
+
+
+def test_a_drop_in_someone_else_wrote_is_named_and_removed(first_run, fleet, settings):
+    """A hand-made override (vLLM as root) is found, named, removed, and the service restarted
+    as the unit says; a unit edited on disk but not loaded is reloaded and restarted too."""
+    host = fleet_host(fleet[0])
+    host.check_output("mkdir -p /etc/systemd/system/vllm.service.d && printf '[Service]\\nUser=root\\n' > "
+                      "/etc/systemd/system/vllm.service.d/override.conf && systemctl daemon-reload && systemctl restart vllm.service")
+    assert host.check_output(f"ps -o user= -p {main_pid(fleet[0])}") == "root"
+    run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert ("vLLM service | remove drop-ins glmfleet did not write: /etc/systemd/system/vllm.service.d/override.conf"
+            in run.changed()[fleet[0]])
+    assert host.check_output(f"ps -o user= -p {main_pid(fleet[0])}") == "vllm"
+    assert not host.file("/etc/systemd/system/vllm.service.d/override.conf").exists
+    # The environment rewritten after vLLM started (as by a restart that then failed): vLLM runs
+    # something other than what is on disk, though the file's content is right again.
+    pid = main_pid(fleet[1])
+    fleet_host(fleet[1]).check_output("touch /etc/glmfleet/vllm.env")
+    run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.changed()[fleet[1]] == {"vLLM service | (re)start vllm.service", "verify vLLM serves | verify a real request is served"}
+    assert main_pid(fleet[1]) != pid
+    assert deploy(data=settings, env={API_KEY_ENV: API_KEY}).changed() == {}
+
+
+def test_a_damaged_venv_in_use_is_rebuilt_and_served_again(first_run, fleet, settings):
+    """A complete venv whose entry point was deleted: every run failed at verify before; now the
+    fact finds it incomplete, and it is rebuilt and the service restarted on it."""
+    host = fleet_host(fleet[0])
+    venv = host.file("/opt/glmfleet/vllm/current").linked_to
+    host.check_output(f"rm {venv}/bin/vllm")
+    run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+    assert run.returncode == 0, run.stderr[-3000:]
+    changed = run.changed()[fleet[0]]
+    assert any(name.startswith("vLLM venv | build venv") for name in changed), changed
+    assert "vLLM service | (re)start vllm.service" in changed
+    assert host.file(f"{venv}/bin/vllm").exists and healthy(fleet[0])
+    assert deploy(data=settings, env={API_KEY_ENV: API_KEY}).changed() == {}
+
+
+def test_moving_the_state_directory_of_a_serving_host_stops_the_service_first(first_run, fleet, settings):
+    """usermod refuses to move the home of a user whose processes run: the service stops first,
+    and restarts on the new directory; moving it back works the same."""
+    for state_dir in ("/var/lib/vllm-moved", "/var/lib/vllm"):
+        moved = {**settings, "vllm_state_dir": state_dir}
+        run = deploy(data=moved, env={API_KEY_ENV: API_KEY})
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        for name in fleet:
+            assert any(op.startswith("vLLM venv | stop vllm.service: vllm_state_dir moves from") for op in run.changed()[name])
+            host = fleet_host(name)
+            assert host.user("vllm").home == state_dir and healthy(name)
+            assert host.check_output(f"readlink /proc/{main_pid(name)}/cwd") == state_dir
 
 
 def test_bad_value_stops_the_run_before_any_host_changes(first_run, fleet, settings):
@@ -235,6 +307,7 @@ def test_one_setting_on_one_host_restarts_that_host_alone(first_run, fleet, sett
     assert run.returncode == 0, run.stderr[-3000:]
     assert set(run.changed()) == {changed_host}
     assert run.changed()[changed_host] == {
+        "vLLM service | unit vllm.service staged",
         "vLLM service | unit vllm.service",
         "vLLM service | systemd daemon-reload",
         "vLLM service | (re)start vllm.service",
@@ -251,8 +324,8 @@ def test_a_host_that_cannot_serve_fails_with_its_journal(first_run, fleet, setti
     broken = fleet[1]
     crash = {"vllm_env": {"VLLM_TEST_DOUBLE_FAIL": "exit"}, "vllm_ready_timeout": 20}
     inventory = write_inventory(tmp_path / "inventory.py", {broken: crash})
-    # --data wins over host data: leave the ready timeout to the host.
-    data = {key: value for key, value in settings.items() if key != "vllm_ready_timeout"}
+    # --data wins over host data: leave the ready timeout and the environment to the host.
+    data = {key: value for key, value in settings.items() if key not in ("vllm_ready_timeout", "vllm_env")}
     run = deploy(inventory, data=data, env={API_KEY_ENV: API_KEY})
     assert run.returncode != 0
     assert "not serving after 20 s" in run.stderr
@@ -261,3 +334,27 @@ def test_a_host_that_cannot_serve_fails_with_its_journal(first_run, fleet, setti
     healed = deploy(data=settings, env={API_KEY_ENV: API_KEY})
     assert healed.returncode == 0, healed.stderr[-3000:]
     assert get(f"http://127.0.0.1:{vllm_port(broken)}/health")[0] == 200
+
+
+def test_a_host_lost_during_the_check_is_named_with_the_cause(first_run, fleet, settings, tmp_path):
+    """Powered off while the verify step waits for it: the run names the host, the step and why,
+    and the other host is unaffected."""
+    lost = fleet[1]
+    slow = {"vllm_env": {"GLMFLEET_PROBE": PROBE, "VLLM_TEST_DOUBLE_STARTUP_DELAY": "60"}}
+    inventory = write_inventory(tmp_path / "inventory.py", {lost: slow})
+    data = {key: value for key, value in settings.items() if key != "vllm_env"}
+    process = subprocess.Popen([str(Path(sys.executable).parent / "pyinfra"), "-y", str(inventory), "deploy.py",
+                                *data_args({**data, "vllm_ready_timeout": 120})], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, API_KEY_ENV: API_KEY})
+    try:
+        wait_for(lambda: "verify-vllm --base-url" in fleet_host(lost).check_output("ps -eo args"),
+                 what="the verify step to wait on the slow host", timeout_s=120)
+        localfleet.stop_host(lost, force=True)
+        stdout, stderr = process.communicate(timeout=180)
+    finally:
+        process.kill()
+        localfleet.start_host(lost)
+    assert process.returncode != 0
+    assert f"--> {lost}: connection lost during verify vLLM serves | verify a real request is served: the host is down" in stderr
+    healed = deploy(data=settings, env={API_KEY_ENV: API_KEY})
+    assert healed.returncode == 0, healed.stderr[-3000:]

@@ -20,7 +20,8 @@ from tests.imagearchive import write_image_archive
 
 pytestmark = pytest.mark.fleet
 
-DRIVER = {"nvidia_driver_source": "distro", "nvidia_driver_branch": "535"}
+# No branch: the default for Debian 12 is the one its archive offers (535); 580 would fail in apt.
+DRIVER = {"nvidia_driver_source": "distro"}
 DRIVER_PACKAGES = ["nvidia-driver", "nvidia-kernel-dkms", "nvidia-smi", "nvidia-persistenced"]
 TOOLKIT_VERSION = "1.17.8-1"
 TOOLKIT_PACKAGES = ["nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvidia-container-tools",

@@ -5,6 +5,7 @@ whose hosts answer each fact's command with the output given here (tests/plannin
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -184,9 +185,34 @@ def test_shipped_archive_is_uploaded_and_loaded_only_when_its_image_is_missing(t
     image_id = write_image_archive(archive, "vllm/vllm-openai:v0.22.0")
     data = {"vllm_runtime": "image", "vllm_image_archive": str(archive)}
     ops = plan(vllm_image, data, image_host(None))
-    assert f"<FileUploadCommand /var/lib/glmfleet/images/{archive.name}>" in commands(ops, f"upload {archive}")
+    assert "<FileUploadCommand /var/lib/glmfleet/images/image.tar>" in commands(ops, f"upload {archive}")
     load = commands(ops, "docker load")[0]
-    assert load.startswith(f"docker load --input /var/lib/glmfleet/images/{archive.name} && rm -f")
+    assert load.startswith("docker load --input /var/lib/glmfleet/images/image.tar && rm -f")
     assert load.endswith(f"= {image_id}")
     converged = names(plan(vllm_image, data, image_host(image_id)))
     assert "upload" not in converged and "docker load" not in converged
+
+
+# `apt-cache madison nvidia-driver | cut -d'|' -f2` on a fleet host (Debian 12 with non-free), 2026-12-07.
+DEBIAN_OFFERS = {"apt-cache pkgnames nvidia-headless-no-dkms-": [" 535.309.01-0+deb12u1 ", " 535.261.03-1 "]}
+
+
+def test_the_default_branch_is_the_one_the_distribution_offers():
+    debian = gpu_host(distro="debian|12|bookworm")
+    install = commands(plan(nvidia_driver, {}, {**debian, **DEBIAN_OFFERS}), "NVIDIA packages")[0]
+    assert "'nvidia-driver=535.*'" in install
+    install = commands(plan(nvidia_driver, {}, gpu_host()), "NVIDIA packages")[0]  # Ubuntu 22.04
+    assert "'nvidia-headless-no-dkms-580-server=580.*'" in install
+
+
+def test_a_branch_the_repositories_do_not_offer_stops_the_host_before_anything_changes():
+    from roles.preflight import preflight
+
+    debian = {**gpu_host(distro="debian|12|bookworm"), **DEBIAN_OFFERS}
+    ops = plan(preflight, {"nvidia_driver_branch": "580"}, debian)
+    assert [op.name for op in ops] == ["preflight | preflight: the host cannot serve this configuration"]
+    failed = subprocess.run(["sh", "-c", ops[0].commands[0]], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert ("nvidia_driver_branch 580 is not offered by this host's repositories (debian 12 offers 535): set "
+            "nvidia_driver_branch to one of them, or nvidia_driver_source: cuda-repo") in failed.stderr
+    assert [op.name for op in plan(preflight, {}, debian)] == []

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import gevent
 import pytest
@@ -14,7 +16,8 @@ from pyinfra.api import Config, FactBase, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.exceptions import PyinfraError
 
-from glmfleet.facts import COMPLETE_MARKER, ManagedPaths, Question, VllmVenvs, ask, ask_together
+from glmfleet.facts import ManagedPaths, Question, VllmVenvs, ask, ask_together
+from glmfleet.layout import COMPLETE_MARKER
 
 
 class CountedEcho(FactBase):
@@ -186,11 +189,20 @@ def test_managed_paths_reads_type_owner_mode_and_content_of_real_paths(tmp_path)
     assert found["users"] == {"root": {"group": "root", "home": root_home, "shell": root_shell}}
 
 
+def whole_venv(venv: Path, record: str | None) -> None:
+    """A venv's files the fact checks, and its completion marker (None: none; "": an older glmfleet's empty one)."""
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / "bin" / "vllm").touch(mode=0o755)
+    (venv / "lib" / "vllm-0.22.0.dist-info").mkdir(parents=True)
+    if record is not None:
+        (venv / COMPLETE_MARKER).write_text(record)
+
+
 def test_venvs_links_and_complete_venvs_are_read_from_a_real_root(tmp_path):
-    for name in ("vllm-0.22.0-ab12", "vllm-0.21.0-cd34", "vllm-0.20.0-half"):
-        (tmp_path / "venvs" / name).mkdir(parents=True)
-    for name in ("vllm-0.22.0-ab12", "vllm-0.21.0-cd34"):
-        (tmp_path / "venvs" / name / COMPLETE_MARKER).touch()
+    whole_venv(tmp_path / "venvs" / "vllm-0.22.0-ab12", "bin/python\nbin/vllm\nlib/vllm-0.22.0.dist-info\n")
+    whole_venv(tmp_path / "venvs" / "vllm-0.21.0-cd34", "")
+    whole_venv(tmp_path / "venvs" / "vllm-0.20.0-half", None)
     (tmp_path / "current").symlink_to("venvs/vllm-0.22.0-ab12")
     uv = tmp_path / "uv"
     uv.touch(mode=0o755)
@@ -207,20 +219,44 @@ def test_venvs_links_and_complete_venvs_are_read_from_a_real_root(tmp_path):
         "uv": True, "current": None, "previous": None, "complete": []}
 
 
+@pytest.mark.parametrize("damage", ["bin/vllm", "lib/vllm-0.22.0.dist-info", "bin/python"])
+def test_a_venv_missing_a_file_its_marker_records_is_not_complete(tmp_path, damage):
+    """A deleted entry point, package metadata, or interpreter (the link's target gone): rebuilt."""
+    venv = tmp_path / "venvs" / "vllm-0.22.0-ab12"
+    whole_venv(venv, "bin/python\nbin/vllm\nlib/vllm-0.22.0.dist-info\n")
+    assert run_fact(VllmVenvs(), root=str(tmp_path), uv="/nonexistent")["complete"] == ["vllm-0.22.0-ab12"]
+    if damage == "bin/python":
+        (venv / "bin" / "python").unlink()
+        (venv / "bin" / "python").symlink_to(tmp_path / "python-that-was-removed")
+    else:
+        subprocess.run(["rm", "-r", str(venv / damage)], check=True)
+    assert run_fact(VllmVenvs(), root=str(tmp_path), uv="/nonexistent")["complete"] == []
+
+
 def test_managed_paths_reads_units_as_systemctl_prints_them():
-    # Each unit's line, then `systemctl show --property UnitFileState,SubState -- UNIT` as a
-    # fleet host (Debian 12, systemd 252) printed it; sshd.service is an alias of ssh.service.
-    output = ["unit\tvllm.service", "SubState=running", "UnitFileState=enabled",
-              "unit\tsshd.service", "SubState=running", "UnitFileState=enabled",
-              "unit\tgone.service", "SubState=dead", "UnitFileState=",
-              "unit\tsystemd-journald.service", "SubState=running", "UnitFileState=static",
+    # Each unit's line, then `systemctl show --property ... -- UNIT` as a fleet host (Debian 12,
+    # systemd 252) printed it on 2026-12-07; sshd.service is an alias of ssh.service. The clock
+    # line pairs `date +%s.%N` with /proc/uptime, read in the same command.
+    shown = ["SubState=running", "DropInPaths=", "UnitFileState=enabled", "NeedDaemonReload=no"]
+    output = ["clock\t1796638404.203046208\t39.15",
+              "unit\tvllm.service", "ExecMainStartTimestampMonotonic=38164323", *shown,
+              "unit\tsshd.service", "ExecMainStartTimestampMonotonic=588647", *shown,
+              "unit\tgone.service", "ExecMainStartTimestampMonotonic=0", "SubState=dead", "DropInPaths=", "UnitFileState=",
+              "NeedDaemonReload=no",
+              "unit\tsystemd-journald.service", "ExecMainStartTimestampMonotonic=487657", "SubState=running",
+              "DropInPaths=/etc/systemd/system/systemd-journald.service.d/a.conf /run/systemd/system/systemd-journald.service.d/b.conf",
+              "UnitFileState=static", "NeedDaemonReload=yes",
               "unit\tno-systemctl-here.service"]
-    assert ManagedPaths().process(output) == {
-        "paths": {},
-        "units": {"vllm.service": {"enabled": True, "running": True},
-                  "sshd.service": {"enabled": True, "running": True},  # under the name asked for
-                  "gone.service": {"enabled": False, "running": False},
-                  # Static units cannot be enabled: not what a role that enables its unit wants.
-                  "systemd-journald.service": {"enabled": False, "running": True}},
-        "users": {},
+    units = ManagedPaths().process(output)["units"]
+    booted = 1796638404.203046208 - 39.15
+    assert units == {
+        "vllm.service": {"enabled": True, "running": True, "need_reload": False, "dropins": [], "started": booted + 38.164323},
+        "sshd.service": {"enabled": True, "running": True, "need_reload": False, "dropins": [],  # under the name asked for
+                         "started": booted + 0.588647},
+        "gone.service": {"enabled": False, "running": False, "need_reload": False, "dropins": [], "started": None},
+        # Static units cannot be enabled: not what a role that enables its unit wants.
+        "systemd-journald.service": {"enabled": False, "running": True, "need_reload": True, "started": booted + 0.487657,
+                                     "dropins": ["/etc/systemd/system/systemd-journald.service.d/a.conf",
+                                                 "/run/systemd/system/systemd-journald.service.d/b.conf"]},
     }
+    assert units["vllm.service"]["started"] == pytest.approx(1796638403.217, abs=0.001)

@@ -76,7 +76,8 @@ def test_flag_check_runs_the_pinned_venvs_python_on_the_units_arguments():
     cfg = resolve({"model": "glm-4.7", "vllm_extra_args": ["--enable-prefix-caching"], "model_revision": "a" * 40})
     command = check_command(cfg)
     assert command.startswith("HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 ")
-    assert f"/opt/glmfleet/vllm/venvs/{venv_name(cfg)}/bin/python {SCRIPT} /var/lib/vllm/models/zai-org--GLM-4.7/{'a' * 40} --host 127.0.0.1" in command
+    assert f"/opt/glmfleet/vllm/venvs/{venv_name(cfg)}/bin/python {SCRIPT} --guard " in command
+    assert f" -- /var/lib/glmfleet/models/zai-org--GLM-4.7/{'a' * 40} --host 127.0.0.1" in command
     assert command.endswith("--tool-call-parser glm47 --enable-auto-tool-choice --reasoning-parser glm45 --shutdown-timeout 30 "
                             "--enable-prefix-caching")
 
@@ -107,7 +108,7 @@ RECIPE_IN_IMAGE = {"model": "glm-z1-32b-0414", "vllm_runtime": "image", "vllm_ve
 def test_image_runtime_derives_the_patched_file_from_the_images_copy():
     command = glm4_patch.derive_command("vllm/vllm-openai:v0.8.4")
     assert command.startswith("set -e; id=$(docker create vllm/vllm-openai:v0.8.4); trap ")
-    assert f'docker cp "$id:{glm4_patch.IMAGE_GLM4}" {glm4_patch.PATCHED_FOR_IMAGE}.image;' in command
+    assert f'docker cp "$id:"{glm4_patch.IMAGE_GLM4} {glm4_patch.PATCHED_FOR_IMAGE}.image;' in command
     assert (f"python3 {glm4_patch.SCRIPT} derive --original {glm4_patch.ORIGINAL_SHA256} --patched {glm4_patch.PATCHED_SHA256} "
             f"{glm4_patch.PATCH} {glm4_patch.PATCHED_FOR_IMAGE}.image {glm4_patch.PATCHED_FOR_IMAGE}") in command
     assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
@@ -125,7 +126,8 @@ def test_image_runtime_lays_the_patched_file_read_only_over_the_images_own(versi
 def test_image_runtime_checks_flags_with_the_images_own_vllm_offline():
     command = check_command(resolve(RECIPE_IN_IMAGE))
     assert command.startswith("docker run --rm --interactive --network none --env HF_HUB_OFFLINE=1 ")
-    assert f"--entrypoint python3 vllm/vllm-openai:v0.8.4 - /var/lib/vllm/models/zai-org--GLM-Z1-32B-0414/{'a' * 40} --host 127.0.0.1" in command
+    assert "--entrypoint python3 vllm/vllm-openai:v0.8.4 - --guard " in command
+    assert f" -- /var/lib/glmfleet/models/zai-org--GLM-Z1-32B-0414/{'a' * 40} --host 127.0.0.1" in command
     assert command.endswith(f"--tensor-parallel-size 4 --gpu-memory-utilization 0.9 < {SCRIPT}")
 
 

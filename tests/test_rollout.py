@@ -92,7 +92,7 @@ def fleet_inventory() -> Inventory:
         ("gpu-01", {"ssh_hostname": "10.0.0.1", "vllm_port": 8001}),
         ("gpu-02", {"ssh_hostname": "10.0.0.2", "vllm_host": "0.0.0.0"}),
         ("gpu-03", {"vllm_served_model_name": "glm-air", "vllm_host": "10.0.0.3"}),
-    ], {}))
+    ], {"vllm_api_key": "sk-edge"}))
 
 
 def gateway_cfg(**data):
@@ -153,7 +153,7 @@ def test_the_key_is_checked_at_the_edge_from_a_root_only_include():
 def test_served_names_and_keys_the_gateway_cannot_carry_are_refused():
     with pytest.raises(ConfigError, match=r"gw: vllm_served_model_name = 'glm\$air' cannot be routed by the gateway"):
         gateway_cfg(vllm_served_model_name="glm$air")
-    with pytest.raises(ConfigError, match="gw: vllm_api_key = <hidden> has spaces") as error:
+    with pytest.raises(ConfigError, match="gw: vllm_api_key = <hidden> is invalid; accepted: None or printable ASCII without spaces") as error:
         gateway_cfg(vllm_api_key="sk secret")
     assert "sk secret" not in str(error.value)
 
@@ -172,7 +172,8 @@ def test_host_commands_are_valid_shell(command):
 
 def test_the_unit_parses_back_to_the_command_it_was_rendered_from(tmp_path):
     cfg = resolve({
-        "vllm_host": "0.0.0.0", "vllm_port": 9000, "vllm_served_model_name": "glm", "model_revision": REVISION,
+        "vllm_host": "0.0.0.0", "vllm_allow_unauthenticated": True, "vllm_port": 9000, "vllm_served_model_name": "glm",
+        "model_revision": REVISION,
         "vllm_extra_args": ["--chat-template", "/srv/a b/100%$x.jinja"], "vllm_tensor_parallel_size": 8,
     })
     unit = tmp_path / "vllm.service"
@@ -288,3 +289,19 @@ def test_the_gateway_plans_only_what_differs_and_foresees_what_the_package_bring
     assert DEFAULT_SITE not in "\n".join(converged)
     assert [op.name for op in plan(gateway, data, {NGINX: converged})] == [
         f"gateway | gateway config {CONFIG_PATH}", "gateway | reload nginx, wait until the new pool is in force"]
+
+
+def test_a_gateway_port_that_its_own_vllm_takes_is_refused_before_any_host(tmp_path):
+    """On a gateway host that also serves, the two listeners must not collide: refused at
+    validation (the reload would fail after 30 s with the bind error only in nginx's log)."""
+    from pyinfra.api import Config, State
+
+    from glmfleet.config import validate_inventory
+
+    inventory = Inventory(([("gpu-01", {"vllm_port": 8080}), ("gpu-02", {"vllm_port": 8080})],
+                           {"model_revision": REVISION}), gateway=(["gpu-01"], {"gateway_port": 8080}))
+    State(inventory, Config())
+    message = str(pytest.raises(ConfigError, validate_inventory, inventory).value)
+    assert ("gpu-01: gateway_port = 8080 on 127.0.0.1 is also vllm_port on 127.0.0.1 of this host, which serves and runs "
+            "the gateway: set gateway_port to another port") in message
+    assert "gpu-02" not in message  # not a gateway: its port is its own

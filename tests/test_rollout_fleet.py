@@ -28,7 +28,8 @@ from tests.loadgen import Load
 pytestmark = pytest.mark.fleet
 
 HOSTS = 4
-API_KEY = "sk-glmfleet-rollout-2b7e41"
+# nginx's map and the env file must both carry every printable character: quotes, backslash, $, ;
+API_KEY = "sk-rollout-\"q'\\$x{y};#2b7e41"
 ENV = {API_KEY_ENV: API_KEY}
 MODEL = "zai-org/GLM-4-9B-0414"
 LATENCY = {"VLLM_TEST_DOUBLE_LATENCY": "1"}

@@ -16,10 +16,13 @@ import pytest
 
 from glmfleet.config import ConfigError, resolve
 from glmfleet.facts import ModelWeights, host_script
-from roles.model_weights import fanout_rounds, model_path, state_path, sync_argv
+from glmfleet.layout import model_dir as model_path, weights_state_file as state_path
+from roles.model_weights import hub_environment, sync_argv
+from roles.model_weights.fanout import fanout_rounds
 from tests.hub_mirror import file_sha256, git
 from tests.hub_refusals import HubRefusal
 from tests.weights_fixtures import HF_CLI, REPO_ID, SCRIPT, hub, sync  # noqa: F401 (hub is a fixture)
+from tests.weights_fixtures import sync_argv as script_sync_argv
 
 glmfleet_weights = host_script("glmfleet_weights")  # the host script, for its classifier
 
@@ -55,7 +58,7 @@ def tmpfs(tmp_path):
     def mount(size_mb: int) -> Path:
         target = tmp_path / f"small-{len(mounts)}"
         target.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(target)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=755", "tmpfs", str(target)], check=True)
         mounts.append(target)
         return target
 
@@ -105,16 +108,16 @@ def test_a_path_as_model_is_refused_with_the_keys_that_serve_a_directory():
 
 def test_a_model_and_revision_always_map_to_one_directory_and_state():
     cfg = resolve({"model": "zai-org/GLM-4.7-Flash", "model_revision": "c" * 40})
-    assert model_path(cfg) == "/var/lib/vllm/models/zai-org--GLM-4.7-Flash/" + "c" * 40
-    assert state_path(cfg) == "/var/lib/glmfleet/weights/var-lib-vllm-models-zai-org--GLM-4.7-Flash-" + "c" * 40 + ".json"
+    assert model_path(cfg) == "/var/lib/glmfleet/models/zai-org--GLM-4.7-Flash/" + "c" * 40
+    assert state_path(cfg) == "/var/lib/glmfleet/weights/var-lib-glmfleet-models-zai-org--GLM-4.7-Flash-" + "c" * 40 + ".json"
 
 
-def test_the_hub_token_is_passed_as_a_file_never_on_the_command_line():
-    cfg = resolve({"model_revision": "c" * 40, "hf_token": "hf_secret_4242", "hf_endpoint": "http://127.0.0.1:9/"})
+def test_the_hub_token_and_endpoint_are_passed_in_a_file_never_on_the_command_line():
+    cfg = resolve({"model_revision": "c" * 40, "hf_token": "hf_secret_4242", "hf_endpoint": "http://user:pw4242@127.0.0.1:9/"})
     argv = sync_argv(cfg, "hf")
-    assert "hf_secret_4242" not in " ".join(argv)
-    assert argv[argv.index("--token-file") + 1] == "/etc/glmfleet/hf_token"
-    assert "HF_ENDPOINT=http://127.0.0.1:9/" in argv
+    assert "4242" not in " ".join(argv)
+    assert argv[argv.index("--env-file") + 1] == "/etc/glmfleet/hub.env"
+    assert hub_environment(cfg, "hf") == {"HF_ENDPOINT": "http://user:pw4242@127.0.0.1:9/", "HF_TOKEN": "hf_secret_4242"}
 
 
 # --- the real hf CLI against the real mirror ------------------------------------------------------
@@ -167,8 +170,7 @@ def test_a_killed_download_resumes_without_serving_a_partial_file(hub, tmp_path)
     mark = hub.log_mark()
     # Throttle-free: poll until some shards are in place, then kill the whole process group.
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "sync", *argv_state, "--model", REPO_ID, "--revision", hub.revision, "--source", "hf",
-         "--cli", HF_CLI, "--cli-home", str(tmp_path / "hub-home"), "--env", f"HF_ENDPOINT={hub.url}", "--env", "HF_HUB_DOWNLOAD_WORKERS=1"],
+        script_sync_argv(directory, state, hub.url, hub.revision, env={"HF_HUB_DOWNLOAD_WORKERS": "1"}),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(directory.glob(SHARDS))) < 2:
@@ -243,11 +245,9 @@ def test_a_full_disk_during_the_transfer_is_classified(hub, tmp_path, tmpfs):
 
 
 def test_sync_names_the_cause_and_the_token_reaches_the_hub_only_by_environment(tmp_path):
-    token_file = tmp_path / "token"
-    token_file.write_text("hf_file_token_4242\n")
     with HubRefusal("gated") as refusing_hub:
-        result = sync(tmp_path / "model", tmp_path / "state.json", refusing_hub.url, "a" * 40, "--token-file", str(token_file),
-                      repo="glmfleet-test/gated")
+        result = sync(tmp_path / "model", tmp_path / "state.json", refusing_hub.url, "a" * 40, repo="glmfleet-test/gated",
+                      env={"HF_TOKEN": "hf_file_token_4242"})
     assert result.returncode == 1
     assert "failed: gated model: accept the model's license on its hub page" in result.stderr
     assert "Bearer hf_file_token_4242" in refusing_hub.authorizations

@@ -7,7 +7,6 @@ The tests run in file order on one fleet: each step builds on the one before.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
 import shlex
@@ -21,18 +20,17 @@ import pytest
 
 from glmfleet import localfleet
 from glmfleet.config import resolve
-from roles.model_weights import check_argv, model_path, state_path
-from tests.fleettools import ROOT, TEST_DOUBLE, Run, data_args, deploy
+from glmfleet.layout import model_dir as model_path, weights_check_argv as check_argv, weights_state_file as state_path
+from tests.fleettools import TEST_DOUBLE, deploy
 from tests.fleettools import fleet_host as remote
 from tests.hub_mirror import file_sha256
 from tests.pkgindex import PackageIndex
-from tests.weights_fixtures import REPO_ID, hub  # noqa: F401 (a fixture)
+from tests.weights_fixtures import REPO_ID, SHARDS, deploy_weights, digests, hub, inventory, shards  # noqa: F401 (hub: a fixture)
 
 pytestmark = pytest.mark.fleet
 
 HOSTS = 4
 HF_CLI_VERSION = "2.4.0"
-SHARDS = "model-*.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -57,36 +55,6 @@ def settings(hub, hub_cli_index):
     return {"model": REPO_ID, "model_revision": hub.revision, "model_source": "peer", "hf_endpoint": hub.url,
             "hf_cli_version": HF_CLI_VERSION, "pip_index_url": hub_cli_index, "model_disk_margin_gb": 0.05,
             "model_progress_interval": 1}
-
-
-def inventory(tmp_path: Path, names: list[str]) -> Path:
-    path = tmp_path / "inventory.py"
-    path.write_text("from glmfleet.localfleet import inventory_hosts\n"
-                    f"local_fleet = [(name, data) for name, data in inventory_hosts() if name in {names!r}]\n")
-    return path
-
-
-def deploy_weights(inventory_file: Path, data: dict, background: bool = False, debug: bool = False):
-    command = [str(Path(sys.executable).parent / "pyinfra"), "-y", "--json", *(["--debug"] if debug else []), str(inventory_file),
-               "tests/deploy_weights.py", *data_args(data)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if background:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    return Run(completed.returncode, completed.stdout, completed.stderr)
-
-
-# What a host holds, asked over SSH (the hosts' roots are overlays mounted in namespaces of their own).
-
-def shards(name: str, directory: str) -> dict[str, int]:
-    """Shard file name -> inode (a file copied again gets a new one)."""
-    out = remote(name).check_output(f"find {directory} -maxdepth 1 -name '{SHARDS}' -printf '%f %i\\n' 2>/dev/null || true")
-    return {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.strip()}
-
-
-def digests(name: str, directory: str) -> dict[str, str]:
-    out = remote(name).check_output(f"cd {directory} && sha256sum {SHARDS}")
-    return {line.split()[1]: line.split()[0] for line in out.splitlines()}
 
 
 def modified(name: str, path: str) -> str:
@@ -155,6 +123,17 @@ def test_second_run_changes_nothing_hashes_nothing_and_reads_nothing(first_run, 
     assert {name: modified(name, state_path(cfg)) for name in hosts} == states
 
 
+# While a fan-out runs, the host a receiver copies from has the transfer key authorized and the
+# receiver holds it: that, and withdrawing it, is all that changes on a host that copies nothing.
+KEY_STEPS = {"model weights | transfer key may read the model store (rrsync -ro), for this fan-out",
+             "model weights | transfer key withdrawn after the fan-out", "model weights | fleet transfer key",
+             "model weights | peers' host keys"}
+
+
+def only_the_key_changed_beside(run, receivers: set[str]) -> bool:
+    return all(ops <= KEY_STEPS for name, ops in run.changed().items() if name not in receivers)
+
+
 def test_a_corrupted_shard_on_one_host_is_found_and_fetched_again_alone(first_run, hosts, hub, settings, cfg, tmp_path):
     victim_host = hosts[2]
     before = shards(victim_host, model_path(cfg))
@@ -163,7 +142,7 @@ def test_a_corrupted_shard_on_one_host_is_found_and_fetched_again_alone(first_ru
     mark = hub.log_mark()
     run = deploy_weights(inventory(tmp_path, hosts), settings)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert set(run.changed()) == {victim_host}
+    assert victim_host in run.changed() and only_the_key_changed_beside(run, {victim_host})
     assert f"{victim}: sha256 does not match the manifest; removed" in run.stderr
     after = shards(victim_host, model_path(cfg))
     assert {n for n in before if before[n] != after[n]} == {victim}
@@ -193,7 +172,7 @@ def test_an_interrupted_copy_resumes_and_is_never_served_half_done(first_run, ho
     mark = hub.log_mark()
     run = deploy_weights(inventory(tmp_path, hosts), settings)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert set(run.changed()) == {receiver}
+    assert receiver in run.changed() and only_the_key_changed_beside(run, {receiver})
     after = shards(receiver, model_path(cfg))
     assert {n for n in finished if after[n] != finished[n]} == set(), "finished shards were copied again"
     assert len(after) == 5 and check(receiver, cfg)[0] == 0
@@ -204,13 +183,14 @@ def test_a_disk_too_small_fails_before_any_transfer(first_run, hosts, settings, 
     small = hosts[3]
     host = remote(small)
     parent = str(Path(model_path(cfg)).parent)
-    host.run_test(f"rm -rf {model_path(cfg)} {state_path(cfg)} && mount -t tmpfs -o size=100m tmpfs {parent}")
+    host.run_test(f"rm -rf {model_path(cfg)} {state_path(cfg)} && mount -t tmpfs -o size=100m,mode=755 tmpfs {parent}")
     try:
         run = deploy_weights(inventory(tmp_path, hosts), {**settings, "model_disk_margin_gb": 0.1})
         assert run.returncode != 0
         assert "not enough disk for glmfleet-test/tiny-glm" in run.stderr and "Nothing was transferred" in run.stderr
         assert shards(small, model_path(cfg)) == {}
-        assert set(run.changed()) == set()  # the others were complete and stayed untouched
+        # The others were complete and stayed untouched, but for the key of the fan-out that failed.
+        assert only_the_key_changed_beside(run, set())
     finally:
         host.run_test(f"umount {parent}")
 

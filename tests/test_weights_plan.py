@@ -12,7 +12,9 @@ from pyinfra.context import ctx_host, ctx_state
 
 from glmfleet.config import ConfigError
 from glmfleet.facts import ModelWeights
-from roles.model_weights import HF_TOKEN_FILE, fanout_plans, model_weights
+from glmfleet.layout import HUB_ENV_FILE
+from roles.model_weights import model_weights, tools
+from roles.model_weights.fanout import fanout_plans
 from tests.planning import connected, plan, sectioned_output
 
 HF = "/opt/glmfleet/huggingface_hub-2.4.0/bin/hf"
@@ -43,24 +45,25 @@ def test_a_complete_host_plans_no_fetch_no_install_and_no_token():
 
 def test_an_unfinished_host_installs_the_cli_writes_the_token_and_fetches_live():
     ops = plan(model_weights, {**PIN, "hf_token": "hf_plan_4242"}, weights_host(UNFINISHED, tools=()))
-    assert "model weights | install huggingface_hub 2.4.0 in /opt/glmfleet/huggingface_hub-2.4.0" in names(ops)
-    assert f"model weights | hub token {HF_TOKEN_FILE}" in names(ops)
+    assert "model weights | install huggingface_hub==2.4.0 in /opt/glmfleet/huggingface_hub-2.4.0" in names(ops)
+    assert f"model weights | hub environment {HUB_ENV_FILE}" in names(ops)
     fetch = [op for op in ops if op.name.startswith("model weights | fetch zai-org/GLM-4-9B-0414@0123456789ab from hf")]
     assert fetch and fetch[0].commands == ["<_run_live>"]  # output shown live: progress, not silence
     assert "hf_plan_4242" not in json.dumps([op.commands for op in ops])
 
 
 def test_a_lone_peer_host_is_its_own_seed_from_the_origin():
-    ops = plan(model_weights, {**PIN, "model_source": "peer"}, weights_host(None))
+    ops = plan(model_weights, {**PIN, "model_source": "peer", "ssh_hostname": "10.0.0.1"}, weights_host(None))
     assert "model weights | weights round 1/1" in names(ops)
-    assert "model weights | transfer key may read the model directory (rrsync -ro)" in names(ops)
+    # It copies from no peer and no peer copies from it: no transfer key is authorized or handed over.
+    assert not [n for n in names(ops) if "transfer key" in n], names(ops)
     assert not [n for n in names(ops) if "install huggingface_hub" in n]  # the fact saw the CLI installed
 
 
 def test_each_run_plans_its_own_fanout_and_a_complete_group_sets_up_no_transfer():
     """A rollout makes several runs in one process: each plans the rounds from its own facts.
     A group whose every copy is complete plans no key, host keys or rounds."""
-    peer = {**PIN, "model_source": "peer"}
+    peer = {**PIN, "model_source": "peer", "ssh_hostname": "10.0.0.1"}
     assert "model weights | weights round 1/1" in names(plan(model_weights, peer, weights_host(None)))
     ops = plan(model_weights, peer, weights_host(COMPLETE))
     assert not [n for n in names(ops) if "key" in n or "round" in n or "ssh" in n], names(ops)
@@ -99,7 +102,7 @@ def test_the_fanout_asks_every_members_weights_side_by_side(monkeypatch):
 
     monkeypatch.setattr(FakeConnector, "_lookup_response", answering)
     with ctx_state.use(state), ctx_host.use(inventory.get_host(peers[0])):
-        (plan,) = fanout_plans().values()
+        (plan,) = fanout_plans(tools).values()
     assert asked_before_the_first_answer == [len(peers)]
     assert weights_asked() == len(peers)
     assert sorted(plan.facts) == peers and all(fact["complete"] for fact in plan.facts.values())
@@ -120,5 +123,16 @@ def test_an_error_asking_a_member_fails_the_fanout_once_without_a_stray_tracebac
     monkeypatch.setattr(ModelWeights, "process", reading)
     with ctx_state.use(inventory.state), ctx_host.use(inventory.get_host("@fake/gpu-1")):
         with pytest.raises(ValueError, match="a state file this glmfleet cannot read"):
-            fanout_plans()
+            fanout_plans(tools)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_transfer_key_goes_only_to_the_hosts_that_give_and_receive():
+    from roles.model_weights.fanout import FanoutPlan, roles_in
+
+    plan = FanoutPlan(rounds=[[("c", "a")], [("d", "a"), ("e", "c")]])  # a and b complete; c, d, e copy
+    assert {name: roles_in(plan, name) for name in "abcde"} == {
+        "a": {"giver"}, "b": set(), "c": {"receiver", "giver"}, "d": {"receiver"}, "e": {"receiver"}}
+    seeded = FanoutPlan(rounds=[[("a", None)], [("b", "a")]])  # a fetches from the origin, then gives
+    assert roles_in(seeded, "a") == {"giver"} and roles_in(seeded, "b") == {"receiver"}
+    assert roles_in(FanoutPlan(rounds=[[("a", None)]]), "a") == set()

@@ -51,7 +51,7 @@ SMOKE_DATA = {
 
 def render(data: dict, out: Path) -> dict:
     from glmfleet.config import resolve
-    from glmfleet.facts import COMPLETE_MARKER
+    from glmfleet.layout import COMPLETE_MARKER
     from roles import verify, vllm_service, vllm_venv
 
     cfg = resolve(data, "gpu-smoke")
