@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from glmfleet import localfleet
-from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, data_args, make_bare, test_model_settings
-from tests.pkgindex import PackageIndex, fill_index_dir
+from devfleet import localfleet
+from tests.support.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, data_args, make_bare, test_model_settings
+from tests.support.pkgindex import PackageIndex, fill_index_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from glmfleet import localfleet
-from tests.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, deploy, gateway_port, glmfleet, write_inventory
-from tests.pkgindex import PackageIndex, fill_index_dir
+from devfleet import localfleet
+from tests.support.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, deploy, gateway_port, glmfleet, write_inventory
+from tests.support.pkgindex import PackageIndex, fill_index_dir
 
 SPECS = ("1,25%,100%", "1")
 
@@ -34,7 +34,7 @@ def measure(hosts: int, data: dict, env: dict, workdir: Path) -> list[str]:
     localfleet.up(hosts)
     names = [host["name"] for host in localfleet.load_hosts()]
     if len(names) != hosts:
-        raise SystemExit(f"{len(names)} hosts are up, not {hosts}: run `python -m glmfleet.localfleet down` first")
+        raise SystemExit(f"{len(names)} hosts are up, not {hosts}: run `python -m devfleet.localfleet down` first")
     path = workdir / f"inventory-{hosts}.py"
 
     def inventory(max_model_len: int | None) -> str:

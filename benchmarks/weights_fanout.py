@@ -23,12 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from glmfleet import localfleet
+from devfleet import localfleet
 from glmfleet.layout import WEIGHTS_STATE_DIR as STATE_DIR
-from tests.hub_mirror import OlahServer, publish
-from tests.model_maker import make_checkpoint
-from tests.fleettools import fleet_host
-from tests.pkgindex import PackageIndex
+from tests.support.hub_mirror import OlahServer, publish
+from tests.support.model_maker import make_checkpoint
+from tests.support.fleettools import fleet_host
+from tests.support.pkgindex import PackageIndex
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "glmfleet-bench/glm-shaped"
@@ -56,7 +56,7 @@ def deploy(inventory: Path, data: dict) -> float:
     for key, value in data.items():
         args += ["--data", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     started = time.monotonic()
-    process = subprocess.run([str(Path(sys.executable).parent / "pyinfra"), "-y", str(inventory), "tests/deploy_weights.py", *args],
+    process = subprocess.run([str(Path(sys.executable).parent / "pyinfra"), "-y", str(inventory), "tests/support/deploy_weights.py", *args],
                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     seconds = time.monotonic() - started
     if process.returncode != 0:
@@ -65,7 +65,7 @@ def deploy(inventory: Path, data: dict) -> float:
 
 
 def inventory(path: Path, names: list[str]) -> Path:
-    path.write_text("from glmfleet.localfleet import inventory_hosts\n"
+    path.write_text("from devfleet.localfleet import inventory_hosts\n"
                     f"local_fleet = [(name, data) for name, data in inventory_hosts() if name in {names!r}]\n")
     return path
 

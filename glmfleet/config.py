@@ -80,11 +80,26 @@ class HostConfig(Mapping):
         return f"HostConfig({self._host!r})"
 
 
-def all_settings() -> dict[str, Setting]:
-    """Every declared key, from every role (imported here: roles import this module)."""
-    from roles import ROLES
+# The roles, each a module that declares its SETTINGS (the contract: glmfleet/role.py): handed over by the
+# roles package when it is imported (``use_roles``), so that this layer never imports upward.
+_ROLES: tuple = ()
 
-    return {setting.name: setting for role in ROLES for setting in role.SETTINGS}
+
+def use_roles(roles: tuple) -> None:
+    """The roles whose settings make the configuration model, in their order."""
+    global _ROLES
+    _ROLES = tuple(roles)
+
+
+def registered_roles() -> tuple:
+    if not _ROLES:
+        raise ConfigError("no roles are known to the configuration model: import roles first (it hands them over)")
+    return _ROLES
+
+
+def all_settings() -> dict[str, Setting]:
+    """Every declared key, from every role."""
+    return {setting.name: setting for role in registered_roles() for setting in getattr(role, "SETTINGS", ())}
 
 
 def show(setting: Setting | None, value: Any) -> str:
@@ -157,9 +172,7 @@ def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, A
 
 def combination_problems(cfg: dict[str, Any], groups: frozenset[str] = frozenset()) -> Iterable[str]:
     """Values that are each fine alone but cannot work together (each role's ``combination_problems``)."""
-    from roles import ROLES
-
-    for role in ROLES:
+    for role in registered_roles():
         if hasattr(role, "combination_problems"):
             yield from role.combination_problems(cfg, groups)
 
@@ -230,16 +243,10 @@ def documented(settings: tuple[Setting, ...]):
 
 def settings_table() -> str:
     """The Markdown table of every key, as README.md carries it (a test keeps the two equal)."""
-    from roles import ROLES
-
     rows = ["| key | role | default | meaning | accepted |", "|---|---|---|---|---|"]
-    for role in ROLES:
+    for role in registered_roles():
         role_name = role.__name__.rsplit(".", 1)[-1]
-        for s in role.SETTINGS:
+        for s in getattr(role, "SETTINGS", ()):
             cells = (s.name, role_name, repr(s.default), s.doc, s.accepted)
             rows.append("| " + " | ".join(f"`{c}`" if i in (0, 2) else c for i, c in enumerate(cells)).replace("\n", " ") + " |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(settings_table())

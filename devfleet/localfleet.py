@@ -7,9 +7,9 @@ SSH. A supervisor process per host mounts the overlay in a mount namespace of it
 mount outlives it) and boots the container again when its systemd reboots, as a real machine
 would.
 
-    python -m glmfleet.localfleet up [--hosts N]    # idempotent
-    python -m glmfleet.localfleet status
-    python -m glmfleet.localfleet down [--destroy]
+    python -m devfleet.localfleet up [--hosts N]    # idempotent
+    python -m devfleet.localfleet status
+    python -m devfleet.localfleet down [--destroy]
 
 Made for machines whose PID 1 is not systemd (our development VMs and CI); needs root and
 `make fleet-deps`. Only the standard library is used: this runs before the project's venv exists.
@@ -473,7 +473,7 @@ def _root_mount_point(host: dict) -> Path:
 
 
 def _supervisor_argv(name: str) -> list[str]:
-    return [sys.executable, "-m", "glmfleet.localfleet", "supervise", name]
+    return [sys.executable, "-m", "devfleet.localfleet", "supervise", name]
 
 
 def _supervisor_pid(host: dict) -> int | None:
@@ -706,7 +706,7 @@ def _print_status() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glmfleet.localfleet", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m devfleet.localfleet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     up_parser = commands.add_parser("up", help="create and boot hosts, wait until ready")

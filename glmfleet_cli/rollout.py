@@ -21,11 +21,11 @@ from pyinfra import host
 from pyinfra.api import Inventory
 from pyinfra.context import ctx_host, ctx_state
 
-from glmfleet.facts import VllmStatus
-from glmfleet.runner import Run, UsageError, load_inventory, select
+from glmfleet.facts.vllm import VllmStatus
+from glmfleet_cli.runner import Run, UsageError, load_inventory, select
 from roles import serving_host
 from roles.gateway import GATEWAY_GROUP, gateway
-from roles.rollout import drain, keep_known_good, roll_back, serves
+from roles.known_good import drain, keep_known_good, roll_back, serves
 from roles.vllm_service import UNIT_PATH
 
 # A rollout restarts services, it does not reboot hosts; the driver role reboots where allowed.

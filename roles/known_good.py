@@ -13,7 +13,8 @@ from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from glmfleet.config import HostConfig, host_config
-from glmfleet.facts import VllmServes, VllmUnit, vllm_status_command, ask
+from glmfleet.facts.engine import ask
+from glmfleet.facts.vllm import VllmServes, VllmUnit, vllm_status_command
 from glmfleet.layout import (
     COMPLETE_MARKER,
     ENV_FILE,

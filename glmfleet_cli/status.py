@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from glmfleet.facts import VllmStatus
-from glmfleet.runner import Run, load_inventory, select
+from glmfleet.facts.vllm import VllmStatus
+from glmfleet_cli.runner import Run, load_inventory, select
 from roles.vllm_service import UNIT_PATH
 
 COLUMNS = ("host", "unit", "vllm", "model", "gpus", "health", "in flight")

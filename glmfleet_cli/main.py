@@ -1,4 +1,4 @@
-"""The `glmfleet` command: `glmfleet rollout INVENTORY` and `glmfleet status INVENTORY`.
+"""The `glmfleet` command: `glmfleet rollout INVENTORY`, `glmfleet status INVENTORY`, `glmfleet keys`.
 
 `pyinfra INVENTORY deploy.py` installs and converges; these drive the same roles through
 pyinfra's API, reading the inventory the way pyinfra does (group_data/, --data).
@@ -16,10 +16,11 @@ import sys  # noqa: E402
 
 from pyinfra_cli.util import parse_cli_arg  # noqa: E402
 
-from glmfleet.config import ConfigError  # noqa: E402
-from glmfleet.rollout import DEFAULT_BATCHES, DEFAULT_MAX_FAIL, rollout  # noqa: E402
-from glmfleet.runner import UsageError  # noqa: E402
-from glmfleet.status import fleet_status  # noqa: E402
+from glmfleet.config import ConfigError, settings_table  # noqa: E402
+import roles  # noqa: E402,F401  (hands the roles' settings to the configuration model)
+from glmfleet_cli.rollout import DEFAULT_BATCHES, DEFAULT_MAX_FAIL, rollout  # noqa: E402
+from glmfleet_cli.runner import UsageError  # noqa: E402
+from glmfleet_cli.status import fleet_status  # noqa: E402
 
 
 def data_overrides(pairs: list[str]) -> dict:
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--max-fail", default=DEFAULT_MAX_FAIL,
                       help="stop once more hosts failed than this count or percentage (default 0)")
     status = commands.add_parser("status", help="per host: unit, vLLM version, model, GPUs, health, requests")
+    commands.add_parser("keys", help="every data key: role, default, meaning and what is accepted (README's table)")
     for command in (roll, status):
         command.add_argument("inventory", help="a pyinfra inventory file, e.g. inventory/prod.py")
         command.add_argument("--limit", action="append", default=[], help="only this group or host name pattern")
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        print(settings_table())
+        return 0
 
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     logging.getLogger("pyinfra").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
