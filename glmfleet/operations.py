@@ -14,7 +14,7 @@ from pyinfra.facts.files import Sha256File
 from pyinfra.operations import files, server, systemd
 
 from glmfleet.checks import redact, url_credentials, without_credentials
-from glmfleet.facts import DebPackageStates
+from glmfleet.facts.packages import DebPackageStates
 from glmfleet.layout import KEYRINGS_DIR, MADE_DIRS_RECORD, NETRC, OWN_DIRS, STATE_ROOT, apt_keyring, apt_source
 from glmfleet.shell import fail_with, join, quote
 # Every apt-get call waits for a dpkg lock held by another apt (cloud-init, unattended-upgrades)
@@ -153,11 +153,13 @@ def upload(managed: dict, dest: str, content: str | Path, user: str = "root", gr
     return files.put(name=name, src=source, dest=dest, user=user, group=group, mode=mode)
 
 
-def unit_enabled(managed: dict, unit: str, name: str | None = None):
-    """``systemd.service(enabled=True)``, planned only where the unit is not enabled yet."""
-    if managed["units"].get(unit, {}).get("enabled"):
+def unit_enabled(managed: dict, unit: str, name: str | None = None, running: bool | None = None):
+    """``systemd.service(enabled=True)`` (and started, with ``running``), planned only where the
+    unit is not enabled (or not running) yet."""
+    state = managed["units"].get(unit, {})
+    if state.get("enabled") and (not running or state.get("running")):
         return None
-    return systemd.service(name=name or f"{unit} enabled", service=unit, running=None, enabled=True)
+    return systemd.service(name=name or f"{unit} enabled", service=unit, running=running or None, enabled=True)
 
 
 def planned(*ops) -> list:
@@ -197,6 +199,20 @@ def fetch_key_command(key_url: str, keyring: str, key_sha256: str | None) -> str
     return " && ".join(steps)
 
 
+def apt_repository_question(repo: str) -> list[str]:
+    """The paths ``repository_due`` reads (in a role's ManagedPaths question)."""
+    return [apt_keyring(repo), apt_source(repo)]
+
+
+def repository_due(managed: dict, repo: str, url: str, suite: str, components: list[str], key_sha256: str | None) -> bool:
+    """Whether ``apt_repository`` has anything to do: its key missing (or not the pinned one),
+    its source file missing or different."""
+    key = managed["paths"].get(apt_keyring(repo))
+    source = managed["paths"].get(apt_source(repo), {}).get("sha256")
+    rendered = render_apt_source(without_credentials(url), suite, components, apt_keyring(repo))
+    return key is None or bool(key_sha256 and key["sha256"] != key_sha256) or source != hashlib.sha256(rendered.encode()).hexdigest()
+
+
 @operation()
 def apt_repository(repo: str, url: str, suite: str, components: list[str], key_url: str, key_sha256: str | None = None):
     """
@@ -231,6 +247,19 @@ def version_matches(version: str, pattern: str | None) -> bool:
     return pattern is None or fnmatchcase(version, pattern)
 
 
+def packages_due(installed: dict, packages: dict[str, str | None]) -> list[str]:
+    """The packages ``apt_install`` would install: missing, or at another version (``installed``:
+    the ``DebPackageStates`` answer). A role calls ``apt_install`` only where any are."""
+    return [name for name, pattern in packages.items()
+            if name not in installed or not version_matches(installed[name]["version"], pattern)]
+
+
+def unheld(installed: dict, patterns: list[str]) -> list[str]:
+    """Installed packages that match ``patterns`` and are not held (``apt_hold`` would hold them)."""
+    return [name for name, state in installed.items()
+            if not state["held"] and any(fnmatchcase(name, pattern) for pattern in patterns)]
+
+
 @operation()
 def apt_install(packages: dict[str, str | None]):
     """
@@ -242,12 +271,7 @@ def apt_install(packages: dict[str, str | None]):
     Packages held with ``apt-mark hold`` are changed too: glmfleet holds what it pins, and this
     is how a pin moves. A glob no version matches fails with apt's own message.
     """
-    installed = host.get_fact(DebPackageStates)
-    due = [
-        name for name, pattern in packages.items()
-        if name not in installed or not version_matches(installed[name]["version"], pattern)
-    ]
-    if not due:
+    if not packages_due(host.get_fact(DebPackageStates), packages):
         host.noop(f"{', '.join(packages)} installed at the wanted versions")
         return
     wanted = [name if pattern is None else f"{name}={pattern}" for name, pattern in packages.items()]
@@ -267,12 +291,7 @@ def apt_hold(patterns: list[str], pending: bool = False):
     + pending: packages are being installed in this run, so the list seen while planning is
       not the final one: hold whatever matches once they are in
     """
-    installed = host.get_fact(DebPackageStates)
-    unheld = [
-        name for name, state in installed.items()
-        if not state["held"] and any(fnmatchcase(name, pattern) for pattern in patterns)
-    ]
-    if not unheld and not pending:
+    if not unheld(host.get_fact(DebPackageStates), patterns) and not pending:
         host.noop(f"packages matching {' '.join(patterns)} are held")
         return
     yield (
@@ -289,18 +308,6 @@ def stop_host(reason: str):
     + reason: the message, shown as the operation's error output
     """
     yield fail_with(reason)
-
-
-@operation()
-def notice(message: str):
-    """
-    Report something about this host in the run's output without changing anything.
-
-    + message: what to report (also the operation's name, so it shows in ``--json`` output)
-    """
-    host.noop(message)
-    return
-    yield  # a generator that yields nothing: no commands, no change
 
 
 def _run_live(state, host, command: str, connector_arguments: dict) -> bool:

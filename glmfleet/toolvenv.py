@@ -15,12 +15,13 @@ uv did; without it, 3.1 s.
 from __future__ import annotations
 
 from pyinfra import host
-from pyinfra.facts.deb import DebPackages
-from pyinfra.operations import apt, server
+from pyinfra.operations import server
 
 from glmfleet.checks import without_credentials
 from glmfleet.credentials import tool_environment
-from glmfleet.facts import ask
+from glmfleet.facts.engine import ask
+from glmfleet.facts.packages import DebPackageStates
+from glmfleet.operations import apt_install, packages_due
 from glmfleet.layout import SYSTEM_CA_BUNDLE
 from glmfleet.shell import assignments, join, quote
 
@@ -51,12 +52,10 @@ def pip_args(cfg) -> list[str]:
 
 
 def ensure_debs(packages: list[str]) -> None:
-    """Install Debian packages that are missing; refresh apt only then, so a converged host
-    reports no change."""
-    missing = [name for name in packages if name not in ask(host, DebPackages)]
-    if missing:
-        apt.packages(name=f"install {' '.join(missing)}", packages=missing, update=True,
-                     extra_install_args="-o DPkg::Lock::Timeout=300")
+    """Install Debian packages that are missing (``operations.apt_install``, which waits for
+    the dpkg lock); a converged host plans nothing."""
+    if packages_due(ask(host, DebPackageStates), {name: None for name in packages}):
+        apt_install(name=f"install {' '.join(packages)}", packages={name: None for name in packages})
 
 
 def install_tool(target: str, requirements: list[str], installed: bool, cfg) -> None:

@@ -6,8 +6,9 @@ from weakref import WeakSet
 
 from pyinfra import host
 
+from glmfleet import config
 from glmfleet.config import host_config, validate_inventory
-from glmfleet.facts import ask_together
+from glmfleet.facts.engine import ask_together
 from glmfleet.operations import planned
 from roles import (
     container_toolkit,
@@ -27,6 +28,7 @@ from roles import (
 SERVING_ROLES = (preflight, site_credentials, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch,
                  model_weights, vllm_flags, vllm_service, verify)
 ROLES = (*SERVING_ROLES, gateway)
+config.use_roles(ROLES)
 # What a rollout prepares while the host still serves (serving_host's stage_only).
 STAGING_ROLES = (preflight, vllm_venv, vllm_image, model_weights, vllm_flags)
 
@@ -54,9 +56,9 @@ def prepare_control_node(inventory) -> None:
 
 
 def ask_roles(roles) -> None:
-    """Ask the host everything ``roles`` will read, in one command (``facts.ask_together``)."""
+    """Ask the host everything ``roles`` will read, in one command (``facts.engine.ask_together``)."""
     cfg = host_config(host)
-    ask_together(host, {f"{role.__name__}.{name}": question for role in roles
+    ask_together(host, {f"{role.__name__}.{name}": question for role in roles if hasattr(role, "questions")
                         for name, question in role.questions(cfg).items()})
 
 

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import server, systemd
+from pyinfra.operations import server
 
 from glmfleet import checks
 from glmfleet.config import HostConfig, Setting, documented, host_config
-from glmfleet.facts import Question, ask_together
+from glmfleet.facts.engine import Question, ask_together
 from glmfleet.layout import CDI_SPEC, DOCKER_DAEMON_JSON
-from glmfleet.operations import apt_hold, apt_install, apt_repository, stop_host
+from glmfleet.facts.packages import DebPackageStates
+from glmfleet.facts.paths import ManagedPaths
+from glmfleet.operations import (
+    apt_hold,
+    apt_install,
+    apt_repository,
+    apt_repository_question,
+    packages_due,
+    planned,
+    repository_due,
+    stop_host,
+    unheld,
+    unit_enabled,
+)
 from glmfleet.shell import quote
 from roles.nvidia_driver import DriverState, gpu_question
 from roles.vllm_image import containers_question
@@ -21,6 +34,7 @@ TOOLKIT_REPO = "https://nvidia.github.io/libnvidia-container"
 TOOLKIT_PACKAGES = ["nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvidia-container-tools",
                     "libnvidia-container1"]
 DOCKER_PACKAGES = {"distro": ["docker.io"], "docker-repo": ["docker-ce", "docker-ce-cli", "containerd.io"]}
+DOCKER_UNIT = "docker.service"
 
 
 def apt_version(example: str) -> checks.Check:
@@ -80,10 +94,11 @@ def configure_runtime_command(cdi: bool) -> str:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if cfg.vllm_runtime != "image":
         return {}
-    return {"gpu": gpu_question(cfg), "containers": containers_question(cfg)}
+    paths = [*apt_repository_question("docker"), *apt_repository_question("nvidia-container-toolkit")]
+    return {"gpu": gpu_question(cfg), "containers": containers_question(cfg), "debs": Question(DebPackageStates, {}),
+            "managed": Question(ManagedPaths, {"paths": paths, "units": [DOCKER_UNIT]})}
 
 
 @deploy("NVIDIA container toolkit")
@@ -104,53 +119,46 @@ def container_toolkit(driver: DriverState = DriverState(ready=False)):
     if cfg.vllm_runtime != "image":
         return []
     answers = ask_together(host, questions(cfg))
-    gpu, state = answers["gpu"], answers["containers"]
+    gpu, state, debs, managed = answers["gpu"], answers["containers"], answers["debs"], answers["managed"]
     cdi = cfg.container_gpu_access == "cdi"
 
+    repositories = [("nvidia-container-toolkit", "NVIDIA container toolkit repository",
+                     cfg.nvidia_container_toolkit_repo_url.format(arch=gpu["arch"]), "/", [],
+                     cfg.nvidia_container_toolkit_key_url.format(arch=gpu["arch"]), cfg.nvidia_container_toolkit_key_sha256)]
     if cfg.docker_source == "docker-repo":
-        apt_repository(
-            name="Docker repository",
-            repo="docker",
-            url=cfg.docker_repo_url.format(distro=gpu["distro"]),
-            suite=gpu["codename"],
-            components=["stable"],
-            key_url=cfg.docker_repo_key_url.format(distro=gpu["distro"]),
-            key_sha256=cfg.docker_repo_key_sha256,
-        )
-    apt_repository(
-        name="NVIDIA container toolkit repository",
-        repo="nvidia-container-toolkit",
-        url=cfg.nvidia_container_toolkit_repo_url.format(arch=gpu["arch"]),
-        suite="/",
-        components=[],
-        key_url=cfg.nvidia_container_toolkit_key_url.format(arch=gpu["arch"]),
-        key_sha256=cfg.nvidia_container_toolkit_key_sha256,
-    )
+        repositories.insert(0, ("docker", "Docker repository", cfg.docker_repo_url.format(distro=gpu["distro"]), gpu["codename"],
+                                ["stable"], cfg.docker_repo_key_url.format(distro=gpu["distro"]), cfg.docker_repo_key_sha256))
+    for repo, name, url, suite, components, key_url, key_sha256 in repositories:
+        if repository_due(managed, repo, url, suite, components, key_sha256):
+            apt_repository(name=name, repo=repo, url=url, suite=suite, components=components, key_url=key_url,
+                           key_sha256=key_sha256)
     docker_packages = DOCKER_PACKAGES[cfg.docker_source]
     packages = {name: cfg.docker_version for name in docker_packages if name != "containerd.io"}
     packages.update({"containerd.io": None} if "containerd.io" in docker_packages else {})
     packages.update({name: cfg.nvidia_container_toolkit_version for name in TOOLKIT_PACKAGES})
-    installed = apt_install(name=f"Docker and NVIDIA container toolkit: {', '.join(packages)}", packages=packages)
+    installing = bool(packages_due(debs, packages))
+    installed = apt_install(name=f"Docker and NVIDIA container toolkit: {', '.join(packages)}", packages=packages) if installing else None
     # Held: an upgrade of either restarts dockerd, which stops every container.
-    apt_hold(name="Docker and toolkit packages held", patterns=list(packages), pending=installed.will_change)
+    if installing or unheld(debs, list(packages)):
+        apt_hold(name="Docker and toolkit packages held", patterns=list(packages), pending=installing)
 
     if state["daemon_json"] == "invalid":
         stop_host(name=f"stop: {DOCKER_DAEMON_JSON} is not JSON",
                   reason=f"{DOCKER_DAEMON_JSON} is not valid JSON; fix it (dockerd would not start) and run again")
         return []
-    docker = systemd.service(name="docker running and enabled", service="docker.service", running=True, enabled=True)
-    changes = [installed]
+    docker = unit_enabled(managed, DOCKER_UNIT, name="docker running and enabled", running=True)
+    changes = planned(installed)
     if not runtime_configured(state["daemon_json"], cdi):
         configured = server.shell(name="nvidia runtime added to /etc/docker/daemon.json",
                                   commands=[configure_runtime_command(cdi)])
         # A restart, not systemd.service(restarted=True): planned before Docker is even installed, that
         # would see no running dockerd and only start it, leaving the new runtime unread.
         changes.append(server.shell(name="restart docker for the nvidia runtime",
-                                    commands=["systemctl restart docker.service"], _if=configured.did_change))
+                                    commands=[f"systemctl restart {DOCKER_UNIT}"], _if=configured.did_change))
     if driver.ready and (not state["cdi_spec"] or driver.changes):
         changes.append(server.shell(
             name=f"CDI spec of the GPUs in {CDI_SPEC}",
             commands=[f"nvidia-ctk cdi generate --output={quote(CDI_SPEC)}"],
             _if=lambda: not state["cdi_spec"] or any(op.did_change() for op in driver.changes),
         ))
-    return [docker, *changes]
+    return planned(docker, *changes)

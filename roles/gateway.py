@@ -13,12 +13,14 @@ import re
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.util import get_template
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from glmfleet import FILES, checks, filesyntax
 from glmfleet.config import HostConfig, Setting, documented, host_config
-from glmfleet.facts import ListeningPorts, ManagedPaths, Question, ask_together
+from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.network import ListeningPorts
+from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import (
     GATEWAY_CONFIG as CONFIG_PATH,
     GATEWAY_KEYS as KEYS_PATH,
@@ -28,7 +30,7 @@ from glmfleet.layout import (
     NGINX_PID,
     NGINX_UNIT,
 )
-from glmfleet.operations import planned, stop_host, upload
+from glmfleet.operations import apt_install, planned, stop_host, upload
 from glmfleet.shell import quote
 from roles.vllm_service import served_model_name
 
@@ -159,7 +161,6 @@ def reload_command() -> str:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; deploy.py asks it with the serving roles' in one command."""
     return {"managed": Question(ManagedPaths, {"paths": [NGINX, DEFAULT_SITE, KEYS_PATH, CONFIG_PATH], "units": [NGINX_UNIT]}),
             "listeners": Question(ListeningPorts, {"port": cfg.gateway_port})}
 
@@ -191,7 +192,7 @@ def gateway(out_of_pool=frozenset()):
     # Refresh apt only when something must be installed: a converged host reports no change.
     installing = NGINX not in managed["paths"]
     if installing:
-        apt.packages(name="nginx", packages=["nginx"], update=True)
+        apt_install(name="nginx", packages={"nginx": None})
     # The distribution's welcome site would listen on port 80 beside the gateway; the package
     # being installed in this run brings it along.
     default_site = None

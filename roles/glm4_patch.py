@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import Sha256File
-from pyinfra.operations import apt, files, server
+from pyinfra.operations import files, server
 
 from glmfleet import FILES
 from glmfleet.compat import GLM4_BROKEN_IN, needs_glm4_patch
-from glmfleet.config import HostConfig, documented, host_config
-from glmfleet.facts import Glm4Source, Question, ask_together
+from glmfleet.config import HostConfig, host_config
+from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.vllm import Glm4Source
+from glmfleet.facts.packages import DebPackageStates
 from glmfleet.layout import GLM4_PATCH as PATCH, GLM4_PATCH_SCRIPT as SCRIPT, IMAGE_GLM4, PATCHED_GLM4 as PATCHED_FOR_IMAGE
+from glmfleet.operations import apt_install, packages_due
 from glmfleet.shell import join, quote
 from roles.vllm_image import image_ref
 from roles.vllm_venv import venv_dir
@@ -22,21 +24,17 @@ ORIGINAL_SHA256 = "7c495ea634a8ed95cfd109a021affdb7ae38dea4a788ceb4348c25398a6d0
 PATCHED_SHA256 = "c8b7dc47c6522b0535a411715d0b03a329b57a07ff545ffad670cde509a2a730"  # after files/glm4-0.8.4.patch
 CHECKSUMS = ["--original", ORIGINAL_SHA256, "--patched", PATCHED_SHA256]
 
-SETTINGS = ()
-
-
 
 def needs_patch(cfg: HostConfig) -> bool:
     return needs_glm4_patch(cfg)
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if not needs_patch(cfg):
         return {}
     patched = (Question(Sha256File, {"path": PATCHED_FOR_IMAGE}) if cfg.vllm_runtime == "image"
                else Question(Glm4Source, {"venv": venv_dir(cfg)}))
-    return {"patched_sha256": patched, "debs": Question(DebPackages, {})}
+    return {"patched_sha256": patched, "debs": Question(DebPackageStates, {})}
 
 
 def derive_command(image: str) -> str:
@@ -49,7 +47,6 @@ def derive_command(image: str) -> str:
 
 
 @deploy("glm4.py patch")
-@documented(SETTINGS)
 def glm4_patch():
     """
     Patch ``glm4.py`` of the pinned vLLM when that is 0.8.4, whose copy is broken: in the venv,
@@ -68,8 +65,8 @@ def glm4_patch():
     answers = ask_together(host, questions(cfg))
     if answers["patched_sha256"] == PATCHED_SHA256:
         return []
-    if "patch" not in answers["debs"]:
-        apt.packages(name="GNU patch", packages=["patch"], update=True)
+    if packages_due(answers["debs"], {"patch": None}):
+        apt_install(name="GNU patch", packages={"patch": None})
     files.put(name="glm4.py patch script", src=str(FILES / "glm4_patch.py"), dest=SCRIPT, mode="755")
     files.put(name="glm4.py patch", src=str(FILES / "glm4-0.8.4.patch"), dest=PATCH, mode="644")
     if cfg.vllm_runtime == "image":

@@ -5,17 +5,31 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from io import StringIO
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import deploy
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import server, systemd
 
 from glmfleet import checks
 from glmfleet.config import HostConfig, Setting, documented, host_config
-from glmfleet.facts import DriverBranchesOffered, GpuHost, Question, ask, ask_together
+from glmfleet.facts.engine import Question, ask, ask_together
+from glmfleet.facts.gpu import DriverBranchesOffered, GpuHost
+from glmfleet.facts.packages import DebPackageStates
+from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import NOUVEAU_BLACKLIST, NVIDIA_HOLD_CONF as UNATTENDED_CONF, PERSISTENCED_DROPIN
-from glmfleet.operations import apt_hold, apt_install, apt_repository, notice, stop_host
+from glmfleet.operations import (
+    apt_hold,
+    apt_install,
+    apt_repository,
+    apt_repository_question,
+    packages_due,
+    planned,
+    repository_due,
+    stop_host,
+    unheld,
+    unit_enabled,
+    upload,
+)
 
 CUDA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}"
 
@@ -240,9 +254,23 @@ def gpu_question(cfg: HostConfig) -> Question:
     return Question(GpuHost, {"headers_candidate": cfg.nvidia_driver_source != "none"})
 
 
+PERSISTENCED = "nvidia-persistenced.service"
+FABRIC_MANAGER = "nvidia-fabricmanager.service"
+NOUVEAU_BLACKLIST_TEXT = ("# Managed by glmfleet: the NVIDIA driver cannot load while nouveau holds the GPUs.\n"
+                          "blacklist nouveau\noptions nouveau modeset=0\n")
+UNATTENDED_TEXT = ("// Managed by glmfleet: the NVIDIA driver and the kernel change only together, in a deploy.\n"
+                   "Unattended-Upgrade::Package-Blacklist {\n"
+                   + "".join(f'    "{pattern}";\n' for pattern in UNATTENDED_BLACKLIST) + "};\n")
+PERSISTENCED_DROPIN_TEXT = ("# Managed by glmfleet: persistence mode on, so the GPUs stay initialised.\n[Service]\n"
+                            "ExecStart=\nExecStart=/usr/bin/nvidia-persistenced --user nvidia-persistenced --verbose\n")
+
+
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
-    return {} if cfg.nvidia_driver_source == "none" else {"gpu": gpu_question(cfg)}
+    if cfg.nvidia_driver_source == "none":
+        return {}
+    paths = [NOUVEAU_BLACKLIST, UNATTENDED_CONF, PERSISTENCED_DROPIN, *apt_repository_question("cuda")]
+    return {"gpu": gpu_question(cfg), "debs": Question(DebPackageStates, {}),
+            "managed": Question(ManagedPaths, {"paths": paths, "units": [PERSISTENCED, FABRIC_MANAGER]})}
 
 
 @deploy("NVIDIA driver")
@@ -256,7 +284,8 @@ def nvidia_driver() -> DriverState:
     unattended-upgrades blacklist), nouveau is blacklisted (initramfs rebuilt when that changed),
     nvidia-persistenced keeps the GPUs initialised and, with NVSwitches, Fabric Manager runs at
     the driver's exact version. A host that cannot load the driver (Secure Boot with an unsigned
-    module, Blackwell without open modules) stops with the reason and the fix.
+    module, Blackwell without open modules) stops with the reason and the fix. Each step is
+    planned only where the host's answers show it undone: a converged host plans no operation.
 
     A changed driver needs a reboot: with ``nvidia_allow_reboot`` the host reboots, comes back
     and must show every GPU in ``nvidia-smi``; otherwise the run reports "reboot required".
@@ -265,7 +294,8 @@ def nvidia_driver() -> DriverState:
     cfg = host_config(host)
     if cfg.nvidia_driver_source == "none":
         return DriverState(ready=True)
-    gpu = ask_together(host, questions(cfg))["gpu"]
+    answers = ask_together(host, questions(cfg))
+    gpu, debs, managed = answers["gpu"], answers["debs"], answers["managed"]
     plan = driver_plan(cfg, gpu)
     running = running_driver_is_wanted(cfg, gpu)
     fabric_manager = wants_fabric_manager(cfg, gpu)
@@ -278,50 +308,30 @@ def nvidia_driver() -> DriverState:
     if fabric_manager:
         packages[plan.fabric_manager] = f"{gpu['module']['version']}-*" if running else version_glob(cfg, gpu)
     if cfg.nvidia_driver_source == "cuda-repo":
-        apt_repository(
-            name="NVIDIA CUDA repository",
-            repo="cuda",
-            url=cuda_repo_url(cfg.nvidia_cuda_repo_url, gpu),
-            suite="/",
-            components=[],
-            key_url=cuda_repo_url(cfg.nvidia_cuda_repo_key_url, gpu),
-            key_sha256=cfg.nvidia_cuda_repo_key_sha256,
-        )
+        url, key_url = cuda_repo_url(cfg.nvidia_cuda_repo_url, gpu), cuda_repo_url(cfg.nvidia_cuda_repo_key_url, gpu)
+        if repository_due(managed, "cuda", url, "/", [], cfg.nvidia_cuda_repo_key_sha256):
+            apt_repository(name="NVIDIA CUDA repository", repo="cuda", url=url, suite="/", components=[], key_url=key_url,
+                           key_sha256=cfg.nvidia_cuda_repo_key_sha256)
     if not running and plan.dkms and not gpu["kernel_headers"] and not plan.headers:
         report(f"no headers package for the running kernel {gpu['kernel']}: DKMS cannot build the module for it")
-    apt_install(name="PCI tools (GPU and NVSwitch names)", packages={"pciutils": None})
-
-    blacklist = files.put(
-        name="nouveau blacklisted",
-        src=StringIO("# Managed by glmfleet: the NVIDIA driver cannot load while nouveau holds the GPUs.\n"
-                     "blacklist nouveau\noptions nouveau modeset=0\n"),
-        dest=NOUVEAU_BLACKLIST, user="root", group="root", mode="644",
-    )
-    server.shell(
-        name="initramfs rebuilt without nouveau",
-        commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u -k all; fi"],
-        _if=blacklist.did_change,
-    )
-    installed = apt_install(name=f"NVIDIA packages: {', '.join(packages)}", packages=packages) if packages else None
-    installing = installed is not None and installed.will_change
+    if packages_due(debs, {"pciutils": None}):
+        apt_install(name="PCI tools (GPU and NVSwitch names)", packages={"pciutils": None})
+    if upload(managed, NOUVEAU_BLACKLIST, NOUVEAU_BLACKLIST_TEXT, name="nouveau blacklisted"):
+        server.shell(name="initramfs rebuilt without nouveau",
+                     commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u -k all; fi"])
+    installing = bool(packages_due(debs, packages))
+    installed = apt_install(name=f"NVIDIA packages: {', '.join(packages)}", packages=packages) if installing else None
     driver_changes = installing and not running
     if fabric_manager and driver_changes:
-        server.shell(name="Fabric Manager at the driver's version", commands=[fabric_manager_matches_driver(plan)],
-                     _if=installed.did_change)
-    files.put(
-        name="unattended-upgrades leaves driver and kernel alone",
-        src=StringIO("// Managed by glmfleet: the NVIDIA driver and the kernel change only together, in a deploy.\n"
-                     "Unattended-Upgrade::Package-Blacklist {\n"
-                     + "".join(f'    "{pattern}";\n' for pattern in UNATTENDED_BLACKLIST) + "};\n"),
-        dest=UNATTENDED_CONF, user="root", group="root", mode="644",
-    )
-    apt_hold(name="driver and kernel packages held", patterns=HOLD_PATTERNS, pending=installing)
-    services = persistence_daemon(cfg, gpu, start=running)
+        server.shell(name="Fabric Manager at the driver's version", commands=[fabric_manager_matches_driver(plan)])
+    upload(managed, UNATTENDED_CONF, UNATTENDED_TEXT, name="unattended-upgrades leaves driver and kernel alone")
+    if installing or unheld(debs, HOLD_PATTERNS):
+        apt_hold(name="driver and kernel packages held", patterns=HOLD_PATTERNS, pending=installing)
+    services = persistence_daemon(cfg, gpu, managed, start=running)
     if fabric_manager:
-        services.append(systemd.service(name="Fabric Manager enabled", service="nvidia-fabricmanager.service",
-                                        enabled=True, running=True if running else None))
+        services.append(unit_enabled(managed, FABRIC_MANAGER, name="Fabric Manager enabled", running=running))
     if running:
-        return DriverState(ready=True, changes=[op for op in (installed, *services) if op is not None])
+        return DriverState(ready=True, changes=planned(installed, *services))
 
     # The wanted driver is not loaded: only a reboot loads it (and unloads nouveau).
     if not (cfg.nvidia_allow_reboot and (driver_changes or gpu["gpus"])):
@@ -331,34 +341,27 @@ def nvidia_driver() -> DriverState:
                              reboot_timeout=cfg.nvidia_reboot_timeout)
     if not gpu["gpus"]:
         report("rebooted; no NVIDIA GPU on the PCI bus, so nothing for the driver to drive")
-        return DriverState(ready=False, changes=[installed, rebooted])
+        return DriverState(ready=False, changes=planned(installed, rebooted))
     server.shell(name=f"nvidia-smi sees all {len(gpu['gpus'])} GPUs", commands=[gpu_count_check(len(gpu["gpus"]))])
-    return DriverState(ready=True, changes=[installed, rebooted])
+    return DriverState(ready=True, changes=planned(installed, rebooted))
 
 
 def report(message: str) -> None:
-    """Say something about this host in the run's output (an operation that changes nothing)."""
-    notice(name=message, message=message)
+    """Say something about this host in the run's output, planning nothing."""
+    logger.warning(f"{host.name}: {message}")
 
 
-def persistence_daemon(cfg: HostConfig, gpu: dict, start: bool) -> list:
+def persistence_daemon(cfg: HostConfig, gpu: dict, managed: dict, start: bool) -> list:
     """nvidia-persistenced enabled (started when the driver runs) with persistence mode on:
     Ubuntu's and NVIDIA's units start it with ``--no-persistence-mode`` (as the
     ``nvidia-persistenced`` user their packages create), Debian's does not.
     Returns the operations that (re)start it."""
     changes = []
     if not (cfg.nvidia_driver_source == "distro" and gpu["distro"] == "debian"):
-        dropin = files.put(
-            name="nvidia-persistenced keeps persistence mode on",
-            src=StringIO("# Managed by glmfleet: persistence mode on, so the GPUs stay initialised.\n[Service]\n"
-                         "ExecStart=\nExecStart=/usr/bin/nvidia-persistenced --user nvidia-persistenced --verbose\n"),
-            dest=PERSISTENCED_DROPIN, user="root", group="root", mode="644",
-        )
-        systemd.daemon_reload(name="systemd daemon-reload for nvidia-persistenced", _if=dropin.did_change)
-        if start:
-            changes.append(server.shell(name="restart nvidia-persistenced",
-                                        commands=["systemctl restart nvidia-persistenced.service"],
-                                        _if=dropin.did_change))
-    changes.append(systemd.service(name="nvidia-persistenced enabled", service="nvidia-persistenced.service",
-                                   enabled=True, running=True if start else None))
-    return changes
+        dropin = upload(managed, PERSISTENCED_DROPIN, PERSISTENCED_DROPIN_TEXT, name="nvidia-persistenced keeps persistence mode on")
+        if dropin:
+            systemd.daemon_reload(name="systemd daemon-reload for nvidia-persistenced")
+            if start:
+                changes.append(server.shell(name="restart nvidia-persistenced", commands=[f"systemctl restart {PERSISTENCED}"]))
+    changes.append(unit_enabled(managed, PERSISTENCED, name="nvidia-persistenced enabled", running=start))
+    return planned(*changes)

@@ -7,14 +7,12 @@ from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from glmfleet import compat
-from glmfleet.config import HostConfig, documented, host_config
-from glmfleet.facts import ListeningPorts, Question, ask_together
+from glmfleet.config import HostConfig, host_config
+from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.network import ListeningPorts
 from glmfleet.layout import UNIT
 from glmfleet.shell import fail_with
 from roles.nvidia_driver import driver_problems, gpu_question
-
-SETTINGS = ()
-
 
 def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     """The catalog's rules: model against vLLM release, parsers, engine, companions, heads."""
@@ -30,7 +28,6 @@ def gpu_facts(gpu: dict) -> dict:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     return {"gpu": gpu_question(cfg), "listeners": Question(ListeningPorts, {"port": cfg.vllm_port})}
 
 
@@ -39,7 +36,6 @@ def fail_command(problems: list[str]) -> str:
 
 
 @deploy("preflight")
-@documented(SETTINGS)
 def preflight():
     """
     Check the host against the configuration while planning, and stop a host that cannot

@@ -8,26 +8,22 @@ from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from glmfleet import credentials
-from glmfleet.config import HostConfig, documented, host_config
-from glmfleet.facts import ManagedPaths, Question, ask_together
+from glmfleet.config import HostConfig, host_config
+from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import APT_AUTH, NETRC, SECRETS_DIR
 from glmfleet.operations import directory, upload
 from glmfleet.shell import quote
-
-SETTINGS = ()
-
 
 def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     return credentials.problems(cfg)
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     return {"managed": Question(ManagedPaths, {"paths": [SECRETS_DIR, NETRC, APT_AUTH]})}
 
 
 @deploy("site credentials")
-@documented(SETTINGS)
 def site_credentials():
     """
     Write the logins of every URL setting that carries ``user:password@`` into root-only files

@@ -9,7 +9,10 @@ from pyinfra.operations import server
 from glmfleet import FILES, checks
 from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.connection import NotForwarded, connect_on_host
-from glmfleet.facts import ManagedPaths, Question, VllmServes, ask, ask_together, host_script
+from glmfleet.facts.engine import Question, ask, ask_together
+from glmfleet.facts.output import host_script
+from glmfleet.facts.paths import ManagedPaths
+from glmfleet.facts.vllm import VllmServes
 from glmfleet.layout import ENV_FILE, UNIT, VERIFY_SCRIPT, local_url as url_of
 from glmfleet.operations import upload
 from glmfleet.shell import join, quote
@@ -47,8 +50,7 @@ def wait_command(cfg: HostConfig, argv: list[str]) -> str:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command.
-    The real request is among them only where the controller cannot make it (``serving_now``)."""
+    """The real request is among them only where the controller cannot make it (``serving_now``)."""
     asked = {"managed": Question(ManagedPaths, {"paths": [VERIFY_SCRIPT]})}
     if connect_on_host(host) is None:
         asked["serving"] = Question(VllmServes, {"verify_argv": verify_argv(cfg)})

@@ -11,8 +11,8 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from glmfleet import FILES
-from glmfleet.config import HostConfig, documented, host_config
-from glmfleet.facts import Question, ask_together
+from glmfleet.config import HostConfig, host_config
+from glmfleet.facts.engine import Question, ask_together
 from glmfleet.layout import FLAGS_SCRIPT as SCRIPT, UNIT_PATH
 from glmfleet.shell import assignments, join, quote
 from roles.vllm_image import image_ref
@@ -20,9 +20,6 @@ from roles.vllm_service import FLAG_KEYS, render_unit, serve_args, service_quest
 from roles.vllm_venv import venv_dir, venv_name, venvs_question
 
 SOURCE = FILES / "check_vllm_flags.py"
-
-SETTINGS = ()
-
 
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -48,14 +45,12 @@ def check_command(cfg: HostConfig) -> str:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if cfg.vllm_package != "vllm":
         return {}
     return {"service": service_question(cfg), **({"venvs": venvs_question(cfg)} if cfg.vllm_runtime == "venv" else {})}
 
 
 @deploy("check vLLM flags")
-@documented(SETTINGS)
 def vllm_flags():
     """
     Check the rendered ``vllm serve`` command against the pinned vLLM's own argument parser

@@ -14,7 +14,8 @@ from pyinfra.operations import files, server
 from glmfleet import checks
 from glmfleet.compat import needs_glm4_patch
 from glmfleet.config import HostConfig, Setting, documented, host_config
-from glmfleet.facts import ContainerHost, Question, ask_together
+from glmfleet.facts.containers import ContainerHost
+from glmfleet.facts.engine import Question, ask_together
 from glmfleet.layout import CDI_SPEC, CONTAINER, DOCKER, ENV_FILE, IMAGE_ARCHIVE_DIR as ARCHIVE_DIR, IMAGE_GLM4, PATCHED_GLM4
 from glmfleet.shell import quote
 from roles.vllm_venv import state_dirs, state_dirs_question
@@ -118,7 +119,6 @@ def containers_question(cfg: HostConfig) -> Question:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if cfg.vllm_runtime != "image":
         return {}
     return {"containers": containers_question(cfg), "state_dirs": state_dirs_question(cfg)}

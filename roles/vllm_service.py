@@ -16,7 +16,8 @@ from pyinfra.operations.util import any_changed
 
 from glmfleet import FILES, catalog, checks, filesyntax
 from glmfleet.config import HostConfig, Setting, documented, host_config
-from glmfleet.facts import ManagedPaths, Question, ask_together
+from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import (
     CONTAINER,
     ENV_FILE,
@@ -244,7 +245,6 @@ def service_question(cfg: HostConfig) -> Question:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     return {"managed": service_question(cfg)}
 
 

@@ -12,7 +12,9 @@ from pyinfra.operations import server
 from glmfleet import checks
 from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.credentials import tool_environment
-from glmfleet.facts import ManagedPaths, Question, VllmVenvs, ask_together
+from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.paths import ManagedPaths
+from glmfleet.facts.vllm import VllmVenvs
 from glmfleet.layout import (
     COMPLETE_MARKER,
     NOLOGIN,
@@ -113,7 +115,6 @@ def state_dirs_question(cfg: HostConfig) -> Question:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if cfg.vllm_runtime != "venv":
         return {}
     return {"venvs": venvs_question(cfg), "state_dirs": state_dirs_question(cfg),

@@ -30,7 +30,8 @@ from pyinfra.operations import files, server
 from glmfleet import catalog, checks
 from glmfleet.checks import inside
 from glmfleet.config import ConfigError, HostConfig, Setting, documented, format_problems, host_config
-from glmfleet.facts import ManagedPaths, Question, ask_together
+from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import (
     BIN_DIR,
     DEFAULT_MODEL_ROOT,
@@ -229,7 +230,6 @@ def fetch_steps(cfg: HostConfig, source: str, peers: list[str] = ()) -> list:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    """What this role reads from the host, by name; ``roles.serving_host`` asks every role's in one command."""
     if cfg.model_revision is None:  # the role raises the ConfigError that says why
         return {}
     paths = [BIN_DIR, WEIGHTS_SCRIPT, STATE_ROOT, WEIGHTS_STATE_DIR, SECRETS_DIR, HUB_ENV_FILE, PEER_KEY]

@@ -14,7 +14,8 @@ from pyinfra.api import State
 
 from glmfleet import filesyntax
 from glmfleet.config import ConfigError, HostConfig, format_problems, host_config
-from glmfleet.facts import ModelWeights, Question
+from glmfleet.facts.engine import Question
+from glmfleet.facts.weights import ModelWeights
 from glmfleet.layout import (
     PEER_KEY,
     PEER_KNOWN_HOSTS,
