@@ -20,9 +20,10 @@ venv: .venv/.installed
 deps: venv fleet-deps
 
 demo: deps
-	$(PYTHON) -m tests.demo --hosts $(HOSTS)
+	$(PYTHON) -m devfleet.demo --hosts $(HOSTS)
 
 test: deps
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -v -rs
 
 include Makefile.fleet

@@ -7,9 +7,9 @@ import tempfile
 
 import pytest
 
-from glmfleet import localfleet
-from tests.fleettools import UV_VERSION, test_model_settings
-from tests.pkgindex import PackageIndex, fill_index_dir
+from devfleet import localfleet
+from tests.support.fleettools import UV_VERSION, test_model_settings
+from tests.support.pkgindex import PackageIndex, fill_index_dir
 
 FLEET_SIZE = 2
 # The suite's own fleet slot, whatever the shell exports (the session destroys its hosts):

@@ -67,10 +67,9 @@ def render(data: dict, out: Path) -> dict:
     name = vllm_venv.venv_name(cfg)
     (out / "switch.sh").write_text(vllm_venv.switch_command(cfg.vllm_venv_root, name, None) + "\n")
     (out / "import_check.py").write_text(vllm_venv.IMPORT_CHECK)
-    from glmfleet import facts
+    from glmfleet.facts.gpu import GpuHost
 
-    if hasattr(facts, "GpuHost"):  # the GPU fact's own shell command, for `smoke.sh facts`
-        (out / "gpuhost_fact.sh").write_text(facts.GpuHost().command() + "\n")
+    (out / "gpuhost_fact.sh").write_text(GpuHost().command() + "\n")  # the GPU fact's own command, for `smoke.sh facts`
     venv_bin = vllm_venv.venv_bin(cfg, "vllm")
     shell = {
         "VENV_ROOT": cfg.vllm_venv_root,

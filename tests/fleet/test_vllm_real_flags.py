@@ -1,0 +1,148 @@
+"""Flag validation against the real vLLM (the pinned release and its dependencies, from PyPI)
+in a fleet host's venv.
+
+The fleet's hosts install it from a package index on loopback, as a mirror-only site would:
+the wheels are downloaded once on this machine (about 4 GB, kept in .whl/); the hosts cannot
+reach PyPI over HTTPS here. The host first
+serves through the test double, as a serving host would through vLLM; a deploy that switches
+it to the real vLLM with a bad flag must fail with vLLM's own message and leave that running
+unit alone. The real venv has test_vllm_real.py's root and pins, so a session builds it once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from devfleet import localfleet
+from glmfleet import catalog
+from glmfleet.config import resolve
+from roles.vllm_flags import SCRIPT, check_command
+from roles.vllm_service import serve_args, vllm_command
+from roles.vllm_venv import venv_name
+from tests.support.fleettools import ROOT, TEST_DOUBLE, UV_VERSION, fleet_host, pyinfra
+
+pytestmark = pytest.mark.fleet
+
+UNIT = "/etc/systemd/system/vllm.service"
+PINNED = resolve({}).vllm_version
+WHEELS = ROOT / ".whl" / f"vllm-{PINNED}-with-dependencies"
+
+
+@pytest.fixture(scope="module")
+def vllm_index(tmp_path_factory):
+    """The pinned vLLM, every wheel it needs and the pinned uv, as a static PEP 503 index served
+    on 127.0.0.1 by a threaded server: uv fetches some 190 wheels at once, more than the
+    single-threaded pypiserver of tests/pkgindex.py accepts before connections time out."""
+    if not (WHEELS / ".complete").exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(WHEELS),
+                        f"vllm=={PINNED}", f"uv=={UV_VERSION}"], check=True)
+        (WHEELS / ".complete").touch()
+    root = tmp_path_factory.mktemp("vllm-index")
+    (root / "files").symlink_to(WHEELS)
+    for wheel in WHEELS.glob("*.whl"):
+        project = root / "simple" / catalog.package_name(wheel.name.split("-", 1)[0])
+        project.mkdir(parents=True, exist_ok=True)
+        with (project / "index.html").open("a") as page:
+            page.write(f'<a href="../../files/{wheel.name}">{wheel.name}</a>\n')
+    handler = functools.partial(QuietHandler, directory=str(root))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield f"http://127.0.0.1:{server.server_address[1]}/simple/"
+        server.shutdown()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def real(vllm_index, test_model):
+    return {**test_model, "vllm_package": "vllm", "vllm_venv_root": "/opt/glmfleet/vllm-real", "pip_index_url": vllm_index,
+            "nvidia_driver_source": TEST_DOUBLE["nvidia_driver_source"]}
+
+
+@pytest.fixture(scope="module")
+def serving(fleet, package_index, test_model):
+    """The last fleet host serving through the test double; its unit's sha256 and main PID."""
+    name = fleet[-1]
+    fleet_host(name).run("systemctl reset-failed vllm.service")  # a test before may have left it failed
+    run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**TEST_DOUBLE, **test_model, "pip_index_url": package_index})
+    assert run.returncode == 0, run.stderr[-3000:]
+    host = fleet_host(name)
+    return name, host.file(UNIT).sha256sum, main_pid(name)
+
+
+def main_pid(name: str) -> str:
+    return fleet_host(name).check_output("systemctl show --property MainPID --value vllm.service")
+
+
+def still_serving(name: str) -> bool:
+    port = dict(localfleet.inventory_hosts())[name]["vllm_port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+        return response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("bad_args", "message"),
+    [
+        (["--tensor-parralel-size", "2"], "vllm: error: unrecognized arguments: --tensor-parralel-size 2"),
+        # Accepted up to 0.8.x (GLM-Z1 recipes used it); gone from the pinned vLLM.
+        (["--enable-reasoning"], "vllm: error: unrecognized arguments: --enable-reasoning"),
+    ],
+)
+def test_a_bad_flag_fails_the_host_and_leaves_the_running_unit_alone(serving, real, bad_args, message):
+    name, unit_sha, pid = serving
+    run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**real, "vllm_extra_args": bad_args}, timeout=2400)
+    assert run.returncode != 0
+    assert f"vLLM {PINNED} refuses the command: {message}" in run.stderr
+    host = fleet_host(name)
+    assert host.file(UNIT).sha256sum == unit_sha
+    assert main_pid(name) == pid
+    assert still_serving(name)
+
+
+def test_the_catalogs_flags_for_every_model_are_accepted(serving, real):
+    name = serving[0]
+    commands = [vllm_command(resolve({**real, "model": model}))[2:] for model in catalog.load().models]
+    python = f"{real['vllm_venv_root']}/venvs/{venv_name(resolve(real))}/bin/python"
+    host = fleet_host(name)
+    result = host.run(f"HF_HUB_OFFLINE=1 {python} {SCRIPT} --many <<'EOF'\n{json.dumps(commands)}\nEOF")
+    verdicts = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(verdicts) == len(commands), result.stdout + result.stderr
+    assert [v["message"] for v in verdicts if not v["ok"]] == []
+    assert result.rc == 0
+
+
+def test_good_flags_pass_the_check(serving, real):
+    name = serving[0]
+    run = pyinfra("inventory/local.py", "roles.vllm_flags.vllm_flags", "--limit", name, data={**real, "model": "glm-4.7"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"check vLLM flags | vllm serve flags accepted by vLLM {PINNED}" in run.changed()[name]
+
+
+@pytest.mark.parametrize("spelling", [["--api_key=sk-leak"], ["--api-k", "sk-leak"], ["--port=9"], ["--host", "0.0.0.0"]])
+def test_vllms_own_parser_refuses_any_spelling_of_a_flag_a_key_sets(serving, real, spelling):
+    """The host-side half of the flag guard: whatever the controller's spelling rules miss, vLLM's
+    parser reads the command with and without the extra flags and they must agree on every flag
+    glmfleet's keys set. (The controller refuses these spellings first: this runs the check
+    directly, as a spelling it did not know would reach it.)"""
+    cfg = resolve({**real, "model": "glm-4.7"})
+    command = check_command(cfg)
+    extra = " ".join(shlex.quote(arg) for arg in spelling)
+    guard = json.loads(re.search(r"--guard '([^']*)'", command)[1])
+    result = fleet_host(serving[0]).run(command + " " + extra)
+    assert result.rc == 2, result.stdout + result.stderr
+    # Refused as a flag glmfleet sets, or (an abbreviation vLLM's parser does not take) as unknown.
+    assert "which glmfleet's own keys set" in result.stdout or "unrecognized arguments" in result.stdout, result.stdout
+    assert guard["extra_from"] == len(serve_args(cfg))
