@@ -24,6 +24,7 @@ demo: deps
 
 test: deps
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -v -rs
 
 include Makefile.fleet

@@ -64,19 +64,32 @@ def timed_deploy(hosts: list[str], settings: dict, debug: bool = False, operatio
     debug run (whose logging costs time of its own), the remote commands per host."""
     limits = [arg for name in hosts for arg in ("--limit", name)]
     # The operations come last: after `exec --`, every word is the command's, options included.
-    command = [str(ROOT / ".venv/bin/pyinfra"), "-y", *(["--debug"] if debug else []), *limits, *data_args(settings),
-               "inventory/local.py", *operations]
+    command = [
+        str(ROOT / ".venv/bin/pyinfra"),
+        "-y",
+        *(["--debug"] if debug else []),
+        *limits,
+        *data_args(settings),
+        "inventory/local.py",
+        *operations,
+    ]
     host_cpu = [localfleet.host_cpu_seconds(name) for name in hosts]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu, started = busy_cpu_seconds(), time.monotonic()
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), API_KEY_ENV: "bench-key"})
+    run = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), API_KEY_ENV: "bench-key"},
+    )
     seconds, cpu = time.monotonic() - started, busy_cpu_seconds() - cpu
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     controller = after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime
     host_cpu_after = [localfleet.host_cpu_seconds(name) for name in hosts]
-    per_host = (None if None in host_cpu + host_cpu_after
-                else sum(b - a for a, b in zip(host_cpu, host_cpu_after)) / len(hosts))
+    per_host = (
+        None if None in host_cpu + host_cpu_after else sum(b - a for a, b in zip(host_cpu, host_cpu_after)) / len(hosts)
+    )
     commands = Counter(COMMAND_LINE.findall(run.stderr))
     if run.returncode != 0 or (debug and set(commands) != set(hosts)):
         raise SystemExit(f"deploy failed on {hosts} (commands seen on {sorted(commands)}):\n{run.stderr[-3000:]}")
@@ -117,21 +130,32 @@ def main() -> None:
             commands = {size: timed_deploy(names[:size], settings, debug=True).commands for size in sizes}
             runs = [(operations, size) for size in sizes for operations in (DEPLOY, SSH_FLOOR)]
             # Every other round runs backwards, so that no run always follows another.
-            rounds = [{run: timed_deploy(names[:run[1]], settings, operations=run[0])
-                       for run in (runs if index % 2 == 0 else runs[::-1])} for index in range(args.rounds)]
+            rounds = [
+                {
+                    run: timed_deploy(names[: run[1]], settings, operations=run[0])
+                    for run in (runs if index % 2 == 0 else runs[::-1])
+                }
+                for index in range(args.rounds)
+            ]
             for label, operations in (("no-op re-run", DEPLOY), ("SSH floor: `exec -- true`", SSH_FLOOR)):
                 for size in sizes:
-                    median = sorted((one[operations, size] for one in rounds),
-                                    key=lambda timing: timing.seconds)[(len(rounds) - 1) // 2]
+                    median = sorted((one[operations, size] for one in rounds), key=lambda timing: timing.seconds)[
+                        (len(rounds) - 1) // 2
+                    ]
                     if operations == DEPLOY:
                         median.commands = commands[size]
                     rows.append((label, size, median))
 
-    table = ["| run | hosts | wall s | machine CPU s | controller CPU s | CPU per host (its cgroup) ms "
-             "| remote commands per host (max) |", "|---|---|---|---|---|---|---|"]
-    table += [f"| {run} | {hosts} | {t.seconds:.1f} | {t.cpu:.1f} | {t.controller_cpu:.1f} | "
-              f"{'-' if t.host_cpu is None else f'{t.host_cpu * 1000:.0f}'} | {max(t.commands.values(), default='-')} |"
-              for run, hosts, t in rows]
+    table = [
+        "| run | hosts | wall s | machine CPU s | controller CPU s | CPU per host (its cgroup) ms "
+        "| remote commands per host (max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {run} | {hosts} | {t.seconds:.1f} | {t.cpu:.1f} | {t.controller_cpu:.1f} | "
+        f"{'-' if t.host_cpu is None else f'{t.host_cpu * 1000:.0f}'} | {max(t.commands.values(), default='-')} |"
+        for run, hosts, t in rows
+    ]
 
     def scaling(operations, size) -> str:
         """The rounds' own ratios of size to 1 host: their low median (like the rows: with an
@@ -140,16 +164,25 @@ def main() -> None:
         first, _, third = statistics.quantiles(ratios, n=4)
         return f"{statistics.median_low(ratios):.2f}x ({first:.2f}-{third:.2f})"
 
-    ratios = [f"{size} hosts / 1 host: {scaling(DEPLOY, size)}, SSH floor {scaling(SSH_FLOOR, size)}"
-              for size in sizes if 1 in sizes and size != 1]
-    text = (f"\n## Deploy speed ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
-            f"Machine: {machine()}. `python -m benchmarks.deploy_speed --sizes {args.sizes} --converge {args.converge} --rounds {args.rounds}`;"
-            " other work may have shared the machine. Machine CPU: every core's busy time during the run, the"
-            " controller's and the hosts' together (they share the machine); controller CPU: pyinfra's process;"
-            " CPU per host: what the run cost each host, read from its cgroup (sshd, the checks, vLLM answering).\n\n"
-            + "\n".join(table) + "\n\n"
-            + (f"No-op re-run scaling, median (quartiles) of {args.rounds} rounds' ratios: " + "; ".join(ratios) + ".\n"
-               if ratios else ""))
+    ratios = [
+        f"{size} hosts / 1 host: {scaling(DEPLOY, size)}, SSH floor {scaling(SSH_FLOOR, size)}"
+        for size in sizes
+        if 1 in sizes and size != 1
+    ]
+    text = (
+        f"\n## Deploy speed ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
+        f"Machine: {machine()}. `python -m benchmarks.deploy_speed --sizes {args.sizes} --converge {args.converge} --rounds {args.rounds}`;"
+        " other work may have shared the machine. Machine CPU: every core's busy time during the run, the"
+        " controller's and the hosts' together (they share the machine); controller CPU: pyinfra's process;"
+        " CPU per host: what the run cost each host, read from its cgroup (sshd, the checks, vLLM answering).\n\n"
+        + "\n".join(table)
+        + "\n\n"
+        + (
+            f"No-op re-run scaling, median (quartiles) of {args.rounds} rounds' ratios: " + "; ".join(ratios) + ".\n"
+            if ratios
+            else ""
+        )
+    )
     print(text)
     with open(RESULTS, "a", encoding="utf-8") as results:
         results.write(text)

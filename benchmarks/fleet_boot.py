@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--load", type=int, default=0, help="busy processes beside the boots")
     args = parser.parse_args(argv)
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} cores, {args.hosts} hosts, "
-          f"{args.rounds} rounds, load {args.load}", flush=True)
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')} {platform.node()} {os.cpu_count()} cores, {args.hosts} hosts, "
+        f"{args.rounds} rounds, load {args.load}",
+        flush=True,
+    )
     times, stops, errors, false_downs, asked = [], 0, [], 0, 0
     for number in range(1, args.rounds + 1):
         burners = [multiprocessing.Process(target=burn, args=(600,), daemon=True) for _ in range(args.load)]
@@ -93,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                 burner.terminate()
             localfleet.down(destroy=True)
     if times:
-        print(f"boots: {len(times)} of {args.rounds} rounds whole; up in median {statistics.median(times):.1f} s "
-              f"(min {min(times):.1f}, max {max(times):.1f}); boot stops: {stops}; other errors: {len(errors) - stops}; "
-              f"'down' for a live supervisor: {false_downs} of {asked} answers")
+        print(
+            f"boots: {len(times)} of {args.rounds} rounds whole; up in median {statistics.median(times):.1f} s "
+            f"(min {min(times):.1f}, max {max(times):.1f}); boot stops: {stops}; other errors: {len(errors) - stops}; "
+            f"'down' for a live supervisor: {false_downs} of {asked} answers"
+        )
     return 1 if errors else 0
 
 

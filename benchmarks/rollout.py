@@ -20,7 +20,15 @@ import time
 from pathlib import Path
 
 from devfleet import localfleet
-from tests.support.fleettools import API_KEY_ENV, TEST_DOUBLE, UV_VERSION, deploy, gateway_port, glmfleet, write_inventory
+from tests.support.fleettools import (
+    API_KEY_ENV,
+    TEST_DOUBLE,
+    UV_VERSION,
+    deploy,
+    gateway_port,
+    glmfleet,
+    write_inventory,
+)
 from tests.support.pkgindex import PackageIndex, fill_index_dir
 
 SPECS = ("1,25%,100%", "1")
@@ -38,8 +46,11 @@ def measure(hosts: int, data: dict, env: dict, workdir: Path) -> list[str]:
     path = workdir / f"inventory-{hosts}.py"
 
     def inventory(max_model_len: int | None) -> str:
-        write_inventory(path, {name: {"vllm_max_model_len": max_model_len} for name in names},
-                        {"gateway": ([names[0]], {"gateway_port": gateway_port()})})
+        write_inventory(
+            path,
+            {name: {"vllm_max_model_len": max_model_len} for name in names},
+            {"gateway": ([names[0]], {"gateway_port": gateway_port()})},
+        )
         return str(path)
 
     baseline = deploy(inventory(None), data=data, env=env)
@@ -54,8 +65,10 @@ def measure(hosts: int, data: dict, env: dict, workdir: Path) -> list[str]:
         if run.returncode != 0 or len(times) != hosts:
             raise SystemExit(run.stdout + run.stderr[-3000:])
         batches = re.search(r"to update in (\d+) batches", run.stdout)[1]
-        rows.append(f"| {hosts} | `{spec}` | {batches} | {wall:.1f} s | {sum(times):.1f} s | "
-                    f"{min(times):.1f}-{max(times):.1f} s | {wall / int(batches):.1f} s |")
+        rows.append(
+            f"| {hosts} | `{spec}` | {batches} | {wall:.1f} s | {sum(times):.1f} s | "
+            f"{min(times):.1f}-{max(times):.1f} s | {wall / int(batches):.1f} s |"
+        )
         print(rows[-1], flush=True)
     return rows
 

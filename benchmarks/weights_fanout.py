@@ -25,9 +25,9 @@ from pathlib import Path
 
 from devfleet import localfleet
 from glmfleet.layout import WEIGHTS_STATE_DIR as STATE_DIR
+from tests.support.fleettools import fleet_host
 from tests.support.hub_mirror import OlahServer, publish
 from tests.support.model_maker import make_checkpoint
-from tests.support.fleettools import fleet_host
 from tests.support.pkgindex import PackageIndex
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,13 @@ def deploy(inventory: Path, data: dict) -> float:
     for key, value in data.items():
         args += ["--data", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     started = time.monotonic()
-    process = subprocess.run([str(Path(sys.executable).parent / "pyinfra"), "-y", str(inventory), "tests/support/deploy_weights.py", *args],
-                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    process = subprocess.run(
+        [str(Path(sys.executable).parent / "pyinfra"), "-y", str(inventory), "tests/support/deploy_weights.py", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
     seconds = time.monotonic() - started
     if process.returncode != 0:
         sys.exit(f"deploy failed:\n{process.stderr[-4000:]}")
@@ -65,8 +70,10 @@ def deploy(inventory: Path, data: dict) -> float:
 
 
 def inventory(path: Path, names: list[str]) -> Path:
-    path.write_text("from devfleet.localfleet import inventory_hosts\n"
-                    f"local_fleet = [(name, data) for name, data in inventory_hosts() if name in {names!r}]\n")
+    path.write_text(
+        "from devfleet.localfleet import inventory_hosts\n"
+        f"local_fleet = [(name, data) for name, data in inventory_hosts() if name in {names!r}]\n"
+    )
     return path
 
 
@@ -78,8 +85,13 @@ def wipe(names: list[str], model_dir: str) -> None:
 
 def served_bytes(olah_log: Path, mark: int, sizes: dict[str, int]) -> int:
     import re
+
     lines = olah_log.read_text().splitlines()[mark:]
-    return sum(sizes.get(m.group(1), 0) for line in lines if (m := re.search(r'"GET /[^ ]+/resolve/[0-9a-f]{40}/([^ ]+) HTTP', line)))
+    return sum(
+        sizes.get(m.group(1), 0)
+        for line in lines
+        if (m := re.search(r'"GET /[^ ]+/resolve/[0-9a-f]{40}/([^ ]+) HTTP', line))
+    )
 
 
 def main() -> None:
@@ -103,15 +115,35 @@ def main() -> None:
     print(f"checkpoint {size / 1e9:.2f} GB; raw copy on this machine {rate / 1e6:.0f} MB/s", flush=True)
 
     wheels = Path(tempfile.mkdtemp(prefix="bench-wheels-"))
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(wheels),
-                    f"huggingface_hub=={HF_CLI_VERSION}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            "--dest",
+            str(wheels),
+            f"huggingface_hub=={HF_CLI_VERSION}",
+        ],
+        check=True,
+    )
     localfleet.up(max(args.hosts))
     names = [h["name"] for h in localfleet.load_hosts()][: max(args.hosts)]
     model_dir = "/srv/bench-model"
     rows = []
     with OlahServer(work / "mirrors", work / "olah") as origin, PackageIndex(wheels) as index:
-        base = {"model": REPO_ID, "model_revision": revision, "hf_endpoint": origin.url, "hf_cli_version": HF_CLI_VERSION,
-                "pip_index_url": index.url, "model_dir": model_dir, "model_disk_margin_gb": 4, "model_progress_interval": 30}
+        base = {
+            "model": REPO_ID,
+            "model_revision": revision,
+            "hf_endpoint": origin.url,
+            "hf_cli_version": HF_CLI_VERSION,
+            "pip_index_url": index.url,
+            "model_dir": model_dir,
+            "model_disk_margin_gb": 4,
+            "model_progress_interval": 30,
+        }
         # Warm-up: the hub CLI, rsync and the transfer key on every host, so the timed runs move weights only.
         warm = {**base, "model_include": ["config.json"], "model_dir": "/srv/bench-warmup"}
         deploy(inventory(work / "inv.py", names), {**warm, "model_source": "peer", "model_peer_seed": "hf"})
@@ -120,20 +152,30 @@ def main() -> None:
         # The origin's own rate, for reference: one host alone.
         runs = [(1, "one host from the origin", {**base, "model_source": "hf"})]
         for count in args.hosts:
-            runs += [(count, "peer fan-out", {**base, "model_source": "peer"}),
-                     (count, "every host from the origin", {**base, "model_source": "hf"})]
+            runs += [
+                (count, "peer fan-out", {**base, "model_source": "peer"}),
+                (count, "every host from the origin", {**base, "model_source": "hf"}),
+            ]
         for count, mode, data in runs:
-                group = names[:count]
-                wipe(names, model_dir)
-                subprocess.run(["sync"], check=True)
-                mark = len(log.read_text().splitlines())
-                seconds = deploy(inventory(work / "inv.py", group), data)
-                delivered = size * count
-                limit_seconds = delivered / rate
-                rows.append({"hosts": count, "mode": mode, "bytes": delivered, "seconds": round(seconds, 1),
-                             "from_origin": served_bytes(log, mark, sizes), "limit_seconds": round(limit_seconds, 1),
-                             "ratio_to_limit": round(limit_seconds / seconds, 3)})
-                print(rows[-1], flush=True)
+            group = names[:count]
+            wipe(names, model_dir)
+            subprocess.run(["sync"], check=True)
+            mark = len(log.read_text().splitlines())
+            seconds = deploy(inventory(work / "inv.py", group), data)
+            delivered = size * count
+            limit_seconds = delivered / rate
+            rows.append(
+                {
+                    "hosts": count,
+                    "mode": mode,
+                    "bytes": delivered,
+                    "seconds": round(seconds, 1),
+                    "from_origin": served_bytes(log, mark, sizes),
+                    "limit_seconds": round(limit_seconds, 1),
+                    "ratio_to_limit": round(limit_seconds / seconds, 3),
+                }
+            )
+            print(rows[-1], flush=True)
         wipe(names, model_dir)
     localfleet.down()
 
@@ -152,8 +194,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['hosts']} | {row['mode']} | {row['bytes'] / 1e9:.2f} GB | {row['from_origin'] / 1e9:.2f} GB | "
-                     f"{row['seconds']} | {row['limit_seconds']} | {row['ratio_to_limit']} |")
+        lines.append(
+            f"| {row['hosts']} | {row['mode']} | {row['bytes'] / 1e9:.2f} GB | {row['from_origin'] / 1e9:.2f} GB | "
+            f"{row['seconds']} | {row['limit_seconds']} | {row['ratio_to_limit']} |"
+        )
     results = ROOT / "benchmarks" / "RESULTS.md"
     if not results.exists():
         results.write_text("# Benchmark results\n\nEach section: machine, date, what was measured.\n")

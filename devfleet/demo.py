@@ -62,8 +62,10 @@ def main() -> int:
     names = [host["name"] for host in localfleet.load_hosts()][: args.hosts]
     env = {API_KEY_ENV: demo_api_key()}
 
-    with tempfile.TemporaryDirectory(prefix="glmfleet-demo-index-") as wheels, \
-            tempfile.TemporaryDirectory(prefix="glmfleet-demo-model-") as model:
+    with (
+        tempfile.TemporaryDirectory(prefix="glmfleet-demo-index-") as wheels,
+        tempfile.TemporaryDirectory(prefix="glmfleet-demo-model-") as model,
+    ):
         fill_index_dir(Path(wheels), requirements=[f"uv=={UV_VERSION}"])
         with PackageIndex(Path(wheels)) as index:
             # The weights: a small real checkpoint the control node pushes to every host.

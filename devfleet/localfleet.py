@@ -59,8 +59,7 @@ MAX_HOSTS = 99  # host names have two digits
 DEBIAN_COMPONENTS = "main contrib non-free non-free-firmware"  # the NVIDIA role needs non-free
 MMDEBSTRAP_ARGS = [
     "--variant=minbase",
-    "--include=systemd,systemd-sysv,dbus,openssh-server,python3,python3-venv,iproute2,sudo,"
-    "ca-certificates,curl",
+    "--include=systemd,systemd-sysv,dbus,openssh-server,python3,python3-venv,iproute2,sudo,ca-certificates,curl",
     "bookworm",
 ]
 # Given explicitly: without a mirror argument mmdebstrap reads sources from a non-tty stdin.
@@ -223,13 +222,14 @@ def wait_ready(host: dict, timeout_s: float = READY_TIMEOUT_S) -> str:
         if not is_up(host):
             console = Path(host["console_log"]).read_text(errors="replace").splitlines()[-15:]
             raise BootStopped(
-                f"{host['name']} stopped while booting; console log {host['console_log']} ends:\n"
-                + "\n".join(console)
+                f"{host['name']} stopped while booting; console log {host['console_log']} ends:\n" + "\n".join(console)
             )
         try:
             result = subprocess.run(
                 [*ssh_argv(host), "systemctl", "is-system-running", "--wait"],
-                capture_output=True, text=True, timeout=max(1, deadline - time.monotonic()),
+                capture_output=True,
+                text=True,
+                timeout=max(1, deadline - time.monotonic()),
             )
             state = result.stdout.strip()
             if state in ("running", "degraded"):
@@ -239,8 +239,7 @@ def wait_ready(host: dict, timeout_s: float = READY_TIMEOUT_S) -> str:
             last_answer = "systemctl is-system-running --wait did not return"
         if time.monotonic() > deadline:
             raise FleetError(
-                f"{host['name']} was not ready within {timeout_s} s ({last_answer}); "
-                f"console log: {host['console_log']}"
+                f"{host['name']} was not ready within {timeout_s} s ({last_answer}); console log: {host['console_log']}"
             )
         time.sleep(0.5)
 
@@ -249,15 +248,24 @@ def ssh_argv(host: dict) -> list[str]:
     """The ssh command line (without the remote command) that logs in to host as root."""
     return [
         "ssh",
-        "-F", "/dev/null",  # the user's ssh config must not change how we reach test hosts
-        "-i", host["ssh_key"],
-        "-p", str(host["ssh_port"]),
-        "-o", "IdentitiesOnly=yes",
-        "-o", "BatchMode=yes",
-        "-o", "ConnectTimeout=5",
-        "-o", f"UserKnownHostsFile={host['known_hosts']}",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", "LogLevel=ERROR",
+        "-F",
+        "/dev/null",  # the user's ssh config must not change how we reach test hosts
+        "-i",
+        host["ssh_key"],
+        "-p",
+        str(host["ssh_port"]),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=5",
+        "-o",
+        f"UserKnownHostsFile={host['known_hosts']}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "LogLevel=ERROR",
         "root@127.0.0.1",
     ]
 
@@ -282,9 +290,7 @@ def _write_hosts(hosts: list[dict]) -> None:
     temporary.write_text(json.dumps(hosts, indent=2) + "\n")
     temporary.replace(_hosts_file())
     # Rewritten with hosts.json so a re-created host's new key replaces the old one.
-    known_hosts = "".join(
-        f"[127.0.0.1]:{host['ssh_port']} {_host_public_key(host)}\n" for host in hosts
-    )
+    known_hosts = "".join(f"[127.0.0.1]:{host['ssh_port']} {_host_public_key(host)}\n" for host in hosts)
     (fleet_dir() / "known_hosts").write_text(known_hosts)
 
 
@@ -351,7 +357,9 @@ def _build_base(base: Path, ca_hooks: list[str]) -> None:
     with open(log, "w") as log_file:
         result = subprocess.run(
             ["mmdebstrap", *ca_hooks, *MMDEBSTRAP_ARGS, str(partial), *APT_SOURCES],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     if result.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
@@ -380,8 +388,7 @@ def _ssh_key() -> Path:
 def _ensure_ssh_key() -> None:
     if not _ssh_key().exists():
         subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "glmfleet-localfleet",
-             "-f", str(_ssh_key())],
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "glmfleet-localfleet", "-f", str(_ssh_key())],
             check=True,
         )
     _ssh_key().chmod(0o600)
@@ -420,8 +427,18 @@ def _write_host_identity(base: Path, upper: Path, name: str, ssh_port: int) -> N
 
     ssh_etc = _upper_dir(base, upper, "etc/ssh")
     subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}",
-         "-f", str(ssh_etc / "ssh_host_ed25519_key")],
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            f"root@{name}",
+            "-f",
+            str(ssh_etc / "ssh_host_ed25519_key"),
+        ],
         check=True,
     )
     (_upper_dir(base, upper, "etc/ssh/sshd_config.d") / "glmfleet-localfleet.conf").write_text(
@@ -496,21 +513,22 @@ def _supervisor_pid(host: dict) -> int | None:
         return None
     # The same ending before unshare has exec'd the supervisor (measured under load) and after.
     expected_ending = [os.fsencode(arg) for arg in _supervisor_argv(host["name"])[1:]]
-    return pid if not argv or argv[-len(expected_ending):] == expected_ending else None
+    return pid if not argv or argv[-len(expected_ending) :] == expected_ending else None
 
 
 def _start_supervisor(host: dict) -> None:
     if _port_in_use(host["ssh_port"]):
-        raise FleetError(
-            f"{host['name']}: port 127.0.0.1:{host['ssh_port']} is taken by another process"
-        )
+        raise FleetError(f"{host['name']}: port 127.0.0.1:{host['ssh_port']} is taken by another process")
     package_parent = str(Path(__file__).resolve().parent.parent)
     with open(host["console_log"], "w") as console:
         supervisor = subprocess.Popen(
             # Its own mount namespace: the root's overlay mount ends with it, whatever happens.
             ["unshare", "--mount", "--propagation=private", *_supervisor_argv(host["name"])],
-            stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-            cwd="/", start_new_session=True,  # outlives the caller, and its terminal's signals
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            cwd="/",
+            start_new_session=True,  # outlives the caller, and its terminal's signals
             env={**os.environ, "PYTHONPATH": package_parent},
         )
     _pid_file(host).write_text(f"{supervisor.pid}\n")
@@ -557,8 +575,7 @@ def _stop(host: dict, force: bool = False) -> None:
         os.kill(supervisor, signal.SIGTERM)
     if not _wait_exit(host, STOP_TIMEOUT_S):
         raise FleetError(
-            f"{host['name']} did not stop (supervisor pid {supervisor}); "
-            f"console log: {host['console_log']}"
+            f"{host['name']} did not stop (supervisor pid {supervisor}); console log: {host['console_log']}"
         )
 
 
@@ -577,9 +594,15 @@ def _wait_exit(host: dict, timeout_s: float) -> bool:
 def _supervise(name: str) -> int:
     host = _host(name)
     subprocess.run(
-        ["mount", "-t", "overlay", "overlay",
-         "-o", f"lowerdir={host['base']},upperdir={host['upper']},workdir={_work_dir(host)}",
-         str(_root_mount_point(host))],
+        [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={host['base']},upperdir={host['upper']},workdir={_work_dir(host)}",
+            str(_root_mount_point(host)),
+        ],
         check=True,
     )
     cgroups = _enter_own_cgroups(name)
@@ -620,7 +643,10 @@ def _boot_argv(host: dict) -> list[str]:
     monotonic_offset = -int(time.clock_gettime(time.CLOCK_MONOTONIC))
     boottime_offset = -int(time.clock_gettime(time.CLOCK_BOOTTIME))
     return [
-        "unshare", "--time", f"--monotonic={monotonic_offset}", f"--boottime={boottime_offset}",
+        "unshare",
+        "--time",
+        f"--monotonic={monotonic_offset}",
+        f"--boottime={boottime_offset}",
         *_nspawn_argv(host),
     ]
 
@@ -629,11 +655,13 @@ def _nspawn_argv(host: dict) -> list[str]:
     # Its exit message "Attempted to remove disk file system under /run/systemd/nspawn/
     # propagate/..." is harmless: /run is not a tmpfs on our machines; the directory goes.
     return [
-        "systemd-nspawn", "--boot",
+        "systemd-nspawn",
+        "--boot",
         f"--directory={_root_mount_point(host)}",
         f"--machine={host['name']}",
         # No systemd on the machine to register with or to create a scope (facts.md).
-        "--register=no", "--keep-unit",
+        "--register=no",
+        "--keep-unit",
         "--console=read-only",
     ]
 
@@ -701,19 +729,23 @@ def _print_status() -> None:
         print(f"no hosts in {fleet_dir()}")
     for host in hosts:
         state = "up" if is_up(host) else "down"
-        print(f"{host['name']}  {state:4}  ssh 127.0.0.1:{host['ssh_port']}  "
-              f"vllm 127.0.0.1:{host['vllm_port']}  {Path(host['upper']).parent}")
+        print(
+            f"{host['name']}  {state:4}  ssh 127.0.0.1:{host['ssh_port']}  "
+            f"vllm 127.0.0.1:{host['vllm_port']}  {Path(host['upper']).parent}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devfleet.localfleet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m devfleet.localfleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     up_parser = commands.add_parser("up", help="create and boot hosts, wait until ready")
     up_parser.add_argument("--hosts", type=int, default=2, help="number of hosts (default 2)")
     down_parser = commands.add_parser("down", help="power off every host")
-    down_parser.add_argument("--destroy", action="store_true",
-                             help="also delete the hosts' root filesystems (the base stays)")
+    down_parser.add_argument(
+        "--destroy", action="store_true", help="also delete the hosts' root filesystems (the base stays)"
+    )
     commands.add_parser("status", help="list hosts")
     supervise_parser = commands.add_parser("supervise")  # internal: started by up
     supervise_parser.add_argument("name")

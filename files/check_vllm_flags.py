@@ -87,8 +87,10 @@ def check_guard(parser, argv: list[str], guard: dict) -> None:
     everything = vars(parser.parse_args(["serve", *argv]))
     changed = sorted(flag for dest, flag in dests.items() if ours.get(dest) != everything.get(dest))
     if changed:
-        raise ValueError(f"vllm_extra_args set {', '.join(changed)}, which glmfleet's own keys set: set those keys instead "
-                         "(vllm_api_key for --api-key: a key on the command line is visible to every user)")
+        raise ValueError(
+            f"vllm_extra_args set {', '.join(changed)}, which glmfleet's own keys set: set those keys instead "
+            "(vllm_api_key for --api-key: a key on the command line is visible to every user)"
+        )
 
 
 def check(parser, command, argv: list[str], output: io.StringIO, guard: dict | None = None) -> tuple[bool, str]:

@@ -39,12 +39,27 @@ def sha256(path: Path) -> str:
 def patched_copy(args, original: Path, output: Path) -> None:
     """Write the patched original to output, atomically, or raise with output untouched."""
     if sha256(original) != args.original:
-        raise Refused(f"{original} has sha256 {sha256(original)}, not the original {args.original} the patch is for: "
-                      "give it the file as vLLM ships it")
+        raise Refused(
+            f"{original} has sha256 {sha256(original)}, not the original {args.original} the patch is for: "
+            "give it the file as vLLM ships it"
+        )
     partial = output.with_name(f".{output.name}.glmfleet-partial")
     try:
-        subprocess.run(["patch", "--silent", "--forward", "--reject-file=-", "--output", str(partial), str(original), str(args.patch)],
-                       check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                "patch",
+                "--silent",
+                "--forward",
+                "--reject-file=-",
+                "--output",
+                str(partial),
+                str(original),
+                str(args.patch),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     except FileNotFoundError:
         raise Refused("GNU patch is not installed (Debian and Ubuntu: apt-get install patch)") from None
     except subprocess.CalledProcessError as error:
@@ -71,8 +86,10 @@ def apply(args) -> str:
     if found == args.patched:
         return f"{target} is already patched"
     if found != args.original:
-        raise Refused(f"{target} has sha256 {found}, neither vLLM {args.vllm}'s original {args.original} nor the patched "
-                      f"{args.patched}: it was changed by something else; reinstall vLLM (rebuild the venv) and run again")
+        raise Refused(
+            f"{target} has sha256 {found}, neither vLLM {args.vllm}'s original {args.original} nor the patched "
+            f"{args.patched}: it was changed by something else; reinstall vLLM (rebuild the venv) and run again"
+        )
     kept = target.with_name(target.name + ".orig")
     if not kept.exists() or sha256(kept) != args.original:
         partial = kept.with_name(f".{kept.name}.glmfleet-partial")

@@ -65,9 +65,11 @@ def safe_directory(directory: Path) -> None:
         info = place.stat()
         shared = info.st_mode & 0o022 and (place == real or not info.st_mode & 0o1000)
         if info.st_uid != 0 or shared:
-            raise Failure(f"{place} (at or above {directory}) is not root's alone (owner uid {info.st_uid}, mode "
-                          f"{info.st_mode & 0o7777:o}): glmfleet writes weights only where no other user can change the "
-                          "directories; set model_dir (or model_root) to such a place")
+            raise Failure(
+                f"{place} (at or above {directory}) is not root's alone (owner uid {info.st_uid}, mode "
+                f"{info.st_mode & 0o7777:o}): glmfleet writes weights only where no other user can change the "
+                "directories; set model_dir (or model_root) to such a place"
+            )
 
 
 # --- selection, digests, manifests -------------------------------------------------------------
@@ -76,8 +78,10 @@ def safe_directory(directory: Path) -> None:
 def selected(path: str, include: list[str], exclude: list[str]) -> bool:
     """The hub CLI's own rule (huggingface_hub's filter_repo_objects): case-sensitive fnmatch,
     a pattern ending in '/' means everything under it."""
+
     def grow(patterns):
         return [p + "*" if p.endswith("/") else p for p in patterns]
+
     if include and not any(fnmatch.fnmatchcase(path, p) for p in grow(include)):
         return False
     return not any(fnmatch.fnmatchcase(path, p) for p in grow(exclude))
@@ -173,7 +177,11 @@ def completion(data: dict, key: str, stat: Callable[[str], list[int] | None]) ->
         return {"complete": False, "reason": "unfinished", "changed": []}
     # A file whose stat differs from the one verified (or that is gone) may differ in content.
     changed = [path for path, seen in data.get("verified", {}).items() if stat(path) != seen]
-    return {"complete": not changed, "reason": "files changed since verified" if changed else "complete", "changed": changed}
+    return {
+        "complete": not changed,
+        "reason": "files changed since verified" if changed else "complete",
+        "changed": changed,
+    }
 
 
 class State:
@@ -255,20 +263,38 @@ class Progress:
 # The modelscope CLI (modelscope-hub) says "error: [E<code>] [<HTTP status>] ...": its codes are
 # matched, not its texts.
 CLASSES = (
-    ("disk full", r"No space left on device|Errno 28",
-     "the filesystem of model_dir filled up: free space there, or point model_dir at a larger filesystem"),
-    ("gated model", r"requires approval|Cannot access gated repo|GatedRepo",
-     "accept the model's license on its hub page with the account whose token is in hf_token, then re-run"),
-    ("rate limited", r"429 Too Many Requests|rate limit|\[E1021\]|\[429\]",
-     "the hub limits requests per IP: wait for the window to pass, set hf_token (higher limits), "
-     "use model_source 'peer' so only one host fetches, or an hf_endpoint mirror"),
-    ("bad token", r"Invalid credentials in Authorization header|Invalid user token|401 Unauthorized|Invalid token|\[E3001\]|\[401\]",
-     "the hub refused the token: check hf_token (a read token of an account with access)"),
-    ("not found", r"Repository Not Found|Revision Not Found|Entry Not Found|Local entry not found|404|\[E3020\]|record not found",
-     "check model and model_revision (a commit of that repository); a private repository also needs hf_token"),
-    ("hub unreachable", r"Connection refused|ConnectError|ConnectTimeout|Name or service not known|"
-                        r"Temporary failure in name resolution|Network is unreachable|timed out",
-     "this host cannot reach the hub: check hf_endpoint and the host's network or proxy"),
+    (
+        "disk full",
+        r"No space left on device|Errno 28",
+        "the filesystem of model_dir filled up: free space there, or point model_dir at a larger filesystem",
+    ),
+    (
+        "gated model",
+        r"requires approval|Cannot access gated repo|GatedRepo",
+        "accept the model's license on its hub page with the account whose token is in hf_token, then re-run",
+    ),
+    (
+        "rate limited",
+        r"429 Too Many Requests|rate limit|\[E1021\]|\[429\]",
+        "the hub limits requests per IP: wait for the window to pass, set hf_token (higher limits), "
+        "use model_source 'peer' so only one host fetches, or an hf_endpoint mirror",
+    ),
+    (
+        "bad token",
+        r"Invalid credentials in Authorization header|Invalid user token|401 Unauthorized|Invalid token|\[E3001\]|\[401\]",
+        "the hub refused the token: check hf_token (a read token of an account with access)",
+    ),
+    (
+        "not found",
+        r"Repository Not Found|Revision Not Found|Entry Not Found|Local entry not found|404|\[E3020\]|record not found",
+        "check model and model_revision (a commit of that repository); a private repository also needs hf_token",
+    ),
+    (
+        "hub unreachable",
+        r"Connection refused|ConnectError|ConnectTimeout|Name or service not known|"
+        r"Temporary failure in name resolution|Network is unreachable|timed out",
+        "this host cannot reach the hub: check hf_endpoint and the host's network or proxy",
+    ),
 )
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -283,8 +309,15 @@ def classify(output: str) -> tuple[str, str]:
 
 def run_cli(argv: list[str], env: dict[str, str], what: str) -> None:
     """Run a hub CLI; on failure raise a Failure that names the classified cause."""
-    process = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, errors="replace")
+    process = subprocess.run(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
     if process.returncode != 0:
         kind, advice = classify(process.stdout)
         tail = "\n".join(ANSI.sub("", process.stdout).strip().splitlines()[-12:])
@@ -306,7 +339,9 @@ class Source:
     def __init__(self, args):
         self.args = args
         self.env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "MODELSCOPE_"))}
-        if args.env_file:  # the token and endpoint, read here and handed over in the environment: never on a command line
+        if (
+            args.env_file
+        ):  # the token and endpoint, read here and handed over in the environment: never on a command line
             self.env.update(json.loads(Path(args.env_file).read_text()))
 
 
@@ -327,12 +362,20 @@ class Hub(Source):
         return argv + list(extra)
 
     def sizes(self) -> dict[str, int]:
-        process = subprocess.run(self.argv("--dry-run", "--json"), env=self.env, stdin=subprocess.DEVNULL,
-                                 capture_output=True, text=True, errors="replace")
+        process = subprocess.run(
+            self.argv("--dry-run", "--json"),
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+        )
         if process.returncode != 0:
             kind, advice = classify(process.stdout + process.stderr)
-            raise Failure(f"listing {self.args.model}@{self.args.revision} on the hub failed: {kind}: {advice}\n"
-                          + "\n".join(ANSI.sub("", process.stderr).strip().splitlines()[-8:]))
+            raise Failure(
+                f"listing {self.args.model}@{self.args.revision} on the hub failed: {kind}: {advice}\n"
+                + "\n".join(ANSI.sub("", process.stderr).strip().splitlines()[-8:])
+            )
         # "-": present and current, nothing to download.
         return {e["file"]: hf_size(e["size"]) for e in json.loads(process.stdout) if e["size"] != "-"}
 
@@ -343,8 +386,10 @@ class Hub(Source):
         a = self.args
         manifest = manifest_from_hub_tree(a.dir, a.model, a.revision, a.include, a.exclude)
         if manifest is None:
-            raise Failure(f"hf left no {a.dir}/.cache/huggingface/trees/{a.revision}.json: "
-                          "the hf CLI must be huggingface_hub >= 1.28 (hf_cli_version)")
+            raise Failure(
+                f"hf left no {a.dir}/.cache/huggingface/trees/{a.revision}.json: "
+                "the hf CLI must be huggingface_hub >= 1.28 (hf_cli_version)"
+            )
         return manifest
 
 
@@ -375,8 +420,10 @@ class ModelScope(Source):
         if not manifest["files"]:
             # The hub answers a revision it does not have with an empty listing, and the CLI then
             # exits 0 having fetched nothing.
-            raise Failure(f"modelscope download {a.model}@{a.revision} fetched no file: not found: the hub lists none at "
-                          "that revision (or none the include/exclude patterns keep); check model and model_revision")
+            raise Failure(
+                f"modelscope download {a.model}@{a.revision} fetched no file: not found: the hub lists none at "
+                "that revision (or none the include/exclude patterns keep); check model and model_revision"
+            )
         return manifest
 
 
@@ -390,13 +437,26 @@ class Peers(Source):
 
     def rsync(self, peer: str, *paths: str) -> subprocess.CompletedProcess:
         address, port = peer.rsplit(":", 1)
-        ssh = (f"ssh -p {port} -i {self.args.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
-               f"-o UserKnownHostsFile={self.args.known_hosts} -o Compression=no -o ConnectTimeout=10")
+        ssh = (
+            f"ssh -p {port} -i {self.args.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
+            f"-o UserKnownHostsFile={self.args.known_hosts} -o Compression=no -o ConnectTimeout=10"
+        )
         # No -z: weights do not compress. Partial files wait in .rsync-partial/ and resume. Files
         # arrive root's and world-readable, as the peer's are.
-        argv = ["rsync", "--archive", "--no-owner", "--no-group", "--chmod=Du=rwx,Dgo=rx,Fu=rw,Fgo=r",
-                "--partial-dir=.rsync-partial", "--exclude=/.cache/", *self.args.rsync_option, "-e", ssh,
-                *[f"root@{address}:{self.args.peer_path}/{p}" for p in paths], str(self.args.dir) + "/"]
+        argv = [
+            "rsync",
+            "--archive",
+            "--no-owner",
+            "--no-group",
+            "--chmod=Du=rwx,Dgo=rx,Fu=rw,Fgo=r",
+            "--partial-dir=.rsync-partial",
+            "--exclude=/.cache/",
+            *self.args.rsync_option,
+            "-e",
+            ssh,
+            *[f"root@{address}:{self.args.peer_path}/{p}" for p in paths],
+            str(self.args.dir) + "/",
+        ]
         return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
 
     def sizes(self) -> dict[str, int]:
@@ -459,8 +519,11 @@ def preflight(args, sizes: dict[str, int] | None) -> None:
         missing, total = 0, 0
     else:
         total = sum(sizes.values())
-        missing = sum(size for path, size in sizes.items() if stat_of(args.dir / path) is None
-                      or (args.dir / path).stat().st_size != size)
+        missing = sum(
+            size
+            for path, size in sizes.items()
+            if stat_of(args.dir / path) is None or (args.dir / path).stat().st_size != size
+        )
     need = missing + args.margin_bytes
     if free < need:
         raise Failure(
@@ -508,8 +571,13 @@ def sync(args) -> None:
     state.save(complete=False)
     source = SOURCES[args.source](args)
     label = f"{args.model}@{args.revision[:12]}"
-    origin = {"hf": f"the hub ({source.env.get('HF_ENDPOINT', 'huggingface.co')})", "modelscope": "ModelScope",
-              "peer": "a peer", "control": "the control node", "path": "this host"}[args.source]
+    origin = {
+        "hf": f"the hub ({source.env.get('HF_ENDPOINT', 'huggingface.co')})",
+        "modelscope": "ModelScope",
+        "peer": "a peer",
+        "control": "the control node",
+        "path": "this host",
+    }[args.source]
     everything = args.verify == "always"
 
     if args.source == "path":
@@ -534,7 +602,10 @@ def sync(args) -> None:
 
     bad = []
     for attempt in (1, 2) if args.phase == "all" and args.source not in ("control", "path") else ():
-        print(f"{label}: fetching {human(args.expected)} from {f'peer {source.peer}' if args.source == 'peer' else origin}", flush=True)
+        print(
+            f"{label}: fetching {human(args.expected)} from {f'peer {source.peer}' if args.source == 'peer' else origin}",
+            flush=True,
+        )
         with Progress(args.dir, args.expected, args.progress_interval, label) as progress:
             source.fetch()
         print(progress.line(), "(transfer done)", flush=True)
@@ -542,17 +613,30 @@ def sync(args) -> None:
         bad = verify(args, state, read_manifest(args.dir), everything)
         if not bad:
             break
-        print(f"attempt {attempt}: {len(bad)} file(s) missing or wrong, fetching them again: {', '.join(bad)}", flush=True)
+        print(
+            f"attempt {attempt}: {len(bad)} file(s) missing or wrong, fetching them again: {', '.join(bad)}", flush=True
+        )
     manifest = Given(args).manifest()
     if manifest is None:
-        raise Failure(f"no manifest in {args.dir}: neither {MANIFEST} nor .cache/huggingface/trees/{args.revision}.json; "
-                      "write one with `glmfleet-weights manifest DIR --model M --revision R` where the files are known good")
+        raise Failure(
+            f"no manifest in {args.dir}: neither {MANIFEST} nor .cache/huggingface/trees/{args.revision}.json; "
+            "write one with `glmfleet-weights manifest DIR --model M --revision R` where the files are known good"
+        )
     bad = verify(args, state, manifest, everything=False)
     if bad:
         raise Failure(f"{len(bad)} file(s) of {label} are missing or do not match the manifest: {', '.join(bad)}")
-    state.save(complete=True, model=args.model, revision=args.revision, manifest=manifest_digest(manifest),
-               files=len(manifest["files"]), bytes=sum(e["size"] for e in manifest["files"].values()))
-    print(f"{label}: complete, {len(manifest['files'])} files verified against the manifest ({manifest['origin']})", flush=True)
+    state.save(
+        complete=True,
+        model=args.model,
+        revision=args.revision,
+        manifest=manifest_digest(manifest),
+        files=len(manifest["files"]),
+        bytes=sum(e["size"] for e in manifest["files"].values()),
+    )
+    print(
+        f"{label}: complete, {len(manifest['files'])} files verified against the manifest ({manifest['origin']})",
+        flush=True,
+    )
 
 
 def report_state(args) -> dict:
@@ -571,29 +655,43 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--state", required=True, help="host-local state file")
         p.add_argument("--key", required=True, help="identity of the configured model, revision and file selection")
 
-    common(p_check := commands.add_parser("check", help="exit 0 only where the revision is complete (before vLLM starts)"))
+    common(commands.add_parser("check", help="exit 0 only where the revision is complete (before vLLM starts)"))
     common(p_sync := commands.add_parser("sync", help="fetch, verify, mark complete"))
     p_sync.add_argument("--model", required=True)
     p_sync.add_argument("--revision", required=True)
     p_sync.add_argument("--source", choices=sorted(SOURCES), required=True)
-    p_sync.add_argument("--phase", choices=("receive", "prepare", "finish", "all"), default="all",
-                        help="receive: make DIR/.glmfleet for a pushed manifest; prepare: verify what is there and check "
-                             "the disk; finish: verify and mark; all: prepare, fetch, finish")
+    p_sync.add_argument(
+        "--phase",
+        choices=("receive", "prepare", "finish", "all"),
+        default="all",
+        help="receive: make DIR/.glmfleet for a pushed manifest; prepare: verify what is there and check "
+        "the disk; finish: verify and mark; all: prepare, fetch, finish",
+    )
     p_sync.add_argument("--include", action="append", default=[])
     p_sync.add_argument("--exclude", action="append", default=[])
     p_sync.add_argument("--cli", help="the hf or modelscope executable")
     p_sync.add_argument("--cli-home", default="/var/cache/glmfleet/hub", help="the CLI's own cache and settings")
-    p_sync.add_argument("--env-file", help="a JSON object of the CLI's environment (endpoint, token): never on a command line")
+    p_sync.add_argument(
+        "--env-file", help="a JSON object of the CLI's environment (endpoint, token): never on a command line"
+    )
     p_sync.add_argument("--peer", action="append", default=[], help="ADDRESS:PORT of a peer that holds the revision")
     p_sync.add_argument("--peer-path", help="the directory on the peers, as their rrsync sees it")
     p_sync.add_argument("--peer-key", help="the fleet's transfer key")
     p_sync.add_argument("--known-hosts", help="the peers' host keys")
-    p_sync.add_argument("--bwlimit", dest="rsync_option", action="append", default=[], type=lambda v: f"--bwlimit={v}",
-                        help="rsync's --bwlimit (KiB/s) for copies from peers")
+    p_sync.add_argument(
+        "--bwlimit",
+        dest="rsync_option",
+        action="append",
+        default=[],
+        type=lambda v: f"--bwlimit={v}",
+        help="rsync's --bwlimit (KiB/s) for copies from peers",
+    )
     p_sync.add_argument("--margin-bytes", type=int, default=0)
     p_sync.add_argument("--verify", choices=("changed", "always"), default="changed")
     p_sync.add_argument("--progress-interval", type=float, default=10)
-    p_manifest = commands.add_parser("manifest", help="write DIR/.glmfleet/manifest.json (hub tree if hf left one, else sha256 of each file)")
+    p_manifest = commands.add_parser(
+        "manifest", help="write DIR/.glmfleet/manifest.json (hub tree if hf left one, else sha256 of each file)"
+    )
     p_manifest.add_argument("dir")
     p_manifest.add_argument("--model", required=True)
     p_manifest.add_argument("--revision", required=True)
@@ -606,18 +704,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             found = report_state(args)
             if not found["complete"]:
-                print(f"model weights in {args.dir} are not complete ({found['reason']}"
-                      + (f": {', '.join(found['changed'][:5])}" if found["changed"] else "") + "); re-run the deploy", file=sys.stderr)
+                print(
+                    f"model weights in {args.dir} are not complete ({found['reason']}"
+                    + (f": {', '.join(found['changed'][:5])}" if found["changed"] else "")
+                    + "); re-run the deploy",
+                    file=sys.stderr,
+                )
                 return 1
         elif args.command == "sync":
             sync(args)
         elif args.command == "manifest":
             directory = Path(args.dir)
-            manifest = (manifest_from_hub_tree(directory, args.model, args.revision, args.include, args.exclude)
-                        or computed_manifest(directory, args.model, args.revision, args.include, args.exclude))
+            manifest = manifest_from_hub_tree(
+                directory, args.model, args.revision, args.include, args.exclude
+            ) or computed_manifest(directory, args.model, args.revision, args.include, args.exclude)
             write_json(Path(args.output) if args.output else directory / MANIFEST, manifest)
-            print(json.dumps({"files": len(manifest["files"]), "bytes": sum(e["size"] for e in manifest["files"].values()),
-                              "origin": manifest["origin"]}))
+            print(
+                json.dumps(
+                    {
+                        "files": len(manifest["files"]),
+                        "bytes": sum(e["size"] for e in manifest["files"].values()),
+                        "origin": manifest["origin"],
+                    }
+                )
+            )
     except Failure as failure:
         print(f"glmfleet-weights: {failure}", file=sys.stderr, flush=True)
         return 1

@@ -35,8 +35,10 @@ import time
 
 # What glmfleet passes: plain http, an IPv4 address, a name or a bracketed IPv6 address (with
 # its zone where it is link-local: [fe80::1%eth0]), a port.
-BASE_URL = re.compile(r"http://(?P<netloc>(?:\[(?P<ipv6>[0-9A-Fa-f:.]+(?:%[^\s/\[\]]+)?)\]|(?P<host>[^\s/:\[\]]+))"
-                      r":(?P<port>[0-9]{1,5}))/*")
+BASE_URL = re.compile(
+    r"http://(?P<netloc>(?:\[(?P<ipv6>[0-9A-Fa-f:.]+(?:%[^\s/\[\]]+)?)\]|(?P<host>[^\s/:\[\]]+))"
+    r":(?P<port>[0-9]{1,5}))/*"
+)
 # Seconds each request of a single pass may take (a pass within a longer deadline may take up to 120).
 ONCE_TIMEOUT = 10.0
 ANSWERED_INTERVAL = 5.0  # seconds at least between tries that the server answered with an error
@@ -83,7 +85,9 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         raise UsageError(f"missing {' and '.join(missing)}")
     base = BASE_URL.fullmatch(options["base-url"])
     if not base or not 0 < int(base["port"]) < 65536:
-        raise UsageError(f"--base-url {options['base-url']}: expected http://HOST:PORT, plain http to the host's own vLLM")
+        raise UsageError(
+            f"--base-url {options['base-url']}: expected http://HOST:PORT, plain http to the host's own vLLM"
+        )
     for name in ("deadline", "interval"):
         try:
             float(options[name])
@@ -96,15 +100,21 @@ class ErrorAnswer(RuntimeError):
     """An HTTP answer other than 200."""
 
 
-def request(url: str, api_key: str | None, body: dict | None, timeout: float, connect=socket.create_connection) -> bytes:
+def request(
+    url: str, api_key: str | None, body: dict | None, timeout: float, connect=socket.create_connection
+) -> bytes:
     """One HTTP/1.0 request on a connection of its own: the payload of a 200 answer, else
     ErrorAnswer. url: a base URL that BASE_URL matches, then the path; connect: opens the
     connection, as ``socket.create_connection((host, port), timeout)`` does."""
     base = BASE_URL.match(url)
-    host, port, path = base["ipv6"] or base["host"], int(base["port"]), "/" + url[base.end():]
+    host, port, path = base["ipv6"] or base["host"], int(base["port"]), "/" + url[base.end() :]
     data = b"" if body is None else json.dumps(body).encode()
-    head = [f"{'GET' if body is None else 'POST'} {path} HTTP/1.0", f"Host: {base['netloc']}",
-            "Content-Type: application/json", f"Content-Length: {len(data)}"]
+    head = [
+        f"{'GET' if body is None else 'POST'} {path} HTTP/1.0",
+        f"Host: {base['netloc']}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(data)}",
+    ]
     if api_key:
         head.append(f"Authorization: Bearer {api_key}")
     with connect((host, port), timeout) as connection:
@@ -135,7 +145,9 @@ def read_answer(connection: socket.socket, url: str) -> tuple[int, bytes]:
     headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
     chunked = headers.get("transfer-encoding", "").lower() == "chunked"
     length = None if chunked or "content-length" not in headers else int(headers["content-length"])
-    while not (length is not None and len(payload) >= length or chunked and (b"\r\n" + payload).endswith(b"\r\n0\r\n\r\n")):
+    while not (
+        length is not None and len(payload) >= length or chunked and (b"\r\n" + payload).endswith(b"\r\n0\r\n\r\n")
+    ):
         more = connection.recv(1 << 16)
         if not more:
             break
@@ -151,12 +163,17 @@ def unchunked(data: bytes) -> bytes:
         size = int(size_line.split(b";")[0], 16)
         if size == 0:
             break
-        content, data = content + data[:size], data[size + 2:]
+        content, data = content + data[:size], data[size + 2 :]
     return content
 
 
-def check_once(base_url: str, served_name: str, api_key: str | None, timeout: float = ONCE_TIMEOUT,
-               connect=socket.create_connection) -> str:
+def check_once(
+    base_url: str,
+    served_name: str,
+    api_key: str | None,
+    timeout: float = ONCE_TIMEOUT,
+    connect=socket.create_connection,
+) -> str:
     """One pass of the check; raises with what went wrong, returns a summary. connect: as
     ``request``'s (the controller passes one that connects through the host's SSH connection).
 

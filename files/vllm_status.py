@@ -47,7 +47,7 @@ def exec_start(unit_text: str) -> list[str]:
     """ExecStart as an argv, undoing the quoting glmfleet renders (quotes, `%%`, `$$`)."""
     for line in unit_text.splitlines():
         if line.startswith("ExecStart="):
-            return [arg.replace("%%", "%").replace("$$", "$") for arg in shlex.split(line[len("ExecStart="):])]
+            return [arg.replace("%%", "%").replace("$$", "$") for arg in shlex.split(line[len("ExecStart=") :])]
     return []
 
 
@@ -66,7 +66,7 @@ def read_unit(path: str) -> dict | None:
     argv = exec_start(raw.decode())
     # `<venv>/bin/vllm serve MODEL ...`, or `docker run ... --entrypoint vllm IMAGE serve MODEL ...`
     serve = argv.index("serve") if "serve" in argv[:-1] else None
-    args = argv[serve + 1:] if serve is not None else []
+    args = argv[serve + 1 :] if serve is not None else []
     model = args[0] if args else None
     # Weights the model_weights role fetched are served from <state>/models/<owner>--<name>/<commit>.
     weights = WEIGHTS_DIR.search(model or "")
@@ -114,7 +114,8 @@ def in_flight(metrics_text: str) -> int:
 def service_state(unit_name: str) -> dict:
     output = subprocess.run(
         ["systemctl", "show", unit_name, "--property=ActiveState,SubState,ActiveEnterTimestamp,NRestarts,MainPID"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
 
@@ -136,8 +137,15 @@ def parse_gpus(csv_text: str) -> list[dict]:
     found = []
     for line in csv_text.strip().splitlines():
         index, name, used, total, utilization = [field.strip() for field in line.split(",")]
-        found.append({"index": int(index), "name": name, "memory_used_mib": int(used), "memory_total_mib": int(total),
-                      "utilization_percent": None if utilization.startswith("[") else int(utilization)})
+        found.append(
+            {
+                "index": int(index),
+                "name": name,
+                "memory_used_mib": int(used),
+                "memory_total_mib": int(total),
+                "utilization_percent": None if utilization.startswith("[") else int(utilization),
+            }
+        )
     return found
 
 

@@ -160,14 +160,34 @@ def parse_kv_cache(where: str, value: Any) -> dict[str, int] | None:
     if value is None:
         return None
     shapes = ({"layers", "kv_heads", "head_dim"}, {"layers", "latent"})
-    if not isinstance(value, dict) or set(value) not in shapes or not all(type(v) is int and v > 0 for v in value.values()):
-        raise CatalogError(f"{where}: {value!r} is not {{layers, kv_heads, head_dim}} or {{layers, latent}} of positive integers")
+    if (
+        not isinstance(value, dict)
+        or set(value) not in shapes
+        or not all(type(v) is int and v > 0 for v in value.values())
+    ):
+        raise CatalogError(
+            f"{where}: {value!r} is not {{layers, kv_heads, head_dim}} or {{layers, latent}} of positive integers"
+        )
     return dict(value)
 
 
 MODEL_FIELDS = {
-    "hf", "aliases", "modelscope", "architecture", "vllm_min", "vllm_max", "needs", "trust_remote_code", "weights_gib",
-    "context", "attention_heads", "kv_cache", "recommended_tp", "warnings", "defaults", "notes",
+    "hf",
+    "aliases",
+    "modelscope",
+    "architecture",
+    "vllm_min",
+    "vllm_max",
+    "needs",
+    "trust_remote_code",
+    "weights_gib",
+    "context",
+    "attention_heads",
+    "kv_cache",
+    "recommended_tp",
+    "warnings",
+    "defaults",
+    "notes",
 }
 
 
@@ -176,13 +196,21 @@ def parse_model(name: str, raw: Any) -> Model:
     if not isinstance(raw, dict) or set(raw) != MODEL_FIELDS:
         missing = MODEL_FIELDS - set(raw or {})
         extra = set(raw or {}) - MODEL_FIELDS
-        raise CatalogError(f"{where}: fields must be exactly {sorted(MODEL_FIELDS)} (missing {sorted(missing)}, unknown {sorted(extra)})")
+        raise CatalogError(
+            f"{where}: fields must be exactly {sorted(MODEL_FIELDS)} (missing {sorted(missing)}, unknown {sorted(extra)})"
+        )
     if name != name.lower():
         raise CatalogError(f"{where}: catalog names are lower case")
     defaults = []
     for index, block in enumerate(raw["defaults"]):
-        if not isinstance(block, dict) or not isinstance(block.get("settings"), dict) or set(block) - {"settings", "vllm"}:
-            raise CatalogError(f"{where}.defaults[{index}]: expected {{settings: {{...}}}} with an optional vllm specifier")
+        if (
+            not isinstance(block, dict)
+            or not isinstance(block.get("settings"), dict)
+            or set(block) - {"settings", "vllm"}
+        ):
+            raise CatalogError(
+                f"{where}.defaults[{index}]: expected {{settings: {{...}}}} with an optional vllm specifier"
+            )
         condition = specifier(f"{where}.defaults[{index}].vllm", block["vllm"]) if "vllm" in block else None
         defaults.append(DefaultBlock(dict(block["settings"]), condition))
     return Model(
@@ -221,7 +249,9 @@ def parse(raw: Any) -> Catalog:
         transformers_unbounded=specifier("vllm.transformers_unbounded", facts["transformers_unbounded"]),
         v0_removed_in=version("vllm.v0_removed_in", facts["v0_removed_in"]),
         tool_parsers={name: version(f"vllm.tool_parsers.{name}", v) for name, v in facts["tool_parsers"].items()},
-        reasoning_parsers={name: version(f"vllm.reasoning_parsers.{name}", v) for name, v in facts["reasoning_parsers"].items()},
+        reasoning_parsers={
+            name: version(f"vllm.reasoning_parsers.{name}", v) for name, v in facts["reasoning_parsers"].items()
+        },
     )
     models = {name: parse_model(name, entry) for name, entry in raw["models"].items()}
     seen: dict[str, str] = {}

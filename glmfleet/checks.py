@@ -87,7 +87,9 @@ boolean = Check(lambda v: type(v) is bool, "true or false")
 
 
 def one_of(*choices: str) -> Check:
-    return Check(lambda v: v in choices, spoken(choices) if len(choices) < 4 else "one of " + ", ".join(map(repr, choices)))
+    return Check(
+        lambda v: v in choices, spoken(choices) if len(choices) < 4 else "one of " + ", ".join(map(repr, choices))
+    )
 
 
 def optional(check: Check) -> Check:
@@ -115,7 +117,9 @@ def version(example: str) -> Check:
 package_name = matches(r"[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9]", "a package name (PEP 508), such as 'vllm'")
 
 # ``name==version`` (extras allowed): a pin, not a range, so re-runs install the same.
-pinned_requirement = matches(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+", "a 'name==version' pin")
+pinned_requirement = matches(
+    r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+", "a 'name==version' pin"
+)
 
 sha256 = matches(r"[0-9a-f]{64}", "64 hex digits")
 env_name = matches(r"[A-Za-z_][A-Za-z0-9_]*", "a variable name")
@@ -131,30 +135,78 @@ PATH = re.compile(r"(/[A-Za-z0-9._+@=:,~-]+)+")
 
 def is_abs_path(value: Any) -> bool:
     """Absolute and normal: ``/a/b``, no ``.``, ``..``, empty or trailing components."""
-    return (isinstance(value, str) and PATH.fullmatch(value) is not None and posixpath.normpath(value) == value
-            and not {".", ".."} & set(value.split("/")))
+    return (
+        isinstance(value, str)
+        and PATH.fullmatch(value) is not None
+        and posixpath.normpath(value) == value
+        and not {".", ".."} & set(value.split("/"))
+    )
 
 
 abs_path = Check(is_abs_path, "an absolute, normalised path of letters, digits and . _ + @ = : , ~ - (no spaces)")
 
 # The FHS's top-level directories, and the well-known ones below /usr and /var: never a
 # directory glmfleet owns, chowns or empties.
-SYSTEM_DIRS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media",
-                         "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr", "/var"})
+SYSTEM_DIRS = frozenset(
+    {
+        "/",
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/libx32",
+        "/media",
+        "/mnt",
+        "/opt",
+        "/proc",
+        "/root",
+        "/run",
+        "/sbin",
+        "/snap",
+        "/srv",
+        "/sys",
+        "/tmp",
+        "/usr",
+        "/var",
+    }
+)
 SYSTEM_SUBTREE_ROOTS = ("/usr", "/var")
 # Nothing glmfleet owns may live here: volatile, virtual, shared with every user, or the system's configuration.
-FORBIDDEN_TREES = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp", "/boot", "/etc", "/root", "/lib", "/bin", "/sbin")
+FORBIDDEN_TREES = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/tmp",
+    "/var/tmp",
+    "/boot",
+    "/etc",
+    "/root",
+    "/lib",
+    "/bin",
+    "/sbin",
+)
 
 
 def is_system_dir(path: str) -> bool:
     parent = posixpath.dirname(path)
-    return path in SYSTEM_DIRS or (parent in SYSTEM_SUBTREE_ROOTS and path.count("/") == 2) or any(
-        path == tree or path.startswith(tree + "/") for tree in FORBIDDEN_TREES)
+    return (
+        path in SYSTEM_DIRS
+        or (parent in SYSTEM_SUBTREE_ROOTS and path.count("/") == 2)
+        or any(path == tree or path.startswith(tree + "/") for tree in FORBIDDEN_TREES)
+    )
 
 
-owned_dir = Check(lambda v: is_abs_path(v) and not is_system_dir(v),
-                  f"{abs_path.accepted[:-1]}, not a system directory (such as /, /usr, /var/lib) or inside "
-                  + ", ".join(FORBIDDEN_TREES) + ")")
+owned_dir = Check(
+    lambda v: is_abs_path(v) and not is_system_dir(v),
+    f"{abs_path.accepted[:-1]}, not a system directory (such as /, /usr, /var/lib) or inside "
+    + ", ".join(FORBIDDEN_TREES)
+    + ")",
+)
 
 
 def inside(path: str, directory: str) -> bool:
@@ -164,8 +216,10 @@ def inside(path: str, directory: str) -> bool:
 local_path = Check(lambda v: is_str(v) and v.startswith("/"), "an absolute path on the control node")
 
 # A command on the host's PATH, or an absolute path to one.
-command = Check(lambda v: is_abs_path(v) or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", str(v)) is not None,
-                "a command name or absolute path")
+command = Check(
+    lambda v: is_abs_path(v) or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", str(v)) is not None,
+    "a command name or absolute path",
+)
 
 
 # --- addresses and URLs -------------------------------------------------------------------------
@@ -181,9 +235,12 @@ def is_ip(value: Any) -> bool:
 
 listen_address = Check(is_ip, "an IP address such as '127.0.0.1' or '0.0.0.0'")
 
-HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
-host_or_address = Check(lambda v: is_ip(v) or (isinstance(v, str) and HOSTNAME.fullmatch(v) is not None),
-                        "a host name or IP address")
+HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+host_or_address = Check(
+    lambda v: is_ip(v) or (isinstance(v, str) and HOSTNAME.fullmatch(v) is not None), "a host name or IP address"
+)
 
 
 def is_loopback(address: str) -> bool:

@@ -125,9 +125,11 @@ def problems(data: Mapping[str, Any], host: str, groups: Iterable[str] = ()) -> 
         if key not in data:
             continue
         if control_characters(data[key]):
-            found.append(f"{host}: {key} = {show(setting, data[key])} is invalid: it holds a control character (a newline, "
-                         "tab, NUL, escape...), which no command line, unit, env file or config file glmfleet writes "
-                         f"can hold; accepted: {setting.accepted}")
+            found.append(
+                f"{host}: {key} = {show(setting, data[key])} is invalid: it holds a control character (a newline, "
+                "tab, NUL, escape...), which no command line, unit, env file or config file glmfleet writes "
+                f"can hold; accepted: {setting.accepted}"
+            )
         elif not setting.check(data[key]):
             found.append(f"{host}: {key} = {show(setting, data[key])} is invalid; accepted: {setting.accepted}")
     if found:
@@ -248,5 +250,7 @@ def settings_table() -> str:
         role_name = role.__name__.rsplit(".", 1)[-1]
         for s in getattr(role, "SETTINGS", ()):
             cells = (s.name, role_name, repr(s.default), s.doc, s.accepted)
-            rows.append("| " + " | ".join(f"`{c}`" if i in (0, 2) else c for i, c in enumerate(cells)).replace("\n", " ") + " |")
+            rows.append(
+                "| " + " | ".join(f"`{c}`" if i in (0, 2) else c for i, c in enumerate(cells)).replace("\n", " ") + " |"
+            )
     return "\n".join(rows)

@@ -49,8 +49,11 @@ class _RefusedChannelsAreAnswers(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg  # paramiko formats its own: no arguments to merge, nothing to raise
-        return not (isinstance(message, str) and "open FAILED" in message
-                    and message.endswith(("Connect failed", "Administratively prohibited")))
+        return not (
+            isinstance(message, str)
+            and "open FAILED" in message
+            and message.endswith(("Connect failed", "Administratively prohibited"))
+        )
 
 
 logging.getLogger("paramiko.transport").addFilter(_RefusedChannelsAreAnswers())
@@ -72,10 +75,13 @@ def connect_on_host(host: Host) -> Callable | None:
 
     def connect(address: tuple[str, int], timeout: float):
         try:
-            channel = transport.open_channel("direct-tcpip", dest_addr=address, src_addr=("127.0.0.1", 0),
-                                             timeout=timeout)
+            channel = transport.open_channel(
+                "direct-tcpip", dest_addr=address, src_addr=("127.0.0.1", 0), timeout=timeout
+            )
         except ChannelException as error:
-            raise NotForwarded(f"{host.name}'s sshd opened no connection to {address[0]} port {address[1]}: {error.text}") from None
+            raise NotForwarded(
+                f"{host.name}'s sshd opened no connection to {address[0]} port {address[1]}: {error.text}"
+            ) from None
         except SSHException as error:  # "Timeout opening channel.", "SSH session not active"
             raise ConnectionError(f"{host.name}'s SSH connection opened no channel: {error}") from None
         channel.settimeout(timeout)

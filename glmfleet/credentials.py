@@ -64,11 +64,15 @@ def problems(cfg: Mapping[str, Any]) -> list[str]:
             continue
         host, user, password = credentials
         if not (NETRC_TOKEN.fullmatch(user) and NETRC_TOKEN.fullmatch(password)):
-            found.append(f"{key}: the user name or password in the URL for {host} has whitespace, a quote, a backslash or "
-                         "#, which the netrc files that keep them out of command lines cannot hold; use a token without them")
+            found.append(
+                f"{key}: the user name or password in the URL for {host} has whitespace, a quote, a backslash or "
+                "#, which the netrc files that keep them out of command lines cannot hold; use a token without them"
+            )
         elif host in seen and seen[host][1:] != (user, password):
-            found.append(f"{key}: the URL for {host} carries other credentials than {seen[host][0]}'s; one host takes one "
-                         "login: use the same credentials in both")
+            found.append(
+                f"{key}: the URL for {host} carries other credentials than {seen[host][0]}'s; one host takes one "
+                "login: use the same credentials in both"
+            )
         seen.setdefault(host, (key, user, password))
     return found
 
@@ -80,5 +84,8 @@ def render_netrc(entries: list[Login]) -> str:
 
 def render_apt_auth(entries: list[Login]) -> str:
     """``layout.APT_AUTH``, apt_auth.conf(5): a machine without a scheme matches https only."""
-    return "".join(f"machine {scheme}://{login.host} login {login.user} password {login.password}\n"
-                   for login in entries for scheme in ("https", "http"))
+    return "".join(
+        f"machine {scheme}://{login.host} login {login.user} password {login.password}\n"
+        for login in entries
+        for scheme in ("https", "http")
+    )

@@ -17,6 +17,7 @@ from glmfleet.checks import redact, url_credentials, without_credentials
 from glmfleet.facts.packages import DebPackageStates
 from glmfleet.layout import KEYRINGS_DIR, MADE_DIRS_RECORD, NETRC, OWN_DIRS, STATE_ROOT, apt_keyring, apt_source
 from glmfleet.shell import fail_with, join, quote
+
 # Every apt-get call waits for a dpkg lock held by another apt (cloud-init, unattended-upgrades)
 # instead of failing at once, and never asks a question.
 APT_GET = (
@@ -30,9 +31,11 @@ def secret_write_command(dest: str, user: str, group: str, mode: str) -> str:
     new file that ``mktemp`` makes 0600 beside it, owned and moded before it replaces ``dest``.
     (pyinfra's own upload stages files in /tmp, mode 644, when it runs commands with sudo.)"""
     temporary = '"$tmp"'
-    return (f"umask 077 && tmp=$(mktemp {quote(dest + '.XXXXXX')}) && "
-            f"{{ cat > {temporary} && chown {quote(f'{user}:{group}')} {temporary} && chmod {quote(mode)} {temporary} && "
-            f"mv -f {temporary} {quote(dest)} || {{ rm -f {temporary}; exit 1; }}; }}")
+    return (
+        f"umask 077 && tmp=$(mktemp {quote(dest + '.XXXXXX')}) && "
+        f"{{ cat > {temporary} && chown {quote(f'{user}:{group}')} {temporary} && chmod {quote(mode)} {temporary} && "
+        f"mv -f {temporary} {quote(dest)} || {{ rm -f {temporary}; exit 1; }}; }}"
+    )
 
 
 def write_secret(name: str, dest: str, content: str, user: str = "root", group: str = "root", mode: str = "600"):
@@ -44,8 +47,9 @@ def write_secret(name: str, dest: str, content: str, user: str = "root", group: 
     return server.shell(name=name, commands=[secret_write_command(dest, user, group, mode)], _stdin=content)
 
 
-def directory(managed: dict, path: str, user: str = "root", group: str = "root", mode: str = "755",
-              name: str | None = None):
+def directory(
+    managed: dict, path: str, user: str = "root", group: str = "root", mode: str = "755", name: str | None = None
+):
     """``files.directory`` of one of glmfleet's own directories (``layout.OWN_DIRS``), planned
     only where ``managed`` (the ``ManagedPaths`` fact) shows it missing or different: a converged
     host plans nothing, and pyinfra asks none of the operation's own facts (a round trip each,
@@ -86,17 +90,31 @@ def owned_directory(managed: dict, path: str, key: str, user: str = "root", grou
         return None
     owner, p = quote(f"{user}:{group}"), quote(path)
     if found is None:
-        return server.shell(name=f"make {path} ({key})", commands=[
-            f"umask 022; p={p}; {SAFE_ANCESTORS}; mkdir -p -- \"$p\" {quote(STATE_ROOT)} && chown {owner} -- \"$p\" && "
-            f"chmod {quote(mode)} -- \"$p\" && printf '%s\\n' \"$p\" >> {quote(MADE_DIRS_RECORD)}"])
+        return server.shell(
+            name=f"make {path} ({key})",
+            commands=[
+                f'umask 022; p={p}; {SAFE_ANCESTORS}; mkdir -p -- "$p" {quote(STATE_ROOT)} && chown {owner} -- "$p" && '
+                f'chmod {quote(mode)} -- "$p" && printf \'%s\\n\' "$p" >> {quote(MADE_DIRS_RECORD)}'
+            ],
+        )
     if path in managed.get("made", ()) and found["type"] == "directory":
-        return server.shell(name=f"put {path} right ({key})", commands=[
-            f"p={p}; {SAFE_ANCESTORS}; chown {owner} -- \"$p\" && chmod {quote(mode)} -- \"$p\""])
-    kind = found["type"] if found["type"] != "directory" else f"owned by {found['user']}:{found['group']} with mode {found['mode']}"
-    return stop_host(name=f"stop: {key} {path} exists and glmfleet did not make it", reason=(
-        f"{key} = {path!r} exists ({kind}) and glmfleet did not make it, so it changes nothing there; glmfleet needs a "
-        f"directory owned by {user}:{group} with mode {mode}: choose another path, or make it so yourself "
-        f"(chown {user}:{group} {path}; chmod {mode} {path})"))
+        return server.shell(
+            name=f"put {path} right ({key})",
+            commands=[f'p={p}; {SAFE_ANCESTORS}; chown {owner} -- "$p" && chmod {quote(mode)} -- "$p"'],
+        )
+    kind = (
+        found["type"]
+        if found["type"] != "directory"
+        else f"owned by {found['user']}:{found['group']} with mode {found['mode']}"
+    )
+    return stop_host(
+        name=f"stop: {key} {path} exists and glmfleet did not make it",
+        reason=(
+            f"{key} = {path!r} exists ({kind}) and glmfleet did not make it, so it changes nothing there; glmfleet needs a "
+            f"directory owned by {user}:{group} with mode {mode}: choose another path, or make it so yourself "
+            f"(chown {user}:{group} {path}; chmod {mode} {path})"
+        ),
+    )
 
 
 # Makes or repairs directories in the service user's home without following anything that user
@@ -131,13 +149,25 @@ def service_user_dirs(managed: dict, home: str, names: list[str], user: str, mod
     due = [name for name in names if managed["paths"].get(f"{home}/{name}") != wanted]
     if not due:
         return None
-    return server.shell(name=f"{user}'s directories in {home}: {', '.join(due)}", commands=[
-        f"python3 -c {quote(SERVICE_DIRS_PROGRAM)} {quote(home)} \"$(id -u {quote(user)})\" \"$(id -g {quote(user)})\" "
-        f"{join([mode, *due])}"])
+    return server.shell(
+        name=f"{user}'s directories in {home}: {', '.join(due)}",
+        commands=[
+            f'python3 -c {quote(SERVICE_DIRS_PROGRAM)} {quote(home)} "$(id -u {quote(user)})" "$(id -g {quote(user)})" '
+            f"{join([mode, *due])}"
+        ],
+    )
 
 
-def upload(managed: dict, dest: str, content: str | Path, user: str = "root", group: str = "root",
-           mode: str = "644", name: str | None = None, secret: bool = False):
+def upload(
+    managed: dict,
+    dest: str,
+    content: str | Path,
+    user: str = "root",
+    group: str = "root",
+    mode: str = "644",
+    name: str | None = None,
+    secret: bool = False,
+):
     """``files.put`` of a local file (a Path) or of a text, planned like ``directory`` only
     where the remote file differs in content, owner or mode; with ``secret``, ``write_secret``,
     which never shows the content nor stages it readable. Returns the operation, or None when
@@ -186,8 +216,10 @@ def fetch_key_command(key_url: str, keyring: str, key_sha256: str | None) -> str
     if url_credentials(key_url):
         download = f"curl -fsSL --netrc-file {quote(NETRC)} -o {partial} {url}"
     else:
-        download = (f"{{ if command -v curl >/dev/null; then curl -fsSL -o {partial} {url}; "
-                    f"else wget -q -O {partial} {url}; fi; }}")
+        download = (
+            f"{{ if command -v curl >/dev/null; then curl -fsSL -o {partial} {url}; "
+            f"else wget -q -O {partial} {url}; fi; }}"
+        )
     steps = [f"mkdir -p {quote(KEYRINGS_DIR)}", download]
     if key_sha256:
         steps.append(
@@ -204,13 +236,19 @@ def apt_repository_question(repo: str) -> list[str]:
     return [apt_keyring(repo), apt_source(repo)]
 
 
-def repository_due(managed: dict, repo: str, url: str, suite: str, components: list[str], key_sha256: str | None) -> bool:
+def repository_due(
+    managed: dict, repo: str, url: str, suite: str, components: list[str], key_sha256: str | None
+) -> bool:
     """Whether ``apt_repository`` has anything to do: its key missing (or not the pinned one),
     its source file missing or different."""
     key = managed["paths"].get(apt_keyring(repo))
     source = managed["paths"].get(apt_source(repo), {}).get("sha256")
     rendered = render_apt_source(without_credentials(url), suite, components, apt_keyring(repo))
-    return key is None or bool(key_sha256 and key["sha256"] != key_sha256) or source != hashlib.sha256(rendered.encode()).hexdigest()
+    return (
+        key is None
+        or bool(key_sha256 and key["sha256"] != key_sha256)
+        or source != hashlib.sha256(rendered.encode()).hexdigest()
+    )
 
 
 @operation()
@@ -250,14 +288,20 @@ def version_matches(version: str, pattern: str | None) -> bool:
 def packages_due(installed: dict, packages: dict[str, str | None]) -> list[str]:
     """The packages ``apt_install`` would install: missing, or at another version (``installed``:
     the ``DebPackageStates`` answer). A role calls ``apt_install`` only where any are."""
-    return [name for name, pattern in packages.items()
-            if name not in installed or not version_matches(installed[name]["version"], pattern)]
+    return [
+        name
+        for name, pattern in packages.items()
+        if name not in installed or not version_matches(installed[name]["version"], pattern)
+    ]
 
 
 def unheld(installed: dict, patterns: list[str]) -> list[str]:
     """Installed packages that match ``patterns`` and are not held (``apt_hold`` would hold them)."""
-    return [name for name, state in installed.items()
-            if not state["held"] and any(fnmatchcase(name, pattern) for pattern in patterns)]
+    return [
+        name
+        for name, state in installed.items()
+        if not state["held"] and any(fnmatchcase(name, pattern) for pattern in patterns)
+    ]
 
 
 @operation()
@@ -311,7 +355,9 @@ def stop_host(reason: str):
 
 
 def _run_live(state, host, command: str, connector_arguments: dict) -> bool:
-    status, _ = host.run_shell_command(StringCommand(command), print_output=True, print_input=False, **connector_arguments)
+    status, _ = host.run_shell_command(
+        StringCommand(command), print_output=True, print_input=False, **connector_arguments
+    )
     return status
 
 

@@ -21,8 +21,8 @@ from glmfleet.checks import without_credentials
 from glmfleet.credentials import tool_environment
 from glmfleet.facts.engine import ask
 from glmfleet.facts.packages import DebPackageStates
-from glmfleet.operations import apt_install, packages_due
 from glmfleet.layout import SYSTEM_CA_BUNDLE
+from glmfleet.operations import apt_install, packages_due
 from glmfleet.shell import assignments, join, quote
 
 # The pip wheel the interpreter's ensurepip installs, looked for where ensurepip looks: the
@@ -72,7 +72,7 @@ def install_tool(target: str, requirements: list[str], installed: bool, cfg) -> 
         commands=[
             f"rm -rf -- {quote(target)} && {quote(cfg.vllm_python)} -m venv --without-pip {quote(target)} && "
             f"pip_wheel=$({python_of_venv} -c {quote(FIND_PIP_WHEEL)}) && "
-            f"{assignments(tool_environment(cfg))} {python_of_venv} \"$pip_wheel/pip\" install --quiet "
+            f'{assignments(tool_environment(cfg))} {python_of_venv} "$pip_wheel/pip" install --quiet '
             f"--disable-pip-version-check --no-cache-dir {join(pip_args(cfg))} {join(requirements)}"
         ],
     )

@@ -16,8 +16,8 @@ import sys  # noqa: E402
 
 from pyinfra_cli.util import parse_cli_arg  # noqa: E402
 
-from glmfleet.config import ConfigError, settings_table  # noqa: E402
 import roles  # noqa: E402,F401  (hands the roles' settings to the configuration model)
+from glmfleet.config import ConfigError, settings_table  # noqa: E402
 from glmfleet_cli.rollout import DEFAULT_BATCHES, DEFAULT_MAX_FAIL, rollout  # noqa: E402
 from glmfleet_cli.runner import UsageError  # noqa: E402
 from glmfleet_cli.status import fleet_status  # noqa: E402
@@ -39,10 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     roll = commands.add_parser("rollout", help="apply the inventory to a serving fleet in health-gated batches")
     # argparse formats help with %: a percentage in the default is written %% to print as %.
-    roll.add_argument("--batch", default=DEFAULT_BATCHES,
-                      help=f"batch sizes, counts or percentages; the last repeats (default {DEFAULT_BATCHES.replace('%', '%%')})")
-    roll.add_argument("--max-fail", default=DEFAULT_MAX_FAIL,
-                      help="stop once more hosts failed than this count or percentage (default 0)")
+    roll.add_argument(
+        "--batch",
+        default=DEFAULT_BATCHES,
+        help=f"batch sizes, counts or percentages; the last repeats (default {DEFAULT_BATCHES.replace('%', '%%')})",
+    )
+    roll.add_argument(
+        "--max-fail",
+        default=DEFAULT_MAX_FAIL,
+        help="stop once more hosts failed than this count or percentage (default 0)",
+    )
     status = commands.add_parser("status", help="per host: unit, vLLM version, model, GPUs, health, requests")
     commands.add_parser("keys", help="every data key: role, default, meaning and what is accepted (README's table)")
     for command in (roll, status):

@@ -29,8 +29,10 @@ from roles.known_good import drain, keep_known_good, roll_back, serves
 from roles.vllm_service import UNIT_PATH
 
 # A rollout restarts services, it does not reboot hosts; the driver role reboots where allowed.
-REBOOT_NEEDED = ("the new NVIDIA driver is installed but not loaded, and its role may not reboot "
-                 "(nvidia_allow_reboot is false): reboot the host, then run the rollout again")
+REBOOT_NEEDED = (
+    "the new NVIDIA driver is installed but not loaded, and its role may not reboot "
+    "(nvidia_allow_reboot is false): reboot the host, then run the rollout again"
+)
 DEFAULT_BATCHES = "1,25%,100%"
 DEFAULT_MAX_FAIL = "0"
 
@@ -164,8 +166,9 @@ class Rollout:
             for name in self.targets:
                 self.results[name] = HostResult(name)
                 if name in failed:
-                    self.fail(name, "FAILED: unreachable" if name in run.unreachable else "FAILED while reading",
-                              failed[name])
+                    self.fail(
+                        name, "FAILED: unreachable" if name in run.unreachable else "FAILED while reading", failed[name]
+                    )
                     self.out_of_pool.add(name)
                     continue
                 status, serves = planned[name]
@@ -220,7 +223,9 @@ class Rollout:
                     continue
                 restart, verified = planned[name]
                 self.results[name].result = "updated"
-                self.results[name].ready_s = run.seconds(name, restart, verified) if restart and restart.executed else None
+                self.results[name].ready_s = (
+                    run.seconds(name, restart, verified) if restart and restart.executed else None
+                )
                 self.out_of_pool.discard(name)
         for name, why in failed.items():
             self.say(f"  {name} failed: {first_line(why)}")
@@ -262,8 +267,14 @@ class Rollout:
                 self.results[name].after = status
 
 
-def rollout(inventory_path: str, data: dict, batch_spec: str = DEFAULT_BATCHES, max_fail: str = DEFAULT_MAX_FAIL,
-            limit: list[str] | None = None, say: Callable[[str], None] = print) -> int:
+def rollout(
+    inventory_path: str,
+    data: dict,
+    batch_spec: str = DEFAULT_BATCHES,
+    max_fail: str = DEFAULT_MAX_FAIL,
+    limit: list[str] | None = None,
+    say: Callable[[str], None] = print,
+) -> int:
     """Roll the inventory out; prints progress and the per-host table; returns the exit code
     (0: every host at the target; 1: a host failed or the rollout stopped)."""
     inventory = load_inventory(inventory_path, data)
@@ -275,9 +286,11 @@ def rollout(inventory_path: str, data: dict, batch_spec: str = DEFAULT_BATCHES, 
     say(f"--> reading {len(targets)} hosts")
     pending = plan.survey()
     sizes = batch_sizes(batch_spec, len(pending))
-    batches = [pending[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
-    say(f"    {len(targets) - len(pending) - plan.failed_count()} at the target, {plan.failed_count()} failed to read, "
-        f"{len(pending)} to update in {len(batches)} batches ({', '.join(map(str, sizes))})")
+    batches = [pending[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+    say(
+        f"    {len(targets) - len(pending) - plan.failed_count()} at the target, {plan.failed_count()} failed to read, "
+        f"{len(pending)} to update in {len(batches)} batches ({', '.join(map(str, sizes))})"
+    )
 
     def over_budget() -> str | None:
         failed = plan.failed_count()

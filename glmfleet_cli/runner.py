@@ -59,8 +59,10 @@ def load_inventory(path: str, data: dict[str, Any] | None = None) -> Inventory:
 def copy_inventory(inventory: Inventory) -> Inventory:
     """The same hosts, groups and data in new Host objects."""
     names = [(host.name, inventory.host_data[host.name]) for host in inventory]
-    groups = {name: ([host.name for host in inventory.groups.get(name, [])], data)
-              for name, data in inventory.group_data.items()}
+    groups = {
+        name: ([host.name for host in inventory.groups.get(name, [])], data)
+        for name, data in inventory.group_data.items()
+    }
     return Inventory((names, inventory.data), override_data=inventory.override_data, **groups)
 
 
@@ -168,7 +170,8 @@ class Run:
         """Host name -> why it failed: its connection error, or the output of the first
         operation that failed on it."""
         return {
-            host.name: self.unreachable.get(host.name) or self.plan_errors.get(host.name)
+            host.name: self.unreachable.get(host.name)
+            or self.plan_errors.get(host.name)
             or self._failed_op_output(host)
             for host in self.state.failed_hosts
         }

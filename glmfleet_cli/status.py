@@ -49,8 +49,9 @@ def render(rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows)
 
 
-def fleet_status(inventory_path: str, data: dict, limit: list[str] | None = None,
-                 say: Callable[[str], None] = print) -> int:
+def fleet_status(
+    inventory_path: str, data: dict, limit: list[str] | None = None, say: Callable[[str], None] = print
+) -> int:
     """Print the table; returns 1 when a host is unreachable or does not serve, else 0."""
     inventory = load_inventory(inventory_path, data)
     names = select(inventory, limit or [])

@@ -25,8 +25,19 @@ from roles import (
     vllm_venv,
 )
 
-SERVING_ROLES = (preflight, site_credentials, nvidia_driver, container_toolkit, vllm_venv, vllm_image, glm4_patch,
-                 model_weights, vllm_flags, vllm_service, verify)
+SERVING_ROLES = (
+    preflight,
+    site_credentials,
+    nvidia_driver,
+    container_toolkit,
+    vllm_venv,
+    vllm_image,
+    glm4_patch,
+    model_weights,
+    vllm_flags,
+    vllm_service,
+    verify,
+)
 ROLES = (*SERVING_ROLES, gateway)
 config.use_roles(ROLES)
 # What a rollout prepares while the host still serves (serving_host's stage_only).
@@ -58,8 +69,15 @@ def prepare_control_node(inventory) -> None:
 def ask_roles(roles) -> None:
     """Ask the host everything ``roles`` will read, in one command (``facts.engine.ask_together``)."""
     cfg = host_config(host)
-    ask_together(host, {f"{role.__name__}.{name}": question for role in roles if hasattr(role, "questions")
-                        for name, question in role.questions(cfg).items()})
+    ask_together(
+        host,
+        {
+            f"{role.__name__}.{name}": question
+            for role in roles
+            if hasattr(role, "questions")
+            for name, question in role.questions(cfg).items()
+        },
+    )
 
 
 def serving_host(stage_only=False):
@@ -94,5 +112,7 @@ def serving_host(stage_only=False):
     # Serving needs the GPU: a host waiting for its reboot into the new driver stops here.
     if not driver.ready:
         return None
-    started = vllm_service.vllm_service(restart_when=[*runtime_changed, *new_weights, *toolkit_changed, *driver.changes])
+    started = vllm_service.vllm_service(
+        restart_when=[*runtime_changed, *new_weights, *toolkit_changed, *driver.changes]
+    )
     return started, verify.verify(changes=planned(started))

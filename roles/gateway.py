@@ -23,12 +23,18 @@ from glmfleet.facts.network import ListeningPorts
 from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import (
     GATEWAY_CONFIG as CONFIG_PATH,
+)
+from glmfleet.layout import (
     GATEWAY_KEYS as KEYS_PATH,
+)
+from glmfleet.layout import (
     NGINX,
-    NGINX_DEFAULT_SITE as DEFAULT_SITE,
     NGINX_ERROR_LOG,
     NGINX_PID,
     NGINX_UNIT,
+)
+from glmfleet.layout import (
+    NGINX_DEFAULT_SITE as DEFAULT_SITE,
 )
 from glmfleet.operations import apt_install, planned, stop_host, upload
 from glmfleet.shell import quote
@@ -50,34 +56,53 @@ RELOAD_WAIT_S = 30
 ROUTABLE_NAME = re.compile(r"[A-Za-z0-9._:@+/-]+")
 
 SETTINGS = (
-    Setting("gateway_listen_address", "127.0.0.1", "address the gateway listens on (hosts of the `gateway` group; "
-            "another than loopback needs vllm_api_key, or vllm_allow_unauthenticated)", checks.listen_address),
+    Setting(
+        "gateway_listen_address",
+        "127.0.0.1",
+        "address the gateway listens on (hosts of the `gateway` group; "
+        "another than loopback needs vllm_api_key, or vllm_allow_unauthenticated)",
+        checks.listen_address,
+    ),
     Setting("gateway_port", 8080, "TCP port the gateway listens on", checks.int_in(1, 65535)),
-    Setting("gateway_request_timeout", 600, "seconds the gateway waits on an upstream (a long generation)",
-            checks.int_in(10, 86400)),
+    Setting(
+        "gateway_request_timeout",
+        600,
+        "seconds the gateway waits on an upstream (a long generation)",
+        checks.int_in(10, 86400),
+    ),
 )
 
 
 def listens_on(address: str, port: int, other_address: str, other_port: int) -> bool:
     """Whether two listeners on one host collide: the same port where either takes every address."""
-    return port == other_port and (address == other_address or "0.0.0.0" in (address, other_address)
-                                   or "::" in (address, other_address))
+    return port == other_port and (
+        address == other_address or "0.0.0.0" in (address, other_address) or "::" in (address, other_address)
+    )
 
 
 def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     found = []
-    if GATEWAY_GROUP in groups and listens_on(cfg["gateway_listen_address"], cfg["gateway_port"], cfg["vllm_host"],
-                                              cfg["vllm_port"]):
-        found.append(f"gateway_port = {cfg['gateway_port']} on {cfg['gateway_listen_address']} is also vllm_port on "
-                     f"{cfg['vllm_host']} of this host, which serves and runs the gateway: set gateway_port to another port")
+    if GATEWAY_GROUP in groups and listens_on(
+        cfg["gateway_listen_address"], cfg["gateway_port"], cfg["vllm_host"], cfg["vllm_port"]
+    ):
+        found.append(
+            f"gateway_port = {cfg['gateway_port']} on {cfg['gateway_listen_address']} is also vllm_port on "
+            f"{cfg['vllm_host']} of this host, which serves and runs the gateway: set gateway_port to another port"
+        )
     name = cfg["vllm_served_model_name"] or cfg["model"]
     if not ROUTABLE_NAME.fullmatch(name):
         key = "vllm_served_model_name" if cfg["vllm_served_model_name"] else "model"
         found.append(f"{key} = {name!r} cannot be routed by the gateway; use letters, digits and . _ : @ + / -")
-    if not checks.is_loopback(cfg["gateway_listen_address"]) and not cfg["vllm_api_key"] and not cfg["vllm_allow_unauthenticated"]:
-        found.append(f"gateway_listen_address = {cfg['gateway_listen_address']!r} lets every client that reaches the gateway "
-                     "use the fleet, and vllm_api_key is not set: set vllm_api_key, or vllm_allow_unauthenticated: true if "
-                     "the network is trusted")
+    if (
+        not checks.is_loopback(cfg["gateway_listen_address"])
+        and not cfg["vllm_api_key"]
+        and not cfg["vllm_allow_unauthenticated"]
+    ):
+        found.append(
+            f"gateway_listen_address = {cfg['gateway_listen_address']!r} lets every client that reaches the gateway "
+            "use the fleet, and vllm_api_key is not set: set vllm_api_key, or vllm_allow_unauthenticated: true if "
+            "the network is trusted"
+        )
     return found
 
 
@@ -98,21 +123,29 @@ def pool(inventory, out_of_pool=frozenset()) -> list[dict]:
     models: dict[str, list[dict]] = {}
     for member in inventory:
         cfg = host_config(member)
-        models.setdefault(served_model_name(cfg), []).append({
-            "host": member.name,
-            "address": upstream_address(member.name, member.data.dict(), cfg),
-            "in_pool": member.name not in out_of_pool,
-        })
-    return [{"name": name, "upstream": f"glmfleet_model_{index}", "pattern": re.escape(name), "servers": servers}
-            for index, (name, servers) in enumerate(models.items())]
+        models.setdefault(served_model_name(cfg), []).append(
+            {
+                "host": member.name,
+                "address": upstream_address(member.name, member.data.dict(), cfg),
+                "in_pool": member.name not in out_of_pool,
+            }
+        )
+    return [
+        {"name": name, "upstream": f"glmfleet_model_{index}", "pattern": re.escape(name), "servers": servers}
+        for index, (name, servers) in enumerate(models.items())
+    ]
 
 
 def render_config(cfg: HostConfig, models: list[dict]) -> str:
     listen = cfg.gateway_listen_address
     return get_template(str(TEMPLATE)).render(
         models=models,
-        models_json=json.dumps({"object": "list", "data": [
-            {"id": model["name"], "object": "model", "owned_by": "glmfleet"} for model in models]}),
+        models_json=json.dumps(
+            {
+                "object": "list",
+                "data": [{"id": model["name"], "object": "model", "owned_by": "glmfleet"} for model in models],
+            }
+        ),
         listen=f"[{listen}]:{cfg.gateway_port}" if ":" in listen else f"{listen}:{cfg.gateway_port}",
         api_key=cfg.vllm_api_key,
         keys_file=KEYS_PATH,
@@ -152,7 +185,7 @@ def reload_command() -> str:
         f"for i in $(seq {RELOAD_WAIT_S * 20}); do left=; "
         "for p in $old; do case \"$(tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null)\" in "
         "''|*'is shutting down'*) ;; *) left=1;; esac; done; "
-        "test -z \"$left\" && exit 0; "
+        'test -z "$left" && exit 0; '
         f"if tail -c +$((logged + 1)) {log} 2>/dev/null | grep -F '[emerg]' >&2; then "
         f"echo {quote('nginx kept its old configuration: it could not apply the new one (above)')} >&2; exit 1; fi; "
         "sleep 0.05; done; "
@@ -161,8 +194,12 @@ def reload_command() -> str:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    return {"managed": Question(ManagedPaths, {"paths": [NGINX, DEFAULT_SITE, KEYS_PATH, CONFIG_PATH], "units": [NGINX_UNIT]}),
-            "listeners": Question(ListeningPorts, {"port": cfg.gateway_port})}
+    return {
+        "managed": Question(
+            ManagedPaths, {"paths": [NGINX, DEFAULT_SITE, KEYS_PATH, CONFIG_PATH], "units": [NGINX_UNIT]}
+        ),
+        "listeners": Question(ListeningPorts, {"port": cfg.gateway_port}),
+    }
 
 
 @deploy("gateway")
@@ -181,12 +218,21 @@ def gateway(out_of_pool=frozenset()):
     cfg = host_config(host)
     answers = ask_together(host, questions(cfg))
     managed = answers["managed"]
-    holders = sorted({unit or "a process outside any systemd service" for port, unit in answers["listeners"]
-                      if port == cfg.gateway_port and unit != NGINX_UNIT})
+    holders = sorted(
+        {
+            unit or "a process outside any systemd service"
+            for port, unit in answers["listeners"]
+            if port == cfg.gateway_port and unit != NGINX_UNIT
+        }
+    )
     if holders:
-        stop_host(name=f"stop: gateway_port {cfg.gateway_port} is taken", reason=(
-            f"gateway_port = {cfg.gateway_port} is already in use by {' and '.join(holders)}: set gateway_port to a free "
-            "port, or stop what holds it"))
+        stop_host(
+            name=f"stop: gateway_port {cfg.gateway_port} is taken",
+            reason=(
+                f"gateway_port = {cfg.gateway_port} is already in use by {' and '.join(holders)}: set gateway_port to a free "
+                "port, or stop what holds it"
+            ),
+        )
         return
     nginx = managed["units"].get(NGINX_UNIT, {"enabled": False, "running": False})
     # Refresh apt only when something must be installed: a converged host reports no change.
@@ -198,14 +244,23 @@ def gateway(out_of_pool=frozenset()):
     default_site = None
     if installing or DEFAULT_SITE in managed["paths"]:
         default_site = files.link(name="no default site", path=DEFAULT_SITE, present=False)
-    keys = upload(managed, KEYS_PATH, render_keys(cfg.vllm_api_key), mode="600", name=f"API keys {KEYS_PATH}", secret=True)
-    config = upload(managed, CONFIG_PATH, render_config(cfg, pool(host.inventory, out_of_pool)),
-                    name=f"gateway config {CONFIG_PATH}")
+    keys = upload(
+        managed, KEYS_PATH, render_keys(cfg.vllm_api_key), mode="600", name=f"API keys {KEYS_PATH}", secret=True
+    )
+    config = upload(
+        managed,
+        CONFIG_PATH,
+        render_config(cfg, pool(host.inventory, out_of_pool)),
+        name=f"gateway config {CONFIG_PATH}",
+    )
     if not (nginx["enabled"] and nginx["running"]):
         systemd.service(name="nginx running", service=NGINX_UNIT, running=True, enabled=True)
     changed = planned(default_site, keys, config)
     # An nginx not running before this run may be started before the configuration is written
     # (the package starts it on install), so it reloads in any case; a running one on a change.
     if changed or not nginx["running"]:
-        server.shell(name="reload nginx, wait until the new pool is in force", commands=[reload_command()],
-                     _if=[any_changed(*changed)] if nginx["running"] else [])
+        server.shell(
+            name="reload nginx, wait until the new pool is in force",
+            commands=[reload_command()],
+            _if=[any_changed(*changed)] if nginx["running"] else [],
+        )

@@ -11,9 +11,12 @@ from glmfleet import FILES
 from glmfleet.compat import GLM4_BROKEN_IN, needs_glm4_patch
 from glmfleet.config import HostConfig, host_config
 from glmfleet.facts.engine import Question, ask_together
-from glmfleet.facts.vllm import Glm4Source
 from glmfleet.facts.packages import DebPackageStates
-from glmfleet.layout import GLM4_PATCH as PATCH, GLM4_PATCH_SCRIPT as SCRIPT, IMAGE_GLM4, PATCHED_GLM4 as PATCHED_FOR_IMAGE
+from glmfleet.facts.vllm import Glm4Source
+from glmfleet.layout import GLM4_PATCH as PATCH
+from glmfleet.layout import GLM4_PATCH_SCRIPT as SCRIPT
+from glmfleet.layout import IMAGE_GLM4
+from glmfleet.layout import PATCHED_GLM4 as PATCHED_FOR_IMAGE
 from glmfleet.operations import apt_install, packages_due
 from glmfleet.shell import join, quote
 from roles.vllm_image import image_ref
@@ -32,8 +35,11 @@ def needs_patch(cfg: HostConfig) -> bool:
 def questions(cfg: HostConfig) -> dict[str, Question]:
     if not needs_patch(cfg):
         return {}
-    patched = (Question(Sha256File, {"path": PATCHED_FOR_IMAGE}) if cfg.vllm_runtime == "image"
-               else Question(Glm4Source, {"venv": venv_dir(cfg)}))
+    patched = (
+        Question(Sha256File, {"path": PATCHED_FOR_IMAGE})
+        if cfg.vllm_runtime == "image"
+        else Question(Glm4Source, {"venv": venv_dir(cfg)})
+    )
     return {"patched_sha256": patched, "debs": Question(DebPackageStates, {})}
 
 
@@ -41,9 +47,12 @@ def derive_command(image: str) -> str:
     """Image runtime: copy glm4.py out of the image and write the patched file from it; the
     script refuses any copy that is not 0.8.4's original."""
     copied = f"{PATCHED_FOR_IMAGE}.image"
-    return (f"set -e; id=$(docker create {quote(image)}); trap 'docker rm \"$id\" >/dev/null' EXIT; "
-            f"docker cp \"$id:\"{quote(IMAGE_GLM4)} {quote(copied)}; "
-            + join(["python3", SCRIPT, "derive", *CHECKSUMS, PATCH, copied, PATCHED_FOR_IMAGE]) + f"; rm -f {quote(copied)}")
+    return (
+        f"set -e; id=$(docker create {quote(image)}); trap 'docker rm \"$id\" >/dev/null' EXIT; "
+        f'docker cp "$id:"{quote(IMAGE_GLM4)} {quote(copied)}; '
+        + join(["python3", SCRIPT, "derive", *CHECKSUMS, PATCH, copied, PATCHED_FOR_IMAGE])
+        + f"; rm -f {quote(copied)}"
+    )
 
 
 @deploy("glm4.py patch")
@@ -73,5 +82,9 @@ def glm4_patch():
         files.directory(name="patched glm4.py directory", path=PATCHED_FOR_IMAGE.rsplit("/", 1)[0], mode="755")
         return [server.shell(name=f"patched glm4.py from {image_ref(cfg)}", commands=[derive_command(image_ref(cfg))])]
     venv = venv_dir(cfg)
-    return [server.shell(name=f"patch glm4.py of vLLM {BUGGY_VERSION} in {venv}",
-                         commands=[join([f"{venv}/bin/python", SCRIPT, "apply", "--vllm", BUGGY_VERSION, *CHECKSUMS, PATCH])])]
+    return [
+        server.shell(
+            name=f"patch glm4.py of vLLM {BUGGY_VERSION} in {venv}",
+            commands=[join([f"{venv}/bin/python", SCRIPT, "apply", "--vllm", BUGGY_VERSION, *CHECKSUMS, PATCH])],
+        )
+    ]

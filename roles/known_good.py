@@ -33,36 +33,43 @@ def keep_command(cfg: HostConfig) -> str:
     """Copy unit, env file and the `current` venv link's target (empty for the image runtime,
     whose unit names its image) aside, replacing the last copy only once the new one is complete."""
     new, good = quote(f"{KNOWN_GOOD_DIR}.new"), quote(KNOWN_GOOD_DIR)
-    return " && ".join([
-        f"rm -rf {new}", f"mkdir -m 700 {new}",
-        f"cp -p {quote(UNIT_PATH)} {new}/{quote(UNIT)}", f"cp -p {quote(ENV_FILE)} {new}/vllm.env",
-        f"{{ readlink {quote(cfg.vllm_venv_root + '/current')} || true; }} > {new}/venv",
-        f"rm -rf {good}", f"mv {new} {good}",
-    ])
+    return " && ".join(
+        [
+            f"rm -rf {new}",
+            f"mkdir -m 700 {new}",
+            f"cp -p {quote(UNIT_PATH)} {new}/{quote(UNIT)}",
+            f"cp -p {quote(ENV_FILE)} {new}/vllm.env",
+            f"{{ readlink {quote(cfg.vllm_venv_root + '/current')} || true; }} > {new}/venv",
+            f"rm -rf {good}",
+            f"mv {new} {good}",
+        ]
+    )
 
 
 def restore_command(cfg: HostConfig) -> str:
     """Put the known-good unit, env file and venv back and restart; the venv replaced becomes
     `previous`, as a venv switch would leave it."""
     root = quote(cfg.vllm_venv_root)
-    return "; ".join([
-        "set -e",
-        f"test -f {quote(KNOWN_GOOD_VENV)} || "
-        "{ echo 'no known-good state on this host: nothing to roll back to'; exit 1; }",
-        f"good=$(cat {quote(KNOWN_GOOD_VENV)})",
-        f'test -z "$good" || test -e {root}/"$good"/{quote(COMPLETE_MARKER)} || '
-        '{ echo "the known-good venv $good is gone"; exit 1; }',
-        f"replaced=$(readlink {root}/current || true)",
-        f"cp -p {quote(KNOWN_GOOD_UNIT)} {quote(UNIT_PATH)}",
-        f"cp -p {quote(KNOWN_GOOD_ENV)} {quote(ENV_FILE)}",
-        f'if [ -n "$good" ]; then cd {root} && ln -sfn "$good" current.new && mv -Tf current.new current; fi',
-        'if [ -n "$good" ] && [ -n "$replaced" ] && [ "$replaced" != "$good" ]; then '
-        'ln -sfn "$replaced" previous.new && mv -Tf previous.new previous; fi',
-        "systemctl daemon-reload",
-        f"systemctl reset-failed {quote(UNIT)} 2>/dev/null || true",
-        f"systemctl restart {quote(UNIT)}",
-        'echo "rolled back to the known-good unit${good:+ and venv ${good#venvs/}}"',
-    ])
+    return "; ".join(
+        [
+            "set -e",
+            f"test -f {quote(KNOWN_GOOD_VENV)} || "
+            "{ echo 'no known-good state on this host: nothing to roll back to'; exit 1; }",
+            f"good=$(cat {quote(KNOWN_GOOD_VENV)})",
+            f'test -z "$good" || test -e {root}/"$good"/{quote(COMPLETE_MARKER)} || '
+            '{ echo "the known-good venv $good is gone"; exit 1; }',
+            f"replaced=$(readlink {root}/current || true)",
+            f"cp -p {quote(KNOWN_GOOD_UNIT)} {quote(UNIT_PATH)}",
+            f"cp -p {quote(KNOWN_GOOD_ENV)} {quote(ENV_FILE)}",
+            f'if [ -n "$good" ]; then cd {root} && ln -sfn "$good" current.new && mv -Tf current.new current; fi',
+            'if [ -n "$good" ] && [ -n "$replaced" ] && [ "$replaced" != "$good" ]; then '
+            'ln -sfn "$replaced" previous.new && mv -Tf previous.new previous; fi',
+            "systemctl daemon-reload",
+            f"systemctl reset-failed {quote(UNIT)} 2>/dev/null || true",
+            f"systemctl restart {quote(UNIT)}",
+            'echo "rolled back to the known-good unit${good:+ and venv ${good#venvs/}}"',
+        ]
+    )
 
 
 def serves(unit: dict | None) -> bool:

@@ -16,7 +16,8 @@ from glmfleet.facts.engine import Question, ask, ask_together
 from glmfleet.facts.gpu import DriverBranchesOffered, GpuHost
 from glmfleet.facts.packages import DebPackageStates
 from glmfleet.facts.paths import ManagedPaths
-from glmfleet.layout import NOUVEAU_BLACKLIST, NVIDIA_HOLD_CONF as UNATTENDED_CONF, PERSISTENCED_DROPIN
+from glmfleet.layout import NOUVEAU_BLACKLIST, PERSISTENCED_DROPIN
+from glmfleet.layout import NVIDIA_HOLD_CONF as UNATTENDED_CONF
 from glmfleet.operations import (
     apt_hold,
     apt_install,
@@ -34,34 +35,78 @@ from glmfleet.operations import (
 CUDA_REPO = "https://developer.download.nvidia.com/compute/cuda/repos/{distro}/{arch}"
 
 # Three digits; ``--data nvidia_driver_branch=580`` arrives as an int, which is fine too.
-branch = checks.Check(lambda v: type(v) in (str, int) and re.fullmatch(r"[0-9]{3}", str(v)) is not None, "a branch such as '580'")
+branch = checks.Check(
+    lambda v: type(v) in (str, int) and re.fullmatch(r"[0-9]{3}", str(v)) is not None, "a branch such as '580'"
+)
 driver_version = checks.matches(r"[0-9]{3}\.[0-9]+(\.[0-9]+)?", "a version such as '580.95.05'")
 
 SETTINGS = (
-    Setting("nvidia_driver_source", "distro",
-            "where the driver comes from: the distro's archive (Ubuntu: Canonical-signed modules; Debian: non-free, "
-            "DKMS), NVIDIA's CUDA apt repository (DKMS), or none (the host's driver is managed elsewhere)",
-            checks.one_of("distro", "cuda-repo", "none")),
-    Setting("nvidia_driver_branch", None, "driver branch (default: per distro and source, the newest production branch "
-            "its repositories offer: Debian 12's archive 535; Ubuntu's and NVIDIA's repository 580); a branch the host's "
-            "repositories do not offer stops that host before anything changes, naming those they offer",
-            checks.optional(branch)),
-    Setting("nvidia_driver_version", None, "exact driver version within the branch, e.g. '580.95.05' (default: the "
-            "newest of the branch at install time, then held)", checks.optional(driver_version)),
-    Setting("nvidia_driver_open", None, "use the open kernel modules (default: only where the GPUs require them, "
-            "Blackwell and later)", checks.optional(checks.boolean)),
-    Setting("nvidia_fabric_manager", None, "install and run Fabric Manager (default: when the host has NVSwitches, "
-            "as 8-GPU SXM machines do)", checks.optional(checks.boolean)),
-    Setting("nvidia_allow_reboot", False, "reboot the host when its driver changed, then check nvidia-smi sees every "
-            "GPU; otherwise the run reports 'reboot required' and skips what needs the GPU", checks.boolean),
-    Setting("nvidia_reboot_timeout", 900, "seconds a rebooting host may take to come back (big servers POST slowly)",
-            checks.int_in(60, 7200)),
-    Setting("nvidia_cuda_repo_url", CUDA_REPO, "NVIDIA's CUDA apt repository (or a mirror); {distro} becomes "
-            "ubuntu2204, ubuntu2404 or debian12 and {arch} x86_64 or sbsa", checks.url_template("distro", "arch")),
-    Setting("nvidia_cuda_repo_key_url", CUDA_REPO + "/3bf863cc.pub", "the CUDA repository's signing key (same "
-            "placeholders)", checks.url_template("distro", "arch")),
-    Setting("nvidia_cuda_repo_key_sha256", None, "sha256 of that key file; when set, another key is refused",
-            checks.optional(checks.sha256)),
+    Setting(
+        "nvidia_driver_source",
+        "distro",
+        "where the driver comes from: the distro's archive (Ubuntu: Canonical-signed modules; Debian: non-free, "
+        "DKMS), NVIDIA's CUDA apt repository (DKMS), or none (the host's driver is managed elsewhere)",
+        checks.one_of("distro", "cuda-repo", "none"),
+    ),
+    Setting(
+        "nvidia_driver_branch",
+        None,
+        "driver branch (default: per distro and source, the newest production branch "
+        "its repositories offer: Debian 12's archive 535; Ubuntu's and NVIDIA's repository 580); a branch the host's "
+        "repositories do not offer stops that host before anything changes, naming those they offer",
+        checks.optional(branch),
+    ),
+    Setting(
+        "nvidia_driver_version",
+        None,
+        "exact driver version within the branch, e.g. '580.95.05' (default: the "
+        "newest of the branch at install time, then held)",
+        checks.optional(driver_version),
+    ),
+    Setting(
+        "nvidia_driver_open",
+        None,
+        "use the open kernel modules (default: only where the GPUs require them, Blackwell and later)",
+        checks.optional(checks.boolean),
+    ),
+    Setting(
+        "nvidia_fabric_manager",
+        None,
+        "install and run Fabric Manager (default: when the host has NVSwitches, as 8-GPU SXM machines do)",
+        checks.optional(checks.boolean),
+    ),
+    Setting(
+        "nvidia_allow_reboot",
+        False,
+        "reboot the host when its driver changed, then check nvidia-smi sees every "
+        "GPU; otherwise the run reports 'reboot required' and skips what needs the GPU",
+        checks.boolean,
+    ),
+    Setting(
+        "nvidia_reboot_timeout",
+        900,
+        "seconds a rebooting host may take to come back (big servers POST slowly)",
+        checks.int_in(60, 7200),
+    ),
+    Setting(
+        "nvidia_cuda_repo_url",
+        CUDA_REPO,
+        "NVIDIA's CUDA apt repository (or a mirror); {distro} becomes "
+        "ubuntu2204, ubuntu2404 or debian12 and {arch} x86_64 or sbsa",
+        checks.url_template("distro", "arch"),
+    ),
+    Setting(
+        "nvidia_cuda_repo_key_url",
+        CUDA_REPO + "/3bf863cc.pub",
+        "the CUDA repository's signing key (same placeholders)",
+        checks.url_template("distro", "arch"),
+    ),
+    Setting(
+        "nvidia_cuda_repo_key_sha256",
+        None,
+        "sha256 of that key file; when set, another key is refused",
+        checks.optional(checks.sha256),
+    ),
 )
 
 
@@ -69,18 +114,42 @@ def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> lis
     found = []
     version, branch = cfg["nvidia_driver_version"], cfg["nvidia_driver_branch"]
     if version and branch is not None and not version.startswith(f"{branch}."):
-        found.append(f"nvidia_driver_version = {version!r} is not in nvidia_driver_branch = {branch!r}; "
-                     f"set nvidia_driver_branch to {version.split('.')[0]!r}")
+        found.append(
+            f"nvidia_driver_version = {version!r} is not in nvidia_driver_branch = {branch!r}; "
+            f"set nvidia_driver_branch to {version.split('.')[0]!r}"
+        )
     return found
 
 
 # What glmfleet holds: driver and kernel packages move together or not at all.
-HOLD_PATTERNS = ["*nvidia*", "libcuda*", "libnvcuvid*", "cuda-drivers*", "linux-image-*", "linux-headers-*",
-                 "linux-modules-*", "linux-objects-*", "linux-signatures-*", "linux-generic*"]
+HOLD_PATTERNS = [
+    "*nvidia*",
+    "libcuda*",
+    "libnvcuvid*",
+    "cuda-drivers*",
+    "linux-image-*",
+    "linux-headers-*",
+    "linux-modules-*",
+    "linux-objects-*",
+    "linux-signatures-*",
+    "linux-generic*",
+]
 # The same, as the regular expressions unattended-upgrades' Package-Blacklist takes.
-UNATTENDED_BLACKLIST = ["nvidia-", "libnvidia-", "libcuda", "libnvcuvid", "cuda-drivers", "firmware-nvidia",
-                        "xserver-xorg-video-nvidia", "linux-image-", "linux-headers-", "linux-modules-",
-                        "linux-objects-", "linux-signatures-", "linux-generic"]
+UNATTENDED_BLACKLIST = [
+    "nvidia-",
+    "libnvidia-",
+    "libcuda",
+    "libnvcuvid",
+    "cuda-drivers",
+    "firmware-nvidia",
+    "xserver-xorg-video-nvidia",
+    "linux-image-",
+    "linux-headers-",
+    "linux-modules-",
+    "linux-objects-",
+    "linux-signatures-",
+    "linux-generic",
+]
 DISTRO_REPOS = {("ubuntu", "22.04"): "ubuntu2204", ("ubuntu", "24.04"): "ubuntu2404", ("debian", "12"): "debian12"}
 CUDA_ARCH = {"amd64": "x86_64", "arm64": "sbsa"}
 
@@ -120,7 +189,9 @@ def wanted_branch(cfg: HostConfig, gpu: dict) -> str:
         return str(cfg.nvidia_driver_branch)
     if cfg.nvidia_driver_version:
         return cfg.nvidia_driver_version.split(".")[0]
-    return DEFAULT_BRANCH_BY_DISTRO.get((cfg.nvidia_driver_source, gpu["distro"], gpu["distro_version"]), DEFAULT_BRANCH)
+    return DEFAULT_BRANCH_BY_DISTRO.get(
+        (cfg.nvidia_driver_source, gpu["distro"], gpu["distro_version"]), DEFAULT_BRANCH
+    )
 
 
 def version_glob(cfg: HostConfig, gpu: dict) -> str:
@@ -166,7 +237,9 @@ def driver_plan(cfg: HostConfig, gpu: dict) -> DriverPlan:
         )
     # NVIDIA's CUDA repository: the branch metapackages of its installation guide.
     meta = f"nvidia-open-{branch}" if wants_open(cfg, gpu) else f"cuda-drivers-{branch}"
-    return DriverPlan(packages={meta: glob}, fabric_manager=f"nvidia-fabricmanager-{branch}", dkms=True, headers=headers)
+    return DriverPlan(
+        packages={meta: glob}, fabric_manager=f"nvidia-fabricmanager-{branch}", dkms=True, headers=headers
+    )
 
 
 def running_driver_is_wanted(cfg: HostConfig, gpu: dict) -> bool:
@@ -179,22 +252,30 @@ def running_driver_is_wanted(cfg: HostConfig, gpu: dict) -> bool:
 
 
 def cuda_repo_url(template: str, gpu: dict) -> str:
-    return template.format(distro=DISTRO_REPOS.get((gpu["distro"], gpu["distro_version"]), "unsupported"),
-                           arch=CUDA_ARCH.get(gpu["arch"], gpu["arch"]))
+    return template.format(
+        distro=DISTRO_REPOS.get((gpu["distro"], gpu["distro_version"]), "unsupported"),
+        arch=CUDA_ARCH.get(gpu["arch"], gpu["arch"]),
+    )
 
 
 def host_problems(cfg: HostConfig, gpu: dict, plan: DriverPlan, installing: bool) -> list[str]:
     """Why this host cannot get the wanted driver, each with the fix; empty when it can."""
     found = []
     if (gpu["distro"], gpu["distro_version"]) not in DISTRO_REPOS:
-        found.append(f"{gpu['distro']} {gpu['distro_version']} is not supported: glmfleet installs the driver on "
-                     "Ubuntu 22.04/24.04 and Debian 12; set nvidia_driver_source: none to manage it yourself")
+        found.append(
+            f"{gpu['distro']} {gpu['distro_version']} is not supported: glmfleet installs the driver on "
+            "Ubuntu 22.04/24.04 and Debian 12; set nvidia_driver_source: none to manage it yourself"
+        )
     if gpu["open_modules_required"] and cfg.nvidia_driver_open is False:
-        found.append("this host's GPUs (Blackwell or later) work only with the open kernel modules; "
-                     "set nvidia_driver_open: true or leave it unset")
+        found.append(
+            "this host's GPUs (Blackwell or later) work only with the open kernel modules; "
+            "set nvidia_driver_open: true or leave it unset"
+        )
     if wants_fabric_manager(cfg, gpu) and plan.fabric_manager is None:
-        found.append(f"{gpu['nvswitches']} NVSwitch(es) need Fabric Manager, which Debian's archive does not "
-                     "package; set nvidia_driver_source: cuda-repo")
+        found.append(
+            f"{gpu['nvswitches']} NVSwitch(es) need Fabric Manager, which Debian's archive does not "
+            "package; set nvidia_driver_source: cuda-repo"
+        )
     if installing and plan.dkms and gpu["secure_boot"] and not gpu["signing_key_enrolled"]:
         found.append(
             f"Secure Boot is on and nvidia_driver_source: {cfg.nvidia_driver_source} builds the kernel module with "
@@ -216,9 +297,11 @@ def driver_problems(cfg: HostConfig, gpu: dict) -> list[str]:
         # Asked only where a driver is to be installed: a converged host makes no extra round trip.
         offered = ask(host, DriverBranchesOffered)
         if offered and wanted_branch(cfg, gpu) not in offered:
-            problems.append(f"nvidia_driver_branch {wanted_branch(cfg, gpu)} is not offered by this host's repositories "
-                            f"({gpu['distro']} {gpu['distro_version']} offers {', '.join(offered)}): set nvidia_driver_branch "
-                            "to one of them, or nvidia_driver_source: cuda-repo for NVIDIA's branches")
+            problems.append(
+                f"nvidia_driver_branch {wanted_branch(cfg, gpu)} is not offered by this host's repositories "
+                f"({gpu['distro']} {gpu['distro_version']} offers {', '.join(offered)}): set nvidia_driver_branch "
+                "to one of them, or nvidia_driver_source: cuda-repo for NVIDIA's branches"
+            )
     return problems
 
 
@@ -256,21 +339,31 @@ def gpu_question(cfg: HostConfig) -> Question:
 
 PERSISTENCED = "nvidia-persistenced.service"
 FABRIC_MANAGER = "nvidia-fabricmanager.service"
-NOUVEAU_BLACKLIST_TEXT = ("# Managed by glmfleet: the NVIDIA driver cannot load while nouveau holds the GPUs.\n"
-                          "blacklist nouveau\noptions nouveau modeset=0\n")
-UNATTENDED_TEXT = ("// Managed by glmfleet: the NVIDIA driver and the kernel change only together, in a deploy.\n"
-                   "Unattended-Upgrade::Package-Blacklist {\n"
-                   + "".join(f'    "{pattern}";\n' for pattern in UNATTENDED_BLACKLIST) + "};\n")
-PERSISTENCED_DROPIN_TEXT = ("# Managed by glmfleet: persistence mode on, so the GPUs stay initialised.\n[Service]\n"
-                            "ExecStart=\nExecStart=/usr/bin/nvidia-persistenced --user nvidia-persistenced --verbose\n")
+NOUVEAU_BLACKLIST_TEXT = (
+    "# Managed by glmfleet: the NVIDIA driver cannot load while nouveau holds the GPUs.\n"
+    "blacklist nouveau\noptions nouveau modeset=0\n"
+)
+UNATTENDED_TEXT = (
+    "// Managed by glmfleet: the NVIDIA driver and the kernel change only together, in a deploy.\n"
+    "Unattended-Upgrade::Package-Blacklist {\n"
+    + "".join(f'    "{pattern}";\n' for pattern in UNATTENDED_BLACKLIST)
+    + "};\n"
+)
+PERSISTENCED_DROPIN_TEXT = (
+    "# Managed by glmfleet: persistence mode on, so the GPUs stay initialised.\n[Service]\n"
+    "ExecStart=\nExecStart=/usr/bin/nvidia-persistenced --user nvidia-persistenced --verbose\n"
+)
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
     if cfg.nvidia_driver_source == "none":
         return {}
     paths = [NOUVEAU_BLACKLIST, UNATTENDED_CONF, PERSISTENCED_DROPIN, *apt_repository_question("cuda")]
-    return {"gpu": gpu_question(cfg), "debs": Question(DebPackageStates, {}),
-            "managed": Question(ManagedPaths, {"paths": paths, "units": [PERSISTENCED, FABRIC_MANAGER]})}
+    return {
+        "gpu": gpu_question(cfg),
+        "debs": Question(DebPackageStates, {}),
+        "managed": Question(ManagedPaths, {"paths": paths, "units": [PERSISTENCED, FABRIC_MANAGER]}),
+    }
 
 
 @deploy("NVIDIA driver")
@@ -310,15 +403,24 @@ def nvidia_driver() -> DriverState:
     if cfg.nvidia_driver_source == "cuda-repo":
         url, key_url = cuda_repo_url(cfg.nvidia_cuda_repo_url, gpu), cuda_repo_url(cfg.nvidia_cuda_repo_key_url, gpu)
         if repository_due(managed, "cuda", url, "/", [], cfg.nvidia_cuda_repo_key_sha256):
-            apt_repository(name="NVIDIA CUDA repository", repo="cuda", url=url, suite="/", components=[], key_url=key_url,
-                           key_sha256=cfg.nvidia_cuda_repo_key_sha256)
+            apt_repository(
+                name="NVIDIA CUDA repository",
+                repo="cuda",
+                url=url,
+                suite="/",
+                components=[],
+                key_url=key_url,
+                key_sha256=cfg.nvidia_cuda_repo_key_sha256,
+            )
     if not running and plan.dkms and not gpu["kernel_headers"] and not plan.headers:
         report(f"no headers package for the running kernel {gpu['kernel']}: DKMS cannot build the module for it")
     if packages_due(debs, {"pciutils": None}):
         apt_install(name="PCI tools (GPU and NVSwitch names)", packages={"pciutils": None})
     if upload(managed, NOUVEAU_BLACKLIST, NOUVEAU_BLACKLIST_TEXT, name="nouveau blacklisted"):
-        server.shell(name="initramfs rebuilt without nouveau",
-                     commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u -k all; fi"])
+        server.shell(
+            name="initramfs rebuilt without nouveau",
+            commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u -k all; fi"],
+        )
     installing = bool(packages_due(debs, packages))
     installed = apt_install(name=f"NVIDIA packages: {', '.join(packages)}", packages=packages) if installing else None
     driver_changes = installing and not running
@@ -337,8 +439,9 @@ def nvidia_driver() -> DriverState:
     if not (cfg.nvidia_allow_reboot and (driver_changes or gpu["gpus"])):
         report(reboot_reason(cfg, gpu, driver_changes))
         return DriverState(ready=False)
-    rebooted = server.reboot(name="reboot into the new driver", delay=10, interval=5,
-                             reboot_timeout=cfg.nvidia_reboot_timeout)
+    rebooted = server.reboot(
+        name="reboot into the new driver", delay=10, interval=5, reboot_timeout=cfg.nvidia_reboot_timeout
+    )
     if not gpu["gpus"]:
         report("rebooted; no NVIDIA GPU on the PCI bus, so nothing for the driver to drive")
         return DriverState(ready=False, changes=planned(installed, rebooted))
@@ -358,10 +461,14 @@ def persistence_daemon(cfg: HostConfig, gpu: dict, managed: dict, start: bool) -
     Returns the operations that (re)start it."""
     changes = []
     if not (cfg.nvidia_driver_source == "distro" and gpu["distro"] == "debian"):
-        dropin = upload(managed, PERSISTENCED_DROPIN, PERSISTENCED_DROPIN_TEXT, name="nvidia-persistenced keeps persistence mode on")
+        dropin = upload(
+            managed, PERSISTENCED_DROPIN, PERSISTENCED_DROPIN_TEXT, name="nvidia-persistenced keeps persistence mode on"
+        )
         if dropin:
             systemd.daemon_reload(name="systemd daemon-reload for nvidia-persistenced")
             if start:
-                changes.append(server.shell(name="restart nvidia-persistenced", commands=[f"systemctl restart {PERSISTENCED}"]))
+                changes.append(
+                    server.shell(name="restart nvidia-persistenced", commands=[f"systemctl restart {PERSISTENCED}"])
+                )
     changes.append(unit_enabled(managed, PERSISTENCED, name="nvidia-persistenced enabled", running=start))
     return planned(*changes)

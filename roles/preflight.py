@@ -14,6 +14,7 @@ from glmfleet.layout import UNIT
 from glmfleet.shell import fail_with
 from roles.nvidia_driver import driver_problems, gpu_question
 
+
 def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     """The catalog's rules: model against vLLM release, parsers, engine, companions, heads."""
     return compat.combination_problems(cfg)
@@ -24,7 +25,11 @@ def gpu_facts(gpu: dict) -> dict:
     while no driver answers, e.g. before the driver role installed one."""
     smi = gpu["smi"] or []
     memory = [card["memory_mib"] for card in smi if card["memory_mib"]]
-    return {"gpu_count": len(smi) or None, "gpu_memory_mib": min(memory, default=None), "driver_cuda_version": gpu["cuda_version"]}
+    return {
+        "gpu_count": len(smi) or None,
+        "gpu_memory_mib": min(memory, default=None),
+        "driver_cuda_version": gpu["cuda_version"],
+    }
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
@@ -50,11 +55,15 @@ def preflight():
     cfg = host_config(host)
     answers = ask_together(host, questions(cfg))
     gpus = gpu_facts(answers["gpu"])
-    for warning in compat.combination_warnings(cfg) + compat.host_warnings(cfg, driver_cuda_version=gpus["driver_cuda_version"]):
+    for warning in compat.combination_warnings(cfg) + compat.host_warnings(
+        cfg, driver_cuda_version=gpus["driver_cuda_version"]
+    ):
         logger.warning(f"{host.name}: {warning}")
     problems = compat.host_problems(cfg, **gpus, listeners=answers["listeners"], own_unit=UNIT)
     if cfg.nvidia_driver_source != "none":
         problems += driver_problems(cfg, answers["gpu"])
     if problems:
-        server.shell(name="preflight: the host cannot serve this configuration",
-                     commands=[fail_command([f"{host.name}: {problem}" for problem in problems])])
+        server.shell(
+            name="preflight: the host cannot serve this configuration",
+            commands=[fail_command([f"{host.name}: {problem}" for problem in problems])],
+        )

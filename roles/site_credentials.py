@@ -15,6 +15,7 @@ from glmfleet.layout import APT_AUTH, NETRC, SECRETS_DIR
 from glmfleet.operations import directory, upload
 from glmfleet.shell import quote
 
+
 def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     return credentials.problems(cfg)
 
@@ -40,5 +41,11 @@ def site_credentials():
         return
     directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")
     upload(managed, NETRC, credentials.render_netrc(entries), mode="600", name=f"site credentials {NETRC}", secret=True)
-    upload(managed, APT_AUTH, credentials.render_apt_auth(entries), mode="600", name=f"apt credentials {APT_AUTH}",
-           secret=True)
+    upload(
+        managed,
+        APT_AUTH,
+        credentials.render_apt_auth(entries),
+        mode="600",
+        name=f"apt credentials {APT_AUTH}",
+        secret=True,
+    )

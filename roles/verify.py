@@ -13,7 +13,8 @@ from glmfleet.facts.engine import Question, ask, ask_together
 from glmfleet.facts.output import host_script
 from glmfleet.facts.paths import ManagedPaths
 from glmfleet.facts.vllm import VllmServes
-from glmfleet.layout import ENV_FILE, UNIT, VERIFY_SCRIPT, local_url as url_of
+from glmfleet.layout import ENV_FILE, UNIT, VERIFY_SCRIPT
+from glmfleet.layout import local_url as url_of
 from glmfleet.operations import upload
 from glmfleet.shell import join, quote
 from roles.vllm_service import served_model_name
@@ -22,11 +23,19 @@ SOURCE = FILES / "verify_vllm.py"
 JOURNAL_HEADER = f"--- last lines of the {UNIT} journal:"
 
 SETTINGS = (
-    Setting("vllm_ready_timeout", 1800, "seconds the verify step waits for vLLM to serve (big models load for minutes)",
-            checks.int_in(0, 86400)),
-    Setting("verify_journal_lines", 40, "lines of the unit's journal shown when a host fails to serve", checks.int_in(0, 10000)),
+    Setting(
+        "vllm_ready_timeout",
+        1800,
+        "seconds the verify step waits for vLLM to serve (big models load for minutes)",
+        checks.int_in(0, 86400),
+    ),
+    Setting(
+        "verify_journal_lines",
+        40,
+        "lines of the unit's journal shown when a host fails to serve",
+        checks.int_in(0, 10000),
+    ),
 )
-
 
 
 def local_url(cfg: HostConfig) -> str:
@@ -68,8 +77,10 @@ def serving_now(cfg: HostConfig) -> dict:
     if connect is not None:
         script = host_script("verify_vllm")
         try:
-            return {"ok": True, "detail": script.check_once(local_url(cfg), served_model_name(cfg), cfg.vllm_api_key,
-                                                            connect=connect)}
+            return {
+                "ok": True,
+                "detail": script.check_once(local_url(cfg), served_model_name(cfg), cfg.vllm_api_key, connect=connect),
+            }
         except NotForwarded:
             pass
         except Exception as error:  # every failure is an answer: the host does not serve

@@ -13,7 +13,8 @@ from pyinfra.operations import files, server
 from glmfleet import FILES
 from glmfleet.config import HostConfig, host_config
 from glmfleet.facts.engine import Question, ask_together
-from glmfleet.layout import FLAGS_SCRIPT as SCRIPT, UNIT_PATH
+from glmfleet.layout import FLAGS_SCRIPT as SCRIPT
+from glmfleet.layout import UNIT_PATH
 from glmfleet.shell import assignments, join, quote
 from roles.vllm_image import image_ref
 from roles.vllm_service import FLAG_KEYS, render_unit, serve_args, service_question
@@ -39,7 +40,18 @@ def check_command(cfg: HostConfig) -> str:
     args = [*guard_argument(cfg), "--", *serve_args(cfg)]
     if cfg.vllm_runtime == "image":
         env = [arg for name, value in OFFLINE.items() for arg in ("--env", f"{name}={value}")]
-        docker = ["docker", "run", "--rm", "--interactive", "--network", "none", *env, "--entrypoint", "python3", image_ref(cfg)]
+        docker = [
+            "docker",
+            "run",
+            "--rm",
+            "--interactive",
+            "--network",
+            "none",
+            *env,
+            "--entrypoint",
+            "python3",
+            image_ref(cfg),
+        ]
         return f"{join([*docker, '-', *args])} < {quote(SCRIPT)}"
     return f"{assignments(OFFLINE)} {join([f'{venv_dir(cfg)}/bin/python', SCRIPT, *args])}"
 

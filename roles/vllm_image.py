@@ -16,24 +16,43 @@ from glmfleet.compat import needs_glm4_patch
 from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.facts.containers import ContainerHost
 from glmfleet.facts.engine import Question, ask_together
-from glmfleet.layout import CDI_SPEC, CONTAINER, DOCKER, ENV_FILE, IMAGE_ARCHIVE_DIR as ARCHIVE_DIR, IMAGE_GLM4, PATCHED_GLM4
+from glmfleet.layout import CDI_SPEC, CONTAINER, DOCKER, ENV_FILE, IMAGE_GLM4, PATCHED_GLM4
+from glmfleet.layout import IMAGE_ARCHIVE_DIR as ARCHIVE_DIR
 from glmfleet.shell import quote
 from roles.vllm_venv import state_dirs, state_dirs_question
 
 # A repository, optionally on a registry: ``vllm/vllm-openai``, ``mirror.example:5000/vllm/vllm-openai``.
 image_name_check = checks.matches(r"[a-z0-9]+([._:/-][a-z0-9]+)*", "an image name such as 'vllm/vllm-openai'")
-archive_path = checks.Check(lambda v: checks.local_path(v) and v.endswith((".tar", ".tar.gz", ".tgz")),
-                            "a path ending in .tar or .tar.gz")
+archive_path = checks.Check(
+    lambda v: checks.local_path(v) and v.endswith((".tar", ".tar.gz", ".tgz")), "a path ending in .tar or .tar.gz"
+)
 
 SETTINGS = (
-    Setting("vllm_image", "vllm/vllm-openai", "the vLLM image repository (a registry mirror's, on mirror-only sites)",
-            image_name_check),
-    Setting("vllm_image_tag", None, "the image tag (default: 'v' + vllm_version, as vLLM tags its releases)",
-            checks.optional(checks.matches(r"[\w.-]+", "a tag such as 'v0.22.0'"))),
-    Setting("vllm_image_digest", None, "the recorded manifest digest: pull and run exactly this image",
-            checks.optional(checks.matches(r"sha256:[0-9a-f]{64}", "'sha256:' and 64 hex digits"))),
-    Setting("vllm_image_archive", None, "a `docker save` archive on the control node, loaded instead of pulling "
-            "(air-gapped sites); it must hold the tagged image", checks.optional(archive_path)),
+    Setting(
+        "vllm_image",
+        "vllm/vllm-openai",
+        "the vLLM image repository (a registry mirror's, on mirror-only sites)",
+        image_name_check,
+    ),
+    Setting(
+        "vllm_image_tag",
+        None,
+        "the image tag (default: 'v' + vllm_version, as vLLM tags its releases)",
+        checks.optional(checks.matches(r"[\w.-]+", "a tag such as 'v0.22.0'")),
+    ),
+    Setting(
+        "vllm_image_digest",
+        None,
+        "the recorded manifest digest: pull and run exactly this image",
+        checks.optional(checks.matches(r"sha256:[0-9a-f]{64}", "'sha256:' and 64 hex digits")),
+    ),
+    Setting(
+        "vllm_image_archive",
+        None,
+        "a `docker save` archive on the control node, loaded instead of pulling "
+        "(air-gapped sites); it must hold the tagged image",
+        checks.optional(archive_path),
+    ),
 )
 
 
@@ -42,8 +61,10 @@ def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> lis
         return []
     found = []
     if cfg["vllm_image_archive"] and cfg["vllm_image_digest"]:
-        found.append("vllm_image_digest pins a registry pull, but vllm_image_archive is set: `docker load` keeps no "
-                     "registry digest; the archive's own image id is checked instead, so leave vllm_image_digest unset")
+        found.append(
+            "vllm_image_digest pins a registry pull, but vllm_image_archive is set: `docker load` keeps no "
+            "registry digest; the archive's own image id is checked instead, so leave vllm_image_digest unset"
+        )
     archive = cfg["vllm_image_archive"]
     if archive and not Path(archive).is_file():
         found.append(f"vllm_image_archive = {archive!r} is not a file on this control node")
@@ -55,8 +76,10 @@ def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> lis
             found.append(f"vllm_image_archive = {archive!r} is not a `docker save` archive ({error})")
         else:
             if tagged not in tags:
-                found.append(f"vllm_image_archive = {archive!r} holds {tags}, not {tagged}; set vllm_image/"
-                             "vllm_image_tag to the archive's tag")
+                found.append(
+                    f"vllm_image_archive = {archive!r} holds {tags}, not {tagged}; set vllm_image/"
+                    "vllm_image_tag to the archive's tag"
+                )
     return found
 
 
@@ -107,9 +130,26 @@ def docker_run(cfg: HostConfig) -> list[str]:
         mounts += ["--volume", f"{cfg.model_dir}:{cfg.model_dir}:ro"]
     mounts += image_volumes(cfg)
     return [
-        DOCKER, "run", "--rm", "--name", CONTAINER, *gpus,
-        "--network", "host", "--ipc", "host", "--ulimit", "memlock=-1", "--ulimit", "nofile=65536",
-        *mounts, "--env-file", ENV_FILE, "--entrypoint", "vllm", image_ref(cfg),
+        DOCKER,
+        "run",
+        "--rm",
+        "--name",
+        CONTAINER,
+        *gpus,
+        "--network",
+        "host",
+        "--ipc",
+        "host",
+        "--ulimit",
+        "memlock=-1",
+        "--ulimit",
+        "nofile=65536",
+        *mounts,
+        "--env-file",
+        ENV_FILE,
+        "--entrypoint",
+        "vllm",
+        image_ref(cfg),
     ]
 
 

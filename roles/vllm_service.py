@@ -44,44 +44,112 @@ def is_model(value) -> bool:
     """A catalog name (files/catalog.yaml) or a hub repo id (``owner/name``); a path is refused
     with its own message (model_dir)."""
     return checks.is_str(value) and (
-        checks.is_abs_path(value) or re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", value) is not None
-        and not {".", ".."} & set(value.split("/")) or catalog.find(value) is not None
+        checks.is_abs_path(value)
+        or re.fullmatch(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+", value) is not None
+        and not {".", ".."} & set(value.split("/"))
+        or catalog.find(value) is not None
     )
 
 
 mm_limits = checks.mapping(checks.word(), checks.int_in(0, 10**6), "a mapping such as {'image': 4, 'video': 1}")
 
 SETTINGS = (
-    Setting("model", "zai-org/GLM-4-9B-0414", "the model to serve: a catalog name (README: Model catalog) or a hub repo id "
-            "(its files: see model_source)", checks.Check(is_model, "a catalog name such as 'glm-4.7-flash' or 'owner/name'")),
-    Setting("vllm_host", "127.0.0.1", "address vLLM listens on (another than loopback needs vllm_api_key, or "
-            "vllm_allow_unauthenticated)", checks.listen_address),
+    Setting(
+        "model",
+        "zai-org/GLM-4-9B-0414",
+        "the model to serve: a catalog name (README: Model catalog) or a hub repo id (its files: see model_source)",
+        checks.Check(is_model, "a catalog name such as 'glm-4.7-flash' or 'owner/name'"),
+    ),
+    Setting(
+        "vllm_host",
+        "127.0.0.1",
+        "address vLLM listens on (another than loopback needs vllm_api_key, or vllm_allow_unauthenticated)",
+        checks.listen_address,
+    ),
     Setting("vllm_port", 8000, "TCP port vLLM listens on", checks.int_in(1, 65535)),
-    Setting("vllm_served_model_name", None, "the name clients ask for (default: the model)", checks.optional(checks.word("a name"))),
+    Setting(
+        "vllm_served_model_name",
+        None,
+        "the name clients ask for (default: the model)",
+        checks.optional(checks.word("a name")),
+    ),
     Setting("vllm_tensor_parallel_size", 1, "GPUs one model instance spans", checks.int_in(1, 64)),
-    Setting("vllm_pipeline_parallel_size", 1, "pipeline stages; GPUs used = tensor x pipeline parallel size", checks.int_in(1, 64)),
-    Setting("vllm_max_model_len", None, "context length (default: the model's own)", checks.optional(checks.int_in(128, 10485760))),
+    Setting(
+        "vllm_pipeline_parallel_size",
+        1,
+        "pipeline stages; GPUs used = tensor x pipeline parallel size",
+        checks.int_in(1, 64),
+    ),
+    Setting(
+        "vllm_max_model_len",
+        None,
+        "context length (default: the model's own)",
+        checks.optional(checks.int_in(128, 10485760)),
+    ),
     Setting("vllm_gpu_memory_utilization", 0.9, "share of each GPU's memory vLLM may take", checks.number_in(0, 1)),
-    Setting("vllm_trust_remote_code", False, "let the model's own Python code run (some GLM repos need it)", checks.boolean),
-    Setting("vllm_tool_call_parser", None, "how vLLM parses the model's tool calls (the catalog sets it per model)",
-            checks.optional(checks.word("a parser name such as 'glm45'"))),
-    Setting("vllm_enable_auto_tool_choice", False, "let the model decide when to call tools (needs vllm_tool_call_parser)",
-            checks.boolean),
-    Setting("vllm_reasoning_parser", None, "how vLLM separates the model's reasoning from its answer (the catalog sets it)",
-            checks.optional(checks.word("a parser name such as 'glm45'"))),
-    Setting("vllm_limit_mm_per_prompt", None, "most images, videos... one prompt may carry (multimodal models)",
-            checks.optional(mm_limits)),
-    Setting("vllm_extra_args", [], "further `vllm serve` flags, e.g. ['--enable-prefix-caching']",
-            checks.list_of(checks.text(), "a list of strings, none of them a flag that another key sets")),
-    Setting("vllm_env", {}, "extra environment for vLLM, e.g. {'VLLM_LOGGING_LEVEL': 'DEBUG'}",
-            checks.mapping(checks.env_name, checks.Check(lambda v: isinstance(v, str), ""),
-                           "a mapping of variable names to one-line strings")),
-    Setting("vllm_api_key", None, "API key clients must send (kept in a root-only file)",
-            checks.optional(checks.printable_ascii("printable ASCII without spaces (clients send it in an HTTP header)")),
-            secret=True),
-    Setting("vllm_allow_unauthenticated", False, "serve without an API key on an address other than loopback (every "
-            "client that reaches the port may use the model): say so here, or set vllm_api_key", checks.boolean),
-    Setting("vllm_shutdown_timeout", 30, "seconds in-flight requests get to finish on stop (vLLM >= 0.18)", checks.int_in(0, 3600)),
+    Setting(
+        "vllm_trust_remote_code", False, "let the model's own Python code run (some GLM repos need it)", checks.boolean
+    ),
+    Setting(
+        "vllm_tool_call_parser",
+        None,
+        "how vLLM parses the model's tool calls (the catalog sets it per model)",
+        checks.optional(checks.word("a parser name such as 'glm45'")),
+    ),
+    Setting(
+        "vllm_enable_auto_tool_choice",
+        False,
+        "let the model decide when to call tools (needs vllm_tool_call_parser)",
+        checks.boolean,
+    ),
+    Setting(
+        "vllm_reasoning_parser",
+        None,
+        "how vLLM separates the model's reasoning from its answer (the catalog sets it)",
+        checks.optional(checks.word("a parser name such as 'glm45'")),
+    ),
+    Setting(
+        "vllm_limit_mm_per_prompt",
+        None,
+        "most images, videos... one prompt may carry (multimodal models)",
+        checks.optional(mm_limits),
+    ),
+    Setting(
+        "vllm_extra_args",
+        [],
+        "further `vllm serve` flags, e.g. ['--enable-prefix-caching']",
+        checks.list_of(checks.text(), "a list of strings, none of them a flag that another key sets"),
+    ),
+    Setting(
+        "vllm_env",
+        {},
+        "extra environment for vLLM, e.g. {'VLLM_LOGGING_LEVEL': 'DEBUG'}",
+        checks.mapping(
+            checks.env_name,
+            checks.Check(lambda v: isinstance(v, str), ""),
+            "a mapping of variable names to one-line strings",
+        ),
+    ),
+    Setting(
+        "vllm_api_key",
+        None,
+        "API key clients must send (kept in a root-only file)",
+        checks.optional(checks.printable_ascii("printable ASCII without spaces (clients send it in an HTTP header)")),
+        secret=True,
+    ),
+    Setting(
+        "vllm_allow_unauthenticated",
+        False,
+        "serve without an API key on an address other than loopback (every "
+        "client that reaches the port may use the model): say so here, or set vllm_api_key",
+        checks.boolean,
+    ),
+    Setting(
+        "vllm_shutdown_timeout",
+        30,
+        "seconds in-flight requests get to finish on stop (vLLM >= 0.18)",
+        checks.int_in(0, 3600),
+    ),
     Setting("vllm_start_timeout", 1800, "seconds a start (weights load, compile) may take", checks.int_in(60, 86400)),
 )
 
@@ -153,15 +221,20 @@ def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> lis
         flag = guarded_flag(arg)
         if flag is not None:
             spelled = arg.split("=", 1)[0]
-            found.append(f"vllm_extra_args contains {spelled!r}" + (f" (vLLM reads it as {flag!r})" if spelled != flag else "")
-                         + f"; set {FLAG_KEYS[flag]} instead"
-                         + (" (a key on the command line is visible to every user)" if flag == "--api-key" else ""))
+            found.append(
+                f"vllm_extra_args contains {spelled!r}"
+                + (f" (vLLM reads it as {flag!r})" if spelled != flag else "")
+                + f"; set {FLAG_KEYS[flag]} instead"
+                + (" (a key on the command line is visible to every user)" if flag == "--api-key" else "")
+            )
     for name in cfg["vllm_env"]:
         if name in ENV_KEYS:
             found.append(f"vllm_env sets {name}; set {ENV_KEYS[name]} instead")
     if not checks.is_loopback(cfg["vllm_host"]) and not cfg["vllm_api_key"] and not cfg["vllm_allow_unauthenticated"]:
-        found.append(f"vllm_host = {cfg['vllm_host']!r} serves every client that reaches the port, and vllm_api_key is "
-                     "not set: set vllm_api_key, or vllm_allow_unauthenticated: true if the network is trusted")
+        found.append(
+            f"vllm_host = {cfg['vllm_host']!r} serves every client that reaches the port, and vllm_api_key is "
+            "not set: set vllm_api_key, or vllm_allow_unauthenticated: true if the network is trusted"
+        )
     return found
 
 
@@ -186,11 +259,16 @@ def serve_args(cfg: HostConfig) -> list[str]:
     """What follows ``vllm serve``: the model and the configured flags."""
     argv = [
         model_dir(cfg),
-        "--host", cfg.vllm_host,
-        "--port", str(cfg.vllm_port),
-        "--served-model-name", served_model_name(cfg),
-        "--tensor-parallel-size", str(cfg.vllm_tensor_parallel_size),
-        "--gpu-memory-utilization", str(cfg.vllm_gpu_memory_utilization),
+        "--host",
+        cfg.vllm_host,
+        "--port",
+        str(cfg.vllm_port),
+        "--served-model-name",
+        served_model_name(cfg),
+        "--tensor-parallel-size",
+        str(cfg.vllm_tensor_parallel_size),
+        "--gpu-memory-utilization",
+        str(cfg.vllm_gpu_memory_utilization),
     ]
     if cfg.vllm_pipeline_parallel_size > 1:
         argv += ["--pipeline-parallel-size", str(cfg.vllm_pipeline_parallel_size)]
@@ -232,7 +310,9 @@ def render_env_file(env: dict[str, str], runtime: str = "venv") -> str:
     """The environment file: systemd's quoted ``KEY="value"`` for the venv's unit, Docker's
     ``--env-file`` lines (``KEY=value``, taken literally) for the container."""
     line = filesyntax.docker_env_line if runtime == "image" else filesyntax.systemd_env_line
-    return "\n".join(["# Managed by glmfleet. Root-only: it holds secrets.", *(line(k, v) for k, v in env.items())]) + "\n"
+    return (
+        "\n".join(["# Managed by glmfleet. Root-only: it holds secrets.", *(line(k, v) for k, v in env.items())]) + "\n"
+    )
 
 
 def service_question(cfg: HostConfig) -> Question:
@@ -273,17 +353,21 @@ def restart_command(cfg: HostConfig) -> str:
     clears the start limit a crash loop before this deploy may have hit."""
     unit = quote(UNIT)
     journal = join(["journalctl", "--unit", UNIT, "--lines", str(cfg.verify_journal_lines), "--no-pager", "--quiet"])
-    return (f"systemctl reset-failed {unit} 2>/dev/null; systemctl restart {unit} || "
-            f"{{ systemctl status --no-pager --lines 0 {unit} >&2; echo {quote(f'--- last lines of the {UNIT} journal:')} >&2; "
-            f"{journal} >&2; exit 1; }}")
+    return (
+        f"systemctl reset-failed {unit} 2>/dev/null; systemctl restart {unit} || "
+        f"{{ systemctl status --no-pager --lines 0 {unit} >&2; echo {quote(f'--- last lines of the {UNIT} journal:')} >&2; "
+        f"{journal} >&2; exit 1; }}"
+    )
 
 
 def install_unit_command() -> str:
     """Put the staged unit in place only once systemd itself accepts it (``systemd-analyze
     verify``: quoting, keys, executables): a unit systemd cannot load never replaces one that works."""
     staged, new = quote(STAGED_UNIT), quote(f"{UNIT_PATH}.glmfleet-new")
-    return (f"systemd-analyze verify {staged} && install -o root -g root -m 644 {staged} {new} && "
-            f"mv -f {new} {quote(UNIT_PATH)}")
+    return (
+        f"systemd-analyze verify {staged} && install -o root -g root -m 644 {staged} {new} && "
+        f"mv -f {new} {quote(UNIT_PATH)}"
+    )
 
 
 def started_before_its_files(managed: dict, cfg: HostConfig) -> bool:
@@ -318,17 +402,30 @@ def vllm_service(restart_when=()):
     was_active = state.get("running", False)
 
     directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")
-    env = upload(managed, ENV_FILE, render_env_file(vllm_environment(cfg), cfg.vllm_runtime), mode="600",
-                 name=f"environment file {ENV_FILE}", secret=True)
+    env = upload(
+        managed,
+        ENV_FILE,
+        render_env_file(vllm_environment(cfg), cfg.vllm_runtime),
+        mode="600",
+        name=f"environment file {ENV_FILE}",
+        secret=True,
+    )
     unit = None
     rendered = render_unit(cfg)
     if managed["paths"].get(UNIT_PATH, {}).get("sha256") != hashlib.sha256(rendered.encode()).hexdigest():
         directory(managed, STAGING_DIR, name="glmfleet staging dir")
-        files.put(name=f"unit {UNIT} staged", src=StringIO(rendered), dest=STAGED_UNIT, user="root", group="root", mode="644")
+        files.put(
+            name=f"unit {UNIT} staged", src=StringIO(rendered), dest=STAGED_UNIT, user="root", group="root", mode="644"
+        )
         unit = server.shell(name=f"unit {UNIT}", commands=[install_unit_command()])
     foreign = state.get("dropins", [])
-    dropins = server.shell(name=f"remove drop-ins glmfleet did not write: {' '.join(foreign)}",
-                           commands=[f"rm -f -- {join(foreign)}"]) if foreign else None
+    dropins = (
+        server.shell(
+            name=f"remove drop-ins glmfleet did not write: {' '.join(foreign)}", commands=[f"rm -f -- {join(foreign)}"]
+        )
+        if foreign
+        else None
+    )
     if unit or dropins or state.get("need_reload"):
         systemd.daemon_reload(name="systemd daemon-reload")
     unit_enabled(managed, UNIT)
@@ -336,5 +433,8 @@ def vllm_service(restart_when=()):
     stale = was_active and (state.get("need_reload") or started_before_its_files(managed, cfg))
     if was_active and not changed and not stale:
         return None
-    return server.shell(name=f"(re)start {UNIT}", commands=[restart_command(cfg)],
-                        _if=[any_changed(*changed)] if was_active and not stale else [])
+    return server.shell(
+        name=f"(re)start {UNIT}",
+        commands=[restart_command(cfg)],
+        _if=[any_changed(*changed)] if was_active and not stale else [],
+    )

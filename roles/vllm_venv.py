@@ -25,35 +25,75 @@ from glmfleet.layout import (
     state_subdirs,
     tool_bin,
     tool_dir,
-    venv_dir as venv_path,
     venvs_dir,
+)
+from glmfleet.layout import (
+    venv_dir as venv_path,
 )
 from glmfleet.operations import owned_directory, service_user_dirs
 from glmfleet.shell import assignments, join, quote
 from glmfleet.toolvenv import index_args, install_tool
 
 SETTINGS = (
-    Setting("vllm_runtime", "venv", "how vLLM runs: a Python venv on the host, or the official container image "
-            "under systemd", checks.one_of("venv", "image")),
-    Setting("vllm_package", "vllm", "the distribution that provides the `vllm` command (tests install a test double)",
-            checks.package_name),
+    Setting(
+        "vllm_runtime",
+        "venv",
+        "how vLLM runs: a Python venv on the host, or the official container image under systemd",
+        checks.one_of("venv", "image"),
+    ),
+    Setting(
+        "vllm_package",
+        "vllm",
+        "the distribution that provides the `vllm` command (tests install a test double)",
+        checks.package_name,
+    ),
     Setting("vllm_version", "0.22.0", "exact version of vllm_package to install", checks.version("0.22.0")),
-    Setting("vllm_extra_packages", [], "companion pins installed with vLLM, e.g. 'transformers==4.57.6'",
-            checks.list_of(checks.pinned_requirement, "a list of 'name==version' pins")),
-    Setting("vllm_python", "python3", "the host's Python interpreter the venv is made from (uv never downloads one)",
-            checks.command),
-    Setting("vllm_venv_root", "/opt/glmfleet/vllm", "where venvs live; `current` links to the one in use, `previous` to "
-            "the last (made by glmfleet, root's)", checks.owned_dir),
-    Setting("vllm_state_dir", "/var/lib/vllm", "the vllm user's home: Hugging Face cache and vLLM compile cache persist "
-            "here (made by glmfleet, the vllm user's)", checks.owned_dir),
+    Setting(
+        "vllm_extra_packages",
+        [],
+        "companion pins installed with vLLM, e.g. 'transformers==4.57.6'",
+        checks.list_of(checks.pinned_requirement, "a list of 'name==version' pins"),
+    ),
+    Setting(
+        "vllm_python",
+        "python3",
+        "the host's Python interpreter the venv is made from (uv never downloads one)",
+        checks.command,
+    ),
+    Setting(
+        "vllm_venv_root",
+        "/opt/glmfleet/vllm",
+        "where venvs live; `current` links to the one in use, `previous` to the last (made by glmfleet, root's)",
+        checks.owned_dir,
+    ),
+    Setting(
+        "vllm_state_dir",
+        "/var/lib/vllm",
+        "the vllm user's home: Hugging Face cache and vLLM compile cache persist "
+        "here (made by glmfleet, the vllm user's)",
+        checks.owned_dir,
+    ),
     Setting("uv_version", "0.13.9", "uv version bootstrapped on the host to build venvs", checks.version("0.13.9")),
-    Setting("pip_index_url", "https://pypi.org/simple", "package index (a mirror on mirror-only sites); credentials in "
-            "it go to a root-only netrc, never to a command line", checks.url),
-    Setting("pip_extra_index_url", [], "further package indexes", checks.list_of(checks.url, "a list of http(s) or file URLs")),
-    Setting("pip_find_links", [], "directories or pages of wheels to install from",
-            checks.list_of(checks.url, "a list of http(s) or file URLs")),
+    Setting(
+        "pip_index_url",
+        "https://pypi.org/simple",
+        "package index (a mirror on mirror-only sites); credentials in "
+        "it go to a root-only netrc, never to a command line",
+        checks.url,
+    ),
+    Setting(
+        "pip_extra_index_url",
+        [],
+        "further package indexes",
+        checks.list_of(checks.url, "a list of http(s) or file URLs"),
+    ),
+    Setting(
+        "pip_find_links",
+        [],
+        "directories or pages of wheels to install from",
+        checks.list_of(checks.url, "a list of http(s) or file URLs"),
+    ),
 )
-
 
 
 def requirements(cfg: HostConfig) -> list[str]:
@@ -117,8 +157,11 @@ def state_dirs_question(cfg: HostConfig) -> Question:
 def questions(cfg: HostConfig) -> dict[str, Question]:
     if cfg.vllm_runtime != "venv":
         return {}
-    return {"venvs": venvs_question(cfg), "state_dirs": state_dirs_question(cfg),
-            "root": Question(ManagedPaths, {"paths": [cfg.vllm_venv_root]})}
+    return {
+        "venvs": venvs_question(cfg),
+        "state_dirs": state_dirs_question(cfg),
+        "root": Question(ManagedPaths, {"paths": [cfg.vllm_venv_root]}),
+    }
 
 
 @deploy("vLLM venv")
@@ -154,8 +197,14 @@ def vllm_venv(switch=True):
     rebuilt = []
     if name not in venvs["complete"]:
         target = venv_dir(cfg)
-        uv_env = assignments({"UV_SYSTEM_CERTS": "1", "UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": UV_CACHE_DIR,
-                              **tool_environment(cfg)})
+        uv_env = assignments(
+            {
+                "UV_SYSTEM_CERTS": "1",
+                "UV_PYTHON_DOWNLOADS": "never",
+                "UV_CACHE_DIR": UV_CACHE_DIR,
+                **tool_environment(cfg),
+            }
+        )
         python = f"{target}/bin/python"
         build = server.shell(
             name=f"build venv {name}: {' '.join(requirements(cfg))}",
@@ -194,7 +243,11 @@ def vllm_venv_switch():
     if current == name:
         return []
     # The switch keeps exactly two venvs: the new current and the previous one, for rollback.
-    return [server.shell(name=f"switch current venv to {name}", commands=[switch_command(cfg.vllm_venv_root, name, current)])]
+    return [
+        server.shell(
+            name=f"switch current venv to {name}", commands=[switch_command(cfg.vllm_venv_root, name, current)]
+        )
+    ]
 
 
 def state_dirs(cfg: HostConfig, managed: dict) -> None:
@@ -207,8 +260,10 @@ def state_dirs(cfg: HostConfig, managed: dict) -> None:
         if user and user["home"] != cfg.vllm_state_dir and managed["units"].get(UNIT, {}).get("running"):
             # usermod refuses to move the home of a user whose processes run; the service restarts
             # on the new state directory once its unit names it.
-            server.shell(name=f"stop {UNIT}: vllm_state_dir moves from {user['home']} to {cfg.vllm_state_dir}",
-                         commands=[f"systemctl stop {quote(UNIT)}"])
+            server.shell(
+                name=f"stop {UNIT}: vllm_state_dir moves from {user['home']} to {cfg.vllm_state_dir}",
+                commands=[f"systemctl stop {quote(UNIT)}"],
+            )
         server.group(name="vllm group", group=VLLM_USER, system=True)
         server.user(
             name="vllm system user",
@@ -231,5 +286,7 @@ def switch_command(root: str, name: str, current: str | None) -> str:
     steps = [f"cd -- {quote(root)}", f"ln -sfn {quote(f'venvs/{name}')} current.new", "mv -Tf current.new current"]
     if current:
         steps += [f"ln -sfn {quote(f'venvs/{current}')} previous.new", "mv -Tf previous.new previous"]
-    steps.append(f"for d in venvs/*; do case \"${{d#venvs/}}\" in {'|'.join(map(quote, keep))}) ;; *) rm -rf -- \"$d\";; esac; done")
+    steps.append(
+        f'for d in venvs/*; do case "${{d#venvs/}}" in {"|".join(map(quote, keep))}) ;; *) rm -rf -- "$d";; esac; done'
+    )
     return " && ".join(steps)

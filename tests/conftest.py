@@ -11,6 +11,9 @@ from devfleet import localfleet
 from tests.support.fleettools import UV_VERSION, test_model_settings
 from tests.support.pkgindex import PackageIndex, fill_index_dir
 
+# The hub on loopback (olah serving a made checkpoint), shared by the unit and fleet weights tests.
+pytest_plugins = ["tests.support.weights_fixtures"]
+
 FLEET_SIZE = 2
 # The suite's own fleet slot, whatever the shell exports (the session destroys its hosts):
 # `make test` never touches the hosts of `make demo` and `make fleet-up` (slot 0) or of the

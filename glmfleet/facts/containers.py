@@ -9,6 +9,7 @@ from pyinfra.api import FactBase
 from glmfleet.facts.output import SECTION, split_sections
 from glmfleet.shell import quote
 
+
 class ContainerHost(FactBase):
     """Docker on this host: its daemon.json (parsed; ``None`` when absent, ``"invalid"`` when
     not JSON), whether the CDI spec of the NVIDIA GPUs exists, and the image id of one image.
@@ -19,13 +20,17 @@ class ContainerHost(FactBase):
     """
 
     def command(self, image: str, cdi_spec: str) -> str:
-        return "; ".join([
-            f"echo '{SECTION} daemon_json'", "cat /etc/docker/daemon.json 2>/dev/null",
-            f"echo '{SECTION} cdi_spec'", f"test -s {quote(cdi_spec)} && echo present",
-            f"echo '{SECTION} image'",
-            f"command -v docker >/dev/null && docker image inspect --format '{{{{.Id}}}}' {quote(image)} 2>/dev/null",
-            "true",
-        ])
+        return "; ".join(
+            [
+                f"echo '{SECTION} daemon_json'",
+                "cat /etc/docker/daemon.json 2>/dev/null",
+                f"echo '{SECTION} cdi_spec'",
+                f"test -s {quote(cdi_spec)} && echo present",
+                f"echo '{SECTION} image'",
+                f"command -v docker >/dev/null && docker image inspect --format '{{{{.Id}}}}' {quote(image)} 2>/dev/null",
+                "true",
+            ]
+        )
 
     def process(self, output):
         sections = split_sections(output)
@@ -43,5 +48,3 @@ class ContainerHost(FactBase):
 
     def default(self):
         return self.process([])
-
-

@@ -72,8 +72,9 @@ def ask_together(host: Host, questions: dict[str, Question]) -> dict:
             batch = merged_questions(list(new.values()))
             facts = [(asked.fact(), asked) for asked, _ in batch]
             # A batch that fails as a whole (not one of its parts) leaves every question to ask.
-            parts = host.get_fact(Together, commands=[together_part(fact, asked.kwargs) for fact, asked in facts],
-                                  _ignore_errors=True)
+            parts = host.get_fact(
+                Together, commands=[together_part(fact, asked.kwargs) for fact, asked in facts], _ignore_errors=True
+            )
             for (fact, _), (_, answered), (status, lines) in zip(facts, batch, parts):
                 if status != 0:
                     continue
@@ -162,5 +163,3 @@ class Together(FactBase):
             elif marker:
                 lines = []
         return parts
-
-

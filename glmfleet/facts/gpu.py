@@ -57,15 +57,17 @@ def parse_smi_query(lines: list[str]) -> list[dict] | None:
         if len(cells) != len(fields):
             return None
         gpu = dict(zip(fields, cells))
-        gpus.append({
-            "index": int(gpu["index"]),
-            "name": gpu["name"],
-            "bus_id": gpu["pci.bus_id"],
-            "driver_version": gpu["driver_version"],
-            "memory_mib": int(gpu["memory.total"]) if gpu["memory.total"].isdigit() else None,
-            "persistence_mode": gpu["persistence_mode"] == "Enabled",
-            "compute_cap": gpu["compute_cap"],
-        })
+        gpus.append(
+            {
+                "index": int(gpu["index"]),
+                "name": gpu["name"],
+                "bus_id": gpu["pci.bus_id"],
+                "driver_version": gpu["driver_version"],
+                "memory_mib": int(gpu["memory.total"]) if gpu["memory.total"].isdigit() else None,
+                "persistence_mode": gpu["persistence_mode"] == "Enabled",
+                "compute_cap": gpu["compute_cap"],
+            }
+        )
     return gpus or None
 
 
@@ -125,40 +127,53 @@ class GpuHost(FactBase):
         # Processes are the cost of this command, which every host runs every run (a fork and
         # exec is ~1 ms of a host's CPU): the shell reads the kernel's release, the PCI IDs and
         # the loaded modules itself, from the files uname, grep and awk would read.
-        return "; ".join([
-            f"echo '{SECTION} os'", '. /etc/os-release && echo "$ID|$VERSION_ID|$VERSION_CODENAME"',
-            f"echo '{SECTION} arch'", "dpkg --print-architecture",
-            f"echo '{SECTION} kernel'", 'read -r kernel < /proc/sys/kernel/osrelease', 'echo "$kernel"',
-            'test -e "/lib/modules/$kernel/build/Makefile" && echo headers',
-            f"echo '{SECTION} headers_candidate'",
-            *(['test -e "/lib/modules/$kernel/build/Makefile" || '
-               "LC_ALL=C apt-cache policy linux-headers-\"$kernel\" 2>/dev/null | sed -n 's/^ *Candidate: //p'"]
-              if headers_candidate else []),
-            f"echo '{SECTION} pci'",
-            # Without lspci, the shell's read finds NVIDIA's devices among the hundreds of PCI
-            # functions a server has, with no process per function.
-            f"if command -v lspci >/dev/null; then lspci -nn -d {NVIDIA_VENDOR}:; else "
-            'for v in /sys/bus/pci/devices/*/vendor; do read -r vendor 2>/dev/null < "$v" || continue; '
-            f'[ "$vendor" = 0x{NVIDIA_VENDOR} ] || continue; d=${{v%/vendor}}; '
-            'read -r class < "$d/class"; read -r device < "$d/device"; echo "sysfs ${d##*/} $class $device"; done; fi',
-            f"echo '{SECTION} smi'",
-            f"command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu={SMI_QUERY} --format=csv,noheader,nounits 2>&1",
-            # --version asks the driver for its versions alone (25 ms on an H100), where the status
-            # table (35 ms with one GPU) grows with the GPUs and their processes; a driver whose
-            # nvidia-smi lacks --version prints the table.
-            f"echo '{SECTION} cuda'",
-            "command -v nvidia-smi >/dev/null && { nvidia-smi --version || nvidia-smi; } 2>/dev/null | grep -m1 -E 'CUDA (UMD )?Version'",
-            f"echo '{SECTION} module'", "cat /proc/driver/nvidia/version 2>/dev/null",
-            # A loaded module's /sys/module/NAME/initstate is what lsmod's /proc/modules lists.
-            f"echo '{SECTION} modules'", "for module in nouveau nvidia; do [ -e /sys/module/$module/initstate ] && echo $module; done",
-            f"echo '{SECTION} secure_boot'",
-            f"if command -v mokutil >/dev/null; then mokutil --sb-state 2>&1; elif [ -e {EFI_SECURE_BOOT_VAR} ]; then "
-            f'echo "efivar $(od -An -t u1 {EFI_SECURE_BOOT_VAR})"; fi',
-            f"echo '{SECTION} signing_keys'",
-            f"for key in {' '.join(DKMS_SIGNING_KEYS)}; do [ -e $key ] && command -v mokutil >/dev/null && "
-            'mokutil --test-key $key 2>&1; done',
-            "true",
-        ])
+        return "; ".join(
+            [
+                f"echo '{SECTION} os'",
+                '. /etc/os-release && echo "$ID|$VERSION_ID|$VERSION_CODENAME"',
+                f"echo '{SECTION} arch'",
+                "dpkg --print-architecture",
+                f"echo '{SECTION} kernel'",
+                "read -r kernel < /proc/sys/kernel/osrelease",
+                'echo "$kernel"',
+                'test -e "/lib/modules/$kernel/build/Makefile" && echo headers',
+                f"echo '{SECTION} headers_candidate'",
+                *(
+                    [
+                        'test -e "/lib/modules/$kernel/build/Makefile" || '
+                        "LC_ALL=C apt-cache policy linux-headers-\"$kernel\" 2>/dev/null | sed -n 's/^ *Candidate: //p'"
+                    ]
+                    if headers_candidate
+                    else []
+                ),
+                f"echo '{SECTION} pci'",
+                # Without lspci, the shell's read finds NVIDIA's devices among the hundreds of PCI
+                # functions a server has, with no process per function.
+                f"if command -v lspci >/dev/null; then lspci -nn -d {NVIDIA_VENDOR}:; else "
+                'for v in /sys/bus/pci/devices/*/vendor; do read -r vendor 2>/dev/null < "$v" || continue; '
+                f'[ "$vendor" = 0x{NVIDIA_VENDOR} ] || continue; d=${{v%/vendor}}; '
+                'read -r class < "$d/class"; read -r device < "$d/device"; echo "sysfs ${d##*/} $class $device"; done; fi',
+                f"echo '{SECTION} smi'",
+                f"command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu={SMI_QUERY} --format=csv,noheader,nounits 2>&1",
+                # --version asks the driver for its versions alone (25 ms on an H100), where the status
+                # table (35 ms with one GPU) grows with the GPUs and their processes; a driver whose
+                # nvidia-smi lacks --version prints the table.
+                f"echo '{SECTION} cuda'",
+                "command -v nvidia-smi >/dev/null && { nvidia-smi --version || nvidia-smi; } 2>/dev/null | grep -m1 -E 'CUDA (UMD )?Version'",
+                f"echo '{SECTION} module'",
+                "cat /proc/driver/nvidia/version 2>/dev/null",
+                # A loaded module's /sys/module/NAME/initstate is what lsmod's /proc/modules lists.
+                f"echo '{SECTION} modules'",
+                "for module in nouveau nvidia; do [ -e /sys/module/$module/initstate ] && echo $module; done",
+                f"echo '{SECTION} secure_boot'",
+                f"if command -v mokutil >/dev/null; then mokutil --sb-state 2>&1; elif [ -e {EFI_SECURE_BOOT_VAR} ]; then "
+                f'echo "efivar $(od -An -t u1 {EFI_SECURE_BOOT_VAR})"; fi',
+                f"echo '{SECTION} signing_keys'",
+                f"for key in {' '.join(DKMS_SIGNING_KEYS)}; do [ -e $key ] && command -v mokutil >/dev/null && "
+                "mokutil --test-key $key 2>&1; done",
+                "true",
+            ]
+        )
 
     def process(self, output):
         return gpu_host(split_sections(output))
@@ -207,8 +222,10 @@ class DriverBranchesOffered(FactBase):
     default = list
 
     def command(self) -> str:
-        return ("apt-cache pkgnames nvidia-headless-no-dkms- 2>/dev/null; "
-                "apt-cache madison nvidia-driver 2>/dev/null | cut -d'|' -f2; true")
+        return (
+            "apt-cache pkgnames nvidia-headless-no-dkms- 2>/dev/null; "
+            "apt-cache madison nvidia-driver 2>/dev/null | cut -d'|' -f2; true"
+        )
 
     def process(self, output):
         branches = set()
@@ -216,5 +233,3 @@ class DriverBranchesOffered(FactBase):
             if match := re.fullmatch(r"nvidia-headless-no-dkms-([0-9]{3})-server(-open)?|\s*([0-9]{3})\.\S*\s*", line):
                 branches.add(match[1] or match[3])
         return sorted(branches)
-
-

@@ -49,5 +49,3 @@ class ListeningPorts(FactBase):
             if port.isdigit():
                 listeners.append((int(port), None if unit == "-" else unit))
         return listeners
-
-

@@ -18,13 +18,11 @@ def split_sections(output: list[str]) -> dict[str, list[str]]:
     current = None
     for line in output:
         if line.startswith(SECTION):
-            current = line[len(SECTION):].strip()
+            current = line[len(SECTION) :].strip()
             sections[current] = []
         elif current is not None:
             sections[current].append(line)
     return sections
-
-
 
 
 @functools.cache
@@ -34,5 +32,3 @@ def host_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-

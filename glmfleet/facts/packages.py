@@ -33,5 +33,3 @@ def parse_dpkg_query(lines: list[str]) -> dict[str, dict]:
         name, _, version = line[4:].partition(" ")
         packages[name] = {"version": version.strip(), "held": line[0] == "h"}
     return packages
-
-

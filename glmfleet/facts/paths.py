@@ -42,17 +42,26 @@ class ManagedPaths(FactBase):
         # find -maxdepth 0 reports the paths themselves and never follows a link (a link is not
         # the file wanted there); absent paths are left out. The same find hands the regular
         # files to sha256sum.
-        steps = [f"find {join(paths)} -maxdepth 0 -printf 'path\\t%p\\t%y|%u|%g|%m\\t%T@\\n' -type f -exec sha256sum -- {{}} + 2>/dev/null",
-                 f"while read -r made; do printf 'made\\t%s\\n' \"$made\"; done < {quote(MADE_DIRS_RECORD)} 2>/dev/null"
-                 ] if paths else []
+        steps = (
+            [
+                f"find {join(paths)} -maxdepth 0 -printf 'path\\t%p\\t%y|%u|%g|%m\\t%T@\\n' -type f -exec sha256sum -- {{}} + 2>/dev/null",
+                f"while read -r made; do printf 'made\\t%s\\n' \"$made\"; done < {quote(MADE_DIRS_RECORD)} 2>/dev/null",
+            ]
+            if paths
+            else []
+        )
         if units:  # the realtime and monotonic clocks side by side: a start's monotonic time as unix time
-            steps.append("read -r uptime _ < /proc/uptime; printf 'clock\\t%s\\t%s\\n' \"$(date +%s.%N)\" \"$uptime\"")
+            steps.append('read -r uptime _ < /proc/uptime; printf \'clock\\t%s\\t%s\\n\' "$(date +%s.%N)" "$uptime"')
         for unit in units:  # named as asked: systemctl's Id of an alias (sshd.service) is another name
             quoted = quote(unit)
-            steps.append(f"printf 'unit\\t%s\\n' {quoted}; systemctl show --property {self.UNIT_PROPERTIES} -- {quoted} 2>/dev/null")
+            steps.append(
+                f"printf 'unit\\t%s\\n' {quoted}; systemctl show --property {self.UNIT_PROPERTIES} -- {quoted} 2>/dev/null"
+            )
         for user in users:
             quoted = quote(user)
-            steps.append(f"printf 'user\\t%s\\t%s\\t%s\\n' {quoted} \"$(getent passwd {quoted})\" \"$(id -gn {quoted} 2>/dev/null)\"")
+            steps.append(
+                f'printf \'user\\t%s\\t%s\\t%s\\n\' {quoted} "$(getent passwd {quoted})" "$(id -gn {quoted} 2>/dev/null)"'
+            )
         return "; ".join([*steps, "true"])
 
     @staticmethod
@@ -62,15 +71,21 @@ class ManagedPaths(FactBase):
     @staticmethod
     def merged(asked: list[dict]) -> dict:
         """One question for several roles' (``ask_together``): every path, unit and user once."""
-        return {kind: list(dict.fromkeys(name for kwargs in asked for name in kwargs.get(kind, ())))
-                for kind in ("paths", "units", "users")}
+        return {
+            kind: list(dict.fromkeys(name for kwargs in asked for name in kwargs.get(kind, ())))
+            for kind in ("paths", "units", "users")
+        }
 
     @staticmethod
     def part(answer: dict, paths: list[str] = (), units: list[str] = (), users: list[str] = ()) -> dict:
         """The answer to one role's question, from the merged question's."""
-        return {**{kind: {name: answer[kind][name] for name in names if name in answer[kind]}
-                   for kind, names in (("paths", paths), ("mtimes", paths), ("units", units), ("users", users))},
-                "made": answer["made"]}
+        return {
+            **{
+                kind: {name: answer[kind][name] for name in names if name in answer[kind]}
+                for kind, names in (("paths", paths), ("mtimes", paths), ("units", units), ("users", users))
+            },
+            "made": answer["made"],
+        }
 
     def process(self, output):
         found = self.default()
@@ -80,8 +95,9 @@ class ManagedPaths(FactBase):
                 digests[digest[2]] = digest[1]
             elif "=" in line and "\t" not in line and unit:  # systemctl show, for the unit named above
                 key, _, value = line.partition("=")
-                state = found["units"].setdefault(unit, {"enabled": False, "running": False, "need_reload": False,
-                                                         "dropins": [], "started": None})
+                state = found["units"].setdefault(
+                    unit, {"enabled": False, "running": False, "need_reload": False, "dropins": [], "started": None}
+                )
                 if key == "UnitFileState":
                     state["enabled"] = value == "enabled"
                 elif key == "SubState":
@@ -101,8 +117,13 @@ class ManagedPaths(FactBase):
                     offset = float(name) - float(first)  # the realtime clock at monotonic zero
                 elif kind == "path":
                     file_type, user, group, mode = first.split("|")
-                    found["paths"][name] = {"type": FIND_TYPES.get(file_type, file_type), "user": user, "group": group,
-                                            "mode": mode, "sha256": None}
+                    found["paths"][name] = {
+                        "type": FIND_TYPES.get(file_type, file_type),
+                        "user": user,
+                        "group": group,
+                        "mode": mode,
+                        "sha256": None,
+                    }
                     found["mtimes"][name] = float(second) if second else None
                 elif kind == "user" and first:
                     home, shell = first.split(":")[5:7]

@@ -10,6 +10,7 @@ from glmfleet import FILES
 from glmfleet.layout import COMPLETE_MARKER
 from glmfleet.shell import join, quote
 
+
 class VllmVenvs(FactBase):
     """The venvs under a glmfleet vLLM root: which are complete (the completion marker there,
     and every file it records there: the interpreter, the vllm entry point, the package's
@@ -33,10 +34,10 @@ class VllmVenvs(FactBase):
             # A marker's record, a relative path a line (no spaces: bin/, lib/python3.X/site-packages/),
             # must all be there; test -e follows the interpreter's link: a python gone is a venv gone.
             # An empty marker (an older glmfleet's) records the interpreter and the entry point.
-            f"for d in venvs/*/; do m=\"$d{COMPLETE_MARKER}\"; test -e \"$m\" || continue; whole=1; "
-            "for f in bin/python bin/vllm; do test -e \"$d$f\" || whole=; done; "
-            "while read -r f; do test -e \"$d$f\" || whole=; done < \"$m\"; "
-            "test -n \"$whole\" && { d=${d%/}; echo complete=${d##*/}; }; done; "
+            f'for d in venvs/*/; do m="$d{COMPLETE_MARKER}"; test -e "$m" || continue; whole=1; '
+            'for f in bin/python bin/vllm; do test -e "$d$f" || whole=; done; '
+            'while read -r f; do test -e "$d$f" || whole=; done < "$m"; '
+            'test -n "$whole" && { d=${d%/}; echo complete=${d##*/}; }; done; '
             "true"
         )
 
@@ -79,18 +80,15 @@ class VllmServes(FactBase):
         return {"ok": ok, "detail": detail}
 
 
-
 class Glm4Source(FactBase):
     """The sha256 of vLLM's ``glm4.py`` in a venv (None when the venv has no such file)."""
 
     def command(self, venv: str) -> str:
         path = f"{quote(venv)}/lib/python3*/site-packages/vllm/model_executor/models/glm4.py"
-        return f"for f in {path}; do test -f \"$f\" && sha256sum \"$f\"; done; true"
+        return f'for f in {path}; do test -f "$f" && sha256sum "$f"; done; true'
 
     def process(self, output):
         return output[0].split()[0] if output else None
-
-
 
 
 # files/vllm_status.py runs inline, so it answers on hosts glmfleet never deployed to.
@@ -137,5 +135,3 @@ class VllmStatus(FactBase):
 
     def process(self, output):
         return json.loads("\n".join(output))
-
-

@@ -11,7 +11,6 @@ from glmfleet.layout import ROOT_AUTHORIZED_KEYS, SSH_HOST_KEY_PUB
 from glmfleet.shell import join, quote
 
 
-
 class ModelWeights(FactBase):
     """One model revision's state on this host: the weights script's host-local state file and
     a stat of every file in the model directory (no hashing), judged here by the script's own
@@ -27,31 +26,49 @@ class ModelWeights(FactBase):
          "authorized": ['restrict,command="/usr/bin/rrsync -ro /var/lib/glmfleet/models" ssh-ed25519 AAAA... glmfleet-peer-transfer']}
     """
 
-    def command(self, state_file: str, model_dir: str, key: str, tools: list[str], transfer_marks: list[str] = ()) -> str:
+    def command(
+        self, state_file: str, model_dir: str, key: str, tools: list[str], transfer_marks: list[str] = ()
+    ) -> str:
         marks = " ".join(f"-e {quote(mark)}" for mark in transfer_marks)
-        return "; ".join([
-            f"echo '{SECTION} key'", f"echo {quote(key)}",
-            f"echo '{SECTION} tools'", f'for tool in {join(tools)}; do test -x "$tool" && echo "$tool"; done',
-            f"echo '{SECTION} host_key'",
-            f'{{ read -r type key _; [ -n "$key" ] && echo "$type $key"; }} 2>/dev/null < {quote(SSH_HOST_KEY_PUB)}',
-            f"echo '{SECTION} authorized'",
-            *([f"grep -F {marks} {quote(ROOT_AUTHORIZED_KEYS)} 2>/dev/null"] if transfer_marks else []),
-            f"echo '{SECTION} state'", f"cat {quote(state_file)} 2>/dev/null && echo",
-            # The script's stat_of: -L follows links as os.stat does (a model dir or files that
-            # link into a hub cache); %T@ and %C@ are seconds with nanoseconds (and one digit more).
-            f"echo '{SECTION} files'",
-            f"find -L {quote(model_dir)} -type f -printf '%P\\t%s\\t%T@\\t%C@\\t%i\\n' 2>/dev/null",
-            "true",
-        ])
+        return "; ".join(
+            [
+                f"echo '{SECTION} key'",
+                f"echo {quote(key)}",
+                f"echo '{SECTION} tools'",
+                f'for tool in {join(tools)}; do test -x "$tool" && echo "$tool"; done',
+                f"echo '{SECTION} host_key'",
+                f'{{ read -r type key _; [ -n "$key" ] && echo "$type $key"; }} 2>/dev/null < {quote(SSH_HOST_KEY_PUB)}',
+                f"echo '{SECTION} authorized'",
+                *([f"grep -F {marks} {quote(ROOT_AUTHORIZED_KEYS)} 2>/dev/null"] if transfer_marks else []),
+                f"echo '{SECTION} state'",
+                f"cat {quote(state_file)} 2>/dev/null && echo",
+                # The script's stat_of: -L follows links as os.stat does (a model dir or files that
+                # link into a hub cache); %T@ and %C@ are seconds with nanoseconds (and one digit more).
+                f"echo '{SECTION} files'",
+                f"find -L {quote(model_dir)} -type f -printf '%P\\t%s\\t%T@\\t%C@\\t%i\\n' 2>/dev/null",
+                "true",
+            ]
+        )
 
     @staticmethod
     def default():
-        return {"complete": False, "reason": "never fetched", "changed": [], "tools": [], "host_key": "", "authorized": []}
+        return {
+            "complete": False,
+            "reason": "never fetched",
+            "changed": [],
+            "tools": [],
+            "host_key": "",
+            "authorized": [],
+        }
 
     def process(self, output):
         sections = split_sections(output)
-        found = {**self.default(), "tools": sections.get("tools", []), "host_key": "".join(sections.get("host_key", [])),
-                 "authorized": sections.get("authorized", [])}
+        found = {
+            **self.default(),
+            "tools": sections.get("tools", []),
+            "host_key": "".join(sections.get("host_key", [])),
+            "authorized": sections.get("authorized", []),
+        }
         try:
             data = json.loads("\n".join(sections.get("state", [])) or "{}")
         except ValueError:
@@ -59,7 +76,10 @@ class ModelWeights(FactBase):
         if not isinstance(data, dict):
             return {**found, "reason": f"unreadable state file: {' '.join(sections['state'])[:200]}"}
         stats = dict(filter(None, map(stat_line, sections.get("files", []))))
-        return {**found, **host_script("glmfleet_weights").completion(data, "".join(sections.get("key", [])), stats.get)}
+        return {
+            **found,
+            **host_script("glmfleet_weights").completion(data, "".join(sections.get("key", [])), stats.get),
+        }
 
 
 def stat_line(line: str) -> tuple[str, list[int]] | None:
@@ -76,5 +96,3 @@ def nanoseconds(stamp: str) -> int:
     """``1795343173.4162346820`` (find's %T@) as an exact integer of nanoseconds."""
     seconds, _, fraction = stamp.partition(".")
     return int(seconds) * 1_000_000_000 + int(fraction[:9].ljust(9, "0"))
-
-

@@ -60,53 +60,145 @@ HF_TREES_SINCE = Version("1.28")
 SOURCES = ("hf", "modelscope", "control", "path", "peer")
 
 SETTINGS = (
-    Setting("model_source", "hf", "where the weights come from: 'hf' (the hub CLI on each host), 'modelscope', "
-            "'control' (pushed from a directory on the control node), 'path' (already on the host: verify only), "
-            "'peer' (fetched once, then copied host to host)", checks.one_of(*SOURCES)),
-    Setting("model_revision", None, "the commit to fetch and serve, pinned so every host serves the same bytes (required)",
-            checks.optional(checks.matches(r"[0-9a-f]{40}", "a 40-hex commit id")), accepted_text="a 40-hex commit id"),
-    Setting("model_root", DEFAULT_MODEL_ROOT, "the model store: one directory per revision (<owner>--<name>/<commit>), "
-            "root's and read-only to vLLM, the only directory peers may copy from (made by glmfleet; put it on a "
-            "disk with room for the weights)", checks.owned_dir),
-    Setting("model_dir", None, "where the weights live on the host and vLLM serves from, instead of the model store "
-            "(model_source 'path': files already there, e.g. NFS, only verified)", checks.optional(checks.abs_path)),
-    Setting("model_include", [], "only the files matching these globs (the hub CLI's --include)",
-            checks.list_of(checks.text(), "a list of glob patterns")),
-    Setting("model_exclude", [], "leave out the files matching these globs (the hub CLI's --exclude), e.g. ['original/*']",
-            checks.list_of(checks.text(), "a list of glob patterns")),
-    Setting("model_control_dir", None, "the directory on the control node that holds the files (model_source 'control', "
-            "or model_peer_seed 'control')", checks.optional(checks.local_path)),
-    Setting("model_peer_seed", "hf", "with model_source 'peer': how the first host gets the weights",
-            checks.one_of("hf", "modelscope", "control")),
-    Setting("model_peer_key", None, "the fleet's own transfer key on the control node, made there once if missing (default: "
-            f"{control.CONTROL_DIR_ENV}, else ~/.local/state/glmfleet/peer_ed25519; never in the deploy directory, never "
-            "the operator's key); authorized on the hosts only while a fan-out runs",
-            checks.optional(checks.local_path)),
-    Setting("model_peer_address", None, "the address other hosts reach this host's sshd on for copies (default: its "
-            "ssh_hostname)", checks.optional(checks.host_or_address)),
-    Setting("model_disk_margin_gb", 5, "free space (GB) that must remain after the model is fetched; checked before any "
-            "transfer", checks.gigabytes(100_000)),
-    Setting("model_verify", "changed", "'changed': re-hash only files whose size, mtime, ctime or inode changed since they "
-            "were verified; 'always': re-hash every file on every run (a scrub for silent disk corruption)",
-            checks.one_of("changed", "always")),
-    Setting("model_transfer_limit_mbps", None, "cap (MB/s) for each copy between hosts and from the control node, so copies "
-            "leave bandwidth to serving traffic (rsync --bwlimit)", checks.optional(checks.number_in(0, 100_000, "a number > 0"))),
+    Setting(
+        "model_source",
+        "hf",
+        "where the weights come from: 'hf' (the hub CLI on each host), 'modelscope', "
+        "'control' (pushed from a directory on the control node), 'path' (already on the host: verify only), "
+        "'peer' (fetched once, then copied host to host)",
+        checks.one_of(*SOURCES),
+    ),
+    Setting(
+        "model_revision",
+        None,
+        "the commit to fetch and serve, pinned so every host serves the same bytes (required)",
+        checks.optional(checks.matches(r"[0-9a-f]{40}", "a 40-hex commit id")),
+        accepted_text="a 40-hex commit id",
+    ),
+    Setting(
+        "model_root",
+        DEFAULT_MODEL_ROOT,
+        "the model store: one directory per revision (<owner>--<name>/<commit>), "
+        "root's and read-only to vLLM, the only directory peers may copy from (made by glmfleet; put it on a "
+        "disk with room for the weights)",
+        checks.owned_dir,
+    ),
+    Setting(
+        "model_dir",
+        None,
+        "where the weights live on the host and vLLM serves from, instead of the model store "
+        "(model_source 'path': files already there, e.g. NFS, only verified)",
+        checks.optional(checks.abs_path),
+    ),
+    Setting(
+        "model_include",
+        [],
+        "only the files matching these globs (the hub CLI's --include)",
+        checks.list_of(checks.text(), "a list of glob patterns"),
+    ),
+    Setting(
+        "model_exclude",
+        [],
+        "leave out the files matching these globs (the hub CLI's --exclude), e.g. ['original/*']",
+        checks.list_of(checks.text(), "a list of glob patterns"),
+    ),
+    Setting(
+        "model_control_dir",
+        None,
+        "the directory on the control node that holds the files (model_source 'control', or model_peer_seed 'control')",
+        checks.optional(checks.local_path),
+    ),
+    Setting(
+        "model_peer_seed",
+        "hf",
+        "with model_source 'peer': how the first host gets the weights",
+        checks.one_of("hf", "modelscope", "control"),
+    ),
+    Setting(
+        "model_peer_key",
+        None,
+        "the fleet's own transfer key on the control node, made there once if missing (default: "
+        f"{control.CONTROL_DIR_ENV}, else ~/.local/state/glmfleet/peer_ed25519; never in the deploy directory, never "
+        "the operator's key); authorized on the hosts only while a fan-out runs",
+        checks.optional(checks.local_path),
+    ),
+    Setting(
+        "model_peer_address",
+        None,
+        "the address other hosts reach this host's sshd on for copies (default: its ssh_hostname)",
+        checks.optional(checks.host_or_address),
+    ),
+    Setting(
+        "model_disk_margin_gb",
+        5,
+        "free space (GB) that must remain after the model is fetched; checked before any transfer",
+        checks.gigabytes(100_000),
+    ),
+    Setting(
+        "model_verify",
+        "changed",
+        "'changed': re-hash only files whose size, mtime, ctime or inode changed since they "
+        "were verified; 'always': re-hash every file on every run (a scrub for silent disk corruption)",
+        checks.one_of("changed", "always"),
+    ),
+    Setting(
+        "model_transfer_limit_mbps",
+        None,
+        "cap (MB/s) for each copy between hosts and from the control node, so copies "
+        "leave bandwidth to serving traffic (rsync --bwlimit)",
+        checks.optional(checks.number_in(0, 100_000, "a number > 0")),
+    ),
     Setting("model_progress_interval", 10, "seconds between progress lines of a transfer", checks.int_in(1, 3600)),
-    Setting("hf_endpoint", None, "the Hugging Face hub or a mirror of it (HF_ENDPOINT; credentials in it stay in a "
-            "root-only file)", checks.optional(checks.http_url)),
-    Setting("hf_xet", "on", "hub transfers over xet: 'on', 'off' (HF_HUB_DISABLE_XET=1, for mirrors that serve plain HTTP), "
-            "'high-performance' (HF_XET_HIGH_PERFORMANCE=1, hosts with >= 64 GB RAM)", checks.one_of("on", "off", "high-performance")),
-    Setting("hf_token", None, "Hugging Face token for gated and private models (kept in a root-only file, never on a command line)",
-            checks.optional(checks.printable_ascii("a token of printable ASCII without spaces")), secret=True),
-    Setting("hf_cli_version", "2.4.0", "huggingface_hub version whose `hf` CLI fetches on the hosts (>= 1.28: it writes the "
-            "hub's manifest)", checks.version("2.4.0")),
-    Setting("modelscope_version", "1.40.2", "modelscope version installed with its CLI on the hosts", checks.version("1.40.2")),
-    Setting("modelscope_hub_version", "0.5.1", "modelscope-hub version, pinned with modelscope: its `modelscope` command "
-            "is the one that fetches (modelscope >= 1.38 takes the CLI from it, unpinned)", checks.version("0.5.1")),
-    Setting("modelscope_domain", None, "the ModelScope site or a mirror of it (MODELSCOPE_ENDPOINT): a host name (https) "
-            "or an http(s) URL", checks.optional(checks.Check(
+    Setting(
+        "hf_endpoint",
+        None,
+        "the Hugging Face hub or a mirror of it (HF_ENDPOINT; credentials in it stay in a root-only file)",
+        checks.optional(checks.http_url),
+    ),
+    Setting(
+        "hf_xet",
+        "on",
+        "hub transfers over xet: 'on', 'off' (HF_HUB_DISABLE_XET=1, for mirrors that serve plain HTTP), "
+        "'high-performance' (HF_XET_HIGH_PERFORMANCE=1, hosts with >= 64 GB RAM)",
+        checks.one_of("on", "off", "high-performance"),
+    ),
+    Setting(
+        "hf_token",
+        None,
+        "Hugging Face token for gated and private models (kept in a root-only file, never on a command line)",
+        checks.optional(checks.printable_ascii("a token of printable ASCII without spaces")),
+        secret=True,
+    ),
+    Setting(
+        "hf_cli_version",
+        "2.4.0",
+        "huggingface_hub version whose `hf` CLI fetches on the hosts (>= 1.28: it writes the hub's manifest)",
+        checks.version("2.4.0"),
+    ),
+    Setting(
+        "modelscope_version",
+        "1.40.2",
+        "modelscope version installed with its CLI on the hosts",
+        checks.version("1.40.2"),
+    ),
+    Setting(
+        "modelscope_hub_version",
+        "0.5.1",
+        "modelscope-hub version, pinned with modelscope: its `modelscope` command "
+        "is the one that fetches (modelscope >= 1.38 takes the CLI from it, unpinned)",
+        checks.version("0.5.1"),
+    ),
+    Setting(
+        "modelscope_domain",
+        None,
+        "the ModelScope site or a mirror of it (MODELSCOPE_ENDPOINT): a host name (https) or an http(s) URL",
+        checks.optional(
+            checks.Check(
                 lambda v: checks.http_url(v) or re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?", v) is not None,
-                "a host name such as 'www.modelscope.cn' or an http(s) URL"))),
+                "a host name such as 'www.modelscope.cn' or an http(s) URL",
+            )
+        ),
+    ),
 )
 
 
@@ -117,21 +209,31 @@ def origin(cfg) -> str:
 def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
     found = []
     if cfg["model"].startswith("/"):
-        found.append(f"model = {cfg['model']!r} is a path: set model_dir to it (with model_source 'path') and model to a repo id")
+        found.append(
+            f"model = {cfg['model']!r} is a path: set model_dir to it (with model_source 'path') and model to a repo id"
+        )
     if origin(cfg) == "control" and not cfg["model_control_dir"]:
-        found.append(f"model_source {cfg['model_source']!r} takes the files from the control node: set model_control_dir")
+        found.append(
+            f"model_source {cfg['model_source']!r} takes the files from the control node: set model_control_dir"
+        )
     if cfg["model_source"] == "path" and not cfg["model_dir"]:
         found.append("model_source 'path' verifies files already on the host: set model_dir to their directory")
     if origin(cfg) == "hf" and Version(cfg["hf_cli_version"]) < HF_TREES_SINCE:
-        found.append(f"hf_cli_version = {cfg['hf_cli_version']!r} writes no manifest of the hub's sha256s: use {HF_TREES_SINCE} or later")
+        found.append(
+            f"hf_cli_version = {cfg['hf_cli_version']!r} writes no manifest of the hub's sha256s: use {HF_TREES_SINCE} or later"
+        )
     directory = cfg["model_dir"]
     if cfg["model_source"] == "peer" and directory and not directory.startswith(cfg["model_root"].rstrip("/") + "/"):
-        found.append(f"model_source 'peer' copies from the model store only: model_dir = {directory!r} is outside "
-                     f"model_root = {cfg['model_root']!r}; leave model_dir unset, or set model_root to hold it")
+        found.append(
+            f"model_source 'peer' copies from the model store only: model_dir = {directory!r} is outside "
+            f"model_root = {cfg['model_root']!r}; leave model_dir unset, or set model_root to hold it"
+        )
     for key in ("model_root", "model_dir"):
         if cfg[key] and inside(cfg[key], cfg["vllm_state_dir"]):
-            found.append(f"{key} = {cfg[key]!r} is inside vllm_state_dir = {cfg['vllm_state_dir']!r}, which the vllm user "
-                         "owns: root writes the weights, so they live where only root can change the directories above them")
+            found.append(
+                f"{key} = {cfg[key]!r} is inside vllm_state_dir = {cfg['vllm_state_dir']!r}, which the vllm user "
+                "owns: root writes the weights, so they live where only root can change the directories above them"
+            )
     if directory and cfg["model_source"] != "path" and checks.is_system_dir(directory):
         found.append(f"model_dir = {directory!r} is a system directory: glmfleet would write the weights into it")
     return found
@@ -150,8 +252,11 @@ def cli_tool(cfg: HostConfig, source: str) -> tuple[str, list[str], str] | None:
     if source == "hf":
         return tool_dir("huggingface_hub", cfg.hf_cli_version), [f"huggingface_hub=={cfg.hf_cli_version}"], "hf"
     if source == "modelscope":
-        return (tool_dir("modelscope", f"{cfg.modelscope_version}-hub{cfg.modelscope_hub_version}"),
-                [f"modelscope=={cfg.modelscope_version}", f"modelscope-hub=={cfg.modelscope_hub_version}"], "modelscope")
+        return (
+            tool_dir("modelscope", f"{cfg.modelscope_version}-hub{cfg.modelscope_hub_version}"),
+            [f"modelscope=={cfg.modelscope_version}", f"modelscope-hub=={cfg.modelscope_hub_version}"],
+            "modelscope",
+        )
     return None
 
 
@@ -192,9 +297,27 @@ def hub_environment(cfg: HostConfig, source: str) -> dict[str, str]:
 
 def sync_argv(cfg: HostConfig, source: str, phase: str = "all", peers: list[str] = ()) -> list[str]:
     """The host script's command line for one fetch; secrets only as file names."""
-    argv = [WEIGHTS_SCRIPT, "sync", *weights_state_args(cfg), "--model", source_repo(cfg, source), "--revision",
-            cfg.model_revision, "--source", source, "--phase", phase, "--margin-bytes", str(int(cfg.model_disk_margin_gb * 10**9)),
-            "--verify", cfg.model_verify, "--progress-interval", str(cfg.model_progress_interval), "--cli-home", HUB_CLI_HOME]
+    argv = [
+        WEIGHTS_SCRIPT,
+        "sync",
+        *weights_state_args(cfg),
+        "--model",
+        source_repo(cfg, source),
+        "--revision",
+        cfg.model_revision,
+        "--source",
+        source,
+        "--phase",
+        phase,
+        "--margin-bytes",
+        str(int(cfg.model_disk_margin_gb * 10**9)),
+        "--verify",
+        cfg.model_verify,
+        "--progress-interval",
+        str(cfg.model_progress_interval),
+        "--cli-home",
+        HUB_CLI_HOME,
+    ]
     for pattern in cfg.model_include:
         argv += ["--include", pattern]
     for pattern in cfg.model_exclude:
@@ -202,8 +325,15 @@ def sync_argv(cfg: HostConfig, source: str, phase: str = "all", peers: list[str]
     if source in ("hf", "modelscope"):
         argv += ["--cli", cli_bin(cfg, source), "--env-file", HUB_ENV_FILE]
     if source == "peer":
-        argv += ["--peer-path", model_dir_in_store(cfg), "--peer-key", PEER_KEY, "--known-hosts", PEER_KNOWN_HOSTS,
-                 *control.rsync_limit(cfg)]
+        argv += [
+            "--peer-path",
+            model_dir_in_store(cfg),
+            "--peer-key",
+            PEER_KEY,
+            "--known-hosts",
+            PEER_KNOWN_HOSTS,
+            *control.rsync_limit(cfg),
+        ]
         for peer in peers:
             argv += ["--peer", peer]
     return argv
@@ -220,11 +350,17 @@ def fetch_steps(cfg: HostConfig, source: str, peers: list[str] = ()) -> list:
     manifest = control.manifest_path(cfg)
     return [
         join(sync_argv(cfg, "control", phase="receive")),
-        (control.push, control.push_argv(host.data, host.name, str(manifest.parent), f"{target}/.glmfleet", sudo),
-         cfg.model_progress_interval),
+        (
+            control.push,
+            control.push_argv(host.data, host.name, str(manifest.parent), f"{target}/.glmfleet", sudo),
+            cfg.model_progress_interval,
+        ),
         join(sync_argv(cfg, "control", phase="prepare")),
-        (control.push, control.push_argv(host.data, host.name, cfg.model_control_dir, target, sudo, control.rsync_limit(cfg)),
-         cfg.model_progress_interval),
+        (
+            control.push,
+            control.push_argv(host.data, host.name, cfg.model_control_dir, target, sudo, control.rsync_limit(cfg)),
+            cfg.model_progress_interval,
+        ),
         join(sync_argv(cfg, "control", phase="finish")),
     ]
 
@@ -256,9 +392,14 @@ def model_weights():
     cfg = host_config(host)
     if cfg.model_revision is None:
         # Checked here, not with the other keys: the other roles run without it (alone, or in tests).
-        raise ConfigError(format_problems([
-            f"{host.name}: model_revision is not set: glmfleet fetches and serves a pinned commit of {cfg.model}; set it "
-            "to the 40-hex commit id from the repository's history (a branch name would make 'already complete' lie)"]))
+        raise ConfigError(
+            format_problems(
+                [
+                    f"{host.name}: model_revision is not set: glmfleet fetches and serves a pinned commit of {cfg.model}; set it "
+                    "to the 40-hex commit id from the repository's history (a branch name would make 'already complete' lie)"
+                ]
+            )
+        )
     peer_plan = fanout.fanout_plans(tools).get(fanout.fanout_group(cfg)) if cfg.model_source == "peer" else None
     answers = ask_together(host, questions(cfg))
     fact = peer_plan.facts[host.name] if peer_plan else answers["weights"]
@@ -283,8 +424,14 @@ def model_weights():
         target, requirements, _ = cli_tool(cfg, source)
         install_tool(target, requirements, installed=cli_bin(cfg, source) in fact["tools"], cfg=cfg)
         directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")
-        upload(managed, HUB_ENV_FILE, json.dumps(hub_environment(cfg, source), indent=1, sort_keys=True) + "\n", mode="600",
-               name=f"hub environment {HUB_ENV_FILE}", secret=True)
+        upload(
+            managed,
+            HUB_ENV_FILE,
+            json.dumps(hub_environment(cfg, source), indent=1, sort_keys=True) + "\n",
+            mode="600",
+            name=f"hub environment {HUB_ENV_FILE}",
+            secret=True,
+        )
     if cfg.model_source in ("peer", "control") and RSYNC not in fact["tools"]:
         ensure_debs(["rsync"])
 
@@ -292,8 +439,15 @@ def model_weights():
     if peer_plan and peer_plan.rounds:
         changed = _peer_rounds(cfg, peer_plan, managed, roles_here)
     else:
-        changed = [] if source is None else [
-            live_steps(name=f"fetch {cfg.model}@{cfg.model_revision[:12]} from {source}", steps=fetch_steps(cfg, source))]
+        changed = (
+            []
+            if source is None
+            else [
+                live_steps(
+                    name=f"fetch {cfg.model}@{cfg.model_revision[:12]} from {source}", steps=fetch_steps(cfg, source)
+                )
+            ]
+        )
     # A host that takes no part in a fan-out keeps no transfer key, authorized or private (an
     # earlier run that stopped half way, or the key this repository once published).
     if not roles_here and (fact["authorized"] or PEER_KEY in managed["paths"]):
@@ -310,11 +464,19 @@ def _peer_rounds(cfg: HostConfig, plan: fanout.FanoutPlan, managed: dict, roles_
     if "receiver" in roles_here:
         directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")
         write_secret("fleet transfer key", PEER_KEY, private_key)
-        files.put(name="peers' host keys", src=StringIO(fanout.known_hosts(plan)), dest=PEER_KNOWN_HOSTS, user="root",
-                  group="root", mode="644")
+        files.put(
+            name="peers' host keys",
+            src=StringIO(fanout.known_hosts(plan)),
+            dest=PEER_KNOWN_HOSTS,
+            user="root",
+            group="root",
+            mode="644",
+        )
     if "giver" in roles_here:
-        server.shell(name="transfer key may read the model store (rrsync -ro), for this fan-out",
-                     commands=[fanout.authorize_command(fanout.authorized_line(cfg, public_key))])
+        server.shell(
+            name="transfer key may read the model store (rrsync -ro), for this fan-out",
+            commands=[fanout.authorize_command(fanout.authorized_line(cfg, public_key))],
+        )
     changed = []
     # The same operations on every host, one per round: pyinfra finishes an operation on all
     # hosts before it starts the next, so a round only copies from hosts done in earlier ones.
@@ -323,7 +485,11 @@ def _peer_rounds(cfg: HostConfig, plan: fanout.FanoutPlan, managed: dict, roles_
         steps = []
         if host.name in pairs:
             giver = pairs[host.name]
-            steps = fetch_steps(cfg, origin(cfg)) if giver is None else fetch_steps(cfg, "peer", peers=fanout.givers_of(plan, host.name, giver))
+            steps = (
+                fetch_steps(cfg, origin(cfg))
+                if giver is None
+                else fetch_steps(cfg, "peer", peers=fanout.givers_of(plan, host.name, giver))
+            )
         # One name on every host: pyinfra shows an operation once, whoever runs what in it.
         op = live_steps(name=f"weights round {number + 1}/{len(plan.rounds)}", steps=steps)
         if steps:

@@ -48,14 +48,18 @@ def key_problems(path: Path) -> list[str]:
     found = []
     fields = public.read_text().split()
     if len(fields) < 3 or fields[0] != "ssh-ed25519" or fields[2] != KEY_COMMENT:
-        found.append(f"{public} is not a key glmfleet made (an ed25519 key with the comment {KEY_COMMENT}): "
-                     "glmfleet never hands an operator's own key to the hosts")
+        found.append(
+            f"{public} is not a key glmfleet made (an ed25519 key with the comment {KEY_COMMENT}): "
+            "glmfleet never hands an operator's own key to the hosts"
+        )
     elif fields[1] == PUBLISHED_KEY:
         found.append(f"{path} is the transfer key glmfleet's repository once published: delete it, a new one is made")
     for item, mode in ((path, 0o600), (path.parent, 0o700)):
         stat = item.stat()
         if stat.st_mode & 0o077 or stat.st_uid != os.geteuid():
-            found.append(f"{item} must be yours with mode {mode:o} (it is {stat.st_mode & 0o777:o}): chmod {mode:o} {item}")
+            found.append(
+                f"{item} must be yours with mode {mode:o} (it is {stat.st_mode & 0o777:o}): chmod {mode:o} {item}"
+            )
     return found
 
 
@@ -64,15 +68,24 @@ def ensure_key(path: Path) -> None:
     directory, outside any working tree; refuse one that is not glmfleet's own."""
     deploy_dir = Path.cwd().resolve()
     if path.resolve().is_relative_to(deploy_dir):
-        raise ConfigError(format_problems([f"model_peer_key = {str(path)!r} is inside the deploy directory {deploy_dir}, "
-                                           "where a key gets committed and published: leave model_peer_key unset (the "
-                                           f"key is kept in {control_dir()}) or choose a path outside it"]))
+        raise ConfigError(
+            format_problems(
+                [
+                    f"model_peer_key = {str(path)!r} is inside the deploy directory {deploy_dir}, "
+                    "where a key gets committed and published: leave model_peer_key unset (the "
+                    f"key is kept in {control_dir()}) or choose a path outside it"
+                ]
+            )
+        )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(path.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", KEY_COMMENT, "-f", str(path)], check=True,
-                           stdin=subprocess.DEVNULL)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", KEY_COMMENT, "-f", str(path)],
+                check=True,
+                stdin=subprocess.DEVNULL,
+            )
     problems = key_problems(path)
     if problems:
         raise ConfigError(format_problems([f"model_peer_key: {problem}" for problem in problems]))
@@ -87,8 +100,17 @@ def key_pair(cfg: HostConfig) -> tuple[str, str]:
 def manifest_argv(cfg: HostConfig) -> list[str]:
     patterns = [arg for p in cfg.model_include for arg in ("--include", p)]
     patterns += [arg for p in cfg.model_exclude for arg in ("--exclude", p)]
-    return ["python3", str(SCRIPT_SOURCE), "manifest", cfg.model_control_dir, "--model", cfg.model, "--revision",
-            cfg.model_revision, *patterns]
+    return [
+        "python3",
+        str(SCRIPT_SOURCE),
+        "manifest",
+        cfg.model_control_dir,
+        "--model",
+        cfg.model,
+        "--revision",
+        cfg.model_revision,
+        *patterns,
+    ]
 
 
 def manifest_path(cfg: HostConfig) -> Path:
@@ -101,8 +123,11 @@ def prepare(configs: dict[str, HostConfig]) -> None:
     paths = {key_path(cfg) for cfg in configs.values() if cfg.model_source == "peer"}
     for path in sorted(paths):
         ensure_key(path)
-    origins = {cfg.model_control_dir: cfg for cfg in configs.values()
-               if "control" in (cfg.model_source, cfg.model_peer_seed if cfg.model_source == "peer" else None)}
+    origins = {
+        cfg.model_control_dir: cfg
+        for cfg in configs.values()
+        if "control" in (cfg.model_source, cfg.model_peer_seed if cfg.model_source == "peer" else None)
+    }
     for cfg in origins.values():
         if cfg.model_revision and not manifest_path(cfg).exists():
             subprocess.run(manifest_argv(cfg), check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
@@ -116,7 +141,11 @@ RECEIVED_MODES = ["--no-owner", "--no-group", "--chmod=Du=rwx,Dgo=rx,Fu=rw,Fgo=r
 
 def rsync_limit(cfg: HostConfig) -> list[str]:
     """rsync's --bwlimit counts KiB/s."""
-    return [f"--bwlimit={max(1, int(cfg.model_transfer_limit_mbps * 10**6 / 1024))}"] if cfg.model_transfer_limit_mbps else []
+    return (
+        [f"--bwlimit={max(1, int(cfg.model_transfer_limit_mbps * 10**6 / 1024))}"]
+        if cfg.model_transfer_limit_mbps
+        else []
+    )
 
 
 def push_argv(host_data, host_name: str, src: str, dest: str, sudo: bool, limit: list[str] = ()) -> list[str]:
@@ -131,9 +160,21 @@ def push_argv(host_data, host_name: str, src: str, dest: str, sudo: bool, limit:
     if host_data.get("ssh_key"):
         ssh += ["-i", str(host_data.get("ssh_key"))]
     user = f"{host_data.get('ssh_user')}@" if host_data.get("ssh_user") else ""
-    return ["rsync", "--archive", *RECEIVED_MODES, "--partial-dir=.rsync-partial", "--exclude=/.cache/", "--info=progress2",
-            "--no-inc-recursive", *limit, "--rsh", shell.join(ssh), *(["--rsync-path", "sudo rsync"] if sudo else []),
-            f"{src.rstrip('/')}/", f"{user}{host_data.get('ssh_hostname') or host_name}:{dest}/"]
+    return [
+        "rsync",
+        "--archive",
+        *RECEIVED_MODES,
+        "--partial-dir=.rsync-partial",
+        "--exclude=/.cache/",
+        "--info=progress2",
+        "--no-inc-recursive",
+        *limit,
+        "--rsh",
+        shell.join(ssh),
+        *(["--rsync-path", "sudo rsync"] if sudo else []),
+        f"{src.rstrip('/')}/",
+        f"{user}{host_data.get('ssh_hostname') or host_name}:{dest}/",
+    ]
 
 
 def push(state, host, argv: list[str], interval: int) -> bool:
@@ -151,5 +192,8 @@ def push(state, host, argv: list[str], interval: int) -> bool:
                 echo(f"{host.print_prefix}push from the control node: {line}", err=True)
     process.wait()
     if process.returncode != 0:
-        echo(f"{host.print_prefix}rsync from the control node failed ({process.returncode}):\n" + "\n".join(tail), err=True)
+        echo(
+            f"{host.print_prefix}rsync from the control node failed ({process.returncode}):\n" + "\n".join(tail),
+            err=True,
+        )
     return process.returncode == 0

@@ -65,9 +65,16 @@ def fanout_group(cfg: HostConfig) -> str:
 
 
 def weights_question(cfg: HostConfig, tools: list[str]) -> Question:
-    return Question(ModelWeights, {"state_file": weights_state_file(cfg), "model_dir": model_dir(cfg),
-                                   "key": weights_selection_key(cfg), "tools": tools,
-                                   "transfer_marks": [KEY_COMMENT, PUBLISHED_KEY]})
+    return Question(
+        ModelWeights,
+        {
+            "state_file": weights_state_file(cfg),
+            "model_dir": model_dir(cfg),
+            "key": weights_selection_key(cfg),
+            "tools": tools,
+            "transfer_marks": [KEY_COMMENT, PUBLISHED_KEY],
+        },
+    )
 
 
 def fanout_plans(tools_of) -> dict[str, FanoutPlan]:
@@ -152,8 +159,14 @@ def known_hosts(plan: FanoutPlan) -> str:
         try:
             lines.append(f"{filesyntax.known_hosts_host(hostname, port)} {plan.host_keys[name]}")
         except filesyntax.Unwritable as error:
-            raise ConfigError(format_problems([f"{name}: the address its peers reach it at, {hostname!r} (model_peer_address, "
-                                               f"else ssh_hostname, else its name), is refused: {error}"])) from None
+            raise ConfigError(
+                format_problems(
+                    [
+                        f"{name}: the address its peers reach it at, {hostname!r} (model_peer_address, "
+                        f"else ssh_hostname, else its name), is refused: {error}"
+                    ]
+                )
+            ) from None
     return "\n".join(lines) + "\n"
 
 
@@ -172,9 +185,11 @@ def authorize_command(line: str | None) -> str:
     Written to a 0600 file beside it and moved into place."""
     keys = quote(ROOT_AUTHORIZED_KEYS)
     add = f"printf '%s\\n' {quote(line)}; " if line else ""
-    return (f"umask 077; mkdir -p {quote(ROOT_SSH_DIR)} && tmp=$(mktemp {quote(ROOT_AUTHORIZED_KEYS + '.XXXXXX')}) && "
-            f"{{ {{ if [ -f {keys} ]; then grep -v -F -e {quote(KEY_COMMENT)} -e {quote(PUBLISHED_KEY)} {keys} || true; fi; "
-            f"{add}}} > \"$tmp\" && chmod 600 \"$tmp\" && mv -f \"$tmp\" {keys} || {{ rm -f \"$tmp\"; exit 1; }}; }}")
+    return (
+        f"umask 077; mkdir -p {quote(ROOT_SSH_DIR)} && tmp=$(mktemp {quote(ROOT_AUTHORIZED_KEYS + '.XXXXXX')}) && "
+        f"{{ {{ if [ -f {keys} ]; then grep -v -F -e {quote(KEY_COMMENT)} -e {quote(PUBLISHED_KEY)} {keys} || true; fi; "
+        f'{add}}} > "$tmp" && chmod 600 "$tmp" && mv -f "$tmp" {keys} || {{ rm -f "$tmp"; exit 1; }}; }}'
+    )
 
 
 def withdraw_command() -> str:

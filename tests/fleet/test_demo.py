@@ -20,8 +20,14 @@ SLOT = "5"
 
 
 def in_slot(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "GLMFLEET_FLEET_SLOT": SLOT})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "GLMFLEET_FLEET_SLOT": SLOT},
+    )
 
 
 def demo() -> subprocess.CompletedProcess:

@@ -19,8 +19,19 @@ import pytest
 from devfleet import localfleet
 from glmfleet.facts.network import ListeningPorts
 from roles.vllm_service import UNIT_PATH
-from tests.support.fleettools import (API_KEY_ENV, ROOT, TEST_DOUBLE, TEST_MODEL_REVISION, data_args, deploy, fleet_host,
-                              make_bare, pyinfra, wait_for, write_inventory)
+from tests.support.fleettools import (
+    API_KEY_ENV,
+    ROOT,
+    TEST_DOUBLE,
+    TEST_MODEL_REVISION,
+    data_args,
+    deploy,
+    fleet_host,
+    make_bare,
+    pyinfra,
+    wait_for,
+    write_inventory,
+)
 
 pytestmark = pytest.mark.fleet
 
@@ -32,8 +43,13 @@ PROBE = "a b \"c\" \\d $HOME ${IFS} `id` %n 'e';f"
 
 @pytest.fixture(scope="module")
 def settings(package_index, test_model):
-    return {**TEST_DOUBLE, **test_model, "pip_index_url": package_index, "vllm_env": {"GLMFLEET_PROBE": PROBE},
-            "vllm_extra_args": [f"--glmfleet-probe={PROBE}"]}
+    return {
+        **TEST_DOUBLE,
+        **test_model,
+        "pip_index_url": package_index,
+        "vllm_env": {"GLMFLEET_PROBE": PROBE},
+        "vllm_extra_args": [f"--glmfleet-probe={PROBE}"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +114,10 @@ def test_service_runs_as_the_vllm_system_user_from_the_venv(first_run, fleet):
         assert user.uid < 1000 and user.shell == "/usr/sbin/nologin"
         assert host.check_output("ps -o user= -p $(systemctl show -p MainPID --value vllm.service)") == "vllm"
         unit = host.file("/etc/systemd/system/vllm.service").content_string
-        assert f"ExecStart=/opt/glmfleet/vllm/current/bin/vllm serve /var/lib/glmfleet/models/zai-org--GLM-4-9B-0414/{TEST_MODEL_REVISION}" in unit
+        assert (
+            f"ExecStart=/opt/glmfleet/vllm/current/bin/vllm serve /var/lib/glmfleet/models/zai-org--GLM-4-9B-0414/{TEST_MODEL_REVISION}"
+            in unit
+        )
         assert "EnvironmentFile=/etc/glmfleet/vllm.env" in unit
         target = host.file("/opt/glmfleet/vllm/current").linked_to
         assert host.file(f"{target}/.glmfleet-complete").exists
@@ -116,7 +135,9 @@ def test_listening_ports_names_the_service_holding_each_port(first_run, fleet):
     ssh_port = dict(localfleet.inventory_hosts())[name]["ssh_port"]
     assert {(ssh_port, "ssh.service"), (vllm_port(name), "vllm.service")} <= set(listeners)
     assert {(vllm_port(other), None) for other in others} <= set(listeners)
-    assert fact.process(host.check_output(fact.command(port=vllm_port(name))).splitlines()) == [(vllm_port(name), "vllm.service")]
+    assert fact.process(host.check_output(fact.command(port=vllm_port(name))).splitlines()) == [
+        (vllm_port(name), "vllm.service")
+    ]
 
 
 def test_secrets_are_root_only_and_nowhere_else(first_run, fleet):
@@ -141,7 +162,9 @@ def test_systemd_hands_vllm_every_value_exactly(first_run, fleet):
         host = fleet_host(name)
         pid = main_pid(name)
         argv = host.check_output(f"tr '\\0' '\\n' < /proc/{pid}/cmdline").splitlines()
-        environ = dict(line.split("=", 1) for line in host.check_output(f"tr '\\0' '\\n' < /proc/{pid}/environ").splitlines())
+        environ = dict(
+            line.split("=", 1) for line in host.check_output(f"tr '\\0' '\\n' < /proc/{pid}/environ").splitlines()
+        )
         assert argv[-1] == f"--glmfleet-probe={PROBE}"
         assert environ["GLMFLEET_PROBE"] == PROBE and environ["VLLM_API_KEY"] == API_KEY
 
@@ -185,11 +208,15 @@ def test_a_wedged_vllm_fails_a_run_that_changes_nothing_else(first_run, fleet, s
         data = {key: value for key, value in settings.items() if key != "vllm_ready_timeout"}
         run = deploy(inventory, data=data, env={API_KEY_ENV: API_KEY})
         assert run.returncode != 0
-        assert f"not serving after 3 s: http://127.0.0.1:{vllm_port(wedged)}/v1/chat/completions answered 500" in run.stderr
+        assert (
+            f"not serving after 3 s: http://127.0.0.1:{vllm_port(wedged)}/v1/chat/completions answered 500"
+            in run.stderr
+        )
         # Nothing else was planned: the failed check is the one that planning's request asked for.
         assert run.changed() == {}
         assert [op["name"] for op in run.results["operations"] if wedged in op["error"]] == [
-            "verify vLLM serves | verify a real request is served"]
+            "verify vLLM serves | verify a real request is served"
+        ]
     finally:
         host.check_output("systemctl unset-environment VLLM_TEST_DOUBLE_FAIL; systemctl restart vllm.service")
         healed = deploy(data=settings, env={API_KEY_ENV: API_KEY})
@@ -201,13 +228,17 @@ def test_a_host_that_forwards_nothing_is_checked_by_its_own_script(first_run, fl
     command there, the same answer, and nothing on the others."""
     limited = fleet[1]
     host = fleet_host(limited)
-    host.check_output("echo 'AllowTcpForwarding no' > /etc/ssh/sshd_config.d/no-forwarding.conf; systemctl reload ssh.service")
+    host.check_output(
+        "echo 'AllowTcpForwarding no' > /etc/ssh/sshd_config.d/no-forwarding.conf; systemctl reload ssh.service"
+    )
     try:
         served = completions_served(limited)
         run = pyinfra("inventory/local.py", "--debug", "deploy.py", data=settings, env={API_KEY_ENV: API_KEY})
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.changed() == {}
-        assert {name: commands_run(run, name) for name in fleet} == {name: 2 if name == limited else 1 for name in fleet}
+        assert {name: commands_run(run, name) for name in fleet} == {
+            name: 2 if name == limited else 1 for name in fleet
+        }
         assert re.search(rf"\[{re.escape(limited)}\] Loaded fact glmfleet\.facts\.vllm\.VllmServes", run.stderr)
         assert completions_served(limited) == served + 1
         assert "open FAILED" not in run.stderr
@@ -220,13 +251,19 @@ def test_drift_on_a_converged_host_is_put_right(first_run, fleet, settings):
     host = fleet_host(drifted)
     unit = host.file(UNIT_PATH).content_string
     pid = main_pid(drifted)
-    host.check_output(f"chmod 755 /etc/glmfleet; echo '# edited by hand' >> {UNIT_PATH}; "
-                      "chmod 700 /opt/glmfleet/bin/verify-vllm; chown nobody /var/lib/vllm/cache")
+    host.check_output(
+        f"chmod 755 /etc/glmfleet; echo '# edited by hand' >> {UNIT_PATH}; "
+        "chmod 700 /opt/glmfleet/bin/verify-vllm; chown nobody /var/lib/vllm/cache"
+    )
     run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
     assert run.returncode == 0, run.stderr[-3000:]
     assert set(run.changed()) == {drifted}
-    assert {"vLLM service | unit vllm.service", "vLLM service | (re)start vllm.service", "verify vLLM serves | verify script",
-            "vLLM venv | vllm's directories in /var/lib/vllm: cache"} <= run.changed()[drifted]
+    assert {
+        "vLLM service | unit vllm.service",
+        "vLLM service | (re)start vllm.service",
+        "verify vLLM serves | verify script",
+        "vLLM venv | vllm's directories in /var/lib/vllm: cache",
+    } <= run.changed()[drifted]
     assert host.file("/etc/glmfleet").mode == 0o700
     assert host.file(UNIT_PATH).content_string == unit
     assert host.file("/opt/glmfleet/bin/verify-vllm").mode == 0o755
@@ -240,13 +277,17 @@ def test_a_drop_in_someone_else_wrote_is_named_and_removed(first_run, fleet, set
     """A hand-made override (vLLM as root) is found, named, removed, and the service restarted
     as the unit says; a unit edited on disk but not loaded is reloaded and restarted too."""
     host = fleet_host(fleet[0])
-    host.check_output("mkdir -p /etc/systemd/system/vllm.service.d && printf '[Service]\\nUser=root\\n' > "
-                      "/etc/systemd/system/vllm.service.d/override.conf && systemctl daemon-reload && systemctl restart vllm.service")
+    host.check_output(
+        "mkdir -p /etc/systemd/system/vllm.service.d && printf '[Service]\\nUser=root\\n' > "
+        "/etc/systemd/system/vllm.service.d/override.conf && systemctl daemon-reload && systemctl restart vllm.service"
+    )
     assert host.check_output(f"ps -o user= -p {main_pid(fleet[0])}") == "root"
     run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert ("vLLM service | remove drop-ins glmfleet did not write: /etc/systemd/system/vllm.service.d/override.conf"
-            in run.changed()[fleet[0]])
+    assert (
+        "vLLM service | remove drop-ins glmfleet did not write: /etc/systemd/system/vllm.service.d/override.conf"
+        in run.changed()[fleet[0]]
+    )
     assert host.check_output(f"ps -o user= -p {main_pid(fleet[0])}") == "vllm"
     assert not host.file("/etc/systemd/system/vllm.service.d/override.conf").exists
     # The environment rewritten after vLLM started (as by a restart that then failed): vLLM runs
@@ -255,7 +296,10 @@ def test_a_drop_in_someone_else_wrote_is_named_and_removed(first_run, fleet, set
     fleet_host(fleet[1]).check_output("touch /etc/glmfleet/vllm.env")
     run = deploy(data=settings, env={API_KEY_ENV: API_KEY})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.changed()[fleet[1]] == {"vLLM service | (re)start vllm.service", "verify vLLM serves | verify a real request is served"}
+    assert run.changed()[fleet[1]] == {
+        "vLLM service | (re)start vllm.service",
+        "verify vLLM serves | verify a real request is served",
+    }
     assert main_pid(fleet[1]) != pid
     assert deploy(data=settings, env={API_KEY_ENV: API_KEY}).changed() == {}
 
@@ -283,7 +327,9 @@ def test_moving_the_state_directory_of_a_serving_host_stops_the_service_first(fi
         run = deploy(data=moved, env={API_KEY_ENV: API_KEY})
         assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
         for name in fleet:
-            assert any(op.startswith("vLLM venv | stop vllm.service: vllm_state_dir moves from") for op in run.changed()[name])
+            assert any(
+                op.startswith("vLLM venv | stop vllm.service: vllm_state_dir moves from") for op in run.changed()[name]
+            )
             host = fleet_host(name)
             assert host.user("vllm").home == state_dir and healthy(name)
             assert host.check_output(f"readlink /proc/{main_pid(name)}/cwd") == state_dir
@@ -343,18 +389,35 @@ def test_a_host_lost_during_the_check_is_named_with_the_cause(first_run, fleet, 
     slow = {"vllm_env": {"GLMFLEET_PROBE": PROBE, "VLLM_TEST_DOUBLE_STARTUP_DELAY": "60"}}
     inventory = write_inventory(tmp_path / "inventory.py", {lost: slow})
     data = {key: value for key, value in settings.items() if key != "vllm_env"}
-    process = subprocess.Popen([str(Path(sys.executable).parent / "pyinfra"), "-y", str(inventory), "deploy.py",
-                                *data_args({**data, "vllm_ready_timeout": 120})], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, API_KEY_ENV: API_KEY})
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "pyinfra"),
+            "-y",
+            str(inventory),
+            "deploy.py",
+            *data_args({**data, "vllm_ready_timeout": 120}),
+        ],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, API_KEY_ENV: API_KEY},
+    )
     try:
-        wait_for(lambda: "verify-vllm --base-url" in fleet_host(lost).check_output("ps -eo args"),
-                 what="the verify step to wait on the slow host", timeout_s=120)
+        wait_for(
+            lambda: "verify-vllm --base-url" in fleet_host(lost).check_output("ps -eo args"),
+            what="the verify step to wait on the slow host",
+            timeout_s=120,
+        )
         localfleet.stop_host(lost, force=True)
         stdout, stderr = process.communicate(timeout=180)
     finally:
         process.kill()
         localfleet.start_host(lost)
     assert process.returncode != 0
-    assert f"--> {lost}: connection lost during verify vLLM serves | verify a real request is served: the host is down" in stderr
+    assert (
+        f"--> {lost}: connection lost during verify vLLM serves | verify a real request is served: the host is down"
+        in stderr
+    )
     healed = deploy(data=settings, env={API_KEY_ENV: API_KEY})
     assert healed.returncode == 0, healed.stderr[-3000:]

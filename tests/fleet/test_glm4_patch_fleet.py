@@ -25,16 +25,32 @@ pytestmark = pytest.mark.fleet
 WHEELS = ROOT / ".whl"
 MODULE = "vllm/model_executor/models/glm4.py"
 # The recipe operators run today; a venv root of its own leaves the other tests' venvs alone.
-RECIPE = {"model": "glm-z1-32b-0414", "vllm_version": "0.8.4", "vllm_tensor_parallel_size": 4,
-          "vllm_venv_root": "/opt/glmfleet/vllm-glm4"}
+RECIPE = {
+    "model": "glm-z1-32b-0414",
+    "vllm_version": "0.8.4",
+    "vllm_tensor_parallel_size": 4,
+    "vllm_venv_root": "/opt/glmfleet/vllm-glm4",
+}
 
 
 def wheel(version: str) -> Path:
     """vLLM's wheel from PyPI, downloaded once into .whl/."""
     found = sorted(WHEELS.glob(f"vllm-{version}-*.whl"))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(WHEELS), f"vllm=={version}"],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--dest",
+                str(WHEELS),
+                f"vllm=={version}",
+            ],
+            check=True,
+        )
         found = sorted(WHEELS.glob(f"vllm-{version}-*.whl"))
     return found[0]
 
@@ -45,8 +61,10 @@ def install_without_deps(host_name: str, data: dict) -> str:
     source = wheel(data["vllm_version"])
     copy_to_host(host_name, source, f"/var/tmp/wheels/{source.name}")
     host = fleet_host(host_name)
-    host.check_output(f"rm -rf {venv} && python3 -m venv {venv} && "
-                      f"{venv}/bin/pip install --quiet --no-deps --no-index /var/tmp/wheels/{source.name}")
+    host.check_output(
+        f"rm -rf {venv} && python3 -m venv {venv} && "
+        f"{venv}/bin/pip install --quiet --no-deps --no-index /var/tmp/wheels/{source.name}"
+    )
     return host.check_output(f"ls {venv}/lib/python3*/site-packages/{MODULE}")
 
 
@@ -54,9 +72,23 @@ def copy_to_host(host_name: str, source: Path, dest: str) -> None:
     """Stream a file to a fleet host over its SSH, with its known host key."""
     host = next(h for h in localfleet.load_hosts() if h["name"] == host_name)
     with source.open("rb") as data:
-        subprocess.run(["ssh", "-i", host["ssh_key"], "-p", str(host["ssh_port"]), "-o", f"UserKnownHostsFile={host['known_hosts']}",
-                        "-o", "StrictHostKeyChecking=yes", "root@127.0.0.1", f"mkdir -p {Path(dest).parent} && cat > {dest}"],
-                       stdin=data, check=True)
+        subprocess.run(
+            [
+                "ssh",
+                "-i",
+                host["ssh_key"],
+                "-p",
+                str(host["ssh_port"]),
+                "-o",
+                f"UserKnownHostsFile={host['known_hosts']}",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "root@127.0.0.1",
+                f"mkdir -p {Path(dest).parent} && cat > {dest}",
+            ],
+            stdin=data,
+            check=True,
+        )
 
 
 def sha256(host_name: str, path: str) -> str:

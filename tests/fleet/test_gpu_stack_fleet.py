@@ -24,8 +24,12 @@ pytestmark = pytest.mark.fleet
 DRIVER = {"nvidia_driver_source": "distro"}
 DRIVER_PACKAGES = ["nvidia-driver", "nvidia-kernel-dkms", "nvidia-smi", "nvidia-persistenced"]
 TOOLKIT_VERSION = "1.17.8-1"
-TOOLKIT_PACKAGES = ["nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvidia-container-tools",
-                    "libnvidia-container1"]
+TOOLKIT_PACKAGES = [
+    "nvidia-container-toolkit",
+    "nvidia-container-toolkit-base",
+    "libnvidia-container-tools",
+    "libnvidia-container1",
+]
 API_KEY = "sk-glmfleet-gpustack-51e0"
 
 
@@ -39,14 +43,37 @@ def repos(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("repos")
     key = SigningKey(root / "gnupg")
-    publish_flat(root / "www/cuda/debian12/x86_64", [Package(
-        "cuda-drivers-535", "535.0-1glmfleettest",
-        ["nvidia-driver (>= 535)", "nvidia-driver (<< 536)", "nvidia-kernel-dkms", "nvidia-smi", "nvidia-persistenced"],
-        description="loopback stand-in for the CUDA repository's branch metapackage")], key)
-    publish_flat(root / "www/toolkit/stable/deb/amd64", [
-        Package(name, TOOLKIT_VERSION, files={f"/usr/share/doc/{name}/GLMFLEET-TEST": "placeholder\n"},
-                description="loopback placeholder with the toolkit's name and version")
-        for name in TOOLKIT_PACKAGES], key)
+    publish_flat(
+        root / "www/cuda/debian12/x86_64",
+        [
+            Package(
+                "cuda-drivers-535",
+                "535.0-1glmfleettest",
+                [
+                    "nvidia-driver (>= 535)",
+                    "nvidia-driver (<< 536)",
+                    "nvidia-kernel-dkms",
+                    "nvidia-smi",
+                    "nvidia-persistenced",
+                ],
+                description="loopback stand-in for the CUDA repository's branch metapackage",
+            )
+        ],
+        key,
+    )
+    publish_flat(
+        root / "www/toolkit/stable/deb/amd64",
+        [
+            Package(
+                name,
+                TOOLKIT_VERSION,
+                files={f"/usr/share/doc/{name}/GLMFLEET-TEST": "placeholder\n"},
+                description="loopback placeholder with the toolkit's name and version",
+            )
+            for name in TOOLKIT_PACKAGES
+        ],
+        key,
+    )
     with LoopbackServer(root / "www") as server:
         yield {
             "cuda": {
@@ -80,7 +107,9 @@ def test_debian_distro_driver_installs_holds_and_reports_reboot_required(fleet):
     name = fleet[0]
     run = run_role(name, "roles.nvidia_driver.nvidia_driver", DRIVER)
     changed = run.changed()[name]
-    assert "NVIDIA driver | NVIDIA packages: nvidia-driver, nvidia-kernel-dkms, nvidia-smi, nvidia-persistenced" in changed
+    assert (
+        "NVIDIA driver | NVIDIA packages: nvidia-driver, nvidia-kernel-dkms, nvidia-smi, nvidia-persistenced" in changed
+    )
     assert "reboot required: driver branch 535 being installed, running: none" in run.stderr + run.stdout
     print(f"driver role on {name}: {run.seconds:.0f} s")
 
@@ -112,8 +141,16 @@ def test_cuda_repo_on_loopback_and_reboot_then_the_deploy_goes_on(fleet, repos, 
     make_bare(name)  # other modules' tests may have deployed here before
     host = host_of(name)
     boot_before = host.check_output("cat /proc/sys/kernel/random/boot_id; cut -d' ' -f22 /proc/1/stat")
-    data = {**TEST_DOUBLE, **test_model, "pip_index_url": package_index, **repos["cuda"], "nvidia_driver_source": "cuda-repo",
-            "nvidia_driver_branch": "535", "nvidia_allow_reboot": True, "nvidia_reboot_timeout": 300}
+    data = {
+        **TEST_DOUBLE,
+        **test_model,
+        "pip_index_url": package_index,
+        **repos["cuda"],
+        "nvidia_driver_source": "cuda-repo",
+        "nvidia_driver_branch": "535",
+        "nvidia_allow_reboot": True,
+        "nvidia_reboot_timeout": 300,
+    }
     run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data=data, timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]
     changed = run.changed()[name]
@@ -139,10 +176,15 @@ def test_cuda_repo_on_loopback_and_reboot_then_the_deploy_goes_on(fleet, repos, 
 IMAGE_TAG = "vllm/vllm-openai:v0.22.0"
 # What a test host's dockerd needs to start at all inside systemd-nspawn (facts.md), and a
 # user setting that must survive: glmfleet merges into daemon.json, never replaces it.
-USER_DAEMON_JSON = {"iptables": False, "bridge": "none", "ip-forward": False, "ip-masq": False,
-                    "log-opts": {"max-size": "10m"},
-                    # nvidia-ctk's entry, as if configured: the placeholder toolkit has no nvidia-ctk
-                    "runtimes": {"nvidia": {"args": [], "path": "nvidia-container-runtime"}}}
+USER_DAEMON_JSON = {
+    "iptables": False,
+    "bridge": "none",
+    "ip-forward": False,
+    "ip-masq": False,
+    "log-opts": {"max-size": "10m"},
+    # nvidia-ctk's entry, as if configured: the placeholder toolkit has no nvidia-ctk
+    "runtimes": {"nvidia": {"args": [], "path": "nvidia-container-runtime"}},
+}
 
 
 def test_image_runtime_loads_the_shipped_archive_and_writes_its_unit(fleet, repos, tmp_path):
@@ -166,8 +208,15 @@ def test_image_runtime_loads_the_shipped_archive_and_writes_its_unit(fleet, repo
         "toolkit = container_toolkit(driver=driver)\n"
         "vllm_service(restart_when=[*vllm_image(), *toolkit])\n"
     )
-    data = {**DRIVER, **repos["toolkit"], "vllm_runtime": "image", "docker_source": "distro", "docker_version": None,
-            "container_gpu_access": "gpus", "vllm_image_archive": str(archive)}
+    data = {
+        **DRIVER,
+        **repos["toolkit"],
+        "vllm_runtime": "image",
+        "docker_source": "distro",
+        "docker_version": None,
+        "container_gpu_access": "gpus",
+        "vllm_image_archive": str(archive),
+    }
     # The unit starts `docker run`, whose container cannot run in a test host, and it has no
     # weights to start from: the start is the one step that fails, with systemd's words.
     run = pyinfra(inventory, str(deploy_file), "--limit", name, data=data)

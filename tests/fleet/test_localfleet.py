@@ -16,9 +16,7 @@ pytestmark = pytest.mark.fleet
 
 
 def ssh(host: dict, command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*localfleet.ssh_argv(host), command], capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([*localfleet.ssh_argv(host), command], capture_output=True, text=True, timeout=60)
 
 
 def boot_id(host: dict) -> str:
@@ -58,7 +56,7 @@ def test_hosts_have_what_the_product_needs(fleet_hosts):
         "sudo -n true",
         "command -v curl ip",
         "grep -q 'bookworm main contrib non-free non-free-firmware' /etc/apt/sources.list",
-        "test \"$(systemctl is-enabled apt-daily.timer)\" = masked",
+        'test "$(systemctl is-enabled apt-daily.timer)" = masked',
     ]
     for check in checks:
         answer = ssh(fleet_hosts[0], check)
@@ -124,5 +122,6 @@ def test_a_host_that_stops_while_booting_is_reported_with_its_console(tmp_path):
     never_started = {"name": "fleet-09", "console_log": str(console)}  # no supervisor pid file
     with pytest.raises(localfleet.BootStopped) as stopped:
         localfleet.wait_ready(never_started, timeout_s=5)
-    assert str(stopped.value).endswith(f"console log {console} ends:\nSpawning container fleet-09 on /x.\n"
-                                       "Directory /x is currently busy.")
+    assert str(stopped.value).endswith(
+        f"console log {console} ends:\nSpawning container fleet-09 on /x.\nDirectory /x is currently busy."
+    )

@@ -33,7 +33,9 @@ PINS = ["modelscope==1.40.2", "modelscope-hub==0.5.1"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ms-checkpoint") / "checkpoint", size_bytes=40 * 2**20, shard_bytes=10 * 2**20)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("ms-checkpoint") / "checkpoint", size_bytes=40 * 2**20, shard_bytes=10 * 2**20
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,10 @@ def hub(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli_index(tmp_path_factory):
     wheels = tmp_path_factory.mktemp("ms-cli-wheels")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(wheels), *PINS],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(wheels), *PINS],
+        check=True,
+    )
     with PackageIndex(wheels) as index:
         yield index.url
 
@@ -60,8 +64,15 @@ def host(fleet):
 
 @pytest.fixture(scope="module")
 def settings(hub, cli_index):
-    return {"model": REPO, "model_revision": REVISION, "model_source": "modelscope", "modelscope_domain": hub.url,
-            "pip_index_url": cli_index, "model_disk_margin_gb": 0.05, "model_progress_interval": 1}
+    return {
+        "model": REPO,
+        "model_revision": REVISION,
+        "model_source": "modelscope",
+        "modelscope_domain": hub.url,
+        "pip_index_url": cli_index,
+        "model_disk_margin_gb": 0.05,
+        "model_progress_interval": 1,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +135,9 @@ def test_a_download_cut_midway_resumes(first_run, host, hub, settings, cfg, tmp_
     assert complete(host, cfg)
 
 
-@pytest.mark.parametrize(("mode", "kind"), [("not_found", "not found"), ("rate_limited", "rate limited"),
-                                            ("unauthorized", "bad token")])
+@pytest.mark.parametrize(
+    ("mode", "kind"), [("not_found", "not found"), ("rate_limited", "rate limited"), ("unauthorized", "bad token")]
+)
 def test_a_refusing_hub_is_named_with_what_to_do(first_run, host, hub, settings, cfg, tmp_path, mode, kind):
     forget(host, cfg)
     hub.mode = mode

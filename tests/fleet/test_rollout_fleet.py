@@ -21,8 +21,17 @@ import pytest
 
 from devfleet import localfleet
 from roles.gateway import CONFIG_PATH, KEYS_PATH
-from tests.support.fleettools import (API_KEY_ENV, ROOT, TEST_DOUBLE, data_args, deploy, fleet_host, gateway_port, glmfleet,
-                              write_inventory)
+from tests.support.fleettools import (
+    API_KEY_ENV,
+    ROOT,
+    TEST_DOUBLE,
+    data_args,
+    deploy,
+    fleet_host,
+    gateway_port,
+    glmfleet,
+    write_inventory,
+)
 from tests.support.loadgen import Load
 
 pytestmark = pytest.mark.fleet
@@ -55,8 +64,9 @@ def inventory(tmp_path, hosts):
     have more, and the first host is the gateway."""
 
     def write(setting: dict, static: list[tuple[str, dict]] | None = None, **extra: dict) -> str:
-        host_data = {name: {"vllm_env": LATENCY, "vllm_ready_timeout": 60, **setting, **extra.get(name, {})}
-                     for name in hosts}
+        host_data = {
+            name: {"vllm_env": LATENCY, "vllm_ready_timeout": 60, **setting, **extra.get(name, {})} for name in hosts
+        }
         groups = {"gateway": ([hosts[0]], {"gateway_port": gateway_port()})}
         return str(write_inventory(tmp_path / "inventory.py", host_data, groups, static))
 
@@ -83,8 +93,9 @@ def vllm_port(name: str) -> int:
 
 
 def served_max_model_len(name: str) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{vllm_port(name)}/v1/models",
-                                     headers={"Authorization": f"Bearer {API_KEY}"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{vllm_port(name)}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())["data"][0]["max_model_len"]
 
@@ -112,8 +123,11 @@ def gateway_config(hosts) -> str:
 
 
 def in_pool(hosts, name: str) -> bool:
-    line = next(line for line in gateway_config(hosts).splitlines() if line.rstrip().endswith(f"# {name}")
-                or f"# {name}:" in line)
+    line = next(
+        line
+        for line in gateway_config(hosts).splitlines()
+        if line.rstrip().endswith(f"# {name}") or f"# {name}:" in line
+    )
     return " down;" not in line
 
 
@@ -173,7 +187,11 @@ def test_failing_host_stops_the_rollout_and_is_rolled_back(deployed, hosts, data
         run = glmfleet("rollout", path, "--batch", "1", data=data, env=ENV)
     assert run.returncode != 0
     assert [result(run.stdout, name) for name in hosts] == [
-        "updated", "updated", "FAILED, rolled back", "not reached (rollout stopped)"]
+        "updated",
+        "updated",
+        "FAILED, rolled back",
+        "not reached (rollout stopped)",
+    ]
     assert "rollout stopped: 1 host failed, more than --max-fail 0 allows" in run.stdout
     # Why, with the failing host's journal tail.
     assert rows(run.stdout)[broken][4].startswith("not serving after 15 s")
@@ -202,8 +220,9 @@ def test_resume_skips_finished_hosts(deployed, hosts, data, inventory):
 def rollout_stopping_a_host(path: str, data: dict, stop: str, when: str, *args: str) -> tuple[int, str]:
     """Run a rollout and power `stop` off (like pulling its plug) when a line starts with `when`."""
     command = [str(Path(sys.executable).parent / "glmfleet"), "rollout", path, *args, *data_args(data)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT), **ENV})
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **ENV}
+    )
     watchdog = threading.Timer(600, process.kill)
     watchdog.start()
     output = []
@@ -219,7 +238,9 @@ def test_host_powered_off_mid_rollout_counts_against_max_fail(deployed, hosts, d
     lost = hosts[1]
     path = inventory({"vllm_max_model_len": 1024})
     try:
-        returncode, stdout = rollout_stopping_a_host(path, data, lost, "--> batch 1/4", "--batch", "1", "--max-fail", "25%")
+        returncode, stdout = rollout_stopping_a_host(
+            path, data, lost, "--> batch 1/4", "--batch", "1", "--max-fail", "25%"
+        )
         assert returncode == 1, stdout
         assert [result(stdout, name) for name in hosts] == ["updated", "FAILED: unreachable", "updated", "updated"]
         assert "rollout complete: 1 of 4 hosts failed" in stdout
@@ -229,8 +250,12 @@ def test_host_powered_off_mid_rollout_counts_against_max_fail(deployed, hosts, d
     # Resumed once it is back: only it is updated, and it rejoins the pool.
     run = glmfleet("rollout", path, "--batch", "1", data=data, env=ENV)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert [result(run.stdout, name) for name in hosts] == ["already at target", "updated", "already at target",
-                                                            "already at target"]
+    assert [result(run.stdout, name) for name in hosts] == [
+        "already at target",
+        "updated",
+        "already at target",
+        "already at target",
+    ]
     assert in_pool(hosts, lost) and served_max_model_len(lost) == 1024
 
 

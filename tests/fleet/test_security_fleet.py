@@ -18,13 +18,21 @@ from devfleet import localfleet
 from glmfleet.layout import GATEWAY_KEYS, PEER_KEY, ROOT_AUTHORIZED_KEYS
 from glmfleet.shell import quote
 from roles.model_weights.control import PUBLISHED_KEY
-from tests.support.fleettools import API_KEY_ENV, TEST_DOUBLE, deploy, fleet_host, gateway_port, pyinfra, write_inventory
+from tests.support.fleettools import (
+    API_KEY_ENV,
+    TEST_DOUBLE,
+    deploy,
+    fleet_host,
+    gateway_port,
+    pyinfra,
+    write_inventory,
+)
 
 pytestmark = pytest.mark.fleet
 
 FIRST_KEY = "sk-security-first-3f9a0c"
 ROTATED_KEY = "sk-security-rotated-b61d27"
-PUBLISHED_LINE = (f'restrict,command="/usr/bin/rrsync -ro /glmmodel" ssh-ed25519 {PUBLISHED_KEY} glmfleet-peer-transfer')
+PUBLISHED_LINE = f'restrict,command="/usr/bin/rrsync -ro /glmmodel" ssh-ed25519 {PUBLISHED_KEY} glmfleet-peer-transfer'
 OPERATOR_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOperatorOwnKeyStaysXXXXXXXXXXXXXXXXXXXXXXXX operator@site"
 # Reads, as an unprivileged user, every file that it can while it runs and says which held the
 # secret: pyinfra's sudo upload stages files in /tmp; a file made and moded later is readable at first.
@@ -51,15 +59,21 @@ print("\n".join(sorted(found)))
 def inventory(fleet, package_index, test_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("security") / "inventory.py"
     data = {**TEST_DOUBLE, **test_model, "pip_index_url": package_index, "_sudo": True}
-    write_inventory(path, {name: data for name in fleet}, {"gateway": ([fleet[0]], {"gateway_port": gateway_port()})},
-                    hosts=[(name, host) for name, host in localfleet.inventory_hosts() if name in fleet])
+    write_inventory(
+        path,
+        {name: data for name in fleet},
+        {"gateway": ([fleet[0]], {"gateway_port": gateway_port()})},
+        hosts=[(name, host) for name, host in localfleet.inventory_hosts() if name in fleet],
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def first_run(fleet, inventory):
     host = fleet_host(fleet[0])
-    host.check_output(f"mkdir -p /root/.ssh && printf '%s\\n%s\\n' {OPERATOR_LINE!r} {PUBLISHED_LINE!r} >> {ROOT_AUTHORIZED_KEYS}")
+    host.check_output(
+        f"mkdir -p /root/.ssh && printf '%s\\n%s\\n' {OPERATOR_LINE!r} {PUBLISHED_LINE!r} >> {ROOT_AUTHORIZED_KEYS}"
+    )
     run = deploy(inventory, env={API_KEY_ENV: FIRST_KEY})
     assert run.returncode == 0, run.stderr[-3000:]
     return run
@@ -67,8 +81,14 @@ def first_run(fleet, inventory):
 
 def watched_deploy(fleet, inventory, key: str, seconds: int = 120):
     """A deploy while an unprivileged user on every host reads whatever it can."""
-    watchers = [subprocess.Popen(["ssh", *ssh_argv(name), f"runuser -u nobody -- python3 -c {quote(WATCHER)} "
-                                  f"{quote(key)} {seconds}"], stdout=subprocess.PIPE, text=True) for name in fleet]
+    watchers = [
+        subprocess.Popen(
+            ["ssh", *ssh_argv(name), f"runuser -u nobody -- python3 -c {quote(WATCHER)} {quote(key)} {seconds}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in fleet
+    ]
     time.sleep(1)  # the watchers are reading before the deploy writes anything
     run = deploy(inventory, env={API_KEY_ENV: key})
     for watcher in watchers:
@@ -113,11 +133,19 @@ def test_a_model_dir_over_an_existing_tree_changes_no_mode(first_run, fleet, inv
     """model_source 'path' over a tree the site keeps with its own modes: verified, never chmod-ed."""
     host = fleet_host(fleet[1])
     store = host.check_output("ls -d /var/lib/glmfleet/models/*/*")
-    host.check_output(f"rm -rf /srv/site && mkdir -p /srv/site && cp -a {store} /srv/site/model && "
-                      "chmod 750 /srv/site/model/.glmfleet && chmod 640 /srv/site/model/config.json")
+    host.check_output(
+        f"rm -rf /srv/site && mkdir -p /srv/site && cp -a {store} /srv/site/model && "
+        "chmod 750 /srv/site/model/.glmfleet && chmod 640 /srv/site/model/config.json"
+    )
     before = host.check_output("find /srv/site -printf '%m %p\\n' | sort")
-    run = pyinfra(inventory, "--limit", fleet[1], "deploy.py", data={"model_source": "path", "model_dir": "/srv/site/model"},
-                  env={API_KEY_ENV: ROTATED_KEY})
+    run = pyinfra(
+        inventory,
+        "--limit",
+        fleet[1],
+        "deploy.py",
+        data={"model_source": "path", "model_dir": "/srv/site/model"},
+        env={API_KEY_ENV: ROTATED_KEY},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert host.check_output("find /srv/site -printf '%m %p\\n' | sort") == before
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from glmfleet.config import all_settings
-from tests.support.fleettools import pyinfra, fleet_host
+from tests.support.fleettools import fleet_host, pyinfra
 
 pytestmark = pytest.mark.fleet
 
@@ -19,7 +19,9 @@ def test_real_vllm_installs_at_the_pinned_version_and_a_rerun_installs_nothing(f
     assert first.returncode == 0, first.stderr[-3000:]
     pinned = all_settings()["vllm_version"].default
     python = "/opt/glmfleet/vllm-real/current/bin/python"
-    reported = fleet_host(host_name).check_output(f"{python} -c 'from importlib.metadata import version; print(version(\"vllm\"))'")
+    reported = fleet_host(host_name).check_output(
+        f"{python} -c 'from importlib.metadata import version; print(version(\"vllm\"))'"
+    )
     assert reported == pinned
     assert any(op.startswith("vLLM venv | build venv vllm-") for op in first.changed()[host_name])
 

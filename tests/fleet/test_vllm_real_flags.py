@@ -44,8 +44,21 @@ def vllm_index(tmp_path_factory):
     on 127.0.0.1 by a threaded server: uv fetches some 190 wheels at once, more than the
     single-threaded pypiserver of tests/pkgindex.py accepts before connections time out."""
     if not (WHEELS / ".complete").exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(WHEELS),
-                        f"vllm=={PINNED}", f"uv=={UV_VERSION}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--only-binary=:all:",
+                "--dest",
+                str(WHEELS),
+                f"vllm=={PINNED}",
+                f"uv=={UV_VERSION}",
+            ],
+            check=True,
+        )
         (WHEELS / ".complete").touch()
     root = tmp_path_factory.mktemp("vllm-index")
     (root / "files").symlink_to(WHEELS)
@@ -68,8 +81,13 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def real(vllm_index, test_model):
-    return {**test_model, "vllm_package": "vllm", "vllm_venv_root": "/opt/glmfleet/vllm-real", "pip_index_url": vllm_index,
-            "nvidia_driver_source": TEST_DOUBLE["nvidia_driver_source"]}
+    return {
+        **test_model,
+        "vllm_package": "vllm",
+        "vllm_venv_root": "/opt/glmfleet/vllm-real",
+        "pip_index_url": vllm_index,
+        "nvidia_driver_source": TEST_DOUBLE["nvidia_driver_source"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +95,13 @@ def serving(fleet, package_index, test_model):
     """The last fleet host serving through the test double; its unit's sha256 and main PID."""
     name = fleet[-1]
     fleet_host(name).run("systemctl reset-failed vllm.service")  # a test before may have left it failed
-    run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**TEST_DOUBLE, **test_model, "pip_index_url": package_index})
+    run = pyinfra(
+        "inventory/local.py",
+        "deploy.py",
+        "--limit",
+        name,
+        data={**TEST_DOUBLE, **test_model, "pip_index_url": package_index},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     host = fleet_host(name)
     return name, host.file(UNIT).sha256sum, main_pid(name)
@@ -103,7 +127,9 @@ def still_serving(name: str) -> bool:
 )
 def test_a_bad_flag_fails_the_host_and_leaves_the_running_unit_alone(serving, real, bad_args, message):
     name, unit_sha, pid = serving
-    run = pyinfra("inventory/local.py", "deploy.py", "--limit", name, data={**real, "vllm_extra_args": bad_args}, timeout=2400)
+    run = pyinfra(
+        "inventory/local.py", "deploy.py", "--limit", name, data={**real, "vllm_extra_args": bad_args}, timeout=2400
+    )
     assert run.returncode != 0
     assert f"vLLM {PINNED} refuses the command: {message}" in run.stderr
     host = fleet_host(name)
@@ -126,12 +152,16 @@ def test_the_catalogs_flags_for_every_model_are_accepted(serving, real):
 
 def test_good_flags_pass_the_check(serving, real):
     name = serving[0]
-    run = pyinfra("inventory/local.py", "roles.vllm_flags.vllm_flags", "--limit", name, data={**real, "model": "glm-4.7"})
+    run = pyinfra(
+        "inventory/local.py", "roles.vllm_flags.vllm_flags", "--limit", name, data={**real, "model": "glm-4.7"}
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"check vLLM flags | vllm serve flags accepted by vLLM {PINNED}" in run.changed()[name]
 
 
-@pytest.mark.parametrize("spelling", [["--api_key=sk-leak"], ["--api-k", "sk-leak"], ["--port=9"], ["--host", "0.0.0.0"]])
+@pytest.mark.parametrize(
+    "spelling", [["--api_key=sk-leak"], ["--api-k", "sk-leak"], ["--port=9"], ["--host", "0.0.0.0"]]
+)
 def test_vllms_own_parser_refuses_any_spelling_of_a_flag_a_key_sets(serving, real, spelling):
     """The host-side half of the flag guard: whatever the controller's spelling rules miss, vLLM's
     parser reads the command with and without the extra flags and they must agree on every flag

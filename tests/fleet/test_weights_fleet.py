@@ -20,12 +20,14 @@ import pytest
 
 from devfleet import localfleet
 from glmfleet.config import resolve
-from glmfleet.layout import model_dir as model_path, weights_check_argv as check_argv, weights_state_file as state_path
+from glmfleet.layout import model_dir as model_path
+from glmfleet.layout import weights_check_argv as check_argv
+from glmfleet.layout import weights_state_file as state_path
 from tests.support.fleettools import TEST_DOUBLE, deploy
 from tests.support.fleettools import fleet_host as remote
 from tests.support.hub_mirror import file_sha256
 from tests.support.pkgindex import PackageIndex
-from tests.support.weights_fixtures import REPO_ID, SHARDS, deploy_weights, digests, hub, inventory, shards  # noqa: F401 (hub: a fixture)
+from tests.support.weights_fixtures import REPO_ID, SHARDS, deploy_weights, digests, inventory, shards
 
 pytestmark = pytest.mark.fleet
 
@@ -44,17 +46,36 @@ def hosts(fleet):
 def hub_cli_index(tmp_path_factory):
     """huggingface_hub and its dependencies, served on loopback, as a mirror-only site has them."""
     wheels = tmp_path_factory.mktemp("hub-cli-wheels")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(wheels),
-                    f"huggingface_hub=={HF_CLI_VERSION}"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            "--dest",
+            str(wheels),
+            f"huggingface_hub=={HF_CLI_VERSION}",
+        ],
+        check=True,
+    )
     with PackageIndex(wheels) as index:
         yield index.url
 
 
 @pytest.fixture(scope="module")
 def settings(hub, hub_cli_index):
-    return {"model": REPO_ID, "model_revision": hub.revision, "model_source": "peer", "hf_endpoint": hub.url,
-            "hf_cli_version": HF_CLI_VERSION, "pip_index_url": hub_cli_index, "model_disk_margin_gb": 0.05,
-            "model_progress_interval": 1}
+    return {
+        "model": REPO_ID,
+        "model_revision": hub.revision,
+        "model_source": "peer",
+        "hf_endpoint": hub.url,
+        "hf_cli_version": HF_CLI_VERSION,
+        "pip_index_url": hub_cli_index,
+        "model_disk_margin_gb": 0.05,
+        "model_progress_interval": 1,
+    }
 
 
 def modified(name: str, path: str) -> str:
@@ -99,8 +120,9 @@ def test_fanout_reads_one_copy_from_the_origin_and_every_host_verifies(first_run
     assert f"[{hosts[0]}] glmfleet-test/tiny-glm@{hub.revision[:12]}: fetching" in run.stderr
     for receiver, giver in ((hosts[1], hosts[0]), (hosts[2], hosts[0]), (hosts[3], hosts[1])):
         assert f"[{receiver}] glmfleet-test/tiny-glm@{hub.revision[:12]}: fetching" in run.stderr
-        assert f"from peer 127.0.0.1:{port[giver]}" in next(line for line in run.stderr.splitlines()
-                                                            if line.startswith(f"[{receiver}]") and ": fetching" in line)
+        assert f"from peer 127.0.0.1:{port[giver]}" in next(
+            line for line in run.stderr.splitlines() if line.startswith(f"[{receiver}]") and ": fetching" in line
+        )
     for name in hosts:
         assert check(name, cfg)[0] == 0
         assert digests(name, model_path(cfg)) == origin_digests(hub)
@@ -125,9 +147,12 @@ def test_second_run_changes_nothing_hashes_nothing_and_reads_nothing(first_run, 
 
 # While a fan-out runs, the host a receiver copies from has the transfer key authorized and the
 # receiver holds it: that, and withdrawing it, is all that changes on a host that copies nothing.
-KEY_STEPS = {"model weights | transfer key may read the model store (rrsync -ro), for this fan-out",
-             "model weights | transfer key withdrawn after the fan-out", "model weights | fleet transfer key",
-             "model weights | peers' host keys"}
+KEY_STEPS = {
+    "model weights | transfer key may read the model store (rrsync -ro), for this fan-out",
+    "model weights | transfer key withdrawn after the fan-out",
+    "model weights | fleet transfer key",
+    "model weights | peers' host keys",
+}
 
 
 def only_the_key_changed_beside(run, receivers: set[str]) -> bool:
@@ -198,7 +223,12 @@ def test_a_disk_too_small_fails_before_any_transfer(first_run, hosts, settings, 
 def test_the_control_node_pushes_its_copy(first_run, hosts, hub, settings, tmp_path):
     control_copy = tmp_path / "control-copy"
     subprocess.run(["cp", "-al", str(hub.checkpoint), str(control_copy)], check=True)  # same bytes, no second copy
-    data = {**settings, "model_source": "control", "model_control_dir": str(control_copy), "model_dir": "/srv/models/tiny-glm"}
+    data = {
+        **settings,
+        "model_source": "control",
+        "model_control_dir": str(control_copy),
+        "model_dir": "/srv/models/tiny-glm",
+    }
     cfg = resolve(data)
     two = hosts[:2]
     run = deploy_weights(inventory(tmp_path, two), data)

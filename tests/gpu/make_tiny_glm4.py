@@ -44,7 +44,7 @@ def tekken_file() -> Path:
 
 def make(out: Path, seed: int) -> dict:
     import torch
-    from transformers import Glm4Config, Glm4ForCausalLM, GenerationConfig
+    from transformers import GenerationConfig, Glm4Config, Glm4ForCausalLM
     from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
     source = tekken_file()

@@ -97,8 +97,16 @@ class Server:
             kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
         self.started = time.monotonic()
         # Its own process group, so the stop can reach every engine process, as KillMode=mixed does.
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, process_group=0, **kwargs)
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            process_group=0,
+            **kwargs,
+        )
         Server.running.append(self)
 
     def wait_ready(self, base_url: str, deadline: float) -> float | None:
@@ -128,7 +136,11 @@ class Server:
         self.log.close()
         if self in Server.running:
             Server.running.remove(self)
-        return {"stop_s": round(time.monotonic() - began, 2), "exit": self.proc.returncode, "killed_after_timeout": killed}
+        return {
+            "stop_s": round(time.monotonic() - began, 2),
+            "exit": self.proc.returncode,
+            "killed_after_timeout": killed,
+        }
 
     def marks(self) -> dict:
         text = self.log_path.read_text(errors="replace")
@@ -152,7 +164,9 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 300) -> dict:
 
 def gpu_memory_used() -> str:
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"], capture_output=True, text=True)
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"], capture_output=True, text=True
+        )
     except OSError as error:
         return f"unknown ({error})"
     return done.stdout.strip()
@@ -196,10 +210,21 @@ def smoke() -> int:
         # so and go on as root, so one call still measures the rest.
         probe = [f"{smoke['VENV_CURRENT_BIN']}/python", "-c", "import torch, vllm; print(torch.cuda.is_available())"]
         entry = pwd.getpwnam(user)
-        done = subprocess.run(probe, env=env, cwd=smoke["STATE_DIR"], capture_output=True, text=True,
-                              user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
+        done = subprocess.run(
+            probe,
+            env=env,
+            cwd=smoke["STATE_DIR"],
+            capture_output=True,
+            text=True,
+            user=entry.pw_uid,
+            group=entry.pw_gid,
+            extra_groups=[],
+        )
         if done.returncode != 0 or "True" not in done.stdout:
-            print(f"== as {user}, the venv does not import or sees no GPU; running as root:\n{done.stderr[-2000:]}", flush=True)
+            print(
+                f"== as {user}, the venv does not import or sees no GPU; running as root:\n{done.stderr[-2000:]}",
+                flush=True,
+            )
             fallback = f"{user} could not import torch+vllm or see the GPU: {done.stderr[-500:]}"
             user = None
     results = {
@@ -276,23 +301,61 @@ def smoke() -> int:
     for path in glob.glob(f"/tmp/torchinductor_{user or 'root'}") + glob.glob("/tmp/torchinductor_*"):
         shutil.rmtree(path, ignore_errors=True)
     cache_root = file_env.get("VLLM_CACHE_ROOT", "")
-    results["cache_root_files_before_warm"] = sum(len(files) for _, _, files in os.walk(cache_root)) if cache_root else None
+    results["cache_root_files_before_warm"] = (
+        sum(len(files) for _, _, files in os.walk(cache_root)) if cache_root else None
+    )
 
     warm = start_and_check("warm")
     if warm is None:
         return 1
     ok = ok and results["runs"][-1]["verify"]["rc"] == 0
 
-    bench_env = {"PATH": SYSTEMD_PATH, "HOME": "/root", "HF_HUB_OFFLINE": "1",
-                 "OPENAI_API_KEY": file_env.get("VLLM_API_KEY", ""), **host_added}
-    bench = run([
-        f"{smoke['VENV_CURRENT_BIN']}/vllm", "bench", "serve",
-        "--backend", "vllm", "--base-url", smoke["BASE_URL"], "--endpoint", "/v1/completions",
-        "--model", smoke["MODEL_DIR"], "--served-model-name", smoke["SERVED_NAME"], "--tokenizer", smoke["MODEL_DIR"],
-        "--dataset-name", "random", "--random-input-len", "256", "--random-output-len", "128",
-        "--num-prompts", str(args.bench_prompts), "--max-concurrency", "32", "--ignore-eos", "--seed", "0",
-        "--save-result", "--result-dir", str(out), "--result-filename", "bench.json",
-    ], env=bench_env, timeout=240)
+    bench_env = {
+        "PATH": SYSTEMD_PATH,
+        "HOME": "/root",
+        "HF_HUB_OFFLINE": "1",
+        "OPENAI_API_KEY": file_env.get("VLLM_API_KEY", ""),
+        **host_added,
+    }
+    bench = run(
+        [
+            f"{smoke['VENV_CURRENT_BIN']}/vllm",
+            "bench",
+            "serve",
+            "--backend",
+            "vllm",
+            "--base-url",
+            smoke["BASE_URL"],
+            "--endpoint",
+            "/v1/completions",
+            "--model",
+            smoke["MODEL_DIR"],
+            "--served-model-name",
+            smoke["SERVED_NAME"],
+            "--tokenizer",
+            smoke["MODEL_DIR"],
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            "256",
+            "--random-output-len",
+            "128",
+            "--num-prompts",
+            str(args.bench_prompts),
+            "--max-concurrency",
+            "32",
+            "--ignore-eos",
+            "--seed",
+            "0",
+            "--save-result",
+            "--result-dir",
+            str(out),
+            "--result-filename",
+            "bench.json",
+        ],
+        env=bench_env,
+        timeout=240,
+    )
     results["bench"] = bench
     save()
     print(f"== bench rc={bench['rc']}\n{bench['tail'][-2500:]}", flush=True)
@@ -300,10 +363,22 @@ def smoke() -> int:
     bench_file = out / "bench.json"
     if bench_file.is_file():
         data = json.loads(bench_file.read_text())
-        results["bench_summary"] = {key: data.get(key) for key in (
-            "num_prompts", "completed", "duration", "request_throughput", "output_throughput",
-            "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
-            "max_concurrency")}
+        results["bench_summary"] = {
+            key: data.get(key)
+            for key in (
+                "num_prompts",
+                "completed",
+                "duration",
+                "request_throughput",
+                "output_throughput",
+                "total_token_throughput",
+                "mean_ttft_ms",
+                "median_ttft_ms",
+                "mean_tpot_ms",
+                "median_tpot_ms",
+                "max_concurrency",
+            )
+        }
     save()
     return 0 if ok and bench["rc"] == 0 else 1
 

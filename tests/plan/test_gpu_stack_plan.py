@@ -16,6 +16,7 @@ from tests.support.imagearchive import write_image_archive
 from tests.support.paths import FIXTURES
 from tests.support.planning import B200, H100, NVSWITCH, gpu_host, installed, plan
 
+
 def commands(ops, name_part: str) -> list[str]:
     found = [op for op in ops if name_part in op.name]
     assert found, f"no operation named like {name_part!r} in {[op.name for op in ops]}"
@@ -49,9 +50,16 @@ def test_open_modules_and_exact_version():
 def test_cuda_repo_on_ubuntu_2404_with_a_mirror_and_pinned_key():
     mirror = "http://mirror.example.internal/cuda/{distro}/{arch}"
     sha = "a" * 64
-    ops = plan(nvidia_driver, {"nvidia_driver_source": "cuda-repo", "nvidia_cuda_repo_url": mirror,
-                               "nvidia_cuda_repo_key_url": mirror + "/3bf863cc.pub", "nvidia_cuda_repo_key_sha256": sha},
-               gpu_host(distro="ubuntu|24.04|noble", kernel="6.8.0-45-generic", headers_candidate="6.8.0-45.45"))
+    ops = plan(
+        nvidia_driver,
+        {
+            "nvidia_driver_source": "cuda-repo",
+            "nvidia_cuda_repo_url": mirror,
+            "nvidia_cuda_repo_key_url": mirror + "/3bf863cc.pub",
+            "nvidia_cuda_repo_key_sha256": sha,
+        },
+        gpu_host(distro="ubuntu|24.04|noble", kernel="6.8.0-45-generic", headers_candidate="6.8.0-45.45"),
+    )
     repo = commands(ops, "CUDA repository")
     assert "http://mirror.example.internal/cuda/ubuntu2404/x86_64/3bf863cc.pub" in repo[0]
     assert f"echo '{sha}  /etc/apt/keyrings/glmfleet-cuda.asc.partial' | sha256sum --check" in repo[0]
@@ -71,8 +79,11 @@ RUNNING_580 = ["NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.95.05  Relea
 
 
 def test_wanted_driver_running_installs_nothing_but_fabric_manager_at_its_version():
-    ops = plan(nvidia_driver, {}, {**gpu_host(pci=[H100, NVSWITCH], module=RUNNING_580),
-                                   **installed("nvidia-persistenced 580.95.05-0ubuntu1")})
+    ops = plan(
+        nvidia_driver,
+        {},
+        {**gpu_host(pci=[H100, NVSWITCH], module=RUNNING_580), **installed("nvidia-persistenced 580.95.05-0ubuntu1")},
+    )
     install = commands(ops, "NVIDIA packages")
     assert install == [install[0]] and "'nvidia-fabricmanager-580=580.95.05-*'" in install[0]
     assert "headless" not in install[0] and "reboot" not in names(ops)
@@ -86,13 +97,19 @@ def test_reboot_allowed_reboots_and_then_counts_gpus():
     assert '[ "$seen" -eq 2 ]' in check
 
 
-@pytest.mark.parametrize(("data", "host", "reason"), [
-    ({"nvidia_driver_source": "cuda-repo"}, gpu_host(secure_boot="SecureBoot enabled"), "Secure Boot is on"),
-    ({"nvidia_driver_open": False}, gpu_host(pci=[B200]), "work only with the open kernel modules"),
-    ({"nvidia_driver_branch": "535"}, gpu_host(distro="debian|12|bookworm", pci=[H100, NVSWITCH]),
-     "archive does not package"),
-    ({}, gpu_host(distro="rocky|9.4|"), "is not supported"),
-])
+@pytest.mark.parametrize(
+    ("data", "host", "reason"),
+    [
+        ({"nvidia_driver_source": "cuda-repo"}, gpu_host(secure_boot="SecureBoot enabled"), "Secure Boot is on"),
+        ({"nvidia_driver_open": False}, gpu_host(pci=[B200]), "work only with the open kernel modules"),
+        (
+            {"nvidia_driver_branch": "535"},
+            gpu_host(distro="debian|12|bookworm", pci=[H100, NVSWITCH]),
+            "archive does not package",
+        ),
+        ({}, gpu_host(distro="rocky|9.4|"), "is not supported"),
+    ],
+)
 def test_host_that_cannot_run_the_driver_stops_before_any_change(data, host, reason):
     ops = plan(nvidia_driver, data, host)
     assert [op.name for op in ops] == ["NVIDIA driver | stop: this host cannot run the wanted NVIDIA driver"]
@@ -111,8 +128,12 @@ def test_blackwell_gets_open_modules_by_default():
 
 
 TOOLKIT_DATA = {"vllm_runtime": "image"}
-TOOLKIT_PACKAGES = ("nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvidia-container-tools",
-                    "libnvidia-container1")
+TOOLKIT_PACKAGES = (
+    "nvidia-container-toolkit",
+    "nvidia-container-toolkit-base",
+    "libnvidia-container-tools",
+    "libnvidia-container1",
+)
 
 
 def toolkit_host(daemon_json: dict | None):
@@ -151,8 +172,10 @@ def test_toolkit_is_not_installed_for_the_venv_runtime():
 
 def image_host(image_id: str | None) -> dict:
     """A host as the image role's facts see it: the image present or not, useradd there."""
-    return {"::glmfleet:: daemon_json": ["::glmfleet:: image", *([image_id] if image_id else [])],
-            "useradd": ["/usr/sbin/useradd"]}
+    return {
+        "::glmfleet:: daemon_json": ["::glmfleet:: image", *([image_id] if image_id else [])],
+        "useradd": ["/usr/sbin/useradd"],
+    }
 
 
 def test_image_is_pulled_by_its_recorded_digest_once():
@@ -196,8 +219,10 @@ def test_a_branch_the_repositories_do_not_offer_stops_the_host_before_anything_c
     assert [op.name for op in ops] == ["preflight | preflight: the host cannot serve this configuration"]
     failed = subprocess.run(["sh", "-c", ops[0].commands[0]], capture_output=True, text=True)
     assert failed.returncode == 1
-    assert ("nvidia_driver_branch 580 is not offered by this host's repositories (debian 12 offers 535): set "
-            "nvidia_driver_branch to one of them, or nvidia_driver_source: cuda-repo") in failed.stderr
+    assert (
+        "nvidia_driver_branch 580 is not offered by this host's repositories (debian 12 offers 535): set "
+        "nvidia_driver_branch to one of them, or nvidia_driver_source: cuda-repo"
+    ) in failed.stderr
     assert [op.name for op in plan(preflight, {}, debian)] == []
 
 
@@ -212,12 +237,22 @@ def test_a_converged_ubuntu_host_with_its_driver_running_plans_no_operation():
     # The H100 machine's real /proc/driver/nvidia/version (driver 580.159.04, open modules).
     module = (FIXTURES / "h100" / "proc-driver-nvidia-version.txt").read_text().splitlines()
     host = gpu_host(module=module, pci=[B200])  # open modules, as that driver is
-    files = {NOUVEAU_BLACKLIST: NOUVEAU_BLACKLIST_TEXT, NVIDIA_HOLD_CONF: UNATTENDED_TEXT, PERSISTENCED_DROPIN: PERSISTENCED_DROPIN_TEXT}
+    files = {
+        NOUVEAU_BLACKLIST: NOUVEAU_BLACKLIST_TEXT,
+        NVIDIA_HOLD_CONF: UNATTENDED_TEXT,
+        PERSISTENCED_DROPIN: PERSISTENCED_DROPIN_TEXT,
+    }
     managed = [f"path\t{path}\tf|root|root|644\t1733580000.0" for path in files]
     managed += [f"{hashlib.sha256(text.encode()).hexdigest()}  {path}" for path, text in files.items()]
     managed += ["unit\tnvidia-persistenced.service", "SubState=running", "UnitFileState=enabled"]
     host["-maxdepth 0 -printf"] = managed
-    host.update(installed("pciutils 1:3.7.0-6", "nvidia-headless-no-dkms-580-server-open 580.159.04-0ubuntu1",
-                          "nvidia-utils-580-server 580.159.04-0ubuntu1", "linux-image-5.15.0-125-generic 5.15.0-125.135",
-                          held=True))
+    host.update(
+        installed(
+            "pciutils 1:3.7.0-6",
+            "nvidia-headless-no-dkms-580-server-open 580.159.04-0ubuntu1",
+            "nvidia-utils-580-server 580.159.04-0ubuntu1",
+            "linux-image-5.15.0-125-generic 5.15.0-125.135",
+            held=True,
+        )
+    )
     assert plan(nvidia_driver, {"nvidia_driver_branch": "580"}, host) == []

@@ -22,7 +22,6 @@ from roles.vllm_venv import venv_name
 from tests.support.paths import FIXTURES
 
 
-
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss")
 def test_listening_ports_fact_sees_a_real_listener():
     with socket.socket() as listener, socket.socket() as other:
@@ -33,7 +32,9 @@ def test_listening_ports_fact_sees_a_real_listener():
         fact = ListeningPorts()
         output = subprocess.run(["bash", "-c", fact.command()], capture_output=True, text=True, check=True).stdout
         listeners = fact.process(output.splitlines())
-        output = subprocess.run(["bash", "-c", fact.command(port=port)], capture_output=True, text=True, check=True).stdout
+        output = subprocess.run(
+            ["bash", "-c", fact.command(port=port)], capture_output=True, text=True, check=True
+        ).stdout
         only_port = fact.process(output.splitlines())
     # This machine's PID 1 is not systemd: no process here belongs to a service.
     assert {(port, None), (other_port, None)} <= set(listeners)
@@ -43,22 +44,38 @@ def test_listening_ports_fact_sees_a_real_listener():
 def test_listening_ports_names_the_first_holder_in_a_service(tmp_path):
     """ss lists every process holding a socket: a socket-activated port's holders include
     systemd (PID 1, in init.scope), in either order; a holder may be gone by the time it is read."""
-    for pid, cgroup in {1: "/init.scope", 300: "/system.slice/ssh.service", 400: "/system.slice/vllm.service",
-                        500: "/user.slice/user-0.slice/session-1.scope"}.items():
+    for pid, cgroup in {
+        1: "/init.scope",
+        300: "/system.slice/ssh.service",
+        400: "/system.slice/vllm.service",
+        500: "/user.slice/user-0.slice/session-1.scope",
+    }.items():
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cgroup").write_text(f"0::{cgroup}\n")
-    ss = "\n".join([
-        'LISTEN 0 4096 0.0.0.0:22 0.0.0.0:* users:(("sshd",pid=300,fd=3),("systemd",pid=1,fd=40))',
-        'LISTEN 0 4096 [::]:2222 [::]:* users:(("systemd",pid=1,fd=41),("sshd",pid=300,fd=4))',
-        'LISTEN 0 2048 127.0.0.1:8000 0.0.0.0:* users:(("python3",pid=500,fd=5),("vllm",pid=400,fd=20))',
-        'LISTEN 0 128 127.0.0.1:9000 0.0.0.0:* users:(("nc",pid=500,fd=3))',
-        'LISTEN 0 128 127.0.0.1:9001 0.0.0.0:* users:(("gone",pid=999,fd=3))',
-        "LISTEN 0 128 [::1]:9002 [::]:*",  # a process this host cannot see
-    ]) + "\n"
-    output = subprocess.run(["awk", "-v", f"proc={tmp_path}", LISTENER_SERVICE], input=ss, capture_output=True,
-                            text=True, check=True).stdout
+    ss = (
+        "\n".join(
+            [
+                'LISTEN 0 4096 0.0.0.0:22 0.0.0.0:* users:(("sshd",pid=300,fd=3),("systemd",pid=1,fd=40))',
+                'LISTEN 0 4096 [::]:2222 [::]:* users:(("systemd",pid=1,fd=41),("sshd",pid=300,fd=4))',
+                'LISTEN 0 2048 127.0.0.1:8000 0.0.0.0:* users:(("python3",pid=500,fd=5),("vllm",pid=400,fd=20))',
+                'LISTEN 0 128 127.0.0.1:9000 0.0.0.0:* users:(("nc",pid=500,fd=3))',
+                'LISTEN 0 128 127.0.0.1:9001 0.0.0.0:* users:(("gone",pid=999,fd=3))',
+                "LISTEN 0 128 [::1]:9002 [::]:*",  # a process this host cannot see
+            ]
+        )
+        + "\n"
+    )
+    output = subprocess.run(
+        ["awk", "-v", f"proc={tmp_path}", LISTENER_SERVICE], input=ss, capture_output=True, text=True, check=True
+    ).stdout
     assert ListeningPorts().process(output.splitlines()) == [
-        (22, "ssh.service"), (2222, "ssh.service"), (8000, "vllm.service"), (9000, None), (9001, None), (9002, None)]
+        (22, "ssh.service"),
+        (2222, "ssh.service"),
+        (8000, "vllm.service"),
+        (9000, None),
+        (9001, None),
+        (9002, None),
+    ]
 
 
 def test_listening_ports_fact_reads_the_service_of_each_holder():
@@ -78,8 +95,10 @@ def test_flag_check_runs_the_pinned_venvs_python_on_the_units_arguments():
     assert command.startswith("HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 ")
     assert f"/opt/glmfleet/vllm/venvs/{venv_name(cfg)}/bin/python {SCRIPT} --guard " in command
     assert f" -- /var/lib/glmfleet/models/zai-org--GLM-4.7/{'a' * 40} --host 127.0.0.1" in command
-    assert command.endswith("--tool-call-parser glm47 --enable-auto-tool-choice --reasoning-parser glm45 --shutdown-timeout 30 "
-                            "--enable-prefix-caching")
+    assert command.endswith(
+        "--tool-call-parser glm47 --enable-auto-tool-choice --reasoning-parser glm45 --shutdown-timeout 30 "
+        "--enable-prefix-caching"
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,7 +111,12 @@ def test_flag_check_runs_the_pinned_venvs_python_on_the_units_arguments():
     ],
 )
 def test_only_vllm_084_is_patched(data, patched):
-    assert glm4_patch.needs_patch(resolve({"model": "glm-4-9b-0414", "vllm_extra_packages": ["transformers==4.51.3"], **data})) is patched
+    assert (
+        glm4_patch.needs_patch(
+            resolve({"model": "glm-4-9b-0414", "vllm_extra_packages": ["transformers==4.51.3"], **data})
+        )
+        is patched
+    )
 
 
 def test_patch_file_states_the_checksums_the_role_passes():
@@ -101,23 +125,32 @@ def test_patch_file_states_the_checksums_the_role_passes():
     assert re.search(r"^--- a/vllm/model_executor/models/glm4\.py$", (FILES / "glm4-0.8.4.patch").read_text(), re.M)
 
 
-RECIPE_IN_IMAGE = {"model": "glm-z1-32b-0414", "vllm_runtime": "image", "vllm_version": "0.8.4", "vllm_tensor_parallel_size": 4,
-                   "model_revision": "a" * 40}
+RECIPE_IN_IMAGE = {
+    "model": "glm-z1-32b-0414",
+    "vllm_runtime": "image",
+    "vllm_version": "0.8.4",
+    "vllm_tensor_parallel_size": 4,
+    "model_revision": "a" * 40,
+}
 
 
 def test_image_runtime_derives_the_patched_file_from_the_images_copy():
     command = glm4_patch.derive_command("vllm/vllm-openai:v0.8.4")
     assert command.startswith("set -e; id=$(docker create vllm/vllm-openai:v0.8.4); trap ")
     assert f'docker cp "$id:"{glm4_patch.IMAGE_GLM4} {glm4_patch.PATCHED_FOR_IMAGE}.image;' in command
-    assert (f"python3 {glm4_patch.SCRIPT} derive --original {glm4_patch.ORIGINAL_SHA256} --patched {glm4_patch.PATCHED_SHA256} "
-            f"{glm4_patch.PATCH} {glm4_patch.PATCHED_FOR_IMAGE}.image {glm4_patch.PATCHED_FOR_IMAGE}") in command
+    assert (
+        f"python3 {glm4_patch.SCRIPT} derive --original {glm4_patch.ORIGINAL_SHA256} --patched {glm4_patch.PATCHED_SHA256} "
+        f"{glm4_patch.PATCH} {glm4_patch.PATCHED_FOR_IMAGE}.image {glm4_patch.PATCHED_FOR_IMAGE}"
+    ) in command
     assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
 
 
 @pytest.mark.parametrize(("version", "mounted"), [("0.8.4", True), ("0.8.5", False)])
 def test_image_runtime_lays_the_patched_file_read_only_over_the_images_own(version, mounted):
     argv = vllm_command(resolve({**RECIPE_IN_IMAGE, "vllm_version": version}))
-    volume = f"{glm4_patch.PATCHED_FOR_IMAGE}:/usr/local/lib/python3.12/dist-packages/vllm/model_executor/models/glm4.py:ro"
+    volume = (
+        f"{glm4_patch.PATCHED_FOR_IMAGE}:/usr/local/lib/python3.12/dist-packages/vllm/model_executor/models/glm4.py:ro"
+    )
     assert (volume in argv) is mounted
     if mounted:
         assert argv[argv.index(volume) - 1] == "--volume" and argv.index(volume) < argv.index("serve")
@@ -137,13 +170,21 @@ def gpu_fact_from(fixture: str) -> dict:
     from glmfleet.facts.output import split_sections
 
     captured = FIXTURES / fixture
-    output = ["::glmfleet:: smi", *(captured / "nvidia-smi-query-gpu.txt").read_text().splitlines(),
-              "::glmfleet:: cuda", *(captured / "nvidia-smi.txt").read_text().splitlines()]
+    output = [
+        "::glmfleet:: smi",
+        *(captured / "nvidia-smi-query-gpu.txt").read_text().splitlines(),
+        "::glmfleet:: cuda",
+        *(captured / "nvidia-smi.txt").read_text().splitlines(),
+    ]
     return gpu_host(split_sections(output))
 
 
 def test_gpu_checks_wait_for_a_driver_that_answers():
-    assert gpu_facts(gpu_fact_from("nodriver")) == {"gpu_count": None, "gpu_memory_mib": None, "driver_cuda_version": None}
+    assert gpu_facts(gpu_fact_from("nodriver")) == {
+        "gpu_count": None,
+        "gpu_memory_mib": None,
+        "driver_cuda_version": None,
+    }
 
 
 def test_gpu_checks_read_count_memory_and_cuda_from_a_real_h200():
@@ -169,18 +210,31 @@ def test_preflight_on_a_real_h200(data, words):
 
 def test_gpu_checks_take_the_smallest_gpu():
     cards = [{"memory_mib": 81920}, {"memory_mib": 81920}, {"memory_mib": 49152}]
-    assert gpu_facts({"smi": cards, "cuda_version": "12.8"}) == {"gpu_count": 3, "gpu_memory_mib": 49152, "driver_cuda_version": "12.8"}
+    assert gpu_facts({"smi": cards, "cuda_version": "12.8"}) == {
+        "gpu_count": 3,
+        "gpu_memory_mib": 49152,
+        "driver_cuda_version": "12.8",
+    }
 
 
 def test_a_new_venv_becomes_current_only_after_the_flags_are_accepted():
     """A flag the new vLLM refuses fails the host with `current` (what the unit runs) untouched."""
     from roles import serving_host
-    from tests.support.planning import sectioned_output, plan
+    from tests.support.planning import plan, sectioned_output
 
-    data = {"nvidia_driver_source": "none", "model_revision": "0123456789abcdef" * 2 + "01234567",
-            "vllm_version": "0.22.0"}
-    ops = [op.name for op in plan(serving_host, data, {"::glmfleet:: os": sectioned_output(os="debian|12|bookworm"),
-                                                "command -v useradd": ["/usr/sbin/useradd"]})]
+    data = {
+        "nvidia_driver_source": "none",
+        "model_revision": "0123456789abcdef" * 2 + "01234567",
+        "vllm_version": "0.22.0",
+    }
+    ops = [
+        op.name
+        for op in plan(
+            serving_host,
+            data,
+            {"::glmfleet:: os": sectioned_output(os="debian|12|bookworm"), "command -v useradd": ["/usr/sbin/useradd"]},
+        )
+    ]
     build = next(i for i, name in enumerate(ops) if name.startswith("vLLM venv | build venv"))
     flags = next(i for i, name in enumerate(ops) if "flags accepted" in name)
     switch = next(i for i, name in enumerate(ops) if "switch current venv" in name)
@@ -201,8 +255,10 @@ def test_flags_are_checked_only_when_the_unit_or_the_current_venv_would_change()
     # The unit as rendered and the venv already current: vLLM accepted these flags before.
     assert plan(vllm_flags, data, {UNIT_PATH: rendered, "find current previous": current}) == []
     # Another unit on the host, or another venv to switch to: the new vLLM checks the flags.
-    for responses in ({UNIT_PATH: [unit, f"{'0' * 64}  {UNIT_PATH}"], "find current previous": current},
-                      {UNIT_PATH: rendered, "find current previous": ["current=venvs/vllm-0.21.0-0000"]}):
+    for responses in (
+        {UNIT_PATH: [unit, f"{'0' * 64}  {UNIT_PATH}"], "find current previous": current},
+        {UNIT_PATH: rendered, "find current previous": ["current=venvs/vllm-0.21.0-0000"]},
+    ):
         assert [op.name for op in plan(vllm_flags, data, responses)][-1].endswith("flags accepted by vLLM 0.22.0")
 
 
@@ -232,10 +288,11 @@ def test_verify_plans_its_check_only_where_the_host_does_not_serve():
     def planned(answer: list[str]) -> list[str]:
         return [op.name for op in plan(verify, {"model_revision": "0" * 40}, {"--deadline 0": answer})]
 
-    assert planned(["serving: 'm' answered a chat completion: 'Hi'", "rc=0"]) == [
-        "verify vLLM serves | verify script"]
+    assert planned(["serving: 'm' answered a chat completion: 'Hi'", "rc=0"]) == ["verify vLLM serves | verify script"]
     assert planned(["not serving after 0 s: no answer", "rc=1"]) == [
-        "verify vLLM serves | verify script", "verify vLLM serves | verify a real request is served"]
+        "verify vLLM serves | verify script",
+        "verify vLLM serves | verify a real request is served",
+    ]
 
 
 def test_verify_checks_again_after_a_planned_change_though_the_host_served():
@@ -249,4 +306,5 @@ def test_verify_checks_again_after_a_planned_change_though_the_host_served():
 
     serving = {"--deadline 0": ["serving: 'm' answered a chat completion: 'Hi'", "rc=0"]}
     assert [op.name for op in plan(restart_then_verify, {"model_revision": "0" * 40}, serving)][-1] == (
-        "verify vLLM serves | verify a real request is served")
+        "verify vLLM serves | verify a real request is served"
+    )

@@ -27,15 +27,18 @@ STATUS = runpy.run_path(str(ROOT / "files" / "vllm_status.py"))
 REVISION = "c7e1f1b4a0d0b8cd1f5d0a1e5a8f6f0f3c2b1a09"
 
 
-@pytest.mark.parametrize("spec, total, sizes", [
-    ("1,25%,100%", 40, [1, 10, 29]),
-    ("1,25%,100%", 4, [1, 1, 2]),
-    ("1,1,2", 4, [1, 1, 2]),
-    ("1", 4, [1, 1, 1, 1]),
-    ("2", 5, [2, 2, 1]),
-    ("50%", 3, [1, 1, 1]),
-    ("1,1,2", 0, []),
-])
+@pytest.mark.parametrize(
+    "spec, total, sizes",
+    [
+        ("1,25%,100%", 40, [1, 10, 29]),
+        ("1,25%,100%", 4, [1, 1, 2]),
+        ("1,1,2", 4, [1, 1, 2]),
+        ("1", 4, [1, 1, 1, 1]),
+        ("2", 5, [2, 2, 1]),
+        ("50%", 3, [1, 1, 1]),
+        ("1,1,2", 0, []),
+    ],
+)
 def test_batches_are_counts_or_percentages_and_the_last_repeats(spec, total, sizes):
     assert batch_sizes(spec, total) == sizes
 
@@ -56,7 +59,9 @@ def test_max_fail_is_a_count_or_a_share_of_the_rollout():
 
 
 def test_limit_selects_groups_and_name_patterns_in_inventory_order():
-    inventory = Inventory((["gpu-01", "gpu-02", "gpu-03", "gw"], {}), gpus=(["gpu-02", "gpu-01"], {}), gateway=(["gw"], {}))
+    inventory = Inventory(
+        (["gpu-01", "gpu-02", "gpu-03", "gw"], {}), gpus=(["gpu-02", "gpu-01"], {}), gateway=(["gw"], {})
+    )
     assert select(inventory, []) == ["gpu-01", "gpu-02", "gpu-03", "gw"]
     assert select(inventory, ["gpus"]) == ["gpu-01", "gpu-02"]
     assert select(inventory, ["gpu-0[23]", "gateway"]) == ["gpu-02", "gpu-03", "gw"]
@@ -68,17 +73,26 @@ def test_the_inventory_loads_as_pyinfra_loads_it_and_copies_exactly(monkeypatch)
     monkeypatch.setenv("GLMFLEET_VLLM_API_KEY", "sk-test-copy")
     inventory = load_inventory(str(ROOT / "inventory" / "prod.py"), {"vllm_port": 9000})
     copy = copy_inventory(inventory)
-    assert [h.name for h in copy] == [h.name for h in inventory] == ["gpu-01.example.internal", "gpu-02.example.internal"]
+    assert (
+        [h.name for h in copy] == [h.name for h in inventory] == ["gpu-01.example.internal", "gpu-02.example.internal"]
+    )
     for original in inventory:
         data = copy.get_host(original.name).data.dict()
         assert data == original.data.dict()
-        assert data["vllm_port"] == 9000 and data["vllm_tensor_parallel_size"] == 8 and data["vllm_api_key"] == "sk-test-copy"
-    assert {name: [h.name for h in hosts] for name, hosts in copy.groups.items()} == \
-        {name: [h.name for h in hosts] for name, hosts in inventory.groups.items()}
+        assert (
+            data["vllm_port"] == 9000
+            and data["vllm_tensor_parallel_size"] == 8
+            and data["vllm_api_key"] == "sk-test-copy"
+        )
+    assert {name: [h.name for h in hosts] for name, hosts in copy.groups.items()} == {
+        name: [h.name for h in hosts] for name, hosts in inventory.groups.items()
+    }
 
 
 def test_a_bad_value_stops_the_rollout_before_connecting():
-    with pytest.raises(ConfigError, match="gpu-01.example.internal: vllm_port = 0 is invalid; accepted: an integer 1-65535"):
+    with pytest.raises(
+        ConfigError, match="gpu-01.example.internal: vllm_port = 0 is invalid; accepted: an integer 1-65535"
+    ):
         load_inventory(str(ROOT / "inventory" / "prod.py"), {"vllm_port": 0})
 
 
@@ -87,11 +101,16 @@ def test_a_bad_value_stops_the_rollout_before_connecting():
 
 def fleet_inventory() -> Inventory:
     """Three hosts, two served names; the second listens on every address."""
-    return Inventory(([
-        ("gpu-01", {"ssh_hostname": "10.0.0.1", "vllm_port": 8001}),
-        ("gpu-02", {"ssh_hostname": "10.0.0.2", "vllm_host": "0.0.0.0"}),
-        ("gpu-03", {"vllm_served_model_name": "glm-air", "vllm_host": "10.0.0.3"}),
-    ], {"vllm_api_key": "sk-edge"}))
+    return Inventory(
+        (
+            [
+                ("gpu-01", {"ssh_hostname": "10.0.0.1", "vllm_port": 8001}),
+                ("gpu-02", {"ssh_hostname": "10.0.0.2", "vllm_host": "0.0.0.0"}),
+                ("gpu-03", {"vllm_served_model_name": "glm-air", "vllm_host": "10.0.0.3"}),
+            ],
+            {"vllm_api_key": "sk-edge"},
+        )
+    )
 
 
 def gateway_cfg(**data):
@@ -101,7 +120,9 @@ def gateway_cfg(**data):
 def test_the_pool_has_an_upstream_per_served_model_with_reachable_addresses():
     models = pool(fleet_inventory(), out_of_pool={"gpu-02"})
     assert [(m["name"], m["upstream"]) for m in models] == [
-        ("zai-org/GLM-4-9B-0414", "glmfleet_model_0"), ("glm-air", "glmfleet_model_1")]
+        ("zai-org/GLM-4-9B-0414", "glmfleet_model_0"),
+        ("glm-air", "glmfleet_model_1"),
+    ]
     assert models[0]["servers"] == [
         {"host": "gpu-01", "address": "127.0.0.1:8001", "in_pool": True},
         {"host": "gpu-02", "address": "10.0.0.2:8000", "in_pool": False},
@@ -119,8 +140,10 @@ def test_a_host_out_of_the_pool_is_marked_down():
 def routes(config: str) -> list[tuple[re.Pattern, str]]:
     """The model map's regexes, read as nginx reads a quoted string (\\" is ")."""
     block = config.split("map $request_body $glmfleet_upstream {", 1)[1].split("}", 1)[0]
-    return [(re.compile(pattern.replace('\\"', '"')), upstream)
-            for pattern, upstream in re.findall(r'^\s*"~(.*)" (\w+);$', block, re.M)]
+    return [
+        (re.compile(pattern.replace('\\"', '"')), upstream)
+        for pattern, upstream in re.findall(r'^\s*"~(.*)" (\w+);$', block, re.M)
+    ]
 
 
 def route(config: str, body: dict) -> str | None:
@@ -152,16 +175,21 @@ def test_the_key_is_checked_at_the_edge_from_a_root_only_include():
 def test_served_names_and_keys_the_gateway_cannot_carry_are_refused():
     with pytest.raises(ConfigError, match=r"gw: vllm_served_model_name = 'glm\$air' cannot be routed by the gateway"):
         gateway_cfg(vllm_served_model_name="glm$air")
-    with pytest.raises(ConfigError, match="gw: vllm_api_key = <hidden> is invalid; accepted: None or printable ASCII without spaces") as error:
+    with pytest.raises(
+        ConfigError, match="gw: vllm_api_key = <hidden> is invalid; accepted: None or printable ASCII without spaces"
+    ) as error:
         gateway_cfg(vllm_api_key="sk secret")
     assert "sk secret" not in str(error.value)
 
 
-@pytest.mark.parametrize("command", [
-    reload_command(),
-    keep_command(resolve({}, "h")),
-    restore_command(resolve({}, "h")),
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        reload_command(),
+        keep_command(resolve({}, "h")),
+        restore_command(resolve({}, "h")),
+    ],
+)
 def test_host_commands_are_valid_shell(command):
     assert subprocess.run(["sh", "-n", "-c", command]).returncode == 0
 
@@ -170,11 +198,17 @@ def test_host_commands_are_valid_shell(command):
 
 
 def test_the_unit_parses_back_to_the_command_it_was_rendered_from(tmp_path):
-    cfg = resolve({
-        "vllm_host": "0.0.0.0", "vllm_allow_unauthenticated": True, "vllm_port": 9000, "vllm_served_model_name": "glm",
-        "model_revision": REVISION,
-        "vllm_extra_args": ["--chat-template", "/srv/a b/100%$x.jinja"], "vllm_tensor_parallel_size": 8,
-    })
+    cfg = resolve(
+        {
+            "vllm_host": "0.0.0.0",
+            "vllm_allow_unauthenticated": True,
+            "vllm_port": 9000,
+            "vllm_served_model_name": "glm",
+            "model_revision": REVISION,
+            "vllm_extra_args": ["--chat-template", "/srv/a b/100%$x.jinja"],
+            "vllm_tensor_parallel_size": 8,
+        }
+    )
     unit = tmp_path / "vllm.service"
     unit.write_text(render_unit(cfg))
     parsed = STATUS["read_unit"](str(unit))
@@ -185,15 +219,26 @@ def test_the_unit_parses_back_to_the_command_it_was_rendered_from(tmp_path):
 
 
 def test_an_image_units_command_parses_to_its_image_and_model(tmp_path):
-    cfg = resolve({"vllm_runtime": "image", "vllm_image_digest": "sha256:" + "ab" * 32, "vllm_port": 8100,
-                   "vllm_served_model_name": "glm", "model_revision": REVISION})
+    cfg = resolve(
+        {
+            "vllm_runtime": "image",
+            "vllm_image_digest": "sha256:" + "ab" * 32,
+            "vllm_port": 8100,
+            "vllm_served_model_name": "glm",
+            "model_revision": REVISION,
+        }
+    )
     unit = tmp_path / "vllm.service"
     unit.write_text(render_unit(cfg))
     parsed = STATUS["read_unit"](str(unit))
     assert parsed["argv"] == vllm_command(cfg)
     assert (parsed["image"], parsed["venv"]) == ("vllm/vllm-openai@sha256:" + "ab" * 32, None)
     assert (parsed["model"], parsed["revision"], parsed["served_model_name"], parsed["base_url"]) == (
-        cfg.model, REVISION, "glm", "http://127.0.0.1:8100")
+        cfg.model,
+        REVISION,
+        "glm",
+        "http://127.0.0.1:8100",
+    )
 
 
 def test_requests_in_flight_sum_vllms_gauges_over_engines():
@@ -217,8 +262,9 @@ def test_requests_in_flight_sum_vllms_gauges_over_engines():
 def test_gpus_parse_from_nvidia_smi_on_an_h200():
     """tests/fixtures/nvidia-smi-query-h200.csv: `nvidia-smi --query-gpu=...` on an H200 machine."""
     gpus = STATUS["parse_gpus"]((DATA / "nvidia-smi-query-h200.csv").read_text())
-    assert gpus == [{"index": 0, "name": "NVIDIA H200", "memory_used_mib": 0, "memory_total_mib": 143771,
-                     "utilization_percent": 0}]
+    assert gpus == [
+        {"index": 0, "name": "NVIDIA H200", "memory_used_mib": 0, "memory_total_mib": 143771, "utilization_percent": 0}
+    ]
     status = {"gpus": gpus * 8, "gpu_error": None, "unit": None}
     assert row("gpu-01", status)[4] == "8x NVIDIA H200 (0/1123 GiB used)"
 
@@ -233,18 +279,34 @@ def fleet_status() -> dict:
 
 def test_status_rows_say_what_each_host_runs():
     assert row("fleet-01", fleet_status()) == (
-        "fleet-01", "active (running)", "0.1.0", "zai-org/GLM-4-9B-0414", "no nvidia-smi", "ok", "0")
+        "fleet-01",
+        "active (running)",
+        "0.1.0",
+        "zai-org/GLM-4-9B-0414",
+        "no nvidia-smi",
+        "ok",
+        "0",
+    )
     with_revision = fleet_status()
     with_revision["unit"] |= {"revision": REVISION, "served_model_name": "glm"}
     assert row("fleet-01", with_revision)[3] == f"zai-org/GLM-4-9B-0414@{REVISION[:12]} as glm"
     stopped = fleet_status() | {"health": "[Errno 111] Connection refused", "version": None, "in_flight": None}
     stopped["service"] |= {"ActiveState": "failed", "SubState": "failed"}
-    assert row("fleet-01", stopped)[1:] == ("failed (failed)", "vllm-test-double-0.1.0-a0aee950abfd",
-                                            "zai-org/GLM-4-9B-0414", "no nvidia-smi",
-                                            "no answer ([Errno 111] Connection refused)", "-")
-    no_driver = fleet_status() | {"gpu_error": "NVIDIA-SMI has failed because it couldn't communicate with the "
-                                               "NVIDIA driver. Make sure that the latest NVIDIA driver is installed."}
-    assert row("fleet-01", no_driver)[4] == "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver"
+    assert row("fleet-01", stopped)[1:] == (
+        "failed (failed)",
+        "vllm-test-double-0.1.0-a0aee950abfd",
+        "zai-org/GLM-4-9B-0414",
+        "no nvidia-smi",
+        "no answer ([Errno 111] Connection refused)",
+        "-",
+    )
+    no_driver = fleet_status() | {
+        "gpu_error": "NVIDIA-SMI has failed because it couldn't communicate with the "
+        "NVIDIA driver. Make sure that the latest NVIDIA driver is installed."
+    }
+    assert (
+        row("fleet-01", no_driver)[4] == "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver"
+    )
     assert row("fleet-02", None, "timed out")[1] == "unreachable: timed out"
     lines = render([row("fleet-01", fleet_status())]).splitlines()
     assert lines[0].split() == ["host", "unit", "vllm", "model", "gpus", "health", "in", "flight"]
@@ -255,12 +317,26 @@ def test_the_rollout_table_shows_before_after_result_time_and_why():
     after["unit"] = after["unit"] | {"sha256": "0" * 64}
     results = [
         HostResult("fleet-01", fleet_status(), after, "updated", ready_s=2.345),
-        HostResult("fleet-02", fleet_status(), fleet_status(), "FAILED, rolled back", True, None,
-                   "not serving after 15 s: no answer\n--- last lines of the vllm.service journal:\nboom"),
+        HostResult(
+            "fleet-02",
+            fleet_status(),
+            fleet_status(),
+            "FAILED, rolled back",
+            True,
+            None,
+            "not serving after 15 s: no answer\n--- last lines of the vllm.service journal:\nboom",
+        ),
         HostResult("fleet-03", None),
     ]
     lines = table(results).splitlines()
-    assert re.split(r"\s{2,}", lines[1]) == ["fleet-01", "0.1.0 unit e7e39d93", "0.1.0 unit 00000000", "updated", "2.3 s", ""]
+    assert re.split(r"\s{2,}", lines[1]) == [
+        "fleet-01",
+        "0.1.0 unit e7e39d93",
+        "0.1.0 unit 00000000",
+        "updated",
+        "2.3 s",
+        "",
+    ]
     assert re.split(r"\s{2,}", lines[2])[3:] == ["FAILED, rolled back", "-", "not serving after 15 s: no answer"]
     assert re.split(r"\s{2,}", lines[3])[1:4] == ["-", "-", "not reached (rollout stopped)"]
     assert describe({"unit": None}) == "not deployed"
@@ -275,19 +351,32 @@ def test_the_gateway_plans_only_what_differs_and_foresees_what_the_package_bring
     # and the package starts it before its configuration is written: it must reload.
     bare = plan(gateway, data, {})
     assert [op.name for op in bare] == [
-        "gateway | nginx", "gateway | no default site", f"gateway | API keys {KEYS_PATH}",
-        f"gateway | gateway config {CONFIG_PATH}", "gateway | nginx running",
-        "gateway | reload nginx, wait until the new pool is in force"]
+        "gateway | nginx",
+        "gateway | no default site",
+        f"gateway | API keys {KEYS_PATH}",
+        f"gateway | gateway config {CONFIG_PATH}",
+        "gateway | nginx running",
+        "gateway | reload nginx, wait until the new pool is in force",
+    ]
     # nginx installed and running, its welcome site gone, the keys right, the config stale.
     keys = hashlib.sha256(render_keys("sk-edge").encode()).hexdigest()
     # The ManagedPaths command's output: find's lines, sha256sum's, then the unit's and systemctl show's.
-    converged = [f"path\t{NGINX}\tf|root|root|755", f"path\t{KEYS_PATH}\tf|root|root|600",
-                 f"path\t{CONFIG_PATH}\tf|root|root|644",
-                 f"{'0' * 64}  {NGINX}", f"{keys}  {KEYS_PATH}", f"{'0' * 64}  {CONFIG_PATH}",
-                 "unit\tnginx.service", "SubState=running", "UnitFileState=enabled"]
+    converged = [
+        f"path\t{NGINX}\tf|root|root|755",
+        f"path\t{KEYS_PATH}\tf|root|root|600",
+        f"path\t{CONFIG_PATH}\tf|root|root|644",
+        f"{'0' * 64}  {NGINX}",
+        f"{keys}  {KEYS_PATH}",
+        f"{'0' * 64}  {CONFIG_PATH}",
+        "unit\tnginx.service",
+        "SubState=running",
+        "UnitFileState=enabled",
+    ]
     assert DEFAULT_SITE not in "\n".join(converged)
     assert [op.name for op in plan(gateway, data, {NGINX: converged})] == [
-        f"gateway | gateway config {CONFIG_PATH}", "gateway | reload nginx, wait until the new pool is in force"]
+        f"gateway | gateway config {CONFIG_PATH}",
+        "gateway | reload nginx, wait until the new pool is in force",
+    ]
 
 
 def test_a_gateway_port_that_its_own_vllm_takes_is_refused_before_any_host(tmp_path):
@@ -297,10 +386,14 @@ def test_a_gateway_port_that_its_own_vllm_takes_is_refused_before_any_host(tmp_p
 
     from glmfleet.config import validate_inventory
 
-    inventory = Inventory(([("gpu-01", {"vllm_port": 8080}), ("gpu-02", {"vllm_port": 8080})],
-                           {"model_revision": REVISION}), gateway=(["gpu-01"], {"gateway_port": 8080}))
+    inventory = Inventory(
+        ([("gpu-01", {"vllm_port": 8080}), ("gpu-02", {"vllm_port": 8080})], {"model_revision": REVISION}),
+        gateway=(["gpu-01"], {"gateway_port": 8080}),
+    )
     State(inventory, Config())
     message = str(pytest.raises(ConfigError, validate_inventory, inventory).value)
-    assert ("gpu-01: gateway_port = 8080 on 127.0.0.1 is also vllm_port on 127.0.0.1 of this host, which serves and runs "
-            "the gateway: set gateway_port to another port") in message
+    assert (
+        "gpu-01: gateway_port = 8080 on 127.0.0.1 is also vllm_port on 127.0.0.1 of this host, which serves and runs "
+        "the gateway: set gateway_port to another port"
+    ) in message
     assert "gpu-02" not in message  # not a gateway: its port is its own

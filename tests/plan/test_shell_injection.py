@@ -20,7 +20,7 @@ from glmfleet.config import HostConfig, all_settings, values
 from glmfleet.operations import _run_live
 from roles import gateway, prepare_control_node, serving_host
 from roles.known_good import keep_command, restore_command
-from roles.verify import wait_command, verify_argv
+from roles.verify import verify_argv, wait_command
 from roles.vllm_flags import check_command
 from roles.vllm_venv import switch_command
 from tests.support.planning import fake_host, gpu_host
@@ -32,9 +32,24 @@ PAYLOAD = "a b;touch${IFS}pwned;$(id)`id`'q\"z\\w *?[x]&|<>#"
 # must refuse hostile values (test_format_checks_refuse_hostile_values), and they keep valid
 # values while the others are hostile.
 STEERING = {
-    "vllm_runtime", "model_source", "model_peer_seed", "model_verify", "hf_xet", "nvidia_driver_source", "docker_source",
-    "container_gpu_access", "vllm_version", "uv_version", "hf_cli_version", "modelscope_version", "nvidia_driver_version",
-    "nvidia_driver_branch", "model_revision", "model_control_dir", "model_peer_key", "vllm_image_archive",
+    "vllm_runtime",
+    "model_source",
+    "model_peer_seed",
+    "model_verify",
+    "hf_xet",
+    "nvidia_driver_source",
+    "docker_source",
+    "container_gpu_access",
+    "vllm_version",
+    "uv_version",
+    "hf_cli_version",
+    "modelscope_version",
+    "nvidia_driver_version",
+    "nvidia_driver_branch",
+    "model_revision",
+    "model_control_dir",
+    "model_peer_key",
+    "vllm_image_archive",
     # An address that a known_hosts line cannot hold stops the run (filesyntax.known_hosts_host).
     "model_peer_address",
 }
@@ -103,7 +118,7 @@ def words(command: str) -> list[list[tuple[str, bool]]]:
 
     while i < len(command):
         c, state = command[i], stack[-1]
-        two = command[i:i + 2]
+        two = command[i : i + 2]
         if state == "brace":
             current.append((c, False))
             if c == "}":
@@ -112,7 +127,7 @@ def words(command: str) -> list[list[tuple[str, bool]]]:
         elif state == "dq":
             if c == '"':
                 stack.pop()
-            elif c == "\\" and command[i + 1:i + 2] in ('"', "\\", "$", "`", "\n"):
+            elif c == "\\" and command[i + 1 : i + 2] in ('"', "\\", "$", "`", "\n"):
                 current.append((command[i + 1], True))
                 i += 1
             elif two == "$(":
@@ -135,7 +150,7 @@ def words(command: str) -> list[list[tuple[str, bool]]]:
                 if close < 0:  # unbalanced: sh refuses the command; nothing of it is a literal
                     current.extend((ch, False) for ch in command[i:])
                     break
-                current.extend((ch, True) for ch in command[i + 1:close])
+                current.extend((ch, True) for ch in command[i + 1 : close])
                 current.append(("", True))  # an empty '' is a word too
                 i = close + 1
                 continue
@@ -146,7 +161,7 @@ def words(command: str) -> list[list[tuple[str, bool]]]:
             if c == '"':
                 stack.append("dq")
                 current.append(("", True))
-            elif two == "$(" :
+            elif two == "$(":
                 end_word()
                 stack.append("subst")
                 i += 1
@@ -189,7 +204,7 @@ def injected(command: str) -> list[str]:
         text = "".join(ch for ch, _ in word)
         flags = [literal for ch, literal in word for _ in ch]
         for match in re.finditer(ENCODED_PAYLOADS + r"(HOSTILE\d+X)", text):
-            if all(flags[match.start():match.end()]):
+            if all(flags[match.start() : match.end()]):
                 seen.append(match.group(1))
             else:
                 wrong.append(match.group(1))
@@ -202,7 +217,7 @@ def test_the_lexer_tells_a_quoted_value_from_an_injected_one():
 
     value = f"{PAYLOAD}HOSTILE1X"
     assert injected(f"echo {quote(value)} && ls") == []
-    assert injected(f"x=$(cat {quote('/a/' + value)}); echo \"$x\"") == []
+    assert injected(f'x=$(cat {quote("/a/" + value)}); echo "$x"') == []
     assert injected(f"echo {value}") == ["HOSTILE1X"]
     assert injected(f'echo "{value}"') == ["HOSTILE1X"]  # double quotes still run $(id)
     assert injected(f"echo '{value}'") == ["HOSTILE1X"]  # its own quote ends the quoting
@@ -244,7 +259,11 @@ SCENARIOS = {
     "venv from the hub, driver from the CUDA repository": {"model_source": "hf", "nvidia_driver_source": "cuda-repo"},
     "the real vllm (flag check), modelscope": {"vllm_package": "vllm", "model_source": "modelscope"},
     "image runtime, vLLM 0.8.4 (glm4.py patch), Docker's repository": {
-        "vllm_runtime": "image", "vllm_package": "vllm", "vllm_version": "0.8.4", "nvidia_driver_source": "none"},
+        "vllm_runtime": "image",
+        "vllm_package": "vllm",
+        "vllm_version": "0.8.4",
+        "nvidia_driver_source": "none",
+    },
     # The model store's path goes into authorized_keys too, which refuses quotes (test_file_syntax.py).
     "peer fan-out": {"model_source": "peer", "model_peer_address": None, "model_root": "/srv/models"},
     "pushed from the control node": {"model_source": "control", "model_control_dir": None},
@@ -277,8 +296,13 @@ def test_every_hostile_value_stays_one_literal_word_in_every_planned_command(sce
 
 def test_the_gateway_and_a_rollouts_commands_keep_hostile_values_literal():
     commands, cfg = plan_hostile({"model_revision": "a" * 40, "vllm_package": "vllm"}, gateway.gateway)
-    builders = [keep_command(cfg), restore_command(cfg), check_command(cfg), wait_command(cfg, verify_argv(cfg)),
-                switch_command(cfg.vllm_venv_root, "vllm-1", "vllm-0")]
+    builders = [
+        keep_command(cfg),
+        restore_command(cfg),
+        check_command(cfg),
+        wait_command(cfg, verify_argv(cfg)),
+        switch_command(cfg.vllm_venv_root, "vllm-1", "vllm-0"),
+    ]
     for command in commands + builders:
         assert injected(command) == [], command
     assert any(MARKER.search(command) for command in builders)

@@ -10,17 +10,31 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.support.paths import ROOT
 
 REVISION = "a" * 40
 
 
 def run_deploy(*data: str) -> subprocess.CompletedProcess:
-    argv = [str(Path(sys.executable).parent / "pyinfra"), "-y", "@fake/gpu-1", "deploy.py", "--data", f"model_revision={REVISION}"]
+    argv = [
+        str(Path(sys.executable).parent / "pyinfra"),
+        "-y",
+        "@fake/gpu-1",
+        "deploy.py",
+        "--data",
+        f"model_revision={REVISION}",
+    ]
     for pair in data:
         argv += ["--data", pair]
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "PYINFRA_FAKE_DELAY": "0", "PYINFRA_FAKE_DELAY_JITTER": "0"})
+    return subprocess.run(
+        argv,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYINFRA_FAKE_DELAY": "0", "PYINFRA_FAKE_DELAY_JITTER": "0"},
+    )
 
 
 @pytest.fixture
@@ -36,16 +50,31 @@ def operators_key(directory: Path) -> Path:
     return key
 
 
-@pytest.mark.parametrize(("data", "words"), [
-    (["nvidia_cuda_repo_url=https://mirror.example/{foo}/x"],
-     "nvidia_cuda_repo_url = 'https://mirror.example/{foo}/x' is invalid; accepted: an http(s) or file URL (placeholders: "
-     "{distro} and {arch})"),
-    (["vllm_host=0.0.0.0"], "vllm_host = '0.0.0.0' serves every client that reaches the port, and vllm_api_key is not set"),
-    (["vllm_extra_args=[\"--api_key=sk-x\"]"], "vllm_extra_args contains '--api_key' (vLLM reads it as '--api-key'); set "
-                                               "vllm_api_key instead"),
-    (["pip_index_url=https://user:pw-4242@mirror.example/simple", "pip_extra_index_url=[\"https://user:other@mirror.example/x\"]"],
-     "pip_extra_index_url: the URL for mirror.example carries other credentials than pip_index_url's"),
-])
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (
+            ["nvidia_cuda_repo_url=https://mirror.example/{foo}/x"],
+            "nvidia_cuda_repo_url = 'https://mirror.example/{foo}/x' is invalid; accepted: an http(s) or file URL (placeholders: "
+            "{distro} and {arch})",
+        ),
+        (
+            ["vllm_host=0.0.0.0"],
+            "vllm_host = '0.0.0.0' serves every client that reaches the port, and vllm_api_key is not set",
+        ),
+        (
+            ['vllm_extra_args=["--api_key=sk-x"]'],
+            "vllm_extra_args contains '--api_key' (vLLM reads it as '--api-key'); set vllm_api_key instead",
+        ),
+        (
+            [
+                "pip_index_url=https://user:pw-4242@mirror.example/simple",
+                'pip_extra_index_url=["https://user:other@mirror.example/x"]',
+            ],
+            "pip_extra_index_url: the URL for mirror.example carries other credentials than pip_index_url's",
+        ),
+    ],
+)
 def test_bad_configuration_is_an_error_naming_key_value_and_fix(data, words):
     result = run_deploy(*data)
     assert result.returncode != 0
@@ -58,7 +87,10 @@ def test_a_transfer_key_glmfleet_did_not_make_is_refused(key_dir):
     key = operators_key(key_dir)
     result = run_deploy("model_source=peer", f"model_peer_key={key}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"{key}.pub is not a key glmfleet made" in result.stderr and "never hands an operator's own key" in result.stderr
+    assert (
+        f"{key}.pub is not a key glmfleet made" in result.stderr
+        and "never hands an operator's own key" in result.stderr
+    )
 
 
 def test_a_transfer_key_without_its_pair_is_an_error_not_a_traceback(key_dir):

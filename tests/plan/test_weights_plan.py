@@ -24,9 +24,15 @@ PIN = {"model_revision": "0123456789abcdef0123456789abcdef01234567"}
 def weights_host(state: dict | None, tools=(HF,)) -> dict:
     """The ModelWeights fact's answer: the host's state file (None: none yet) over a model
     directory with no files, the CLIs installed and the host key."""
-    return {"ssh_host_ed25519_key.pub": sectioned_output(
-        key="k", tools=list(tools), host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5",
-        state=json.dumps(state, indent=1).splitlines() if state else [], files=[])}
+    return {
+        "ssh_host_ed25519_key.pub": sectioned_output(
+            key="k",
+            tools=list(tools),
+            host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5",
+            state=json.dumps(state, indent=1).splitlines() if state else [],
+            files=[],
+        )
+    }
 
 
 COMPLETE = {"key": "k", "complete": True, "verified": {}}
@@ -77,8 +83,15 @@ def test_an_unpinned_revision_stops_the_run_before_any_host_is_touched():
 
 def peer_inventory(responses: dict[str, dict]) -> Inventory:
     """@fake peers of one group, each with its weights fact's answer; connected."""
-    return connected([(name, {**PIN, "model_source": "peer", "fake_responses": answer, "fake_delay": 0.01,
-                              "fake_delay_jitter": 0}) for name, answer in responses.items()])
+    return connected(
+        [
+            (
+                name,
+                {**PIN, "model_source": "peer", "fake_responses": answer, "fake_delay": 0.01, "fake_delay_jitter": 0},
+            )
+            for name, answer in responses.items()
+        ]
+    )
 
 
 def test_the_fanout_asks_every_members_weights_side_by_side(monkeypatch):
@@ -89,8 +102,11 @@ def test_the_fanout_asks_every_members_weights_side_by_side(monkeypatch):
     state = inventory.state
 
     def weights_asked() -> int:
-        return sum("ssh_host_ed25519_key.pub" in command for name in peers
-                   for command in inventory.get_host(name).connector.executed_commands)
+        return sum(
+            "ssh_host_ed25519_key.pub" in command
+            for name in peers
+            for command in inventory.get_host(name).connector.executed_commands
+        )
 
     asked_before_the_first_answer = []
     answer = FakeConnector._lookup_response
@@ -111,8 +127,12 @@ def test_the_fanout_asks_every_members_weights_side_by_side(monkeypatch):
 def test_an_error_asking_a_member_fails_the_fanout_once_without_a_stray_traceback(monkeypatch, capfd):
     """The error reaches this host's planning, which pyinfra reports as planning failed; the
     greenlet that met it prints no traceback of its own."""
-    inventory = peer_inventory({"@fake/gpu-1": weights_host(COMPLETE),
-                                "@fake/gpu-2": weights_host({**COMPLETE, "written_by": "a newer glmfleet"})})
+    inventory = peer_inventory(
+        {
+            "@fake/gpu-1": weights_host(COMPLETE),
+            "@fake/gpu-2": weights_host({**COMPLETE, "written_by": "a newer glmfleet"}),
+        }
+    )
     process = ModelWeights.process
 
     def reading(self, output):
@@ -132,7 +152,12 @@ def test_the_transfer_key_goes_only_to_the_hosts_that_give_and_receive():
 
     plan = FanoutPlan(rounds=[[("c", "a")], [("d", "a"), ("e", "c")]])  # a and b complete; c, d, e copy
     assert {name: roles_in(plan, name) for name in "abcde"} == {
-        "a": {"giver"}, "b": set(), "c": {"receiver", "giver"}, "d": {"receiver"}, "e": {"receiver"}}
+        "a": {"giver"},
+        "b": set(),
+        "c": {"receiver", "giver"},
+        "d": {"receiver"},
+        "e": {"receiver"},
+    }
     seeded = FanoutPlan(rounds=[[("a", None)], [("b", "a")]])  # a fetches from the origin, then gives
     assert roles_in(seeded, "a") == {"giver"} and roles_in(seeded, "b") == {"receiver"}
     assert roles_in(FanoutPlan(rounds=[[("a", None)]]), "a") == set()

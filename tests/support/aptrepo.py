@@ -29,8 +29,13 @@ class Package:
 def build_deb(package: Package, out_dir: Path) -> Path:
     root = Path(tempfile.mkdtemp(prefix=f"deb-{package.name}-"))
     (root / "DEBIAN").mkdir()
-    control = [f"Package: {package.name}", f"Version: {package.version}", "Architecture: all",
-               "Maintainer: glmfleet tests <tests@glmfleet.invalid>", f"Description: {package.description}"]
+    control = [
+        f"Package: {package.name}",
+        f"Version: {package.version}",
+        "Architecture: all",
+        "Maintainer: glmfleet tests <tests@glmfleet.invalid>",
+        f"Description: {package.description}",
+    ]
     if package.depends:
         control.append(f"Depends: {', '.join(package.depends)}")
     (root / "DEBIAN" / "control").write_text("\n".join(control) + "\n")
@@ -39,8 +44,7 @@ def build_deb(package: Package, out_dir: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     deb = out_dir / f"{package.name}_{package.version}_all.deb"
-    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)], check=True,
-                   capture_output=True)
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)], check=True, capture_output=True)
     return deb
 
 
@@ -54,8 +58,13 @@ class SigningKey:
         self.armored = self.gpg(["--armor", "--export"]).stdout
 
     def gpg(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(["gpg", "--homedir", str(self.home), "--batch", "--pinentry-mode", "loopback", *args],
-                              check=True, capture_output=True, text=True, **kwargs)
+        return subprocess.run(
+            ["gpg", "--homedir", str(self.home), "--batch", "--pinentry-mode", "loopback", *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            **kwargs,
+        )
 
     def clearsign(self, path: Path, out: Path) -> None:
         self.gpg(["--yes", "--clearsign", "--output", str(out), str(path)])
@@ -66,8 +75,9 @@ def publish_flat(directory: Path, packages: list[Package], key: SigningKey, key_
     directory.mkdir(parents=True, exist_ok=True)
     for package in packages:
         build_deb(package, directory)
-    index = subprocess.run(["dpkg-scanpackages", "--multiversion", "."], cwd=directory, check=True,
-                           capture_output=True, text=True).stdout
+    index = subprocess.run(
+        ["dpkg-scanpackages", "--multiversion", "."], cwd=directory, check=True, capture_output=True, text=True
+    ).stdout
     (directory / "Packages").write_text(index)
     data = index.encode()
     (directory / "Release").write_text(

@@ -18,16 +18,20 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from devfleet import localfleet
 import roles  # noqa: F401  (hands the roles' settings to the configuration model)
+from devfleet import localfleet
 from glmfleet.config import all_settings
-from tests.support.pkgindex import TEST_DOUBLE_VERSION
 from tests.support.paths import ROOT
+from tests.support.pkgindex import TEST_DOUBLE_VERSION
 
 UV_VERSION = all_settings()["uv_version"].default  # the product's own pin
 # The fleet has no GPU: the driver role is not asked to manage one (tests/test_gpu_stack_fleet.py does).
-TEST_DOUBLE = {"vllm_package": "vllm-test-double", "vllm_version": TEST_DOUBLE_VERSION, "vllm_ready_timeout": 120,
-               "nvidia_driver_source": "none"}
+TEST_DOUBLE = {
+    "vllm_package": "vllm-test-double",
+    "vllm_version": TEST_DOUBLE_VERSION,
+    "vllm_ready_timeout": 120,
+    "nvidia_driver_source": "none",
+}
 # With the control source a revision only names the files (no hub is asked): any 40-hex label.
 TEST_MODEL_REVISION = "7e57" * 10
 
@@ -60,8 +64,9 @@ class Run:
 
     def planned(self, host: str) -> list[str]:
         """The operations planned on a host, whether they changed anything or not."""
-        return [op["name"] for op in self.results["operations"]
-                if host in op["success"] + op["no_change"] + op["error"]]
+        return [
+            op["name"] for op in self.results["operations"] if host in op["success"] + op["no_change"] + op["error"]
+        ]
 
     def changed(self) -> dict[str, set[str]]:
         """Host name -> names of the operations that changed something there."""
@@ -80,13 +85,26 @@ def data_args(data: dict) -> list[str]:
     return args
 
 
-def pyinfra(inventory: str | Path, *args: str, data: dict | None = None, env: dict | None = None,
-            timeout: int = 900) -> Run:
+def pyinfra(
+    inventory: str | Path, *args: str, data: dict | None = None, env: dict | None = None, timeout: int = 900
+) -> Run:
     """`pyinfra -y --json INVENTORY ARGS` from the project root, as a user runs it."""
-    command = [str(Path(sys.executable).parent / "pyinfra"), "-y", "--json", str(inventory), *args,
-               *data_args(data or {})]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    command = [
+        str(Path(sys.executable).parent / "pyinfra"),
+        "-y",
+        "--json",
+        str(inventory),
+        *args,
+        *data_args(data or {}),
+    ]
+    completed = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
     return Run(completed.returncode, completed.stdout, completed.stderr)
 
 
@@ -97,13 +115,23 @@ def deploy(inventory: str | Path = "inventory/local.py", **kwargs) -> Run:
 def glmfleet(*args: str, data: dict | None = None, env: dict | None = None, timeout: int = 900) -> Run:
     """The `glmfleet` command from the project root, as a user runs it."""
     command = [str(Path(sys.executable).parent / "glmfleet"), *args, *data_args(data or {})]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    completed = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
     return Run(completed.returncode, completed.stdout, completed.stderr)
 
 
-def write_inventory(path: Path, host_data: dict[str, dict], groups: dict[str, tuple[list[str], dict]] | None = None,
-                    hosts: list[tuple[str, dict]] | None = None) -> Path:
+def write_inventory(
+    path: Path,
+    host_data: dict[str, dict],
+    groups: dict[str, tuple[list[str], dict]] | None = None,
+    hosts: list[tuple[str, dict]] | None = None,
+) -> Path:
     """inventory/local.py with extra data for some hosts (to change one host alone), and
     extra groups, name -> (host names, group data). With `hosts`, those hosts (as
     localfleet.inventory_hosts() gave them) instead of the hosts up now: to keep a host that
@@ -135,7 +163,13 @@ def fleet_host(name: str):
 
 
 # What the deploy leaves on a host: removed, a host is as bare as a new one.
-DEPLOYED_PATHS = ["/etc/systemd/system/vllm.service", "/etc/glmfleet", "/opt/glmfleet", "/var/lib/vllm", "/var/cache/glmfleet"]
+DEPLOYED_PATHS = [
+    "/etc/systemd/system/vllm.service",
+    "/etc/glmfleet",
+    "/opt/glmfleet",
+    "/var/lib/vllm",
+    "/var/cache/glmfleet",
+]
 
 
 def make_bare(name: str) -> None:

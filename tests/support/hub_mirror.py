@@ -22,9 +22,16 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
 def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "glmfleet tests", "GIT_AUTHOR_EMAIL": "tests@glmfleet.invalid",
-           "GIT_COMMITTER_NAME": "glmfleet tests", "GIT_COMMITTER_EMAIL": "tests@glmfleet.invalid"}
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env).stdout.strip()
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "glmfleet tests",
+        "GIT_AUTHOR_EMAIL": "tests@glmfleet.invalid",
+        "GIT_COMMITTER_NAME": "glmfleet tests",
+        "GIT_COMMITTER_EMAIL": "tests@glmfleet.invalid",
+    }
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
 
 
 def file_sha256(path: Path) -> str:
@@ -44,7 +51,9 @@ def publish(checkpoint: Path, mirrors_root: Path, repo_id: str, message: str = "
     if not (repo / ".git").exists():
         repo.mkdir(parents=True)
         git(repo, "init", "--quiet", "--initial-branch=main")
-        (repo / ".gitattributes").write_text("".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES))
+        (repo / ".gitattributes").write_text(
+            "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES)
+        )
     for path in sorted(checkpoint.rglob("*")):
         if not path.is_file() or ".cache" in path.parts:
             continue
@@ -60,7 +69,9 @@ def publish(checkpoint: Path, mirrors_root: Path, repo_id: str, message: str = "
                     os.link(path, obj)
                 except OSError:
                     shutil.copyfile(path, obj)
-            target.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {path.stat().st_size}\n")
+            target.write_text(
+                f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {path.stat().st_size}\n"
+            )
         else:
             shutil.copyfile(path, target)
     git(repo, "add", "--all")
@@ -100,7 +111,9 @@ class OlahServer:
         )
         olah = Path(sys.executable).with_name("olah-cli")
         self.log = open(self.workdir / "olah.log", "ab")
-        self.process = subprocess.Popen([str(olah), "-c", str(config)], cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [str(olah), "-c", str(config)], cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -14,8 +14,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REFUSALS = {
-    "gated": (403, {"X-Error-Code": "GatedRepo",
-                    "X-Error-Message": "Access to model glmfleet-test/gated is restricted and you are not in the authorized list."}),
+    "gated": (
+        403,
+        {
+            "X-Error-Code": "GatedRepo",
+            "X-Error-Message": "Access to model glmfleet-test/gated is restricted and you are not in the authorized list.",
+        },
+    ),
     "bad_token": (401, {"X-Error-Message": "Invalid credentials in Authorization header"}),
     "rate_limited": (429, {"RateLimit": '"api";r=0;t=2', "RateLimit-Policy": '"fixed window";"api";q=1000;w=300'}),
 }

@@ -25,16 +25,21 @@ def write_image_archive(path: Path, tag: str, content: str = "glmfleet test imag
         add(layer_tar, "glmfleet-test-image.txt", content.encode())
     layer_bytes = layer.getvalue()
     diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
-    config = json.dumps({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Entrypoint": ["/bin/false"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created_by": "glmfleet tests"}],
-    }, sort_keys=True).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Entrypoint": ["/bin/false"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            "history": [{"created_by": "glmfleet tests"}],
+        },
+        sort_keys=True,
+    ).encode()
     config_digest = hashlib.sha256(config).hexdigest()
     layer_dir = hashlib.sha256(layer_bytes).hexdigest()
-    manifest = json.dumps([{"Config": f"{config_digest}.json", "RepoTags": [tag], "Layers": [f"{layer_dir}/layer.tar"]}])
+    manifest = json.dumps(
+        [{"Config": f"{config_digest}.json", "RepoTags": [tag], "Layers": [f"{layer_dir}/layer.tar"]}]
+    )
     with tarfile.open(path, "w") as archive:
         add(archive, f"{layer_dir}/layer.tar", layer_bytes)
         add(archive, f"{config_digest}.json", config)

@@ -48,8 +48,9 @@ class Load:
 
     def _one_request(self) -> str | None:
         """None when answered with a completion, else what went wrong."""
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": "steady load"}],
-                           "max_tokens": 4}).encode()
+        body = json.dumps(
+            {"model": self.model, "messages": [{"role": "user", "content": "steady load"}], "max_tokens": 4}
+        ).encode()
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"}
         try:
             with _direct.open(urllib.request.Request(self.url, data=body, headers=headers), timeout=30) as response:
@@ -73,7 +74,9 @@ class Load:
     def __enter__(self) -> Load:
         self._started = time.monotonic()
         deadline = self._started + self.max_seconds
-        self._threads = [threading.Thread(target=self._work, args=(deadline,), daemon=True) for _ in range(self.workers)]
+        self._threads = [
+            threading.Thread(target=self._work, args=(deadline,), daemon=True) for _ in range(self.workers)
+        ]
         for thread in self._threads:
             thread.start()
         return self

@@ -89,16 +89,23 @@ def config(layers: int) -> dict:
 def write_tokenizer(out: Path) -> None:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<|endoftext|>", "<unk>"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<|endoftext|>", "<unk>"], show_progress=False
+    )
     tokenizer.train_from_iterator([TEXT] * 8, trainer=trainer)
     tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<pad>",
-        "unk_token": "<unk>",
-        "model_max_length": 4096,
-    }, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "model_max_length": 4096,
+            },
+            indent=2,
+        )
+    )
 
 
 def make_checkpoint(out: Path, size_bytes: int = 300 * 2**20, shard_bytes: int = 80 * 2**20, seed: int = 0) -> Path:
@@ -120,7 +127,9 @@ def make_checkpoint(out: Path, size_bytes: int = 300 * 2**20, shard_bytes: int =
     weight_map, total = {}, 0
     for n, shard in enumerate(shards, 1):
         filename = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: rng.standard_normal(shape, dtype=np.float32).astype(np.float16) for name, shape in shard.items()}
+        tensors = {
+            name: rng.standard_normal(shape, dtype=np.float32).astype(np.float16) for name, shape in shard.items()
+        }
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
         total += sum(t.nbytes for t in tensors.values())
         weight_map.update({name: filename for name in shard})
@@ -130,5 +139,7 @@ def make_checkpoint(out: Path, size_bytes: int = 300 * 2**20, shard_bytes: int =
     (out / "config.json").write_text(json.dumps(config(layers), indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [1], "pad_token_id": 0}, indent=2))
     write_tokenizer(out)
-    (out / "README.md").write_text("---\nlicense: mit\n---\nA random GLM-4-shaped checkpoint made by glmfleet's tests.\n")
+    (out / "README.md").write_text(
+        "---\nlicense: mit\n---\nA random GLM-4-shaped checkpoint made by glmfleet's tests.\n"
+    )
     return out

@@ -95,9 +95,17 @@ class ModelScopeTestDouble:
     ``throttle`` (bytes/s) slows file bodies so a download can be killed midway.
     """
 
-    def __init__(self, repos_dir: Path, port: int = 0, mode: str | None = None, *,
-                 retry_after: str | None = "1", strict_revisions: bool = False,
-                 sha256_only_lfs: bool = False, throttle: int | None = None):
+    def __init__(
+        self,
+        repos_dir: Path,
+        port: int = 0,
+        mode: str | None = None,
+        *,
+        retry_after: str | None = "1",
+        strict_revisions: bool = False,
+        sha256_only_lfs: bool = False,
+        throttle: int | None = None,
+    ):
         if mode not in (None, *REFUSALS):
             raise ValueError(f"mode must be None or one of {sorted(REFUSALS)}")
         self.repos_dir = Path(repos_dir)
@@ -157,8 +165,15 @@ class ModelScopeTestDouble:
 
     # --- answers -----------------------------------------------------------------------------
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, payload: bytes, body: bool,
-              headers: dict[str, str] | None = None, content_type: str = "application/json;charset=UTF-8") -> None:
+    def _send(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        payload: bytes,
+        body: bool,
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json;charset=UTF-8",
+    ) -> None:
         h.send_response(status)
         h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(payload)))
@@ -173,8 +188,13 @@ class ModelScopeTestDouble:
         envelope = {**data, "RequestId": request_id, "Success": status < 400}
         if status < 400:
             envelope = {"Code": 200, "Data": data, "Message": "success", "RequestId": request_id, "Success": True}
-        self._send(h, status, json.dumps(envelope, ensure_ascii=False).encode(), body,
-                   {"X-Request-Id": request_id, **(headers or {})})
+        self._send(
+            h,
+            status,
+            json.dumps(envelope, ensure_ascii=False).encode(),
+            body,
+            {"X-Request-Id": request_id, **(headers or {})},
+        )
 
     def _handle(self, h: BaseHTTPRequestHandler, body: bool) -> None:
         with self._lock:
@@ -189,7 +209,7 @@ class ModelScopeTestDouble:
             if self.mode == "rate_limited":
                 headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
             return self._json(h, status, data, body, headers)
-        parts = path[len(API) + 1:].split("/")
+        parts = path[len(API) + 1 :].split("/")
         if parts == ["repos", "internalAccelerationInfo"]:
             return self._json(h, 200, {"InternalRegionQueryAddress": ""}, body)
         if len(parts) < 3 or parts[0] != "models":
@@ -199,11 +219,22 @@ class ModelScopeTestDouble:
         if not owner or not name or owner.startswith(".") or name.startswith(".") or not repo.is_dir():
             return self._json(h, 404, REPO_NOT_FOUND, body)
         if rest == []:
-            return self._json(h, 200, {"Name": name, "Path": owner, "Id": zlib.crc32(f"{owner}/{name}".encode()),
-                                       "Revision": "master", "Visibility": 5}, body)
+            return self._json(
+                h,
+                200,
+                {
+                    "Name": name,
+                    "Path": owner,
+                    "Id": zlib.crc32(f"{owner}/{name}".encode()),
+                    "Revision": "master",
+                    "Visibility": 5,
+                },
+                body,
+            )
         if rest == ["revisions"]:
-            branches = [{"Revision": r.name, "CreatedAt": int(r.stat().st_mtime)}
-                        for r in sorted(repo.iterdir()) if r.is_dir()]
+            branches = [
+                {"Revision": r.name, "CreatedAt": int(r.stat().st_mtime)} for r in sorted(repo.iterdir()) if r.is_dir()
+            ]
             return self._json(h, 200, {"RevisionMap": {"Branches": branches, "Tags": []}}, body)
         revision = query.get("Revision") or "master"
         tree = repo / revision
@@ -214,7 +245,9 @@ class ModelScopeTestDouble:
                     return self._json(h, 404, REVISION_NOT_FOUND, body)
                 return self._json(h, 200, {"Files": None}, body)  # the hub's answer to an unknown revision
             recursive = query.get("Recursive", "False").lower() == "true"
-            return self._json(h, 200, {"Files": self._listing(tree, revision, query.get("Root") or "", recursive)}, body)
+            return self._json(
+                h, 200, {"Files": self._listing(tree, revision, query.get("Root") or "", recursive)}, body
+            )
         if rest == ["repo"]:
             file_path = query.get("FilePath", "")
             target = (tree / file_path) if known and file_path else None
@@ -226,18 +259,35 @@ class ModelScopeTestDouble:
     def _entry(self, tree: Path, path: Path, revision: str) -> dict:
         relative = path.relative_to(tree).as_posix()
         if path.is_dir():
-            return {"Name": path.name, "Path": relative, "Type": "tree", "Size": 0, "Mode": "40000",
-                    "Revision": revision, "Sha256": "", "IsLFS": False}
+            return {
+                "Name": path.name,
+                "Path": relative,
+                "Type": "tree",
+                "Size": 0,
+                "Mode": "40000",
+                "Revision": revision,
+                "Sha256": "",
+                "IsLFS": False,
+            }
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in self._hashes:
             self._hashes[key] = (_sha256(path), _git_blob_id(path, stat.st_size))
         sha256, blob = self._hashes[key]
         lfs = path.suffix in LFS_SUFFIXES
-        return {"Name": path.name, "Path": relative, "Type": "blob", "Size": stat.st_size, "Mode": "100644",
-                "Id": blob, "Revision": revision, "IsLFS": lfs,
-                "Sha256": sha256 if lfs or not self.sha256_only_lfs else "",
-                "CommittedDate": int(stat.st_mtime), "CommitMessage": "upload"}
+        return {
+            "Name": path.name,
+            "Path": relative,
+            "Type": "blob",
+            "Size": stat.st_size,
+            "Mode": "100644",
+            "Id": blob,
+            "Revision": revision,
+            "IsLFS": lfs,
+            "Sha256": sha256 if lfs or not self.sha256_only_lfs else "",
+            "CommittedDate": int(stat.st_mtime),
+            "CommitMessage": "upload",
+        }
 
     def _listing(self, tree: Path, revision: str, root: str, recursive: bool) -> list[dict]:
         base = tree / root.strip("/") if root.strip("/") else tree

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyinfra.api import Config, Inventory, State
+from pyinfra.api.command import FunctionCommand, StringCommand
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
-from pyinfra.api.command import FunctionCommand, StringCommand
 from pyinfra.api.host import Host
 from pyinfra.context import ctx_host, ctx_state
 
@@ -43,9 +43,20 @@ def fake_host(data: dict, responses: dict) -> tuple[State, Host]:
     """A connected fake host with ``data``, whose commands answer with ``responses`` (a command
     substring, or compiled pattern, to its stdout lines), and its State."""
     responses = {**responses, "uname -s": ["Linux"]}
-    inventory = connected([("@fake/gpu-1", {**data, "fake_responses": responses,
-                                            # no pretended command durations
-                                            "fake_delay": 0, "fake_delay_jitter": 0})])
+    inventory = connected(
+        [
+            (
+                "@fake/gpu-1",
+                {
+                    **data,
+                    "fake_responses": responses,
+                    # no pretended command durations
+                    "fake_delay": 0,
+                    "fake_delay_jitter": 0,
+                },
+            )
+        ]
+    )
     return inventory.state, inventory.get_host("@fake/gpu-1")
 
 
@@ -85,12 +96,30 @@ NVSWITCH = "05:00.0 Bridge [0680]: NVIDIA Corporation Device [10de:22a3] (rev a1
 B200 = "18:00.0 3D controller [0302]: NVIDIA Corporation Device [10de:2901] (rev a1)"
 
 
-def gpu_host(distro="ubuntu|22.04|jammy", kernel="5.15.0-125-generic", pci=(H100,), module=(), secure_boot="SecureBoot disabled",
-             headers_candidate="5.15.0-125.135", signing_keys=()):
-    return {GPU_HOST_MARKER: sectioned_output(
-        os=distro, arch="amd64", kernel=[kernel, "headers"], headers_candidate=[headers_candidate], pci=list(pci),
-        smi=[], cuda=[], module=list(module), modules=[], secure_boot=[secure_boot], signing_keys=list(signing_keys),
-    )}
+def gpu_host(
+    distro="ubuntu|22.04|jammy",
+    kernel="5.15.0-125-generic",
+    pci=(H100,),
+    module=(),
+    secure_boot="SecureBoot disabled",
+    headers_candidate="5.15.0-125.135",
+    signing_keys=(),
+):
+    return {
+        GPU_HOST_MARKER: sectioned_output(
+            os=distro,
+            arch="amd64",
+            kernel=[kernel, "headers"],
+            headers_candidate=[headers_candidate],
+            pci=list(pci),
+            smi=[],
+            cuda=[],
+            module=list(module),
+            modules=[],
+            secure_boot=[secure_boot],
+            signing_keys=list(signing_keys),
+        )
+    }
 
 
 def installed(*packages: str, held=False) -> dict:

@@ -79,10 +79,19 @@ def raw_catalog():
     ("edit", "words"),
     [
         (lambda raw: raw["models"]["glm-4.5"].pop("vllm_min"), "models.glm-4.5: fields must be exactly"),
-        (lambda raw: raw["models"]["glm-4.5"].update(vllm_min="ten"), "models.glm-4.5.vllm_min: 'ten' is not a version"),
+        (
+            lambda raw: raw["models"]["glm-4.5"].update(vllm_min="ten"),
+            "models.glm-4.5.vllm_min: 'ten' is not a version",
+        ),
         (lambda raw: raw["models"]["glm-4.5"].update(kv_cache={"layers": 92}), "models.glm-4.5.kv_cache"),
-        (lambda raw: raw["models"]["glm-4.5"]["defaults"].append({"vllm": "~=nope", "settings": {}}), "not a version specifier"),
-        (lambda raw: raw["models"]["glm-4.6"].update(hf="zai-org/GLM-4.5"), "zai-org/GLM-4.5 is listed by both glm-4.5 and glm-4.6"),
+        (
+            lambda raw: raw["models"]["glm-4.5"]["defaults"].append({"vllm": "~=nope", "settings": {}}),
+            "not a version specifier",
+        ),
+        (
+            lambda raw: raw["models"]["glm-4.6"].update(hf="zai-org/GLM-4.5"),
+            "zai-org/GLM-4.5 is listed by both glm-4.5 and glm-4.6",
+        ),
     ],
 )
 def test_a_broken_catalog_is_refused_naming_entry_and_field(edit, words):
@@ -110,15 +119,25 @@ def test_a_repo_id_the_user_gives_is_served_as_given():
 
 
 def test_a_name_outside_the_catalog_is_rejected_with_what_is_accepted():
-    with pytest.raises(ConfigError, match="model = 'glm-9.9' is invalid; accepted: a catalog name such as 'glm-4.7-flash'"):
+    with pytest.raises(
+        ConfigError, match="model = 'glm-9.9' is invalid; accepted: a catalog name such as 'glm-4.7-flash'"
+    ):
         resolve({"model": "glm-9.9"})
 
 
 def test_any_hub_repo_with_explicit_settings_is_served():
-    cfg = resolve({"model": "someone/glm-finetune", "vllm_tool_call_parser": "glm45", "vllm_enable_auto_tool_choice": True,
-                   "model_revision": "a" * 40})
+    cfg = resolve(
+        {
+            "model": "someone/glm-finetune",
+            "vllm_tool_call_parser": "glm45",
+            "vllm_enable_auto_tool_choice": True,
+            "model_revision": "a" * 40,
+        }
+    )
     argv = vllm_command(cfg)
-    assert argv[2] == "/var/lib/glmfleet/models/someone--glm-finetune/" + "a" * 40 and "--enable-auto-tool-choice" in argv
+    assert (
+        argv[2] == "/var/lib/glmfleet/models/someone--glm-finetune/" + "a" * 40 and "--enable-auto-tool-choice" in argv
+    )
 
 
 def test_the_operators_glm_z1_recipe_gets_v0_the_old_transformers_and_the_patch():

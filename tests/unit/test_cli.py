@@ -15,8 +15,8 @@ from pyinfra.api import State
 from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
-from glmfleet_cli.main import build_parser
 from glmfleet.config import validate_inventory
+from glmfleet_cli.main import build_parser
 from tests.support.paths import ROOT
 
 BIN = Path(sys.executable).parent
@@ -33,8 +33,11 @@ def test_every_verb_explains_itself(argv):
 def documented_commands() -> list[str]:
     """The command lines of README.md: its sh blocks, and inline code that starts with a command."""
     readme = (ROOT / "README.md").read_text()
-    blocks = [line.split("#", 1)[0].strip() for block in re.findall(r"```sh\n(.*?)```", readme, re.S)
-              for line in block.splitlines()]
+    blocks = [
+        line.split("#", 1)[0].strip()
+        for block in re.findall(r"```sh\n(.*?)```", readme, re.S)
+        for line in block.splitlines()
+    ]
     # Inline: a whole command line (a glmfleet verb named in passing is not one).
     inline = re.findall(r"`((?:pyinfra|glmfleet) [^`\s]+ [^`\s][^`]*|make [^`]+|python -m [^`]+)`", readme)
     return sorted({command for command in blocks + inline if command})
@@ -63,8 +66,13 @@ def test_every_documented_command_line_works_as_written(command, monkeypatch):
         assert subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, capture_output=True).returncode == 0
     elif argv[:2] == ["python", "-m"]:
         extra = ["--help"]
-        result = subprocess.run([sys.executable, "-m", *argv[2:], *extra], cwd=ROOT, capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        result = subprocess.run(
+            [sys.executable, "-m", *argv[2:], *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     else:
         pytest.fail(f"README documents {command!r}, which this test does not know how to run")

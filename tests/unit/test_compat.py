@@ -27,46 +27,71 @@ def problems_of(data: dict) -> str:
 # (data, words of the error, or None where the data must pass)
 DATA_RULES = [
     # model against the vLLM release
-    ({"model": "glm-4.5", "vllm_version": "0.10.0"},
-     "model = 'zai-org/GLM-4.5' (Glm4MoeForCausalLM) needs vLLM 0.10.1 or later; vllm_version = '0.10.0': set vllm_version to 0.10.1 or later"),
+    (
+        {"model": "glm-4.5", "vllm_version": "0.10.0"},
+        "model = 'zai-org/GLM-4.5' (Glm4MoeForCausalLM) needs vLLM 0.10.1 or later; vllm_version = '0.10.0': set vllm_version to 0.10.1 or later",
+    ),
     ({"model": "glm-4.5", "vllm_version": "0.10.1"}, None),
     ({"model": "glm-4-9b-0414", "vllm_version": "0.8.3"}, "needs vLLM 0.8.4 or later; vllm_version = '0.8.3'"),
     ({"model": "glm-4-9b-0414", "vllm_version": "0.8.4"}, None),
     ({"model": "glm-4.7-flash", "vllm_version": "0.14.1"}, "needs vLLM 0.15.0 or later"),
     # parser names the pinned vLLM does not have
-    ({"model": "x/y", "vllm_version": "0.13.0", "vllm_tool_call_parser": "glm47"},
-     "vllm_tool_call_parser = 'glm47' first ships in vLLM 0.14.0; vllm_version = '0.13.0': set vllm_version to 0.14.0 or later"),
+    (
+        {"model": "x/y", "vllm_version": "0.13.0", "vllm_tool_call_parser": "glm47"},
+        "vllm_tool_call_parser = 'glm47' first ships in vLLM 0.14.0; vllm_version = '0.13.0': set vllm_version to 0.14.0 or later",
+    ),
     ({"model": "x/y", "vllm_version": "0.14.0", "vllm_tool_call_parser": "glm47"}, None),
-    ({"model": "x/y", "vllm_version": "0.10.0", "vllm_tool_call_parser": "glm45"}, "vllm_tool_call_parser = 'glm45' first ships in vLLM 0.10.1"),
+    (
+        {"model": "x/y", "vllm_version": "0.10.0", "vllm_tool_call_parser": "glm45"},
+        "vllm_tool_call_parser = 'glm45' first ships in vLLM 0.10.1",
+    ),
     ({"model": "x/y", "vllm_version": "0.10.1", "vllm_tool_call_parser": "glm45"}, None),
-    ({"model": "x/y", "vllm_version": "0.10.0", "vllm_reasoning_parser": "glm45"}, "vllm_reasoning_parser = 'glm45' first ships in vLLM 0.10.1"),
+    (
+        {"model": "x/y", "vllm_version": "0.10.0", "vllm_reasoning_parser": "glm45"},
+        "vllm_reasoning_parser = 'glm45' first ships in vLLM 0.10.1",
+    ),
     ({"model": "x/y", "vllm_version": "0.10.1", "vllm_reasoning_parser": "glm45"}, None),
     # VLLM_USE_V1=0 where V0 no longer exists
-    ({"model": "x/y", "vllm_version": "0.11.0", "vllm_env": {"VLLM_USE_V1": "0"}},
-     "vllm_env sets VLLM_USE_V1='0', but vLLM 0.11.0 has no V0 engine (removed in 0.11.0): remove VLLM_USE_V1 from vllm_env"),
+    (
+        {"model": "x/y", "vllm_version": "0.11.0", "vllm_env": {"VLLM_USE_V1": "0"}},
+        "vllm_env sets VLLM_USE_V1='0', but vLLM 0.11.0 has no V0 engine (removed in 0.11.0): remove VLLM_USE_V1 from vllm_env",
+    ),
     ({"model": "x/y", "vllm_version": "0.10.2", "vllm_env": {"VLLM_USE_V1": "0"}}, None),
     ({"model": "x/y", "vllm_version": "0.11.0", "vllm_env": {"VLLM_USE_V1": "1"}}, None),
     # tensor parallel size against attention heads
-    ({"model": "glm-4.7-flash", "vllm_tensor_parallel_size": 8},
-     "vllm_tensor_parallel_size = 8 does not divide the 20 attention heads of 'zai-org/GLM-4.7-Flash': use one of [1, 2, 4, 5, 10, 20]"),
+    (
+        {"model": "glm-4.7-flash", "vllm_tensor_parallel_size": 8},
+        "vllm_tensor_parallel_size = 8 does not divide the 20 attention heads of 'zai-org/GLM-4.7-Flash': use one of [1, 2, 4, 5, 10, 20]",
+    ),
     ({"model": "glm-4.7-flash", "vllm_tensor_parallel_size": 4}, None),
     ({"model": "glm-4.5", "vllm_tensor_parallel_size": 5}, "does not divide the 96 attention heads"),
     ({"model": "glm-4.5", "vllm_tensor_parallel_size": 8}, None),
     # companions: what the model needs against the pin and against vLLM's own bound
-    ({"model": "glm-4.7-flash", "vllm_extra_packages": ["transformers==4.57.6"]},
-     "model = 'zai-org/GLM-4.7-Flash' needs transformers>=5; vllm_extra_packages pins transformers==4.57.6: pin a version that matches >=5"),
+    (
+        {"model": "glm-4.7-flash", "vllm_extra_packages": ["transformers==4.57.6"]},
+        "model = 'zai-org/GLM-4.7-Flash' needs transformers>=5; vllm_extra_packages pins transformers==4.57.6: pin a version that matches >=5",
+    ),
     ({"model": "glm-4.7-flash", "vllm_extra_packages": ["transformers==5.23.0"]}, None),
-    ({"model": "glm-4.7-flash", "vllm_version": "0.19.0"},
-     "needs transformers>=5, which vLLM 0.19.0 refuses (its wheel requires transformers<5): set vllm_version to 0.19.1 or later"),
+    (
+        {"model": "glm-4.7-flash", "vllm_version": "0.19.0"},
+        "needs transformers>=5, which vLLM 0.19.0 refuses (its wheel requires transformers<5): set vllm_version to 0.19.1 or later",
+    ),
     ({"model": "glm-4.7-flash", "vllm_version": "0.19.1"}, None),
-    ({"model": "x/y", "vllm_version": "0.15.1", "vllm_extra_packages": ["transformers==5.0.0"]},
-     "vllm_extra_packages pins transformers==5.0.0, which vLLM 0.15.1 refuses (its wheel requires transformers<5)"),
+    (
+        {"model": "x/y", "vllm_version": "0.15.1", "vllm_extra_packages": ["transformers==5.0.0"]},
+        "vllm_extra_packages pins transformers==5.0.0, which vLLM 0.15.1 refuses (its wheel requires transformers<5)",
+    ),
     ({"model": "x/y", "vllm_version": "0.15.1", "vllm_extra_packages": ["transformers==4.57.6"]}, None),
     # the model's own code, and auto tool choice without a parser
-    ({"model": "glm-4-9b-chat", "vllm_trust_remote_code": False},
-     "model = 'zai-org/glm-4-9b-chat' runs its own Python code from its repo; vllm_trust_remote_code = False: set vllm_trust_remote_code to true"),
+    (
+        {"model": "glm-4-9b-chat", "vllm_trust_remote_code": False},
+        "model = 'zai-org/glm-4-9b-chat' runs its own Python code from its repo; vllm_trust_remote_code = False: set vllm_trust_remote_code to true",
+    ),
     ({"model": "glm-4-9b-chat"}, None),
-    ({"model": "x/y", "vllm_enable_auto_tool_choice": True}, "vllm_enable_auto_tool_choice = True needs vllm_tool_call_parser"),
+    (
+        {"model": "x/y", "vllm_enable_auto_tool_choice": True},
+        "vllm_enable_auto_tool_choice = True needs vllm_tool_call_parser",
+    ),
     ({"model": "x/y", "vllm_enable_auto_tool_choice": True, "vllm_tool_call_parser": "hermes"}, None),
 ]
 
@@ -90,14 +115,21 @@ def cfg_of(data: dict) -> dict:
 
 
 WARNING_RULES = [
-    ({"model": "glm-4-32b-0414", "vllm_tool_call_parser": "hermes"},
-     "vllm_tool_call_parser = 'hermes' on 'zai-org/GLM-4-32B-0414': hermes parses <tool_call> JSON blocks"),
+    (
+        {"model": "glm-4-32b-0414", "vllm_tool_call_parser": "hermes"},
+        "vllm_tool_call_parser = 'hermes' on 'zai-org/GLM-4-32B-0414': hermes parses <tool_call> JSON blocks",
+    ),
     ({"model": "glm-4-32b-0414"}, None),
     ({"model": "glm-4.5", "vllm_tool_call_parser": "hermes"}, None),
-    ({"model": "glm-4-9b-chat-hf", "vllm_version": "0.8.4", "vllm_extra_packages": ["transformers==4.51.3"]},
-     "on vllm_version = '0.8.4': vLLM before 0.8.5 applies GLM's rotary embedding wrongly"),
+    (
+        {"model": "glm-4-9b-chat-hf", "vllm_version": "0.8.4", "vllm_extra_packages": ["transformers==4.51.3"]},
+        "on vllm_version = '0.8.4': vLLM before 0.8.5 applies GLM's rotary embedding wrongly",
+    ),
     ({"model": "glm-4-9b-chat-hf", "vllm_version": "0.8.5", "vllm_extra_packages": ["transformers==4.51.3"]}, None),
-    ({"model": "x/y", "vllm_version": "0.11.0"}, "vllm_version = '0.11.0': this vLLM's wheel sets no upper bound on transformers"),
+    (
+        {"model": "x/y", "vllm_version": "0.11.0"},
+        "vllm_version = '0.11.0': this vLLM's wheel sets no upper bound on transformers",
+    ),
     ({"model": "x/y", "vllm_version": "0.11.0", "vllm_extra_packages": ["transformers==4.56.2"]}, None),
     ({"model": "x/y", "vllm_version": "0.12.0"}, None),
 ]
@@ -115,33 +147,56 @@ def test_known_bad_combinations_warn_and_say_why(data, words):
 GIB_MIB = 1024
 HOST_RULES = [
     # tensor x pipeline parallel size against the host's GPUs
-    ({"vllm_tensor_parallel_size": 2, "vllm_pipeline_parallel_size": 2}, {"gpu_count": 3},
-     "vllm_tensor_parallel_size = 2 × vllm_pipeline_parallel_size = 2 needs 4 GPUs, the host has 3: lower them"),
+    (
+        {"vllm_tensor_parallel_size": 2, "vllm_pipeline_parallel_size": 2},
+        {"gpu_count": 3},
+        "vllm_tensor_parallel_size = 2 × vllm_pipeline_parallel_size = 2 needs 4 GPUs, the host has 3: lower them",
+    ),
     ({"vllm_tensor_parallel_size": 2, "vllm_pipeline_parallel_size": 2}, {"gpu_count": 4}, None),
     # weights per GPU plus a KV cache for one full sequence against utilization x memory
-    ({"model": "glm-4.5-air", "vllm_tensor_parallel_size": 2}, {"gpu_memory_mib": 80 * GIB_MIB},
-     # 205.8 GiB / 2; 46 layers x 4 of 8 KV heads x 128 x (K, V) x 2 bytes x 131072 tokens = 11.5 GiB
-     "'zai-org/GLM-4.5-Air' needs about 115.4 GiB per GPU (weights 102.9, KV cache for one 131072-token sequence 11.5, "
-     "reserve 1) with vllm_tensor_parallel_size = 2 and vllm_pipeline_parallel_size = 1, but vllm_gpu_memory_utilization = 0.9 "
-     "of 80.0 GiB leaves 72.0 GiB: set vllm_tensor_parallel_size to 4, raise vllm_gpu_memory_utilization, or use GPUs with more memory"),
+    (
+        {"model": "glm-4.5-air", "vllm_tensor_parallel_size": 2},
+        {"gpu_memory_mib": 80 * GIB_MIB},
+        # 205.8 GiB / 2; 46 layers x 4 of 8 KV heads x 128 x (K, V) x 2 bytes x 131072 tokens = 11.5 GiB
+        "'zai-org/GLM-4.5-Air' needs about 115.4 GiB per GPU (weights 102.9, KV cache for one 131072-token sequence 11.5, "
+        "reserve 1) with vllm_tensor_parallel_size = 2 and vllm_pipeline_parallel_size = 1, but vllm_gpu_memory_utilization = 0.9 "
+        "of 80.0 GiB leaves 72.0 GiB: set vllm_tensor_parallel_size to 4, raise vllm_gpu_memory_utilization, or use GPUs with more memory",
+    ),
     ({"model": "glm-4.5-air", "vllm_tensor_parallel_size": 4}, {"gpu_memory_mib": 80 * GIB_MIB}, None),
-    ({"model": "glm-4.5-air", "vllm_tensor_parallel_size": 2, "vllm_pipeline_parallel_size": 2}, {"gpu_memory_mib": 80 * GIB_MIB}, None),
-    ({"model": "glm-4-32b-0414", "vllm_gpu_memory_utilization": 0.75}, {"gpu_memory_mib": 80 * GIB_MIB},
-     "leaves 60.0 GiB: set vllm_tensor_parallel_size to 2, raise vllm_gpu_memory_utilization"),
+    (
+        {"model": "glm-4.5-air", "vllm_tensor_parallel_size": 2, "vllm_pipeline_parallel_size": 2},
+        {"gpu_memory_mib": 80 * GIB_MIB},
+        None,
+    ),
+    (
+        {"model": "glm-4-32b-0414", "vllm_gpu_memory_utilization": 0.75},
+        {"gpu_memory_mib": 80 * GIB_MIB},
+        "leaves 60.0 GiB: set vllm_tensor_parallel_size to 2, raise vllm_gpu_memory_utilization",
+    ),
     ({"model": "glm-4-32b-0414", "vllm_gpu_memory_utilization": 0.9}, {"gpu_memory_mib": 80 * GIB_MIB}, None),
     ({"model": "glm-4-9b-chat"}, {"gpu_memory_mib": 24 * GIB_MIB}, "KV cache for one 131072-token sequence 5.0"),
     ({"model": "glm-4-9b-chat", "vllm_max_model_len": 8192}, {"gpu_memory_mib": 24 * GIB_MIB}, None),
     ({"model": "x/unknown-size"}, {"gpu_memory_mib": 1 * GIB_MIB}, None),
     # the driver's CUDA version against the CUDA of the torch the pinned vLLM runs
-    ({"vllm_version": "0.22.0"}, {"driver_cuda_version": "12.8"},
-     "the driver supports CUDA 12.8, but vllm_version = '0.22.0' runs torch built for CUDA 13.0: install a driver for CUDA 13.x"),
+    (
+        {"vllm_version": "0.22.0"},
+        {"driver_cuda_version": "12.8"},
+        "the driver supports CUDA 12.8, but vllm_version = '0.22.0' runs torch built for CUDA 13.0: install a driver for CUDA 13.x",
+    ),
     ({"vllm_version": "0.22.0"}, {"driver_cuda_version": "13.0"}, None),
     ({"vllm_version": "0.19.1"}, {"driver_cuda_version": "12.2"}, None),  # minor-version compatibility: a warning
     ({"vllm_version": "0.8.4"}, {"driver_cuda_version": "11.8"}, "runs torch built for CUDA 12.4"),
     # the port vLLM will listen on
-    ({"vllm_port": 8000}, {"listeners": [(22, "ssh.service"), (8000, None)]},
-     "vllm_port = 8000 is already in use by a process outside any systemd service: set vllm_port to a free port"),
-    ({"vllm_port": 8000}, {"listeners": [(8000, "nginx.service")]}, "vllm_port = 8000 is already in use by nginx.service"),
+    (
+        {"vllm_port": 8000},
+        {"listeners": [(22, "ssh.service"), (8000, None)]},
+        "vllm_port = 8000 is already in use by a process outside any systemd service: set vllm_port to a free port",
+    ),
+    (
+        {"vllm_port": 8000},
+        {"listeners": [(8000, "nginx.service")]},
+        "vllm_port = 8000 is already in use by nginx.service",
+    ),
     ({"vllm_port": 8000}, {"listeners": [(8000, "vllm.service"), (8001, None)]}, None),
     ({"vllm_port": 8000}, {"listeners": []}, None),
 ]
@@ -173,8 +228,16 @@ def test_host_facts_that_are_unknown_are_not_guessed():
 
 @pytest.mark.parametrize(
     ("version", "cuda"),
-    [("0.8.4", "12.4"), ("0.8.5", "12.4"), ("0.9.0", "12.6"), ("0.10.1", "12.6"), ("0.10.2", "12.8"), ("0.19.1", "12.8"),
-     ("0.20.0", "13.0"), ("0.22.0", "13.0")],
+    [
+        ("0.8.4", "12.4"),
+        ("0.8.5", "12.4"),
+        ("0.9.0", "12.6"),
+        ("0.10.1", "12.6"),
+        ("0.10.2", "12.8"),
+        ("0.19.1", "12.8"),
+        ("0.20.0", "13.0"),
+        ("0.22.0", "13.0"),
+    ],
 )
 def test_cuda_runtime_of_each_release_follows_the_measured_table(version, cuda):
     from packaging.version import Version

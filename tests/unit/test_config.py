@@ -139,7 +139,10 @@ def test_pyinfra_connector_keys_are_not_ours_to_reject(tmp_path):
     ("data", "expected"),
     [
         ({"vllm_extra_args": ["--port", "9000"]}, "vllm_extra_args contains '--port'; set vllm_port instead"),
-        ({"vllm_extra_args": ["--api-key=abc"]}, "vllm_extra_args contains '--api-key'; set vllm_api_key instead (a key on the command line is visible"),
+        (
+            {"vllm_extra_args": ["--api-key=abc"]},
+            "vllm_extra_args contains '--api-key'; set vllm_api_key instead (a key on the command line is visible",
+        ),
         ({"vllm_extra_args": ["-tp", "2"]}, "vllm_extra_args contains '-tp'; set vllm_tensor_parallel_size instead"),
         ({"vllm_env": {"VLLM_API_KEY": "abc"}}, "vllm_env sets VLLM_API_KEY; set vllm_api_key instead"),
         ({"vllm_env": {"HF_HOME": "/x"}}, "vllm_env sets HF_HOME; set vllm_state_dir instead"),
@@ -177,12 +180,23 @@ def test_secrets_stay_out_of_the_unit_and_in_the_env_file():
 
 
 def test_command_renders_each_key():
-    cfg = resolve({"model": "zai-org/GLM-4.7-Flash", "vllm_port": 8123, "vllm_max_model_len": 4096,
-                   "vllm_served_model_name": "glm", "vllm_extra_args": ["--enable-prefix-caching"],
-                   "model_revision": "a" * 40})
+    cfg = resolve(
+        {
+            "model": "zai-org/GLM-4.7-Flash",
+            "vllm_port": 8123,
+            "vllm_max_model_len": 4096,
+            "vllm_served_model_name": "glm",
+            "vllm_extra_args": ["--enable-prefix-caching"],
+            "model_revision": "a" * 40,
+        }
+    )
     argv = vllm_command(cfg)
     # vLLM serves the verified local copy: <vllm_state_dir>/models/<owner>--<name>/<revision>
-    assert argv[:3] == ["/opt/glmfleet/vllm/current/bin/vllm", "serve", "/var/lib/glmfleet/models/zai-org--GLM-4.7-Flash/" + "a" * 40]
+    assert argv[:3] == [
+        "/opt/glmfleet/vllm/current/bin/vllm",
+        "serve",
+        "/var/lib/glmfleet/models/zai-org--GLM-4.7-Flash/" + "a" * 40,
+    ]
     flags = dict(zip(argv[3::2], argv[4::2]))
     assert flags["--port"] == "8123" and flags["--max-model-len"] == "4096"
     assert flags["--served-model-name"] == "glm" and "--revision" not in argv

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from paramiko.common import (CONNECTION_FAILED_CODE, OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED, OPEN_FAILED_CONNECT_FAILED,
-                             OPEN_FAILED_RESOURCE_SHORTAGE)
+from paramiko.common import (
+    CONNECTION_FAILED_CODE,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_FAILED_CONNECT_FAILED,
+    OPEN_FAILED_RESOURCE_SHORTAGE,
+)
 
 import glmfleet.connection  # noqa: F401  (installs the filter on paramiko's logger)
 

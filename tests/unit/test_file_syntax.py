@@ -16,8 +16,24 @@ from glmfleet.facts.output import host_script
 from roles.model_weights.fanout import authorized_line
 from roles.vllm_service import render_env_file, render_unit
 
-HOSTILE = ["plain", "a b", 'q"uote', "back\\slash", "dollar$HOME", "${IFS}", "`id`", "$(id)", "50%", "%n", "'single'", ";", "#x",
-           "tail\\", "=eq=", "ünïcode"]
+HOSTILE = [
+    "plain",
+    "a b",
+    'q"uote',
+    "back\\slash",
+    "dollar$HOME",
+    "${IFS}",
+    "`id`",
+    "$(id)",
+    "50%",
+    "%n",
+    "'single'",
+    ";",
+    "#x",
+    "tail\\",
+    "=eq=",
+    "ünïcode",
+]
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -34,18 +50,27 @@ def test_exec_start_words_read_back_as_systemd_splits_them():
     cfg = resolve({"vllm_extra_args": ["--chat-template", *HOSTILE], "model_revision": "a" * 40})
     line = next(line for line in render_unit(cfg).splitlines() if line.startswith("ExecStart="))
     argv = host_script("vllm_status").exec_start(f"{line}\n")
-    assert argv[-len(HOSTILE):] == HOSTILE
+    assert argv[-len(HOSTILE) :] == HOSTILE
     assert filesyntax.systemd_word(";") == "\\;"  # a lone ; separates commands in a unit
 
 
 @pytest.mark.parametrize("value", ["new\nline", "nul\x00", "tab\t", "esc\x1b[0m", "line\u2028sep"])
 def test_control_characters_are_refused_by_every_file_and_every_setting(value):
-    for write in (filesyntax.systemd_word, filesyntax.nginx_string, lambda v: filesyntax.systemd_env_line("K", v),
-                  lambda v: filesyntax.docker_env_line("K", v), filesyntax.authorized_keys_option):
+    for write in (
+        filesyntax.systemd_word,
+        filesyntax.nginx_string,
+        lambda v: filesyntax.systemd_env_line("K", v),
+        lambda v: filesyntax.docker_env_line("K", v),
+        filesyntax.authorized_keys_option,
+    ):
         with pytest.raises(filesyntax.Unwritable):
             write(value)
-    for key, data in (("vllm_env", {"vllm_env": {"K": value}}), ("vllm_extra_args", {"vllm_extra_args": [value]}),
-                      ("vllm_served_model_name", {"vllm_served_model_name": value}), ("model_include", {"model_include": [value]})):
+    for key, data in (
+        ("vllm_env", {"vllm_env": {"K": value}}),
+        ("vllm_extra_args", {"vllm_extra_args": [value]}),
+        ("vllm_served_model_name", {"vllm_served_model_name": value}),
+        ("model_include", {"model_include": [value]}),
+    ):
         with pytest.raises(ConfigError, match=f"{key} = .* holds a control character"):
             resolve(data)
 
@@ -57,16 +82,23 @@ def test_nginx_strings_escape_quotes_and_backslashes():
 def test_authorized_keys_takes_the_store_as_one_shell_word_and_refuses_quotes():
     cfg = resolve({"model_revision": "a" * 40, "model_source": "peer"})
     line = authorized_line(cfg, "ssh-ed25519 AAAAkey glmfleet-peer-transfer")
-    assert line == ('restrict,command="/usr/bin/rrsync -ro /var/lib/glmfleet/models" ssh-ed25519 AAAAkey '
-                    "glmfleet-peer-transfer")
+    assert line == (
+        'restrict,command="/usr/bin/rrsync -ro /var/lib/glmfleet/models" ssh-ed25519 AAAAkey glmfleet-peer-transfer'
+    )
     for value in ('a"b', "a\\b"):
         with pytest.raises(filesyntax.Unwritable, match="double quote or a backslash"):
             filesyntax.authorized_keys_option(value)
-    assert shlex.split(filesyntax.authorized_keys_option("/usr/bin/rrsync -ro '/a b'")[1:-1]) == ["/usr/bin/rrsync", "-ro", "/a b"]
+    assert shlex.split(filesyntax.authorized_keys_option("/usr/bin/rrsync -ro '/a b'")[1:-1]) == [
+        "/usr/bin/rrsync",
+        "-ro",
+        "/a b",
+    ]
 
 
-@pytest.mark.parametrize(("host", "port", "line"), [("10.0.0.1", 22, "10.0.0.1"), ("gpu-1.example", 2222, "[gpu-1.example]:2222"),
-                                                     ("::1", 2201, "[::1]:2201")])
+@pytest.mark.parametrize(
+    ("host", "port", "line"),
+    [("10.0.0.1", 22, "10.0.0.1"), ("gpu-1.example", 2222, "[gpu-1.example]:2222"), ("::1", 2201, "[::1]:2201")],
+)
 def test_known_hosts_names_exactly_one_host(host, port, line):
     assert filesyntax.known_hosts_host(host, port) == line
 

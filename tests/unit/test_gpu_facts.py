@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from glmfleet.facts.gpu import GpuHost, parse_cuda_version, parse_driver_module, parse_lspci, parse_secure_boot, parse_smi_query
-
+from glmfleet.facts.gpu import (
+    GpuHost,
+    parse_cuda_version,
+    parse_driver_module,
+    parse_lspci,
+    parse_secure_boot,
+    parse_smi_query,
+)
 from glmfleet.facts.packages import parse_dpkg_query
 from tests.support.paths import FIXTURES
 
@@ -46,11 +52,21 @@ def test_drivers_from_610_name_the_cuda_version_cuda_umd_version():
 
 
 def test_host_with_packages_installed_but_no_driver_loaded():
-    fact = GpuHost().process(sectioned(
-        os=["debian|12|bookworm"], arch=["amd64"], kernel=["6.1.0-28-amd64", "headers"],
-        headers_candidate=["6.1.0-28.1"], pci=[], smi=lines(FIXTURES / "nodriver" / "nvidia-smi-query-gpu.txt"),
-        cuda=[], module=[], modules=[], secure_boot=[], signing_keys=[],
-    ))
+    fact = GpuHost().process(
+        sectioned(
+            os=["debian|12|bookworm"],
+            arch=["amd64"],
+            kernel=["6.1.0-28-amd64", "headers"],
+            headers_candidate=["6.1.0-28.1"],
+            pci=[],
+            smi=lines(FIXTURES / "nodriver" / "nvidia-smi-query-gpu.txt"),
+            cuda=[],
+            module=[],
+            modules=[],
+            secure_boot=[],
+            signing_keys=[],
+        )
+    )
     assert fact["distro"] == "debian" and fact["distro_version"] == "12" and fact["codename"] == "bookworm"
     assert fact["kernel"] == "6.1.0-28-amd64" and fact["kernel_headers"] is True
     assert fact["kernel_headers_candidate"] == "6.1.0-28.1"
@@ -90,9 +106,11 @@ def test_the_facts_own_command_reads_pci_ids_and_modules_from_sysfs(tmp_path):
     # NVSwitch and an Intel bridge; nvidia loaded (its initstate), nouveau present but not a
     # loaded module (built in or only its parameters: no initstate).
     devices, modules = tmp_path / "devices", tmp_path / "module"
-    for slot, vendor, pci_class, device in [("0000:18:00.0", "0x10de", "0x030200", "0x2330"),
-                                            ("0000:05:00.0", "0x10de", "0x068000", "0x22a3"),
-                                            ("0000:00:1f.0", "0x8086", "0x060100", "0xa1c8")]:
+    for slot, vendor, pci_class, device in [
+        ("0000:18:00.0", "0x10de", "0x030200", "0x2330"),
+        ("0000:05:00.0", "0x10de", "0x068000", "0x22a3"),
+        ("0000:00:1f.0", "0x8086", "0x060100", "0xa1c8"),
+    ]:
         for name, value in (("vendor", vendor), ("class", pci_class), ("device", device)):
             (devices / slot).mkdir(parents=True, exist_ok=True)
             (devices / slot / name).write_text(value + "\n")
@@ -102,20 +120,29 @@ def test_the_facts_own_command_reads_pci_ids_and_modules_from_sysfs(tmp_path):
     (modules / "nvidia" / "initstate").write_text("live\n")
     (modules / "nouveau").mkdir()
     command = GpuHost().command(headers_candidate=False)
-    for real, composed in (("command -v lspci", "false"),  # the sysfs branch, whether or not lspci is here
-                           ("/sys/bus/pci/devices", str(devices)), ("/sys/module", str(modules))):
+    for real, composed in (
+        ("command -v lspci", "false"),  # the sysfs branch, whether or not lspci is here
+        ("/sys/bus/pci/devices", str(devices)),
+        ("/sys/module", str(modules)),
+    ):
         assert real in command
         command = command.replace(real, composed)
     output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert output[output.index("::glmfleet:: pci") + 1:output.index("::glmfleet:: smi")] == [
-        "sysfs 0000:05:00.0 0x068000 0x22a3", "sysfs 0000:18:00.0 0x030200 0x2330"]
-    assert output[output.index("::glmfleet:: modules") + 1:output.index("::glmfleet:: secure_boot")] == ["nvidia"]
+    assert output[output.index("::glmfleet:: pci") + 1 : output.index("::glmfleet:: smi")] == [
+        "sysfs 0000:05:00.0 0x068000 0x22a3",
+        "sysfs 0000:18:00.0 0x030200 0x2330",
+    ]
+    assert output[output.index("::glmfleet:: modules") + 1 : output.index("::glmfleet:: secure_boot")] == ["nvidia"]
     fact = GpuHost().process(output)
     assert [(gpu["slot"], gpu["device"]) for gpu in fact["gpus"]] == [("0000:18:00.0", "2330")]
     assert fact["nvswitches"] == 1 and fact["nouveau_loaded"] is False
     (modules / "nouveau" / "initstate").write_text("live\n")
-    assert GpuHost().process(subprocess.run(["sh", "-c", command], capture_output=True, text=True,
-                                            check=True).stdout.splitlines())["nouveau_loaded"] is True
+    assert (
+        GpuHost().process(
+            subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout.splitlines()
+        )["nouveau_loaded"]
+        is True
+    )
 
 
 @pytest.mark.parametrize(("knows_version", "expected"), [(True, "13.0"), (False, "13.3")])
@@ -127,36 +154,56 @@ def test_the_facts_own_command_asks_nvidia_smi_version_and_else_its_table(tmp_pa
         version = (FIXTURES / "h100" / "nvidia-smi-version.txt").read_text()
         asked_version, asked_table = f"printf %s {shlex.quote(version)}", "exit 1"
     else:
-        asked_version, asked_table = "echo Invalid combination of input arguments.; exit 2", f"echo {shlex.quote(R610_HEADER)}"
+        asked_version, asked_table = (
+            "echo Invalid combination of input arguments.; exit 2",
+            f"echo {shlex.quote(R610_HEADER)}",
+        )
     fake = tmp_path / "nvidia-smi"
-    fake.write_text(f"#!/bin/sh\ncase \"$1\" in\n  --version) {asked_version} ;;\n  '') {asked_table} ;;\n  *) exit 9 ;;\nesac\n")
+    fake.write_text(
+        f"#!/bin/sh\ncase \"$1\" in\n  --version) {asked_version} ;;\n  '') {asked_table} ;;\n  *) exit 9 ;;\nesac\n"
+    )
     fake.chmod(0o755)
-    output = subprocess.run(["sh", "-c", GpuHost().command(headers_candidate=False)], capture_output=True, text=True,
-                            check=True, env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}).stdout.splitlines()
+    output = subprocess.run(
+        ["sh", "-c", GpuHost().command(headers_candidate=False)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+    ).stdout.splitlines()
     assert GpuHost().process(output)["cuda_version"] == expected
 
 
 # /proc/driver/nvidia/version's first line, as the proprietary and the open modules word it
 # (NVIDIA's open-gpu-kernel-modules README shows the open form).
-@pytest.mark.parametrize(("line", "expected"), [
-    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.261.03  Wed Jul 30 16:30:56 UTC 2025",
-     {"version": "535.261.03", "open": False}),
-    ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  (dvs-builder@U16-I1-N07-12-3)",
-     {"version": "580.95.05", "open": True}),
-])
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.261.03  Wed Jul 30 16:30:56 UTC 2025",
+            {"version": "535.261.03", "open": False},
+        ),
+        (
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  (dvs-builder@U16-I1-N07-12-3)",
+            {"version": "580.95.05", "open": True},
+        ),
+    ],
+)
 def test_loaded_module_version_and_flavour(line, expected):
     assert parse_driver_module([line, "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)"]) == expected
 
 
-@pytest.mark.parametrize(("output", "enabled"), [
-    (["SecureBoot enabled"], True),
-    (["SecureBoot disabled"], False),
-    (["This system doesn't support Secure Boot"], False),
-    (["EFI variables are not supported on this system"], False),
-    (["efivar    6   0   0   0   1"], True),  # od -An -t u1: 4 attribute bytes, then the value
-    (["efivar    6   0   0   0   0"], False),
-    ([], False),
-])
+@pytest.mark.parametrize(
+    ("output", "enabled"),
+    [
+        (["SecureBoot enabled"], True),
+        (["SecureBoot disabled"], False),
+        (["This system doesn't support Secure Boot"], False),
+        (["EFI variables are not supported on this system"], False),
+        (["efivar    6   0   0   0   1"], True),  # od -An -t u1: 4 attribute bytes, then the value
+        (["efivar    6   0   0   0   0"], False),
+        ([], False),
+    ],
+)
 def test_secure_boot_state(output, enabled):
     assert parse_secure_boot(output) is enabled
 
@@ -164,15 +211,22 @@ def test_secure_boot_state(output, enabled):
 def test_enrolled_signing_key_is_seen():
     fact = GpuHost().process(sectioned(signing_keys=["/var/lib/dkms/mok.pub is already enrolled"]))
     assert fact["signing_key_enrolled"] is True
-    assert GpuHost().process(sectioned(signing_keys=["/var/lib/dkms/mok.pub is not enrolled"]))["signing_key_enrolled"] is False
+    assert (
+        GpuHost().process(sectioned(signing_keys=["/var/lib/dkms/mok.pub is not enrolled"]))["signing_key_enrolled"]
+        is False
+    )
 
 
 def test_dpkg_query_states():
-    packages = parse_dpkg_query([
-        "ii  bash 5.2.15-2+b8",
-        "hi  nvidia-driver 535.261.03-1",
-        "rc  nvidia-kernel-dkms 535.216.01-1",  # removed, configuration left: not installed
-        "un  nvidia-open-kernel-dkms ",
-    ])
-    assert packages == {"bash": {"version": "5.2.15-2+b8", "held": False},
-                        "nvidia-driver": {"version": "535.261.03-1", "held": True}}
+    packages = parse_dpkg_query(
+        [
+            "ii  bash 5.2.15-2+b8",
+            "hi  nvidia-driver 535.261.03-1",
+            "rc  nvidia-kernel-dkms 535.216.01-1",  # removed, configuration left: not installed
+            "un  nvidia-open-kernel-dkms ",
+        ]
+    )
+    assert packages == {
+        "bash": {"version": "5.2.15-2+b8", "held": False},
+        "nvidia-driver": {"version": "535.261.03-1", "held": True},
+    }

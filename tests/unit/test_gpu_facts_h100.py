@@ -4,9 +4,7 @@ captured by running ``GpuHost().command()`` there (gpuhost-fact.txt)."""
 
 from __future__ import annotations
 
-
 from glmfleet.facts.gpu import GpuHost, parse_cuda_version
-
 from glmfleet.facts.output import SECTION
 from tests.support.paths import FIXTURES
 
@@ -46,12 +44,18 @@ def test_the_facts_own_output_on_an_h100_is_one_hopper_gpu_on_an_open_module():
 
 def test_separate_captures_parse_into_the_same_picture_as_the_fact():
     fact = GpuHost().process(capture("gpuhost-fact.txt"))
-    separate = GpuHost().process([
-        f"{SECTION} pci", *section(capture("gpuhost-fact.txt"), "pci"),
-        f"{SECTION} smi", *capture("nvidia-smi-query-gpu.txt"),
-        f"{SECTION} cuda", *capture("nvidia-smi.txt"),
-        f"{SECTION} module", *capture("proc-driver-nvidia-version.txt"),
-    ])
+    separate = GpuHost().process(
+        [
+            f"{SECTION} pci",
+            *section(capture("gpuhost-fact.txt"), "pci"),
+            f"{SECTION} smi",
+            *capture("nvidia-smi-query-gpu.txt"),
+            f"{SECTION} cuda",
+            *capture("nvidia-smi.txt"),
+            f"{SECTION} module",
+            *capture("proc-driver-nvidia-version.txt"),
+        ]
+    )
     for key in ("gpus", "smi", "cuda_version", "module", "open_modules_required"):
         assert separate[key] == fact[key], key
 

@@ -17,9 +17,7 @@ from pyinfra.api.connect import connect_all
 from pyinfra.api.exceptions import PyinfraError
 
 from glmfleet.facts.engine import Question, ask, ask_together
-
 from glmfleet.facts.paths import ManagedPaths
-
 from glmfleet.facts.vllm import VllmVenvs
 from glmfleet.layout import COMPLETE_MARKER
 
@@ -38,8 +36,9 @@ class CountedEcho(FactBase):
 
 
 def fake_host(word: str):
-    inventory = Inventory(([("@fake/host-1", {"fake_responses": {"echo": [word]}, "fake_delay": 0,
-                                               "fake_delay_jitter": 0})], {}))
+    inventory = Inventory(
+        ([("@fake/host-1", {"fake_responses": {"echo": [word]}, "fake_delay": 0, "fake_delay_jitter": 0})], {})
+    )
     state = State(inventory, Config())
     connect_all(state)
     return inventory.get_host("@fake/host-1")
@@ -121,7 +120,9 @@ def test_roles_managed_paths_are_one_part_and_each_role_gets_its_own_answer(tmp_
     host = local_host()
     user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
     questions = {
-        "service": Question(ManagedPaths, {"paths": [str(tmp_path / "unit"), str(tmp_path / "absent")], "users": [user]}),
+        "service": Question(
+            ManagedPaths, {"paths": [str(tmp_path / "unit"), str(tmp_path / "absent")], "users": [user]}
+        ),
         "state": Question(ManagedPaths, {"paths": [str(tmp_path), str(tmp_path / "unit")]}),
     }
     answers = ask_together(host, questions)
@@ -148,8 +149,10 @@ def test_a_question_already_under_way_is_waited_for_not_asked_again():
 
 def test_a_fact_that_fails_together_is_asked_alone_for_pyinfra_to_report():
     host = local_host()
-    questions = {"fine": Question(Counted, {"command": "echo fine"}),
-                 "fails": Question(Counted, {"command": "echo partial; exit 3"})}
+    questions = {
+        "fine": Question(Counted, {"command": "echo fine"}),
+        "fails": Question(Counted, {"command": "echo partial; exit 3"}),
+    }
     with pytest.raises(PyinfraError):  # pyinfra fails the host, as for any fact whose command fails
         ask_together(host, questions)
     assert len(host.commands_run) == 2 and host.commands_run[1].endswith("exit 3")
@@ -174,22 +177,43 @@ def test_managed_paths_reads_type_owner_mode_and_content_of_real_paths(tmp_path)
     empty.touch()
     link = tmp_path / "current"
     link.symlink_to(text)
-    found = run_fact(ManagedPaths(), paths=[str(tmp_path), str(text), str(empty), str(link), str(tmp_path / "absent")],
-                     users=["root", "no-such-user-here"])
+    found = run_fact(
+        ManagedPaths(),
+        paths=[str(tmp_path), str(text), str(empty), str(link), str(tmp_path / "absent")],
+        users=["root", "no-such-user-here"],
+    )
     user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
     group = subprocess.run(["id", "-gn"], capture_output=True, text=True, check=True).stdout.strip()
     assert found["paths"] == {
-        str(tmp_path): {"type": "directory", "user": user, "group": group,
-                        "mode": format(os.stat(tmp_path).st_mode & 0o7777, "o"), "sha256": None},
-        str(text): {"type": "file", "user": user, "group": group, "mode": "600",
-                    "sha256": hashlib.sha256(b"KEY=1\n").hexdigest()},
-        str(empty): {"type": "file", "user": user, "group": group, "mode": format(os.stat(empty).st_mode & 0o777, "o"),
-                     "sha256": hashlib.sha256(b"").hexdigest()},
+        str(tmp_path): {
+            "type": "directory",
+            "user": user,
+            "group": group,
+            "mode": format(os.stat(tmp_path).st_mode & 0o7777, "o"),
+            "sha256": None,
+        },
+        str(text): {
+            "type": "file",
+            "user": user,
+            "group": group,
+            "mode": "600",
+            "sha256": hashlib.sha256(b"KEY=1\n").hexdigest(),
+        },
+        str(empty): {
+            "type": "file",
+            "user": user,
+            "group": group,
+            "mode": format(os.stat(empty).st_mode & 0o777, "o"),
+            "sha256": hashlib.sha256(b"").hexdigest(),
+        },
         # A link is reported as a link, never as what it points to: it is not the file wanted there.
         str(link): {"type": "symbolic link", "user": user, "group": group, "mode": "777", "sha256": None},
     }
-    root_home, root_shell = subprocess.run(["getent", "passwd", "root"], capture_output=True, text=True,
-                                           check=True).stdout.strip().split(":")[5:7]
+    root_home, root_shell = (
+        subprocess.run(["getent", "passwd", "root"], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .split(":")[5:7]
+    )
     assert found["users"] == {"root": {"group": "root", "home": root_home, "shell": root_shell}}
 
 
@@ -211,8 +235,12 @@ def test_venvs_links_and_complete_venvs_are_read_from_a_real_root(tmp_path):
     uv = tmp_path / "uv"
     uv.touch(mode=0o755)
     found = run_fact(VllmVenvs(), root=str(tmp_path), uv=str(uv))
-    assert found == {"uv": True, "current": "vllm-0.22.0-ab12", "previous": None,
-                     "complete": ["vllm-0.21.0-cd34", "vllm-0.22.0-ab12"]}
+    assert found == {
+        "uv": True,
+        "current": "vllm-0.22.0-ab12",
+        "previous": None,
+        "complete": ["vllm-0.21.0-cd34", "vllm-0.22.0-ab12"],
+    }
     # previous as a link to an absolute path; current a directory, not a link: not a venv glmfleet switched to.
     (tmp_path / "previous").symlink_to(tmp_path / "venvs" / "vllm-0.21.0-cd34")
     (tmp_path / "current").unlink()
@@ -220,7 +248,11 @@ def test_venvs_links_and_complete_venvs_are_read_from_a_real_root(tmp_path):
     found = run_fact(VllmVenvs(), root=str(tmp_path), uv=str(tmp_path / "no-uv"))
     assert (found["uv"], found["current"], found["previous"]) == (False, None, "vllm-0.21.0-cd34")
     assert run_fact(VllmVenvs(), root=str(tmp_path / "absent"), uv=str(uv)) == {
-        "uv": True, "current": None, "previous": None, "complete": []}
+        "uv": True,
+        "current": None,
+        "previous": None,
+        "complete": [],
+    }
 
 
 @pytest.mark.parametrize("damage", ["bin/vllm", "lib/vllm-0.22.0.dist-info", "bin/python"])
@@ -242,25 +274,56 @@ def test_managed_paths_reads_units_as_systemctl_prints_them():
     # systemd 252) printed it on 2026-12-07; sshd.service is an alias of ssh.service. The clock
     # line pairs `date +%s.%N` with /proc/uptime, read in the same command.
     shown = ["SubState=running", "DropInPaths=", "UnitFileState=enabled", "NeedDaemonReload=no"]
-    output = ["clock\t1796638404.203046208\t39.15",
-              "unit\tvllm.service", "ExecMainStartTimestampMonotonic=38164323", *shown,
-              "unit\tsshd.service", "ExecMainStartTimestampMonotonic=588647", *shown,
-              "unit\tgone.service", "ExecMainStartTimestampMonotonic=0", "SubState=dead", "DropInPaths=", "UnitFileState=",
-              "NeedDaemonReload=no",
-              "unit\tsystemd-journald.service", "ExecMainStartTimestampMonotonic=487657", "SubState=running",
-              "DropInPaths=/etc/systemd/system/systemd-journald.service.d/a.conf /run/systemd/system/systemd-journald.service.d/b.conf",
-              "UnitFileState=static", "NeedDaemonReload=yes",
-              "unit\tno-systemctl-here.service"]
+    output = [
+        "clock\t1796638404.203046208\t39.15",
+        "unit\tvllm.service",
+        "ExecMainStartTimestampMonotonic=38164323",
+        *shown,
+        "unit\tsshd.service",
+        "ExecMainStartTimestampMonotonic=588647",
+        *shown,
+        "unit\tgone.service",
+        "ExecMainStartTimestampMonotonic=0",
+        "SubState=dead",
+        "DropInPaths=",
+        "UnitFileState=",
+        "NeedDaemonReload=no",
+        "unit\tsystemd-journald.service",
+        "ExecMainStartTimestampMonotonic=487657",
+        "SubState=running",
+        "DropInPaths=/etc/systemd/system/systemd-journald.service.d/a.conf /run/systemd/system/systemd-journald.service.d/b.conf",
+        "UnitFileState=static",
+        "NeedDaemonReload=yes",
+        "unit\tno-systemctl-here.service",
+    ]
     units = ManagedPaths().process(output)["units"]
     booted = 1796638404.203046208 - 39.15
     assert units == {
-        "vllm.service": {"enabled": True, "running": True, "need_reload": False, "dropins": [], "started": booted + 38.164323},
-        "sshd.service": {"enabled": True, "running": True, "need_reload": False, "dropins": [],  # under the name asked for
-                         "started": booted + 0.588647},
+        "vllm.service": {
+            "enabled": True,
+            "running": True,
+            "need_reload": False,
+            "dropins": [],
+            "started": booted + 38.164323,
+        },
+        "sshd.service": {
+            "enabled": True,
+            "running": True,
+            "need_reload": False,
+            "dropins": [],  # under the name asked for
+            "started": booted + 0.588647,
+        },
         "gone.service": {"enabled": False, "running": False, "need_reload": False, "dropins": [], "started": None},
         # Static units cannot be enabled: not what a role that enables its unit wants.
-        "systemd-journald.service": {"enabled": False, "running": True, "need_reload": True, "started": booted + 0.487657,
-                                     "dropins": ["/etc/systemd/system/systemd-journald.service.d/a.conf",
-                                                 "/run/systemd/system/systemd-journald.service.d/b.conf"]},
+        "systemd-journald.service": {
+            "enabled": False,
+            "running": True,
+            "need_reload": True,
+            "started": booted + 0.487657,
+            "dropins": [
+                "/etc/systemd/system/systemd-journald.service.d/a.conf",
+                "/run/systemd/system/systemd-journald.service.d/b.conf",
+            ],
+        },
     }
     assert units["vllm.service"]["started"] == pytest.approx(1796638403.217, abs=0.001)

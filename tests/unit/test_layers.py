@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+
 from tests.support.paths import ROOT
 
 LAYERS = {"glmfleet": 0, "roles": 1, "glmfleet_cli": 2, "deploy": 2, "devfleet": 2}
@@ -18,8 +19,14 @@ def module_name(path: Path) -> str:
 
 def imports() -> dict[str, set[str]]:
     """Module -> the project modules it imports (anywhere in it, functions included)."""
-    files = [ROOT / "deploy.py", *[path for package in ("glmfleet", "roles", "glmfleet_cli", "devfleet")
-                                   for path in (ROOT / package).rglob("*.py")]]
+    files = [
+        ROOT / "deploy.py",
+        *[
+            path
+            for package in ("glmfleet", "roles", "glmfleet_cli", "devfleet")
+            for path in (ROOT / package).rglob("*.py")
+        ],
+    ]
     modules = {module_name(path): path for path in files}
     graph = {}
     for name, path in modules.items():
@@ -41,8 +48,12 @@ def layer(module: str) -> int:
 
 
 def test_nothing_imports_a_higher_layer():
-    upward = sorted(f"{module} -> {target}" for module, targets in imports().items() for target in targets
-                    if layer(target) > layer(module))
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in imports().items()
+        for target in targets
+        if layer(target) > layer(module)
+    )
     assert upward == []
 
 
@@ -53,7 +64,7 @@ def test_no_module_is_in_an_import_circle():
     def visit(module, path):
         for target in graph[module]:
             if target in path:
-                circles.append(" -> ".join(path[path.index(target):] + [target]))
+                circles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in seen:
                 visit(target, path + [target])
         seen.add(module)
@@ -66,5 +77,10 @@ def test_no_module_is_in_an_import_circle():
 
 
 def test_the_library_does_not_know_the_roles_or_the_commands():
-    assert not [target for module, targets in imports().items() if layer(module) == 0
-                for target in targets if layer(target) != 0]
+    assert not [
+        target
+        for module, targets in imports().items()
+        if layer(module) == 0
+        for target in targets
+        if layer(target) != 0
+    ]

@@ -32,5 +32,17 @@ def test_a_role_has_its_deploy_function_and_declares_only_what_it_has(role):
 def test_setting_names_are_unique_and_prefixed_by_what_they_configure():
     names = [setting.name for role in ROLES for setting in getattr(role, "SETTINGS", ())]
     assert len(names) == len(set(names))
-    prefixes = ("vllm_", "model", "hf_", "modelscope_", "nvidia_", "docker_", "container_", "gateway_", "pip_", "uv_", "verify_")
+    prefixes = (
+        "vllm_",
+        "model",
+        "hf_",
+        "modelscope_",
+        "nvidia_",
+        "docker_",
+        "container_",
+        "gateway_",
+        "pip_",
+        "uv_",
+        "verify_",
+    )
     assert [name for name in names if not name.startswith(prefixes)] == []

@@ -42,7 +42,9 @@ def app_like_vllm(streamed: bool, health: int = 200, completion_error: int | Non
     def answer(payload: dict):
         if streamed:
             text = json.dumps(payload)
-            return StreamingResponse((text[i:i + 4096] for i in range(0, len(text), 4096)), media_type="application/json")
+            return StreamingResponse(
+                (text[i : i + 4096] for i in range(0, len(text), 4096)), media_type="application/json"
+            )
         return payload
 
     @app.get("/health")
@@ -67,13 +69,17 @@ def app_like_vllm(streamed: bool, health: int = 200, completion_error: int | Non
             raise HTTPException(status_code=404, detail=f"The model `{body['model']}` does not exist.")
         if completion_error:
             raise HTTPException(status_code=completion_error, detail="EngineCore encountered an issue.")
-        return answer({"choices": [{"message": {"role": "assistant", "content": "Hello"}}], "usage": {"completion_tokens": 1}})
+        return answer(
+            {"choices": [{"message": {"role": "assistant", "content": "Hello"}}], "usage": {"completion_tokens": 1}}
+        )
 
     return app
 
 
-@pytest.fixture(params=[("httptools", False), ("httptools", True), ("h11", False), ("h11", True)],
-                ids=["httptools", "httptools-streamed", "h11", "h11-streamed"])
+@pytest.fixture(
+    params=[("httptools", False), ("httptools", True), ("h11", False), ("h11", True)],
+    ids=["httptools", "httptools-streamed", "h11", "h11-streamed"],
+)
 def server_url(request):
     parser, streamed = request.param
     with serving(app_like_vllm(streamed), parser) as url:
@@ -102,7 +108,9 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def verify(base_url: str, env_file: Path, served: str = SERVED) -> subprocess.CompletedProcess:
-    return run_script("--base-url", base_url, "--served-model-name", served, "--env-file", str(env_file), "--deadline", "0")
+    return run_script(
+        "--base-url", base_url, "--served-model-name", served, "--env-file", str(env_file), "--deadline", "0"
+    )
 
 
 def env_file(directory: Path, key: str) -> Path:
@@ -129,8 +137,18 @@ def test_a_server_that_answers_without_serving_is_asked_again_only_after_five_se
     error is not loading: asking it every second would only fill its log."""
     app = app_like_vllm(streamed=False)
     with serving(app) as url:
-        result = run_script("--base-url", url, "--served-model-name", SERVED, "--env-file", str(env_file(tmp_path, "sk-wrong")),
-                            "--deadline", "3", "--interval", "1")
+        result = run_script(
+            "--base-url",
+            url,
+            "--served-model-name",
+            SERVED,
+            "--env-file",
+            str(env_file(tmp_path, "sk-wrong")),
+            "--deadline",
+            "3",
+            "--interval",
+            "1",
+        )
     assert result.returncode == 1 and "/v1/models answered 401" in result.stdout
     assert app.state.completions_asked == 1
 
@@ -194,6 +212,7 @@ def test_a_server_that_closes_without_answering_is_no_answer(tmp_path):
 def test_an_error_answer_is_reported_as_given_where_nothing_answers_after_it(tmp_path):
     """A server that answers the completion with an error, then stops: /health and /v1/models
     get no answer, which says less than the completion's answer did."""
+
     def answer_once_then_stop(connection, listener):
         connection.recv(1 << 16)
         listener.close()  # before answering: the next connection is refused, never left waiting
@@ -213,20 +232,37 @@ def test_an_ipv6_base_url_with_a_trailing_slash_is_asked(tmp_path):
     assert result.stdout.startswith(f"serving: {SERVED!r} answered a chat completion: 'Hello'")
 
 
-@pytest.mark.parametrize("args, problem", [
-    ([], "missing --base-url and --served-model-name"),
-    (["--base-url", "https://127.0.0.1:8000", "--served-model-name", SERVED],
-     "--base-url https://127.0.0.1:8000: expected http://HOST:PORT, plain http to the host's own vLLM"),
-    (["--base-url", "http://127.0.0.1", "--served-model-name", SERVED],
-     "--base-url http://127.0.0.1: expected http://HOST:PORT, plain http to the host's own vLLM"),
-    (["--base-url", "http://127.0.0.1:99999", "--served-model-name", SERVED],
-     "--base-url http://127.0.0.1:99999: expected http://HOST:PORT, plain http to the host's own vLLM"),
-    (["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "--deadline", "soon"],
-     "--deadline soon: expected a number of seconds"),
-    (["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "--port", "8000"], "option --port not recognized"),
-    (["--base-url", "http://127.0.0.1:8000", "--served-model-name"], "option --served-model-name requires argument"),
-    (["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "now"], "unexpected argument 'now'"),
-])
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        ([], "missing --base-url and --served-model-name"),
+        (
+            ["--base-url", "https://127.0.0.1:8000", "--served-model-name", SERVED],
+            "--base-url https://127.0.0.1:8000: expected http://HOST:PORT, plain http to the host's own vLLM",
+        ),
+        (
+            ["--base-url", "http://127.0.0.1", "--served-model-name", SERVED],
+            "--base-url http://127.0.0.1: expected http://HOST:PORT, plain http to the host's own vLLM",
+        ),
+        (
+            ["--base-url", "http://127.0.0.1:99999", "--served-model-name", SERVED],
+            "--base-url http://127.0.0.1:99999: expected http://HOST:PORT, plain http to the host's own vLLM",
+        ),
+        (
+            ["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "--deadline", "soon"],
+            "--deadline soon: expected a number of seconds",
+        ),
+        (
+            ["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "--port", "8000"],
+            "option --port not recognized",
+        ),
+        (
+            ["--base-url", "http://127.0.0.1:8000", "--served-model-name"],
+            "option --served-model-name requires argument",
+        ),
+        (["--base-url", "http://127.0.0.1:8000", "--served-model-name", SERVED, "now"], "unexpected argument 'now'"),
+    ],
+)
 def test_a_bad_command_line_says_what_is_wrong_and_asks_nothing(args, problem):
     result = run_script(*args)
     assert result.returncode == 2
@@ -291,7 +327,9 @@ def test_a_connection_sshd_does_not_open_while_explaining_leaves_the_completions
     def connect(address, timeout):
         opened.append(address)
         if len(opened) > 1:
-            raise NotForwarded(f"fleet-01's sshd opened no connection to {address[0]} port {address[1]}: Connect failed")
+            raise NotForwarded(
+                f"fleet-01's sshd opened no connection to {address[0]} port {address[1]}: Connect failed"
+            )
         return socket.create_connection(address, timeout)
 
     with serving(app_like_vllm(streamed=False, completion_error=500)) as url:
@@ -310,7 +348,9 @@ def test_the_controller_makes_the_request_itself_on_the_host_it_runs_on(tmp_path
     from tests.support.planning import connected
 
     def answer(port: int, key: str) -> dict:
-        cfg = resolve({"model_revision": "0" * 40, "vllm_served_model_name": SERVED, "vllm_port": port, "vllm_api_key": key})
+        cfg = resolve(
+            {"model_revision": "0" * 40, "vllm_served_model_name": SERVED, "vllm_port": port, "vllm_api_key": key}
+        )
         inventory = connected([("@local", {})])
         with ctx_state.use(inventory.state), ctx_host.use(inventory.get_host("@local")):
             return serving_now(cfg)

@@ -57,7 +57,9 @@ def _uv_env() -> dict:
 
 def _venv_from_index(venv: Path, index_url: str, *requirements: str) -> Path:
     """A fresh venv with requirements installed from index_url alone; returns its bin/."""
-    subprocess.run([pkgindex.uv_command(), "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=_uv_env())
+    subprocess.run(
+        [pkgindex.uv_command(), "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=_uv_env()
+    )
     install = subprocess.run(
         [pkgindex.uv_command(), "pip", "install", "--python", str(venv / "bin" / "python"), "--no-config", "--no-cache",
          "--index-url", index_url, *requirements],
