@@ -144,7 +144,8 @@ MERGED_BY_NAME = {"vllm_env": lambda name: name, "vllm_extra_packages": catalog.
 
 def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, Any]:
     """One host's settings, in three layers: each role's defaults, then the catalog's defaults
-    for the model (files/catalog.yaml), then what the user set, which always wins.
+    for the model (files/catalog.yaml: its settings, and the vLLM release it was checked with),
+    then what the user set, which always wins.
 
     A catalog name (``glm-4.7-flash``) becomes the model's Hugging Face repo id. The catalog's
     version-dependent defaults apply only to the real ``vllm`` package.
@@ -157,6 +158,9 @@ def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, A
         if user.get("model", "").lower() == entry.name:
             user["model"] = entry.hf
         package = user.get("vllm_package", result["vllm_package"])
+        if package == "vllm":
+            # The release the catalog checked the model with, unless the user pins one.
+            result["vllm_version"] = str(entry.vllm_checked)
         release = Version(user.get("vllm_version", result["vllm_version"])) if package == "vllm" else None
         from_catalog = entry.defaults_for(release)
     result.update(from_catalog)

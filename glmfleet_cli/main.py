@@ -1,4 +1,5 @@
-"""The `glmfleet` command: `glmfleet rollout INVENTORY`, `glmfleet status INVENTORY`, `glmfleet keys`.
+"""The `glmfleet` command: `glmfleet rollout INVENTORY`, `glmfleet status INVENTORY`, `glmfleet keys`,
+`glmfleet models`.
 
 `pyinfra INVENTORY deploy.py` installs and converges; these drive the same roles through
 pyinfra's API, reading the inventory the way pyinfra does (group_data/, --data).
@@ -18,6 +19,7 @@ from pyinfra_cli.util import parse_cli_arg  # noqa: E402
 
 import roles  # noqa: E402,F401  (hands the roles' settings to the configuration model)
 from glmfleet.config import ConfigError, settings_table  # noqa: E402
+from glmfleet_cli.models import models_table  # noqa: E402
 from glmfleet_cli.rollout import DEFAULT_BATCHES, DEFAULT_MAX_FAIL, rollout  # noqa: E402
 from glmfleet_cli.runner import UsageError  # noqa: E402
 from glmfleet_cli.status import fleet_status  # noqa: E402
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = commands.add_parser("status", help="per host: unit, vLLM version, model, GPUs, health, requests")
     commands.add_parser("keys", help="every data key: role, default, meaning and what is accepted (README's table)")
+    commands.add_parser("models", help="the model catalog: repos, sizes, vLLM releases, hosts needed (README's table)")
     for command in (roll, status):
         command.add_argument("inventory", help="a pyinfra inventory file, e.g. inventory/prod.py")
         command.add_argument("--limit", action="append", default=[], help="only this group or host name pattern")
@@ -61,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "keys":
-        print(settings_table())
+    if args.command in ("keys", "models"):
+        print(settings_table() if args.command == "keys" else models_table())
         return 0
 
     logging.basicConfig(format="%(message)s", stream=sys.stderr)

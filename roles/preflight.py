@@ -9,6 +9,7 @@ from pyinfra.operations import server
 from glmfleet import compat
 from glmfleet.config import HostConfig, host_config
 from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.gpu import gpu_generation
 from glmfleet.facts.network import ListeningPorts
 from glmfleet.layout import UNIT
 from glmfleet.shell import fail_with
@@ -28,6 +29,7 @@ def gpu_facts(gpu: dict) -> dict:
     return {
         "gpu_count": len(smi) or None,
         "gpu_memory_mib": min(memory, default=None),
+        "gpu_generation": gpu_generation(gpu),
         "driver_cuda_version": gpu["cuda_version"],
     }
 

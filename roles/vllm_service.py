@@ -14,9 +14,10 @@ from pyinfra.api.util import get_template
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from glmfleet import FILES, catalog, checks, filesyntax
+from glmfleet import FILES, catalog, checks, compat, filesyntax
 from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.gpu import gpu_generation
 from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import (
     CONTAINER,
@@ -34,6 +35,7 @@ from glmfleet.layout import (
 )
 from glmfleet.operations import directory, planned, unit_enabled, upload
 from glmfleet.shell import join, quote
+from roles.nvidia_driver import gpu_question
 from roles.vllm_image import docker_run
 from roles.vllm_venv import venv_bin
 
@@ -52,6 +54,30 @@ def is_model(value) -> bool:
 
 
 mm_limits = checks.mapping(checks.word(), checks.int_in(0, 10**6), "a mapping such as {'image': 4, 'video': 1}")
+speculative_config = checks.mapping(
+    checks.word(),
+    checks.Check(lambda v: type(v) in (str, int, float, bool) and not checks.control_characters(v), ""),
+    "a mapping of vLLM's speculative-config fields to strings, numbers or booleans, such as "
+    "{'method': 'mtp', 'num_speculative_tokens': 3}; {} turns the catalog's off",
+)
+# vLLM's --kv-cache-dtype choices from 0.22.0 to 0.33.0 (CacheDType, vllm/config/cache.py); the
+# host's own vLLM parser refuses one its release lacks.
+KV_CACHE_DTYPES = (
+    "auto",
+    "bfloat16",
+    "float16",
+    "fp8",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "fp8_inc",
+    "fp8_ds_mla",
+    "fp8_per_token_head",
+    "int8_per_token_head",
+    "int4_per_token_head",
+    "nvfp4",
+    "nvfp4_4over6",
+    "nvfp4_ds_mla",
+)
 
 SETTINGS = (
     Setting(
@@ -79,6 +105,38 @@ SETTINGS = (
         1,
         "pipeline stages; GPUs used = tensor x pipeline parallel size",
         checks.int_in(1, 64),
+    ),
+    Setting(
+        "vllm_data_parallel_size",
+        1,
+        "copies of the model on one host, each on tensor x pipeline parallel GPUs, behind one API server",
+        checks.int_in(1, 64),
+    ),
+    Setting(
+        "vllm_enable_expert_parallel",
+        False,
+        "spread a mixture-of-experts model's experts over the GPUs instead of slicing each (the catalog "
+        "sets it per model)",
+        checks.boolean,
+    ),
+    Setting(
+        "vllm_speculative_config",
+        None,
+        "speculative decoding, as vLLM's --speculative-config (the catalog turns on the model's own MTP "
+        "layers where its recipe does)",
+        checks.optional(speculative_config),
+    ),
+    Setting(
+        "vllm_kv_cache_dtype",
+        None,
+        "KV-cache dtype (default: the catalog's for the host's GPU generation, else vLLM's auto)",
+        checks.optional(checks.one_of(*KV_CACHE_DTYPES)),
+    ),
+    Setting(
+        "vllm_chat_template_content_format",
+        None,
+        "how message content reaches the chat template (the catalog sets 'string' where the model needs it)",
+        checks.optional(checks.one_of("auto", "string", "openai")),
     ),
     Setting(
         "vllm_max_model_len",
@@ -151,6 +209,13 @@ SETTINGS = (
         checks.int_in(0, 3600),
     ),
     Setting("vllm_start_timeout", 1800, "seconds a start (weights load, compile) may take", checks.int_in(60, 86400)),
+    Setting(
+        "vllm_engine_ready_timeout",
+        None,
+        "seconds vLLM waits for its engine to load and get ready (VLLM_ENGINE_READY_TIMEOUT_S, vLLM >= 0.14; "
+        "default: vllm_start_timeout, where vLLM's own is 600)",
+        checks.optional(checks.int_in(60, 86400)),
+    ),
 )
 
 # Flags a key already renders: given again in vllm_extra_args they would silently conflict.
@@ -162,6 +227,17 @@ FLAG_KEYS = {
     "-tp": "vllm_tensor_parallel_size",
     "--pipeline-parallel-size": "vllm_pipeline_parallel_size",
     "-pp": "vllm_pipeline_parallel_size",
+    "--data-parallel-size": "vllm_data_parallel_size",
+    "-dp": "vllm_data_parallel_size",
+    "--enable-expert-parallel": "vllm_enable_expert_parallel",
+    "-ep": "vllm_enable_expert_parallel",
+    "--speculative-config": "vllm_speculative_config",
+    # vLLM 0.22's shorthands for speculative-config fields.
+    "--spec-method": "vllm_speculative_config",
+    "--spec-model": "vllm_speculative_config",
+    "--spec-tokens": "vllm_speculative_config",
+    "--kv-cache-dtype": "vllm_kv_cache_dtype",
+    "--chat-template-content-format": "vllm_chat_template_content_format",
     "--tool-call-parser": "vllm_tool_call_parser",
     "--enable-auto-tool-choice": "vllm_enable_auto_tool_choice",
     "--reasoning-parser": "vllm_reasoning_parser",
@@ -176,6 +252,8 @@ FLAG_KEYS = {
     # A config file can set any flag, the API key included: what it sets is unknowable here.
     "--config": "the keys glmfleet reads (vllm_extra_args take the flags themselves)",
 }
+# vLLM's own flags that begin another's name: argparse takes an exact name before a prefix.
+FLAGS_NAMED_LIKE_A_PREFIX = {"--chat-template"}
 # Variables glmfleet sets itself, or that hold secrets and belong in the secret keys.
 ENV_KEYS = {
     "VLLM_API_KEY": "vllm_api_key",
@@ -185,6 +263,7 @@ ENV_KEYS = {
     "HF_HOME": "vllm_state_dir",
     "VLLM_CACHE_ROOT": "vllm_state_dir",
     "HOME": "vllm_state_dir",
+    "VLLM_ENGINE_READY_TIMEOUT_S": "vllm_engine_ready_timeout",
 }
 
 
@@ -210,7 +289,7 @@ def guarded_flag(arg: str) -> str | None:
     base = flag.split(".", 1)[0]
     if base in FLAG_KEYS:
         return base
-    if base.startswith("--") and len(base) > 3:
+    if base.startswith("--") and len(base) > 3 and base not in FLAGS_NAMED_LIKE_A_PREFIX:
         return next((guarded for guarded in FLAG_KEYS if guarded.startswith(base)), None)
     return None
 
@@ -247,15 +326,23 @@ def drains_on_stop(cfg: HostConfig) -> bool:
     return Version(cfg.vllm_version).release >= (0, 18)
 
 
-def vllm_command(cfg: HostConfig) -> list[str]:
+def vllm_command(cfg: HostConfig, generation: str | None = None) -> list[str]:
     """The unit's ExecStart, as an argv: ``vllm serve`` with the configured flags, from the venv
-    or inside the container."""
+    or inside the container; ``generation``: the host's GPU generation, where known."""
     if cfg.vllm_runtime == "image":
-        return [*docker_run(cfg), "serve", *serve_args(cfg)]
-    return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg)]
+        return [*docker_run(cfg), "serve", *serve_args(cfg, generation)]
+    return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg, generation)]
 
 
-def serve_args(cfg: HostConfig) -> list[str]:
+def kv_cache_dtype(cfg: HostConfig, generation: str | None) -> str | None:
+    """The configured KV-cache dtype, else the catalog's for the host's GPU generation."""
+    if cfg.vllm_kv_cache_dtype:
+        return cfg.vllm_kv_cache_dtype
+    entry = catalog.find(cfg.model)
+    return entry.kv_cache_dtype.get(generation) if entry is not None and generation else None
+
+
+def serve_args(cfg: HostConfig, generation: str | None = None) -> list[str]:
     """What follows ``vllm serve``: the model and the configured flags."""
     argv = [
         model_dir(cfg),
@@ -272,6 +359,17 @@ def serve_args(cfg: HostConfig) -> list[str]:
     ]
     if cfg.vllm_pipeline_parallel_size > 1:
         argv += ["--pipeline-parallel-size", str(cfg.vllm_pipeline_parallel_size)]
+    if cfg.vllm_data_parallel_size > 1:
+        argv += ["--data-parallel-size", str(cfg.vllm_data_parallel_size)]
+    if cfg.vllm_enable_expert_parallel:
+        argv.append("--enable-expert-parallel")
+    if cfg.vllm_speculative_config:
+        argv += ["--speculative-config", json.dumps(cfg.vllm_speculative_config, separators=(",", ":"))]
+    dtype = kv_cache_dtype(cfg, generation)
+    if dtype:
+        argv += ["--kv-cache-dtype", dtype]
+    if cfg.vllm_chat_template_content_format:
+        argv += ["--chat-template-content-format", cfg.vllm_chat_template_content_format]
     if cfg.vllm_max_model_len:
         argv += ["--max-model-len", str(cfg.vllm_max_model_len)]
     if cfg.vllm_trust_remote_code:
@@ -289,6 +387,13 @@ def serve_args(cfg: HostConfig) -> list[str]:
     return argv + list(cfg.vllm_extra_args)
 
 
+def reads_engine_ready_timeout(cfg: HostConfig) -> bool:
+    """Whether the vLLM release reads VLLM_ENGINE_READY_TIMEOUT_S: left out elsewhere, where it
+    would only draw vLLM's "unknown variable" warning (a stand-in package is assumed current)."""
+    release = compat.vllm_release(cfg)
+    return release is None or bool(catalog.vllm_facts().reads_env("VLLM_ENGINE_READY_TIMEOUT_S", release))
+
+
 def vllm_environment(cfg: HostConfig) -> dict[str, str]:
     """The unit's EnvironmentFile: caches on persistent paths, secrets, and ``vllm_env``."""
     env = {
@@ -300,6 +405,8 @@ def vllm_environment(cfg: HostConfig) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if reads_engine_ready_timeout(cfg):
+        env["VLLM_ENGINE_READY_TIMEOUT_S"] = str(cfg.vllm_engine_ready_timeout or cfg.vllm_start_timeout)
     if cfg.vllm_api_key:
         env["VLLM_API_KEY"] = cfg.vllm_api_key
     env.update(cfg.vllm_env)
@@ -325,10 +432,10 @@ def service_question(cfg: HostConfig) -> Question:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    return {"managed": service_question(cfg)}
+    return {"managed": service_question(cfg), "gpu": gpu_question(cfg)}
 
 
-def render_unit(cfg: HostConfig) -> str:
+def render_unit(cfg: HostConfig, generation: str | None = None) -> str:
     return get_template(str(TEMPLATE)).render(
         runtime=cfg.vllm_runtime,
         container=CONTAINER,
@@ -336,7 +443,7 @@ def render_unit(cfg: HostConfig) -> str:
         user=VLLM_USER,
         state_dir=filesyntax.systemd_word(cfg.vllm_state_dir),
         env_file=ENV_FILE,
-        exec_start=filesyntax.systemd_command_line(vllm_command(cfg)),
+        exec_start=filesyntax.systemd_command_line(vllm_command(cfg, generation)),
         exec_start_pre=filesyntax.systemd_command_line(weights_check_argv(cfg)),
         restart_sec=15,
         start_timeout=cfg.vllm_start_timeout,
@@ -397,7 +504,8 @@ def vllm_service(restart_when=()):
     converged host plans no operation at all.
     """
     cfg = host_config(host)
-    managed = ask_together(host, questions(cfg))["managed"]
+    answers = ask_together(host, questions(cfg))
+    managed = answers["managed"]
     state = managed["units"].get(UNIT, {})
     was_active = state.get("running", False)
 
@@ -411,7 +519,7 @@ def vllm_service(restart_when=()):
         secret=True,
     )
     unit = None
-    rendered = render_unit(cfg)
+    rendered = render_unit(cfg, gpu_generation(answers["gpu"]))
     if managed["paths"].get(UNIT_PATH, {}).get("sha256") != hashlib.sha256(rendered.encode()).hexdigest():
         directory(managed, STAGING_DIR, name="glmfleet staging dir")
         files.put(

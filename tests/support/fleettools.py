@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,12 @@ class Run:
     @property
     def results(self) -> dict:
         return json.loads(self.stdout)["results"]
+
+    def started(self) -> list[str]:
+        """The operations pyinfra started, from its log: what a run that lost its only host ran
+        (pyinfra then ends with "No hosts remaining!" and prints no --json results)."""
+        log = re.sub(r"\x1b\[[0-9;]*m", "", self.stderr)
+        return re.findall(r"^--> Starting operation: (.+?)\s*$", log, re.M)
 
     def planned(self, host: str) -> list[str]:
         """The operations planned on a host, whether they changed anything or not."""
