@@ -15,6 +15,7 @@ at each minor release before the pin moves (pyproject.toml).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 from collections.abc import Callable, Mapping
@@ -134,7 +135,9 @@ def connection_data(host: str, variables: Mapping[str, Any]) -> dict[str, Any]:
     connection = _last(variables, "connection")
     if connection not in (None, "ssh", "paramiko", "smart"):
         raise ValueError(f"{host}: ansible_connection = {connection!r}: glmfleet deploys over SSH; accepted: ssh")
-    data: dict[str, Any] = _ssh_options(host, " ".join(str(v) for v in filter(None, _last_each(variables, "ssh_args"))))
+    # Both apply: common args first, as Ansible puts them.
+    ssh_args = " ".join(str(variables[name]) for name in CONNECTION_VARIABLES["ssh_args"] if variables.get(name))
+    data: dict[str, Any] = _ssh_options(host, ssh_args)
     data["ssh_hostname"] = str(_last(variables, "host") or host)
     for what, key, kind in (
         ("port", "ssh_port", int),
@@ -172,11 +175,6 @@ def connection_data(host: str, variables: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _last_each(variables: Mapping[str, Any], what: str) -> list[Any]:
-    """Every alias's value, lowest first (ssh_common_args and ssh_extra_args both apply)."""
-    return [variables.get(name) for name in CONNECTION_VARIABLES[what]]
-
-
 def read(source: str, wanted: Callable[[str], bool]) -> list[AnsibleHost]:
     """Every host of the inventory ``source`` with the variables whose names ``wanted`` accepts.
 
@@ -190,7 +188,6 @@ def read(source: str, wanted: Callable[[str], bool]) -> list[AnsibleHost]:
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.parsing.vault import VaultSecretsContext
-    from ansible.plugins.loader import init_plugin_loader
     from ansible.template import Templar
     from ansible.vars.hostvars import HostVars
     from ansible.vars.manager import VariableManager
@@ -201,7 +198,7 @@ def read(source: str, wanted: Callable[[str], bool]) -> list[AnsibleHost]:
         raise AnsibleInventoryError(f"Ansible inventory {source} does not exist")
     # Unparsable is otherwise a warning and an inventory of no hosts.
     constants.INVENTORY_ANY_UNPARSED_IS_FAILED = True
-    _init_plugins_once(init_plugin_loader)
+    _init_plugins()
     loader = DataLoader()
     # group_vars/ beside the "playbook" are read from the loader's basedir, the cwd by default.
     loader.set_basedir(source if os.path.isdir(source) else os.path.dirname(source))
@@ -247,15 +244,12 @@ def read(source: str, wanted: Callable[[str], bool]) -> list[AnsibleHost]:
     return hosts
 
 
-_PLUGINS_READY = False
+@functools.cache
+def _init_plugins() -> None:
+    # Once per process: a second call warns "AnsibleCollectionFinder has already been configured".
+    from ansible.plugins.loader import init_plugin_loader
 
-
-def _init_plugins_once(init_plugin_loader) -> None:
-    # A second call warns "AnsibleCollectionFinder has already been configured".
-    global _PLUGINS_READY
-    if not _PLUGINS_READY:
-        init_plugin_loader()
-        _PLUGINS_READY = True
+    init_plugin_loader()
 
 
 def _vault_secrets(loader) -> list:
