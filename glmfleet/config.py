@@ -10,7 +10,7 @@ error that names host, key, value and what would be accepted.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -107,20 +107,47 @@ def show(setting: Setting | None, value: Any) -> str:
     return "<hidden>" if setting is not None and setting.secret else redact(repr(value))
 
 
-def problems(data: Mapping[str, Any], host: str, groups: Iterable[str] = ()) -> list[str]:
-    """Every problem with one host's data, each naming host, key, value and what is accepted;
-    ``groups``: the inventory groups the host is in (a gateway's ports, say)."""
+def unknown_keys(data: Mapping[str, Any], host: str, hidden: Collection[str] = ()) -> list[str]:
+    """A problem for each key of ``data`` that is neither glmfleet's nor pyinfra's, with the key
+    it is closest to. The value is hidden where it may be a secret: one in ``hidden`` (a vaulted
+    value, say), or one whose closest key is a secret's."""
     settings = all_settings()
     found = []
     for key, value in data.items():
         if key in settings or key.startswith(PYINFRA_KEY_PREFIXES):
             continue
         hint = difflib.get_close_matches(key, settings, n=1)
+        secret = key in hidden or (hint and settings[hint[0]].secret)
         found.append(
-            f"{host}: unknown key {key} = {show(None, value)}"
+            f"{host}: unknown key {key} = {'<hidden>' if secret else show(None, value)}"
             + (f" (did you mean {hint[0]}?)" if hint else "")
             + "; see README.md for the keys glmfleet reads"
         )
+    return found
+
+
+# In another tool's inventory (Ansible's), which variables are meant for glmfleet: its keys, those
+# in the namespaces of what glmfleet alone configures there, and near misses of a key (typos) - the
+# last two refused as unknown keys. Every other variable belongs to that tool's other roles (their
+# own docker_*, pip_*, nvidia_* ...) and is left alone.
+OWN_NAMESPACES = ("vllm_", "model_", "gateway_")
+NEAR_MISS = 0.85  # difflib's ratio: vllm_prot, vlm_port, hf_tokn, mode; not docker_users, uv_python
+
+
+def meant_for_glmfleet(key: str) -> bool:
+    settings = all_settings()
+    return (
+        key in settings
+        or key.startswith(OWN_NAMESPACES)
+        or bool(difflib.get_close_matches(key, settings, n=1, cutoff=NEAR_MISS))
+    )
+
+
+def problems(data: Mapping[str, Any], host: str, groups: Iterable[str] = ()) -> list[str]:
+    """Every problem with one host's data, each naming host, key, value and what is accepted;
+    ``groups``: the inventory groups the host is in (a gateway's ports, say)."""
+    settings = all_settings()
+    found = unknown_keys(data, host)
     for key, setting in settings.items():
         if key not in data:
             continue
