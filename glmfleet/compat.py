@@ -213,8 +213,11 @@ def combination_warnings(cfg: Mapping[str, Any]) -> list[str]:
 # Host checks: plain values from the host's facts.
 
 
-def gpus_needed(cfg: Mapping[str, Any]) -> int:
-    return cfg["vllm_tensor_parallel_size"] * cfg["vllm_pipeline_parallel_size"] * cfg["vllm_data_parallel_size"]
+def gpus_needed(cfg: Mapping[str, Any], hosts: int = 1) -> int:
+    """The GPUs each of ``hosts`` hosts gives the layout (a replica group's hosts share it)."""
+    return (
+        cfg["vllm_tensor_parallel_size"] * cfg["vllm_pipeline_parallel_size"] * cfg["vllm_data_parallel_size"] // hosts
+    )
 
 
 def host_problems(
@@ -226,20 +229,31 @@ def host_problems(
     driver_cuda_version: str | None = None,
     listeners: Iterable[tuple[int, str | None]] | None = None,
     own_unit: str = "vllm.service",
+    group_hosts: int = 1,
+    interfaces: Iterable[str] | None = None,
 ) -> list[str]:
     """What this host cannot do with this configuration. Each argument is a fact of the host
     (None: not known, that check is skipped): ``gpu_memory_mib`` is the smallest GPU's memory,
     ``gpu_generation`` the oldest GPU's generation (glmfleet/facts/gpu.py), ``listeners`` pairs
-    each listening TCP port with the systemd unit holding it (None: none)."""
+    each listening TCP port with the systemd unit holding it (None: none), ``group_hosts`` the
+    hosts of the replica group sharing the layout, ``interfaces`` the host's network interfaces."""
     found = []
-    needed = gpus_needed(cfg)
+    needed = gpus_needed(cfg, group_hosts)
     if gpu_count is not None and needed > gpu_count:
         dp = cfg["vllm_data_parallel_size"]
+        shared = f" on each of the group's {group_hosts} hosts" if group_hosts > 1 else ""
         found.append(
             f"vllm_tensor_parallel_size = {cfg['vllm_tensor_parallel_size']} × vllm_pipeline_parallel_size = "
             f"{cfg['vllm_pipeline_parallel_size']}"
             + (f" × vllm_data_parallel_size = {dp}" if dp > 1 else "")
-            + f" needs {needed} GPUs, the host has {gpu_count}: lower them so their product is at most {gpu_count}"
+            + f" needs {needed} GPUs{shared}, the host has {gpu_count}: lower them so that it needs at most {gpu_count}"
+            + (", or add hosts to the group" if group_hosts > 1 else "")
+        )
+    interface = cfg["vllm_group_interface"]
+    if cfg["vllm_group"] and interface and interfaces is not None and interface not in interfaces:
+        found.append(
+            f"vllm_group_interface = '{interface}' is not a network interface of this host (it has "
+            f"{', '.join(interfaces) or 'none'}): set it to the one on the group's network"
         )
     if gpu_generation is not None:
         found += generation_problems(cfg, gpu_generation)

@@ -19,8 +19,8 @@ from packaging.version import Version
 from pyinfra.api import State
 from pyinfra.api.exceptions import PyinfraError
 
-from glmfleet import catalog
-from glmfleet.checks import Check, control_characters, redact
+from glmfleet import catalog, groups
+from glmfleet.checks import Check, control_characters, is_ip, redact
 
 # Keys that belong to pyinfra itself (connectors and global arguments), not to glmfleet.
 PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_", "fake_")
@@ -100,6 +100,10 @@ def registered_roles() -> tuple:
 def all_settings() -> dict[str, Setting]:
     """Every declared key, from every role."""
     return {setting.name: setting for role in registered_roles() for setting in getattr(role, "SETTINGS", ())}
+
+
+def secret_keys() -> frozenset[str]:
+    return frozenset(name for name, setting in all_settings().items() if setting.secret)
 
 
 def show(setting: Setting | None, value: Any) -> str:
@@ -191,6 +195,9 @@ def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, A
         release = Version(user.get("vllm_version", result["vllm_version"])) if package == "vllm" else None
         from_catalog = entry.defaults_for(release)
     result.update(from_catalog)
+    if user.get("vllm_group") and not user.get("vllm_group_address") and is_ip(user.get("ssh_hostname")):
+        # A rank's address on the group's network: where SSH reaches it, unless the user says otherwise.
+        result["vllm_group_address"] = user["ssh_hostname"]
     for key in settings.keys() & user.keys():
         name_of = MERGED_BY_NAME.get(key)
         if key not in from_catalog or name_of is None:
@@ -248,11 +255,19 @@ def validate_inventory(inventory) -> dict[str, HostConfig]:
             found.extend(host_problems)
         else:
             configs[host.name] = HostConfig(host.name, values(data, all_settings()))
+    if not found:
+        found = groups.group_problems(configs, secret_keys())
     if found:
         raise ConfigError(format_problems(found))
     if state is not None:
         _VALIDATED[state] = configs
     return configs
+
+
+def replica_group(host) -> groups.ReplicaGroup | None:
+    """The replica group a pyinfra host is a rank of (None: it serves alone), from its
+    inventory's validated configurations."""
+    return groups.group_of(host.name, validate_inventory(host.inventory), secret_keys())
 
 
 def host_config(host) -> HostConfig:

@@ -11,9 +11,10 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from glmfleet import FILES
-from glmfleet.config import HostConfig, host_config
+from glmfleet.config import HostConfig, host_config, replica_group
 from glmfleet.facts.engine import Question, ask_together
 from glmfleet.facts.gpu import gpu_generation
+from glmfleet.groups import ReplicaGroup
 from glmfleet.layout import FLAGS_SCRIPT as SCRIPT
 from glmfleet.layout import UNIT_PATH
 from glmfleet.shell import assignments, join, quote
@@ -28,18 +29,18 @@ SOURCE = FILES / "check_vllm_flags.py"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
-def guard_argument(cfg: HostConfig, generation: str | None = None) -> list[str]:
+def guard_argument(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> list[str]:
     """``--guard`` for the check: the flags glmfleet's keys own and where vllm_extra_args begin,
     so that vLLM's own parser says whether any extra argument, however spelt, sets one of them."""
     owned = sorted({flag for flag in FLAG_KEYS if flag.startswith("--") and flag != "--config"})
-    extra_from = len(serve_args(cfg, generation)) - len(cfg.vllm_extra_args)
+    extra_from = len(serve_args(cfg, generation, group)) - len(cfg.vllm_extra_args)
     return ["--guard", json.dumps({"flags": owned, "extra_from": extra_from}, separators=(",", ":"))]
 
 
-def check_command(cfg: HostConfig, generation: str | None = None) -> str:
+def check_command(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> str:
     """The pinned vLLM's own python runs the check, offline, on what follows `vllm serve`: the
     venv's, or the image's in a throwaway container without network or GPU."""
-    args = [*guard_argument(cfg, generation), "--", *serve_args(cfg, generation)]
+    args = [*guard_argument(cfg, generation, group), "--", *serve_args(cfg, generation, group)]
     if cfg.vllm_runtime == "image":
         env = [arg for name, value in OFFLINE.items() for arg in ("--env", f"{name}={value}")]
         docker = [
@@ -84,8 +85,8 @@ def vllm_flags():
         return
     answers = ask_together(host, questions(cfg))
     unit = answers["service"]["paths"].get(UNIT_PATH, {})
-    generation = gpu_generation(answers["gpu"])
-    if unit.get("sha256") == hashlib.sha256(render_unit(cfg, generation).encode()).hexdigest():
+    generation, group = gpu_generation(answers["gpu"]), replica_group(host)
+    if unit.get("sha256") == hashlib.sha256(render_unit(cfg, generation, group).encode()).hexdigest():
         # The unit names the image; a venv switch leaves it alone.
         if cfg.vllm_runtime == "image" or answers["venvs"]["current"] == venv_name(cfg):
             return

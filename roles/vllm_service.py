@@ -15,10 +15,11 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from glmfleet import FILES, catalog, checks, compat, filesyntax
-from glmfleet.config import HostConfig, Setting, documented, host_config
-from glmfleet.facts.engine import Question, ask_together
+from glmfleet.config import HostConfig, Setting, documented, host_config, replica_group
+from glmfleet.facts.engine import Question, ask, ask_together
 from glmfleet.facts.gpu import gpu_generation
 from glmfleet.facts.paths import ManagedPaths
+from glmfleet.groups import ReplicaGroup
 from glmfleet.layout import (
     CONTAINER,
     ENV_FILE,
@@ -210,6 +211,51 @@ SETTINGS = (
     ),
     Setting("vllm_start_timeout", 1800, "seconds a start (weights load, compile) may take", checks.int_in(60, 86400)),
     Setting(
+        "vllm_group",
+        None,
+        "the replica group this host is a rank of: one model served by several hosts (README: Several hosts "
+        "per replica); None: the host serves alone",
+        checks.optional(checks.matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", "a name of letters, digits, . _ -")),
+    ),
+    Setting(
+        "vllm_group_rank",
+        0,
+        "this host's rank in its replica group: 0 is the head, the others follow in order",
+        checks.int_in(0, 255),
+    ),
+    Setting(
+        "vllm_group_address",
+        None,
+        "the address the group's other ranks reach this host on (VLLM_HOST_IP; default: its inventory "
+        "address, where that is an IP)",
+        checks.optional(checks.Check(checks.is_ip, "an IP address")),
+    ),
+    Setting(
+        "vllm_group_interface",
+        None,
+        "the network interface NCCL and Gloo use between the group's hosts (NCCL_SOCKET_IFNAME, "
+        "GLOO_SOCKET_IFNAME); None: their own choice",
+        checks.optional(checks.matches(r"[A-Za-z0-9_.:-]{1,15}", "an interface name such as 'eth0' or 'ib0'")),
+    ),
+    Setting(
+        "vllm_group_master_port",
+        29501,
+        "TCP port on the group's head where every rank joins (--master-port; tensor and pipeline parallel groups)",
+        checks.int_in(1, 65535),
+    ),
+    Setting(
+        "vllm_group_rpc_port",
+        29550,
+        "TCP port on the group's head for data parallel ranks (--data-parallel-rpc-port)",
+        checks.int_in(1, 65535),
+    ),
+    Setting(
+        "vllm_group_join_timeout",
+        600,
+        "seconds a rank waits for the whole group to join (--distributed-timeout-seconds)",
+        checks.int_in(30, 86400),
+    ),
+    Setting(
         "vllm_engine_ready_timeout",
         None,
         "seconds vLLM waits for its engine to load and get ready (VLLM_ENGINE_READY_TIMEOUT_S, vLLM >= 0.14; "
@@ -237,6 +283,18 @@ FLAG_KEYS = {
     "--spec-model": "vllm_speculative_config",
     "--spec-tokens": "vllm_speculative_config",
     "--kv-cache-dtype": "vllm_kv_cache_dtype",
+    # A replica group's flags (glmfleet/groups.py renders them per rank).
+    "--nnodes": "vllm_group",
+    "--node-rank": "vllm_group_rank",
+    "--master-addr": "vllm_group_address",
+    "--master-port": "vllm_group_master_port",
+    "--headless": "vllm_group_rank",
+    "--data-parallel-size-local": "vllm_group",
+    "--data-parallel-start-rank": "vllm_group_rank",
+    "--data-parallel-address": "vllm_group_address",
+    "--data-parallel-rpc-port": "vllm_group_rpc_port",
+    "--data-parallel-hybrid-lb": "vllm_group",
+    "--distributed-timeout-seconds": "vllm_group_join_timeout",
     "--chat-template-content-format": "vllm_chat_template_content_format",
     "--tool-call-parser": "vllm_tool_call_parser",
     "--enable-auto-tool-choice": "vllm_enable_auto_tool_choice",
@@ -264,6 +322,9 @@ ENV_KEYS = {
     "VLLM_CACHE_ROOT": "vllm_state_dir",
     "HOME": "vllm_state_dir",
     "VLLM_ENGINE_READY_TIMEOUT_S": "vllm_engine_ready_timeout",
+    "VLLM_HOST_IP": "vllm_group_address",
+    "NCCL_SOCKET_IFNAME": "vllm_group_interface",
+    "GLOO_SOCKET_IFNAME": "vllm_group_interface",
 }
 
 
@@ -326,12 +387,13 @@ def drains_on_stop(cfg: HostConfig) -> bool:
     return Version(cfg.vllm_version).release >= (0, 18)
 
 
-def vllm_command(cfg: HostConfig, generation: str | None = None) -> list[str]:
+def vllm_command(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> list[str]:
     """The unit's ExecStart, as an argv: ``vllm serve`` with the configured flags, from the venv
-    or inside the container; ``generation``: the host's GPU generation, where known."""
+    or inside the container; ``generation``: the host's GPU generation, where known; ``group``:
+    the replica group the host is a rank of."""
     if cfg.vllm_runtime == "image":
-        return [*docker_run(cfg), "serve", *serve_args(cfg, generation)]
-    return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg, generation)]
+        return [*docker_run(cfg), "serve", *serve_args(cfg, generation, group)]
+    return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg, generation, group)]
 
 
 def kv_cache_dtype(cfg: HostConfig, generation: str | None) -> str | None:
@@ -342,8 +404,9 @@ def kv_cache_dtype(cfg: HostConfig, generation: str | None) -> str | None:
     return entry.kv_cache_dtype.get(generation) if entry is not None and generation else None
 
 
-def serve_args(cfg: HostConfig, generation: str | None = None) -> list[str]:
-    """What follows ``vllm serve``: the model and the configured flags."""
+def serve_args(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> list[str]:
+    """What follows ``vllm serve``: the model and the configured flags, and this host's rank of
+    its replica group."""
     argv = [
         model_dir(cfg),
         "--host",
@@ -384,6 +447,8 @@ def serve_args(cfg: HostConfig, generation: str | None = None) -> list[str]:
         argv += ["--limit-mm-per-prompt", json.dumps(cfg.vllm_limit_mm_per_prompt, separators=(",", ":"))]
     if drains_on_stop(cfg):
         argv += ["--shutdown-timeout", str(cfg.vllm_shutdown_timeout)]
+    if group is not None and group.size > 1:
+        argv += [*group.serve_args(cfg.host), "--distributed-timeout-seconds", str(cfg.vllm_group_join_timeout)]
     return argv + list(cfg.vllm_extra_args)
 
 
@@ -394,8 +459,9 @@ def reads_engine_ready_timeout(cfg: HostConfig) -> bool:
     return release is None or bool(catalog.vllm_facts().reads_env("VLLM_ENGINE_READY_TIMEOUT_S", release))
 
 
-def vllm_environment(cfg: HostConfig) -> dict[str, str]:
-    """The unit's EnvironmentFile: caches on persistent paths, secrets, and ``vllm_env``."""
+def vllm_environment(cfg: HostConfig, group: ReplicaGroup | None = None) -> dict[str, str]:
+    """The unit's EnvironmentFile: caches on persistent paths, secrets, a rank's network, and
+    ``vllm_env``."""
     env = {
         "HOME": cfg.vllm_state_dir,
         **state_subdirs(cfg.vllm_state_dir),
@@ -407,6 +473,11 @@ def vllm_environment(cfg: HostConfig) -> dict[str, str]:
     }
     if reads_engine_ready_timeout(cfg):
         env["VLLM_ENGINE_READY_TIMEOUT_S"] = str(cfg.vllm_engine_ready_timeout or cfg.vllm_start_timeout)
+    if group is not None and group.size > 1:
+        env.update(group.environment(cfg.host, cfg.vllm_group_interface))
+        # Every rank's environment names the whole group's settings: a change to any rank restarts
+        # every rank in the same run (vLLM's ranks do not rejoin a restarted head by themselves).
+        env["GLMFLEET_GROUP_REVISION"] = group.revision
     if cfg.vllm_api_key:
         env["VLLM_API_KEY"] = cfg.vllm_api_key
     env.update(cfg.vllm_env)
@@ -435,7 +506,7 @@ def questions(cfg: HostConfig) -> dict[str, Question]:
     return {"managed": service_question(cfg), "gpu": gpu_question(cfg)}
 
 
-def render_unit(cfg: HostConfig, generation: str | None = None) -> str:
+def render_unit(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> str:
     return get_template(str(TEMPLATE)).render(
         runtime=cfg.vllm_runtime,
         container=CONTAINER,
@@ -443,7 +514,9 @@ def render_unit(cfg: HostConfig, generation: str | None = None) -> str:
         user=VLLM_USER,
         state_dir=filesyntax.systemd_word(cfg.vllm_state_dir),
         env_file=ENV_FILE,
-        exec_start=filesyntax.systemd_command_line(vllm_command(cfg, generation)),
+        exec_start=filesyntax.systemd_command_line(vllm_command(cfg, generation, group)),
+        # A headless rank whose engine died may exit with status 0 (vLLM's run_headless returns).
+        restart="always" if group is not None and cfg.host not in group.endpoints() else "on-failure",
         exec_start_pre=filesyntax.systemd_command_line(weights_check_argv(cfg)),
         restart_sec=15,
         start_timeout=cfg.vllm_start_timeout,
@@ -485,6 +558,16 @@ def started_before_its_files(managed: dict, cfg: HostConfig) -> bool:
     return started is not None and any(mtime is not None and mtime > started for mtime in changed)
 
 
+def started_before_its_head(state: dict, group: ReplicaGroup) -> bool:
+    """A rank that started before its group's head runs did (a head that crashed and came back):
+    vLLM's ranks wait on the head they joined and never rejoin, so the rank restarts."""
+    if host.name == group.head or state.get("started") is None:
+        return False
+    head = ask(host.inventory.get_host(group.head), ManagedPaths, paths=[], units=[UNIT])
+    head_started = head["units"].get(UNIT, {}).get("started")
+    return head_started is not None and head_started > state["started"]
+
+
 @deploy("vLLM service")
 @documented(SETTINGS)
 def vllm_service(restart_when=()):
@@ -504,6 +587,7 @@ def vllm_service(restart_when=()):
     converged host plans no operation at all.
     """
     cfg = host_config(host)
+    group = replica_group(host)
     answers = ask_together(host, questions(cfg))
     managed = answers["managed"]
     state = managed["units"].get(UNIT, {})
@@ -513,13 +597,13 @@ def vllm_service(restart_when=()):
     env = upload(
         managed,
         ENV_FILE,
-        render_env_file(vllm_environment(cfg), cfg.vllm_runtime),
+        render_env_file(vllm_environment(cfg, group), cfg.vllm_runtime),
         mode="600",
         name=f"environment file {ENV_FILE}",
         secret=True,
     )
     unit = None
-    rendered = render_unit(cfg, gpu_generation(answers["gpu"]))
+    rendered = render_unit(cfg, gpu_generation(answers["gpu"]), group)
     if managed["paths"].get(UNIT_PATH, {}).get("sha256") != hashlib.sha256(rendered.encode()).hexdigest():
         directory(managed, STAGING_DIR, name="glmfleet staging dir")
         files.put(
@@ -538,7 +622,11 @@ def vllm_service(restart_when=()):
         systemd.daemon_reload(name="systemd daemon-reload")
     unit_enabled(managed, UNIT)
     changed = planned(env, unit, dropins, *restart_when)
-    stale = was_active and (state.get("need_reload") or started_before_its_files(managed, cfg))
+    stale = was_active and (
+        state.get("need_reload")
+        or started_before_its_files(managed, cfg)
+        or (group is not None and started_before_its_head(state, group))
+    )
     if was_active and not changed and not stale:
         return None
     return server.shell(

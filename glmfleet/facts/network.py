@@ -49,3 +49,20 @@ class ListeningPorts(FactBase):
             if port.isdigit():
                 listeners.append((int(port), None if unit == "-" else unit))
         return listeners
+
+
+class NetworkInterfaces(FactBase):
+    """The names of the host's network interfaces (``/sys/class/net``), sorted.
+
+    .. code:: python
+
+        ["eth0", "ib0", "lo"]
+    """
+
+    default = list
+
+    def command(self) -> str:
+        return "ls -1 /sys/class/net"
+
+    def process(self, output):
+        return sorted(line.strip() for line in output if line.strip())

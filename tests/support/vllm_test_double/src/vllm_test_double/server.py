@@ -72,12 +72,21 @@ class ApiError(Exception):
 class DoubleHTTPServer(ThreadingHTTPServer):
     """Threaded server that counts open connections, so shutdown can drain them."""
 
-    def __init__(self, address: tuple[str, int], config: ServeConfig, state: EngineState):
+    def __init__(self, address: tuple[str, int], config: ServeConfig, state: EngineState, listen: bool = True):
+        """``listen`` False: bind only, as vLLM's head does until its group has joined (a client
+        is refused); ``server_activate`` listens later."""
         self.config = config
         self.state = state
         self._open_requests = 0
         self._idle = threading.Condition()
-        super().__init__(address, RequestHandler)
+        super().__init__(address, RequestHandler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            if listen:
+                self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
 
     # Counted in the accept loop, before the worker thread exists, so a
     # shutdown that starts right after an accept still waits for it.
