@@ -38,6 +38,7 @@ GLMFLEET_SIDE_KEYS = {
 # What every rank must agree on: a key of these prefixes, but the few that are a host's own.
 GROUP_WIDE_PREFIXES = ("vllm_", "model")
 PER_RANK_KEYS = {
+    "vllm_env",  # a host's own tuning (CUDA_VISIBLE_DEVICES, NCCL_IB_HCA) may differ
     "vllm_group_rank",
     "vllm_group_address",
     "vllm_group_interface",

@@ -558,6 +558,11 @@ def started_before_its_files(managed: dict, cfg: HostConfig) -> bool:
     return started is not None and any(mtime is not None and mtime > started for mtime in changed)
 
 
+# Ranks restarted together start within seconds of each other; a head that systemd brought back
+# after a crash starts at least RestartSec (15 s) after them.
+GROUP_START_SLACK_S = 10
+
+
 def started_before_its_head(state: dict, group: ReplicaGroup) -> bool:
     """A rank that started before its group's head runs did (a head that crashed and came back):
     vLLM's ranks wait on the head they joined and never rejoin, so the rank restarts."""
@@ -565,7 +570,7 @@ def started_before_its_head(state: dict, group: ReplicaGroup) -> bool:
         return False
     head = ask(host.inventory.get_host(group.head), ManagedPaths, paths=[], units=[UNIT])
     head_started = head["units"].get(UNIT, {}).get("started")
-    return head_started is not None and head_started > state["started"]
+    return head_started is not None and head_started > state["started"] + GROUP_START_SLACK_S
 
 
 @deploy("vLLM service")

@@ -193,7 +193,7 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace, unrecognize
         log.info(
             "Launching vLLM (test double) headless rank %d, head at %s:%d", member.rank, member.address, member.port
         )
-        return _run_headless(group)
+        return _run_headless(group, knobs)
     state = EngineState()
     try:
         # Bound before the engine "loads", as vLLM binds its port early; a head listens only once
@@ -231,11 +231,17 @@ def _wait_for(join) -> bool | None:
     return result[0]
 
 
-def _run_headless(group: Group) -> int:
+def _run_headless(group: Group, knobs: DoubleKnobs) -> int:
     joined = _wait_for(group.join)
     if not joined:
         return 0 if joined is None else 1
-    signum = _wait_for_stop(group)
+    if knobs.fail == "exit":
+        signum = _wait_for_stop(group, knobs.startup_delay_s)
+        if signum is None:
+            log.error("RuntimeError: WorkerProc initialization failed (%s=exit)", ENV_FAIL)
+            return 1
+    else:
+        signum = _wait_for_stop(group)
     if signum is None:
         log.error("RuntimeError: %s", group.why)
         return 1
