@@ -25,7 +25,7 @@ import pytest
 from packaging.version import Version
 
 from devfleet import localfleet
-from glmfleet import catalog
+from glmfleet import catalog, groups
 from glmfleet.config import ConfigError, resolve
 from roles.vllm_flags import SCRIPT, check_command
 from roles.vllm_service import serve_args
@@ -173,6 +173,25 @@ def catalog_commands(release: str) -> list[list[str]]:
     return commands
 
 
+def group_commands(release: str) -> list[list[str]]:
+    """Each rank's command of two-host replica groups of GLM-5-FP8: tensor x pipeline parallel
+    (a headless rank) and data parallel with expert parallel (hybrid load balancing)."""
+    commands = []
+    for layout in (
+        {"vllm_tensor_parallel_size": 8, "vllm_pipeline_parallel_size": 2},
+        {"vllm_data_parallel_size": 16, "vllm_enable_expert_parallel": True},
+    ):
+        common = {"model": "glm-5-fp8", "vllm_version": release, "model_revision": "a" * 40, **layout}
+        ranks = {
+            name: {**common, "vllm_group": "g", "vllm_group_rank": rank, "vllm_group_address": f"10.0.0.{rank + 1}"}
+            for rank, name in enumerate(("gpu-a", "gpu-b"))
+        }
+        configs = {name: resolve(data, name) for name, data in ranks.items()}
+        group = groups.replica_groups(configs)["g"]
+        commands += [serve_args(configs[name], None, group) for name in group.ranks]
+    return commands
+
+
 @pytest.mark.parametrize("release", CHECKED)
 def test_every_catalog_entry_is_accepted_by_the_real_parser_of_its_release(serving, real, vllm_index, release):
     name = serving[0]
@@ -189,7 +208,8 @@ def test_every_catalog_entry_is_accepted_by_the_real_parser_of_its_release(servi
     built = pyinfra("inventory/local.py", "roles.vllm_venv.vllm_venv", "--limit", name, data=data, timeout=2400)
     assert built.returncode == 0, built.stderr[-3000:]
     try:
-        commands = catalog_commands(release)
+        commands = catalog_commands(release) + group_commands(release)
+        assert any("--headless" in command for command in commands)
         checked = {entry.name for entry in catalog.load().models.values() if str(entry.vllm_checked) == release}
         assert checked and len(commands) >= len(checked)
         python = f"{data['vllm_venv_root']}/current/bin/python"
