@@ -28,7 +28,7 @@ from glmfleet.layout import WEIGHTS_STATE_DIR as STATE_DIR
 from tests.support.fleettools import fleet_host
 from tests.support.hub_mirror import OlahServer, publish
 from tests.support.model_maker import make_checkpoint
-from tests.support.pkgindex import PackageIndex
+from tests.support.pkgindex import PackageIndex, download_wheels
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "glmfleet-bench/glm-shaped"
@@ -115,20 +115,7 @@ def main() -> None:
     print(f"checkpoint {size / 1e9:.2f} GB; raw copy on this machine {rate / 1e6:.0f} MB/s", flush=True)
 
     wheels = Path(tempfile.mkdtemp(prefix="bench-wheels-"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--only-binary=:all:",
-            "--dest",
-            str(wheels),
-            f"huggingface_hub=={HF_CLI_VERSION}",
-        ],
-        check=True,
-    )
+    download_wheels([f"huggingface_hub=={HF_CLI_VERSION}"], wheels, dependencies=True)
     localfleet.up(max(args.hosts))
     names = [h["name"] for h in localfleet.load_hosts()][: max(args.hosts)]
     model_dir = "/srv/bench-model"

@@ -15,8 +15,6 @@ import functools
 import json
 import re
 import shlex
-import subprocess
-import sys
 import threading
 import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +29,7 @@ from roles.vllm_flags import SCRIPT, check_command
 from roles.vllm_service import serve_args
 from roles.vllm_venv import flashinfer_kernels_command
 from tests.support.fleettools import ROOT, TEST_DOUBLE, UV_VERSION, fleet_host, pyinfra
+from tests.support.pkgindex import download_wheels
 
 pytestmark = pytest.mark.fleet
 
@@ -44,21 +43,7 @@ def wheelhouse(release: str):
     """vLLM ``release``, every wheel it needs and the pinned uv, downloaded once into .whl/."""
     wheels = ROOT / ".whl" / f"vllm-{release}-with-dependencies"
     if not (wheels / ".complete").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--only-binary=:all:",
-                "--dest",
-                str(wheels),
-                f"vllm=={release}",
-                f"uv=={UV_VERSION}",
-            ],
-            check=True,
-        )
+        download_wheels([f"vllm=={release}", f"uv=={UV_VERSION}"], wheels, dependencies=True)
         (wheels / ".complete").touch()
     return wheels
 
