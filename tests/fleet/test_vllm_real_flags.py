@@ -87,6 +87,8 @@ def real(vllm_index, test_model):
     return {
         **test_model,
         "vllm_package": "vllm",
+        # one release for every model these tests name (the catalog checked some with another)
+        "vllm_version": PINNED,
         "vllm_venv_root": "/opt/glmfleet/vllm-real",
         "pip_index_url": vllm_index(PINNED),
         "nvidia_driver_source": TEST_DOUBLE["nvidia_driver_source"],
