@@ -136,13 +136,10 @@ def test_a_rank_stopped_by_hand_is_named_and_the_next_run_brings_the_group_back(
 
 def test_a_rollout_rolls_a_group_back_whole_and_the_gateway_never_sends_to_it_half_up(deployed, hosts, data, tmp_path):
     head, rank = hosts[0], hosts[1]
-    path = write(
-        tmp_path,
-        hosts,
-        # every rank of g1 gets the new setting; rank 1 cannot start with it
-        **{name: {"vllm_max_model_len": 4096} for name in hosts},
-        **{rank: {"vllm_max_model_len": 4096, "vllm_env": {**LATENCY, "VLLM_TEST_DOUBLE_FAIL": "exit"}}},
-    )
+    # every host gets the new setting; rank 1 of g1 cannot start with it
+    changed = {name: {"vllm_max_model_len": 4096} for name in hosts}
+    changed[rank]["vllm_env"] = {**LATENCY, "VLLM_TEST_DOUBLE_FAIL": "exit"}
+    path = write(tmp_path, hosts, **changed)
     untouched = {name: main_pid(name) for name in hosts[2:]}
     with Load(gateway_url(), MODEL, API_KEY, workers=4, max_seconds=300) as load:
         run = glmfleet("rollout", path, "--batch", "1", data=data, env=ENV)
