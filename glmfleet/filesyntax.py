@@ -60,6 +60,11 @@ def systemd_env_line(name: str, value: str) -> str:
     return f'{name}="' + re.sub(r'(["\\\\$`])', r"\\\1", value) + '"'
 
 
+def host_port(address: str, port: int) -> str:
+    """``host:port`` as Go's flags, URLs and Prometheus's targets take it: an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 # A word of ``$ARGS`` in ExecStart=: systemd splits the variable's value at whitespace and takes
 # each piece as it is, quotes included, so only words that need no quoting are written there.
 DEFAULTS_WORD = re.compile(r"[\w@%+=:,./~\[\]-]+")

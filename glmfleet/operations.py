@@ -16,7 +16,7 @@ from pyinfra.operations import files, server, systemd
 
 from glmfleet import filesyntax
 from glmfleet.checks import redact, url_credentials, without_credentials
-from glmfleet.facts.network import ListeningPorts
+from glmfleet.facts.network import ListeningPorts, port_holders
 from glmfleet.facts.packages import DebPackageStates
 from glmfleet.layout import KEYRINGS_DIR, MADE_DIRS_RECORD, NETRC, OWN_DIRS, STATE_ROOT, apt_keyring, apt_source
 from glmfleet.shell import fail_with, join, quote
@@ -195,6 +195,18 @@ def unit_enabled(managed: dict, unit: str, name: str | None = None, running: boo
     if state.get("enabled") and (not running or state.get("running")):
         return None
     return systemd.service(name=name or f"{unit} enabled", service=unit, running=running or None, enabled=True)
+
+
+def port_taken(listeners: list, port: int, key: str, unit: str) -> bool:
+    """Stop the host, naming who holds it, where a service other than ``unit`` or a process
+    outside any service holds ``port`` (set by ``key``; ``listeners``: the ListeningPorts answer)."""
+    holders = port_holders(listeners, port, unit)
+    if holders:
+        stop_host(
+            name=f"stop: {key} {port} is taken",
+            reason=f"{key} = {port} is already in use by {' and '.join(holders)}: set {key} to a free port, or stop what holds it",
+        )
+    return bool(holders)
 
 
 @dataclass(frozen=True)

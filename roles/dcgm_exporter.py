@@ -38,13 +38,13 @@ from glmfleet.operations import (
     apt_repository_question,
     packages_due,
     planned,
+    port_taken,
     repository_due,
     service_running,
     unheld,
     unit_enabled,
     upload,
 )
-from roles.node_exporter import listen_flag, port_taken
 from roles.nvidia_driver import cuda_repo_url, gpu_question
 
 COUNTERS = FILES / "dcgm-counters.csv"
@@ -109,7 +109,7 @@ def render_dropin(cfg: HostConfig) -> str:
         "--collectors",
         DCGM_COUNTERS,
         "--address",
-        listen_flag(cfg.dcgm_exporter_listen_address, cfg.dcgm_exporter_port),
+        filesyntax.host_port(cfg.dcgm_exporter_listen_address, cfg.dcgm_exporter_port),
     ]
     return (
         "# Managed by glmfleet: the host engine nvidia-dcgm runs, glmfleet's fields, the configured address,\n"

@@ -113,9 +113,7 @@ def reach_address(name: str, data: dict, listen_address: str, port: int) -> str:
     address = listen_address
     if address in ("0.0.0.0", "::"):
         address = data.get("ssh_hostname") or name
-    if ":" in address:
-        address = f"[{address}]"
-    return f"{address}:{port}"
+    return filesyntax.host_port(address, port)
 
 
 def upstream_address(name: str, data: dict, cfg: HostConfig) -> str:

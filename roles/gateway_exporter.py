@@ -10,7 +10,7 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
-from glmfleet import checks
+from glmfleet import checks, filesyntax
 from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.facts.engine import Question, ask_together
 from glmfleet.facts.network import ListeningPorts
@@ -22,9 +22,8 @@ from glmfleet.layout import (
     NGINX_STATUS_CONFIG,
     NGINX_UNIT,
 )
-from glmfleet.operations import PackagedDaemon, daemon_installed, service_running, upload
-from roles.gateway import reload_command
-from roles.node_exporter import listen_flag, port_taken
+from glmfleet.operations import PackagedDaemon, daemon_installed, port_taken, service_running, upload
+from roles.gateway import GATEWAY_GROUP, reload_command
 
 DAEMON = PackagedDaemon("prometheus-nginx-exporter", NGINX_EXPORTER, NGINX_EXPORTER_UNIT, NGINX_EXPORTER_DEFAULTS)
 # The exporter exits when nginx does not answer at its start: it waits for nginx a while instead.
@@ -53,7 +52,7 @@ def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> lis
         "gateway_exporter_port": cfg["gateway_exporter_port"],
         "gateway_status_port": cfg["gateway_status_port"],
     }
-    if "gateway" in groups and len(set(ports.values())) < len(ports):
+    if GATEWAY_GROUP in groups and len(set(ports.values())) < len(ports):
         return [
             "gateway_port, gateway_exporter_port and gateway_status_port must differ on a gateway host, not "
             + ", ".join(f"{key} = {port}" for key, port in ports.items())
@@ -76,7 +75,7 @@ def render_status_page(cfg: HostConfig) -> str:
 
 def flags(cfg: HostConfig) -> list[str]:
     return [
-        f"-web.listen-address={listen_flag(cfg.gateway_exporter_listen_address, cfg.gateway_exporter_port)}",
+        f"-web.listen-address={filesyntax.host_port(cfg.gateway_exporter_listen_address, cfg.gateway_exporter_port)}",
         f"-nginx.scrape-uri=http://127.0.0.1:{cfg.gateway_status_port}/stub_status",
         *NGINX_WAIT,
     ]

@@ -39,6 +39,7 @@ from glmfleet.operations import (
     fetch_command,
     packages_due,
     planned,
+    port_taken,
     repository_due,
     service_running,
     unheld,
@@ -46,7 +47,7 @@ from glmfleet.operations import (
 )
 from glmfleet.shell import quote
 from roles.container_toolkit import apt_version
-from roles.node_exporter import port_taken
+from roles.prometheus import MONITORING_GROUP
 
 GRAFANA_REPO = "https://apt.grafana.com"
 # vLLM's dashboards as it publishes them at the tag of the release the fleet runs (0.22.0: these three).
@@ -100,7 +101,7 @@ SETTINGS = (
 
 
 def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> list[str]:
-    if cfg["grafana"] and "monitoring" not in groups:
+    if cfg["grafana"] and MONITORING_GROUP not in groups:
         return ["grafana = True on a host outside the `monitoring` group, where no Prometheus runs: set it there"]
     return []
 

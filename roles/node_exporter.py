@@ -7,13 +7,13 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.api import deploy
 
-from glmfleet import checks
+from glmfleet import checks, filesyntax
 from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.facts.engine import Question, ask_together
-from glmfleet.facts.network import ListeningPorts, port_holders
+from glmfleet.facts.network import ListeningPorts
 from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import NODE_EXPORTER, NODE_EXPORTER_DEFAULTS, NODE_EXPORTER_TEXTFILES, NODE_EXPORTER_UNIT
-from glmfleet.operations import PackagedDaemon, daemon_installed, directory, service_running, stop_host
+from glmfleet.operations import PackagedDaemon, daemon_installed, directory, port_taken, service_running
 
 DAEMON = PackagedDaemon("prometheus-node-exporter", NODE_EXPORTER, NODE_EXPORTER_UNIT, NODE_EXPORTER_DEFAULTS)
 
@@ -29,15 +29,10 @@ SETTINGS = (
 )
 
 
-def listen_flag(address: str, port: int) -> str:
-    """Go's host:port, an IPv6 address in brackets."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
 def flags(cfg: HostConfig) -> list[str]:
     """Debian's default collectors; glmfleet's own gauges (layout.GPUS_EXPECTED) from its own directory."""
     return [
-        f"--web.listen-address={listen_flag(cfg.node_exporter_listen_address, cfg.node_exporter_port)}",
+        f"--web.listen-address={filesyntax.host_port(cfg.node_exporter_listen_address, cfg.node_exporter_port)}",
         f"--collector.textfile.directory={NODE_EXPORTER_TEXTFILES}",
     ]
 
@@ -50,17 +45,6 @@ def questions(cfg: HostConfig) -> dict[str, Question]:
         ),
         "listeners": Question(ListeningPorts, {"port": cfg.node_exporter_port}),
     }
-
-
-def port_taken(listeners: list, port: int, key: str, unit: str) -> bool:
-    """Stop the host where another service or process holds ``port`` (set by ``key``)."""
-    holders = port_holders(listeners, port, unit)
-    if holders:
-        stop_host(
-            name=f"stop: {key} {port} is taken",
-            reason=f"{key} = {port} is already in use by {' and '.join(holders)}: set {key} to a free port, or stop what holds it",
-        )
-    return bool(holders)
 
 
 @deploy("node exporter")

@@ -45,14 +45,13 @@ from glmfleet.operations import (
     PackagedDaemon,
     daemon_installed,
     directory,
-    planned,
+    port_taken,
     service_running,
     upload,
 )
 from glmfleet.shell import join, quote
 from roles.dcgm_exporter import enabled as runs_dcgm
 from roles.gateway import GATEWAY_GROUP, reach_address, upstream_address
-from roles.node_exporter import listen_flag, port_taken
 
 MONITORING_GROUP = "monitoring"
 DAEMON = PackagedDaemon("prometheus", PROMETHEUS, PROMETHEUS_UNIT, PROMETHEUS_DEFAULTS)
@@ -63,7 +62,7 @@ RELOAD_WAIT_S = 60
 
 alertmanager = checks.Check(
     lambda v: isinstance(v, str) and checks.is_url(f"http://{v}") and ":" in v and "/" not in v and "@" not in v,
-    "",
+    "'host:port'",
 )
 
 SETTINGS = (
@@ -187,7 +186,7 @@ def flags(cfg: HostConfig) -> list[str]:
     """Debian's defaults otherwise (configuration, storage and console paths); no lifecycle API
     (its /-/quit needs no login): reloads go through systemd."""
     return [
-        f"--web.listen-address={listen_flag(cfg.prometheus_listen_address, cfg.prometheus_port)}",
+        f"--web.listen-address={filesyntax.host_port(cfg.prometheus_listen_address, cfg.prometheus_port)}",
         f"--storage.tsdb.retention.time={cfg.prometheus_retention_days}d",
     ]
 
@@ -335,7 +334,7 @@ def prometheus(endpoints: list[Target] | None = None):
     started = service_running(
         managed,
         PROMETHEUS_UNIT,
-        planned(*changes, installed) if changes else [],
+        changes,
         cfg.prometheus_port,
         cfg.verify_journal_lines,
         "Prometheus",
