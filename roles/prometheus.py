@@ -322,9 +322,12 @@ def prometheus(endpoints: list[Target] | None = None):
 
     config, rules = render_config(cfg), render_rules(cfg)
     installed = None
-    if managed["paths"].get(PROMETHEUS_CONFIG, {}).get("sha256") != sha256(config) or managed["paths"].get(
-        PROMETHEUS_RULES, {}
-    ).get("sha256") != sha256(rules):
+    differ = [
+        path
+        for path, text in ((PROMETHEUS_CONFIG, config), (PROMETHEUS_RULES, rules))
+        if managed["paths"].get(path, {}).get("sha256") != sha256(text)
+    ]
+    if differ:
         directory(managed, STAGING_DIR, name="glmfleet staging dir")
         for staged, text in ((STAGED_PROMETHEUS_RULES, rules), (STAGED_PROMETHEUS_CONFIG, config)):
             files.put(name=f"{staged} staged", src=StringIO(text), dest=staged, user="root", group="root", mode="644")

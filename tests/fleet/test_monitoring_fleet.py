@@ -31,6 +31,7 @@ from tests.support.fleettools import (
     deploy,
     fleet_host,
     gateway_port,
+    pyinfra,
     wait_for,
     write_inventory,
 )
@@ -305,11 +306,16 @@ def test_the_alert_rules_are_loaded_and_fire_as_written(joined, hosts):
     assert result.rc == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
-def test_a_second_run_changes_nothing(joined, data):
+def test_a_second_run_changes_nothing_and_plans_nothing(joined, hosts, data):
+    """Converged, every host (the monitoring host, the gateway with its exporter) is read in one
+    command and plans no operation."""
     path, _, _ = joined
-    again = deploy(path, data=data, env=ENV)
+    again = pyinfra(path, "--debug", "deploy.py", data=data, env=ENV)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.changed() == {}
+    for name in hosts.values():
+        assert again.planned(name) == []
+        assert len(re.findall(rf"Running command on {re.escape(name)}:", again.stderr)) == 1
 
 
 def test_a_changed_setting_reloads_prometheus_without_a_restart(joined, hosts, data, tmp_path):

@@ -235,6 +235,29 @@ def test_vllms_dashboards_are_fetched_for_the_fleets_vllm_release_once():
     )
 
 
+def test_a_converged_grafana_host_plans_no_grafana_operation():
+    from glmfleet.operations import render_apt_source
+
+    urls = grafana_role.dashboard_urls(GRAFANA_CFG)
+    files = {
+        GRAFANA_DROPIN: grafana_role.render_dropin(GRAFANA_CFG),
+        GRAFANA_DATASOURCES: grafana_role.render_datasources(GRAFANA_CFG),
+        GRAFANA_DASHBOARD_PROVIDER: grafana_role.render_provider(grafana_role.dashboards_dir(urls)),
+        "/etc/apt/keyrings/glmfleet-grafana.asc": "a key",
+        "/etc/apt/sources.list.d/glmfleet-grafana.sources": render_apt_source(
+            "https://apt.grafana.com", "stable", ["main"], "/etc/apt/keyrings/glmfleet-grafana.asc"
+        ),
+        **{path: "{}" for path in grafana_role.dashboard_files(urls).values()},
+    }
+    host = {
+        "-maxdepth 0 -printf": managed_answer(
+            files, [grafana_role.GRAFANA_UNIT], ["/var/lib/glmfleet/grafana-dashboards"]
+        ),
+        **installed("grafana 12.4.2", held=True),
+    }
+    assert plan(grafana, GRAFANA, host, groups=("monitoring",)) == []
+
+
 def test_grafana_stays_off_unless_asked_and_only_on_a_monitoring_host():
     assert plan(grafana, {}, {}) == []
     with pytest.raises(ConfigError, match="grafana = True on a host outside the `monitoring` group"):
