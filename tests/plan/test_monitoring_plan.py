@@ -386,3 +386,26 @@ def test_ports_that_collide_on_a_monitoring_host_are_refused():
         problems_inventory({"prometheus_port": 9100}, groups={"monitoring": ["@fake/gpu-1"]})
     with pytest.raises(ConfigError, match="gateway_port, gateway_exporter_port and gateway_status_port must differ"):
         problems_inventory({"gateway_status_port": 8080}, groups={"gateway": ["@fake/gpu-1"]})
+
+
+def test_a_fresh_monitoring_host_writes_the_flags_before_the_package_and_checks_before_it_installs():
+    """Debian's Prometheus starts on install: its flags are there first (apt keeps them), so it
+    never listens on the package's default address; its configuration only replaces the
+    installed one through promtool; the restart comes last and waits until it listens."""
+    from roles.node_exporter import node_exporter
+    from roles.prometheus import prometheus as prometheus_deploy
+
+    ops = names(plan(prometheus_deploy, {}, {}, groups=("monitoring",)))
+    order = [
+        "Prometheus | Prometheus flags /etc/default/prometheus",
+        "Prometheus | Prometheus: prometheus",
+        "Prometheus | Prometheus configuration and rules, checked by promtool",
+        "Prometheus | Prometheus: (re)start prometheus.service",
+    ]
+    assert [op for op in ops if op in order] == order
+    assert {f"Prometheus | {job} targets" for job in ("vllm", "gateway", "node", "dcgm")} <= set(ops)
+    assert not any("reload" in op for op in ops)  # the restart reads the new configuration
+    ops = names(plan(node_exporter, {}, {}))
+    assert ops.index("node exporter | node exporter flags /etc/default/prometheus-node-exporter") < ops.index(
+        "node exporter | node exporter: prometheus-node-exporter"
+    )
