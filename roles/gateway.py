@@ -20,7 +20,7 @@ from pyinfra.operations.util import any_changed
 from glmfleet import FILES, checks, filesyntax
 from glmfleet.config import HostConfig, Setting, documented, host_config, replica_group
 from glmfleet.facts.engine import Question, ask_together
-from glmfleet.facts.network import ListeningPorts
+from glmfleet.facts.network import ListeningPorts, port_holders
 from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import (
     GATEWAY_CONFIG as CONFIG_PATH,
@@ -107,15 +107,19 @@ def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> lis
     return found
 
 
-def upstream_address(name: str, data: dict, cfg: HostConfig) -> str:
-    """Where the gateway reaches a host's vLLM: its listen address, or for a wildcard the
-    address pyinfra reaches the host at."""
-    address = cfg.vllm_host
+def reach_address(name: str, data: dict, listen_address: str, port: int) -> str:
+    """Where other hosts reach a server that listens on ``listen_address`` and ``port`` of the
+    host ``name`` (pyinfra ``data``): that address, or for a wildcard the address pyinfra
+    reaches the host at."""
+    address = listen_address
     if address in ("0.0.0.0", "::"):
         address = data.get("ssh_hostname") or name
-    if ":" in address:
-        address = f"[{address}]"
-    return f"{address}:{cfg.vllm_port}"
+    return filesyntax.host_port(address, port)
+
+
+def upstream_address(name: str, data: dict, cfg: HostConfig) -> str:
+    """Where the gateway reaches a host's vLLM."""
+    return reach_address(name, data, cfg.vllm_host, cfg.vllm_port)
 
 
 def pool(inventory, out_of_pool=frozenset()) -> list[dict]:
@@ -224,13 +228,7 @@ def gateway(out_of_pool=frozenset()):
     cfg = host_config(host)
     answers = ask_together(host, questions(cfg))
     managed = answers["managed"]
-    holders = sorted(
-        {
-            unit or "a process outside any systemd service"
-            for port, unit in answers["listeners"]
-            if port == cfg.gateway_port and unit != NGINX_UNIT
-        }
-    )
+    holders = port_holders(answers["listeners"], cfg.gateway_port, NGINX_UNIT)
     if holders:
         stop_host(
             name=f"stop: gateway_port {cfg.gateway_port} is taken",

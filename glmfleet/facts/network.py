@@ -51,6 +51,18 @@ class ListeningPorts(FactBase):
         return listeners
 
 
+def port_holders(listeners: list[tuple[int, str | None]], port: int, own_unit: str) -> list[str]:
+    """Who other than ``own_unit`` holds ``port`` (the ``ListeningPorts`` answer), in words: a
+    service, or a process outside any service."""
+    return sorted(
+        {
+            unit or "a process outside any systemd service"
+            for held, unit in listeners
+            if held == port and unit != own_unit
+        }
+    )
+
+
 class NetworkInterfaces(FactBase):
     """The names of the host's network interfaces (``/sys/class/net``), sorted.
 
