@@ -130,9 +130,15 @@ def verify(changes=()):
 
 
 def rank_check_command(cfg: HostConfig, group: ReplicaGroup) -> str:
-    """A headless rank serves no API: it is up when its unit still runs once its head served;
-    else the host fails, named with its rank and group, with the unit's journal."""
+    """A headless rank serves no API: it is up when its unit still runs once its head served,
+    and has not been restarted by systemd since it was last (re)started (``NRestarts`` counts
+    systemd's own restarts since the last explicit start); else the host fails, named with its
+    rank and group, with the unit's journal."""
     rank = group.rank_of(cfg.host)
     journal = join(["journalctl", "--unit", UNIT, "--lines", str(cfg.verify_journal_lines), "--no-pager", "--quiet"])
-    why = f"rank {rank} of replica group {group.name} (head {group.head}) is not running"
-    return f"systemctl is-active --quiet {quote(UNIT)} || {{ echo {quote(why)}; echo {quote(JOURNAL_HEADER)}; {journal}; exit 1; }}"
+    why = f"rank {rank} of replica group {group.name} (head {group.head}) is not running, or died since its start"
+    unit = quote(UNIT)
+    return (
+        f'{{ systemctl is-active --quiet {unit} && [ "$(systemctl show --property NRestarts --value {unit})" = 0 ]; }} '
+        f"|| {{ echo {quote(why)}; echo {quote(JOURNAL_HEADER)}; {journal}; exit 1; }}"
+    )
