@@ -115,18 +115,22 @@ def verify(changes=()):
     if serving["ok"] and not changes:
         return None
     fresh = lambda: not serving["ok"] or any(op.did_change() for op in changes)  # noqa: E731
-    if not headless:
-        return server.shell(
-            # One name on every host: pyinfra merges an operation's names across hosts.
-            name="verify a real request is served",
-            commands=[wait_command(cfg, verify_argv(cfg))],
-            _if=fresh,
-            _timeout=cfg.vllm_ready_timeout + 120,
-        )
-    # Planned below the head's request, so pyinfra runs it once every head has served or failed.
-    return server.shell(
+    # One name on every host: pyinfra merges an operation's names across hosts.
+    request = server.shell(
+        name="verify a real request is served",
+        commands=[":" if headless else wait_command(cfg, verify_argv(cfg))],
+        _if=(lambda: False) if headless else fresh,
+        _timeout=cfg.vllm_ready_timeout + 120,
+    )
+    if group is None:
+        return request
+    # Every rank plans both checks at the same call sites, so pyinfra orders each rank's check
+    # after every head's request (a rank's own request step is skipped): a rank that died
+    # while its head loaded is found.
+    ranks = server.shell(
         name="verify every rank of the replica group runs", commands=[rank_check_command(cfg, group)], _if=fresh
     )
+    return ranks if headless else request
 
 
 def rank_check_command(cfg: HostConfig, group: ReplicaGroup) -> str:
