@@ -35,6 +35,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -834,16 +835,13 @@ class Agent:
             f"root@{address}:{a.peer_path}/{path}",
             str(staged),
         ]
-        process = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
+        # rsync's errors go to a file, not a pipe: the ssh that starts a peer's kept connection
+        # stays in the background holding its standard error, and a pipe would not end with rsync.
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+            errors.seek(0)
+            error = errors.read().decode(errors="replace")
         if process.returncode != 0:
-            error = process.stderr
             why = (error.strip().splitlines() or [f"rsync exit {process.returncode}"])[-1]
             self.send("failed", path=path, peer=peer, bad=False, why=f"{classify(error)[0]}: {why}")
         elif not self.check_in(path, staged, peer):
