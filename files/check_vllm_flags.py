@@ -54,12 +54,16 @@ def registered(manager, table: str) -> set[str]:
 def check_parsers(args) -> None:
     """vLLM checks parser names only when the server starts (the tool parser has no argparse
     choices): check them against this vLLM's registries now."""
-    from vllm.entrypoints.openai import cli_args
     from vllm.reasoning import ReasoningParserManager
+
+    try:  # vLLM 0.12 on
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:
+        from vllm.entrypoints.openai.cli_args import ToolParserManager
 
     tool = getattr(args, "tool_call_parser", None)
     if tool and not getattr(args, "tool_parser_plugin", None):
-        known = registered(cli_args.ToolParserManager, "tool_parsers")
+        known = registered(ToolParserManager, "tool_parsers")
         if tool not in known:
             raise ValueError(f"invalid tool call parser: {tool} (choose from {', '.join(sorted(known))})")
     reasoning = getattr(args, "reasoning_parser", None)

@@ -51,10 +51,19 @@ def pinned(cfg: Mapping[str, Any], package: str) -> Version | None:
 
 
 def could_meet(need: SpecifierSet, allowed: SpecifierSet) -> bool:
-    """Whether some version meets both: the catalog's needs are lower bounds (``>=X``), so
-    the lowest version a need names must itself be allowed."""
-    lowest = [Version(spec.version) for spec in need if spec.operator in (">=", "==")]
-    return not lowest or any(version in allowed for version in lowest)
+    """Whether some version meets both: tried on every version either names and the next patch,
+    minor and major release after each (enough for bounds, exclusions and wildcards)."""
+    named = [Version(spec.version.removesuffix(".*")) for spec in (*need, *allowed)] or [Version("0")]
+    candidates = set()
+    for version in named:
+        major, minor, patch = (*version.release, 0, 0)[:3]
+        candidates |= {
+            version,
+            Version(f"{major}.{minor}.{patch + 1}"),
+            Version(f"{major}.{minor + 1}.0"),
+            Version(f"{major + 1}.0.0"),
+        }
+    return any(version in need and version in allowed for version in candidates)
 
 
 def combination_problems(cfg: Mapping[str, Any]) -> list[str]:
@@ -77,6 +86,15 @@ def release_problems(cfg: Mapping[str, Any], entry: catalog.Model | None, releas
     facts = catalog.vllm_facts()
     found = []
     version = cfg["vllm_version"]
+    if release in facts.broken:
+        found.append(
+            f"vllm_version = {version!r} cannot be installed: {facts.broken[release]}; set vllm_version to "
+            + (
+                f"{entry.vllm_checked}, the release glmfleet checked {cfg['model']!r} with"
+                if entry
+                else "another release"
+            )
+        )
     if entry is not None and release < entry.vllm_min:
         found.append(
             f"model = {cfg['model']!r} ({entry.architecture}) needs vLLM {entry.vllm_min} or later; "
@@ -97,6 +115,13 @@ def release_problems(cfg: Mapping[str, Any], entry: catalog.Model | None, releas
                 f"{key} = {parser!r} first ships in vLLM {since[parser]}; vllm_version = {version!r}: "
                 f"set vllm_version to {since[parser]} or later"
             )
+    if cfg["vllm_engine_ready_timeout"] and facts.reads_env("VLLM_ENGINE_READY_TIMEOUT_S", release) is False:
+        since = facts.env_since["VLLM_ENGINE_READY_TIMEOUT_S"]
+        found.append(
+            f"vllm_engine_ready_timeout = {cfg['vllm_engine_ready_timeout']} needs vLLM {since} or later "
+            f"(VLLM_ENGINE_READY_TIMEOUT_S); vllm_version = {version!r}: remove the key, or set vllm_version to "
+            f"{since} or later"
+        )
     if cfg["vllm_env"].get("VLLM_USE_V1") == "0" and release >= facts.v0_removed_in:
         found.append(
             f"vllm_env sets VLLM_USE_V1='0', but vLLM {version} has no V0 engine (removed in {facts.v0_removed_in}): "
@@ -164,6 +189,14 @@ def combination_warnings(cfg: Mapping[str, Any]) -> list[str]:
             for condition, why in entry.warnings
             if release in condition
         ]
+    if release is not None:
+        facts = catalog.vllm_facts()
+        found += [
+            f"vllm_env sets {name}, which vLLM {cfg['vllm_version']} no longer reads (gone since "
+            f"{facts.env_removed[name]}): it does nothing; remove it from vllm_env"
+            for name in cfg["vllm_env"]
+            if facts.reads_env(name, release) is False and not (name == "VLLM_USE_V1" and cfg["vllm_env"][name] == "0")
+        ]
     if (
         release is not None
         and pinned(cfg, "transformers") is None
@@ -180,28 +213,52 @@ def combination_warnings(cfg: Mapping[str, Any]) -> list[str]:
 # Host checks: plain values from the host's facts.
 
 
+def gpus_needed(cfg: Mapping[str, Any], hosts: int = 1) -> int:
+    """The GPUs each of ``hosts`` hosts gives the layout (a replica group's hosts share it)."""
+    return (
+        cfg["vllm_tensor_parallel_size"] * cfg["vllm_pipeline_parallel_size"] * cfg["vllm_data_parallel_size"] // hosts
+    )
+
+
 def host_problems(
     cfg: Mapping[str, Any],
     *,
     gpu_count: int | None = None,
     gpu_memory_mib: int | None = None,
+    gpu_generation: str | None = None,
     driver_cuda_version: str | None = None,
     listeners: Iterable[tuple[int, str | None]] | None = None,
     own_unit: str = "vllm.service",
+    group_hosts: int = 1,
+    interfaces: Iterable[str] | None = None,
 ) -> list[str]:
     """What this host cannot do with this configuration. Each argument is a fact of the host
     (None: not known, that check is skipped): ``gpu_memory_mib`` is the smallest GPU's memory,
-    ``listeners`` pairs each listening TCP port with the systemd unit holding it (None: none)."""
+    ``gpu_generation`` the oldest GPU's generation (glmfleet/facts/gpu.py), ``listeners`` pairs
+    each listening TCP port with the systemd unit holding it (None: none), ``group_hosts`` the
+    hosts of the replica group sharing the layout, ``interfaces`` the host's network interfaces."""
     found = []
-    gpus_needed = cfg["vllm_tensor_parallel_size"] * cfg["vllm_pipeline_parallel_size"]
-    if gpu_count is not None and gpus_needed > gpu_count:
+    needed = gpus_needed(cfg, group_hosts)
+    if gpu_count is not None and needed > gpu_count:
+        dp = cfg["vllm_data_parallel_size"]
+        shared = f" on each of the group's {group_hosts} hosts" if group_hosts > 1 else ""
         found.append(
             f"vllm_tensor_parallel_size = {cfg['vllm_tensor_parallel_size']} × vllm_pipeline_parallel_size = "
-            f"{cfg['vllm_pipeline_parallel_size']} needs {gpus_needed} GPUs, the host has {gpu_count}: "
-            f"lower them so their product is at most {gpu_count}"
+            f"{cfg['vllm_pipeline_parallel_size']}"
+            + (f" × vllm_data_parallel_size = {dp}" if dp > 1 else "")
+            + f" needs {needed} GPUs{shared}, the host has {gpu_count}: lower them so that it needs at most {gpu_count}"
+            + (", or add hosts to the group" if group_hosts > 1 else "")
         )
+    interface = cfg["vllm_group_interface"]
+    if cfg["vllm_group"] and interface and interfaces is not None and interface not in interfaces:
+        found.append(
+            f"vllm_group_interface = '{interface}' is not a network interface of this host (it has "
+            f"{', '.join(interfaces) or 'none'}): set it to the one on the group's network"
+        )
+    if gpu_generation is not None:
+        found += generation_problems(cfg, gpu_generation)
     if gpu_memory_mib is not None:
-        found += capacity_problems(cfg, gpu_memory_mib / 1024)
+        found += capacity_problems(cfg, gpu_memory_mib / 1024, gpu_count)
     release = vllm_release(cfg)
     if driver_cuda_version is not None and release is not None:
         needed = catalog.vllm_facts().cuda_runtime_for(release)
@@ -241,17 +298,52 @@ def host_warnings(cfg: Mapping[str, Any], *, driver_cuda_version: str | None = N
     ]
 
 
+# FP8 tensor cores (and vLLM's FP8 checkpoints' kernels) arrived with Ada (compute capability 8.9).
+FIRST_FP8_GENERATION = "ada"
+
+
+def generation_problems(cfg: Mapping[str, Any], generation: str) -> list[str]:
+    """The model's weights or kernels against the host's GPU generation."""
+    entry = catalog.find(cfg["model"])
+    if entry is None:
+        return []
+    found = []
+    order = catalog.GENERATIONS
+    if entry.precision == "fp8" and order.index(generation) < order.index(FIRST_FP8_GENERATION):
+        bf16 = catalog.load().sibling(entry, "bf16")
+        found.append(
+            f"model = {cfg['model']!r} is an FP8 checkpoint, and this host's GPUs ({generation.title()}) have no FP8: "
+            + (f"serve {bf16.name!r} ({bf16.hf}) instead, " if bf16 else "")
+            + "or use Ada, Hopper or Blackwell GPUs"
+        )
+    if entry.gpu_generations is not None and generation not in entry.gpu_generations:
+        kinds = " or ".join(name.title() for name in entry.gpu_generations)
+        found.append(
+            f"model = {cfg['model']!r} ({entry.architecture}) runs on vLLM kernels for {kinds} GPUs only; this host's "
+            f"are {generation.title()}: serve it on {kinds} GPUs"
+        )
+    return found
+
+
 def memory_needed_gib(
-    entry: catalog.Model, tensor_parallel: int, pipeline_parallel: int, context: int | None
+    entry: catalog.Model,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    context: int | None,
+    data_parallel: int = 1,
+    expert_parallel: bool = False,
 ) -> tuple[float, float] | None:
     """(weights, KV cache for one sequence of ``context`` tokens) per GPU in GiB; None without sizes.
 
     vLLM refuses to start when its KV cache cannot hold one sequence of the maximum length,
-    so that one sequence is the least KV cache a configuration needs.
+    so that one sequence is the least KV cache a configuration needs. Data parallel copies the
+    model, unless expert parallel spreads a mixture-of-experts model's experts over every GPU
+    of every copy: then the weights count as if all of them were experts (a lower bound).
     """
     if entry.weights_gib is None:
         return None
-    weights = entry.weights_gib / (tensor_parallel * pipeline_parallel)
+    shards = tensor_parallel * pipeline_parallel * (data_parallel if expert_parallel else 1)
+    weights = entry.weights_gib / shards
     per_token = entry.kv_cache_bytes_per_token(tensor_parallel, pipeline_parallel)
     kv = per_token * context / catalog.GIB if per_token is not None and context else 0.0
     return weights, kv
@@ -264,47 +356,102 @@ def fits(
     context: int | None,
     utilization: float,
     gpu_memory_gib: float,
+    data_parallel: int = 1,
+    expert_parallel: bool = False,
 ) -> bool:
-    need = memory_needed_gib(entry, tensor_parallel, pipeline_parallel, context)
+    need = memory_needed_gib(entry, tensor_parallel, pipeline_parallel, context, data_parallel, expert_parallel)
     return need is None or sum(need) + RESERVE_GIB <= utilization * gpu_memory_gib
 
 
+def divides_heads(entry: catalog.Model, tensor_parallel: int) -> bool:
+    return entry.attention_heads is None or entry.attention_heads % tensor_parallel == 0
+
+
 def recommend_tp(
-    entry: catalog.Model, gpu_memory_gib: float, utilization: float = 0.9, context: int | None = None
+    entry: catalog.Model,
+    gpu_memory_gib: float,
+    utilization: float = 0.9,
+    context: int | None = None,
+    gpu_count: int = max(TP_SIZES),
 ) -> int | None:
     """The smallest tensor parallel size on one host that divides the heads and fits."""
     context = context or entry.context
     for tp in TP_SIZES:
-        if (entry.attention_heads is None or entry.attention_heads % tp == 0) and fits(
-            entry, tp, 1, context, utilization, gpu_memory_gib
-        ):
+        if tp <= gpu_count and divides_heads(entry, tp) and fits(entry, tp, 1, context, utilization, gpu_memory_gib):
             return tp
     return None
 
 
-def capacity_problems(cfg: Mapping[str, Any], gpu_memory_gib: float) -> list[str]:
+def hosts_needed(
+    entry: catalog.Model, gpu_count: int, gpu_memory_gib: float, utilization: float, context: int | None
+) -> int | None:
+    """How many hosts of ``gpu_count`` such GPUs one replica spans (tensor parallel over each
+    host's GPUs, pipeline parallel over the hosts); None beyond 16 hosts or without sizes."""
+    tp = max((size for size in TP_SIZES if size <= gpu_count and divides_heads(entry, size)), default=None)
+    if tp is None or entry.weights_gib is None:
+        return None
+    return next((hosts for hosts in range(1, 17) if fits(entry, tp, hosts, context, utilization, gpu_memory_gib)), None)
+
+
+def smallest_gpu_gib(entry: catalog.Model, gpu_count: int, utilization: float, context: int | None) -> float | None:
+    """The least memory per GPU with which one host of ``gpu_count`` GPUs holds the model."""
+    tp = max((size for size in TP_SIZES if size <= gpu_count and divides_heads(entry, size)), default=None)
+    need = memory_needed_gib(entry, tp, 1, context) if tp else None
+    return None if need is None else (sum(need) + RESERVE_GIB) / utilization
+
+
+def layout_advice(
+    entry: catalog.Model, gpu_count: int | None, gpu_memory_gib: float, utilization: float, context: int | None
+) -> list[str]:
+    """What would fit: a tensor parallel size on this host, bigger GPUs, or several hosts."""
+    count = gpu_count or max(TP_SIZES)
+    tp = recommend_tp(entry, gpu_memory_gib, utilization, context, count)
+    if tp is not None:
+        return [f"set vllm_tensor_parallel_size to {tp}"]
+    advice = []
+    smallest = smallest_gpu_gib(entry, count, utilization, context)
+    if smallest is not None:
+        advice.append(f"use {count} GPUs of at least {smallest:.0f} GiB in one host")
+    hosts = hosts_needed(entry, count, gpu_memory_gib, utilization, context)
+    if hosts is not None:
+        advice.append(
+            f"or span {hosts} hosts of {count} such GPUs with one replica group (README: Several hosts per replica)"
+        )
+    return advice
+
+
+def capacity_problems(cfg: Mapping[str, Any], gpu_memory_gib: float, gpu_count: int | None = None) -> list[str]:
     entry = catalog.find(cfg["model"])
     if entry is None:
         return []
-    tp, pp = cfg["vllm_tensor_parallel_size"], cfg["vllm_pipeline_parallel_size"]
+    tp, pp, dp = cfg["vllm_tensor_parallel_size"], cfg["vllm_pipeline_parallel_size"], cfg["vllm_data_parallel_size"]
+    ep = cfg["vllm_enable_expert_parallel"]
     context = cfg["vllm_max_model_len"] or entry.context
     utilization = cfg["vllm_gpu_memory_utilization"]
-    if fits(entry, tp, pp, context, utilization, gpu_memory_gib):
+    if fits(entry, tp, pp, context, utilization, gpu_memory_gib, dp, ep):
         return []
-    weights, kv = memory_needed_gib(entry, tp, pp, context)
+    weights, kv = memory_needed_gib(entry, tp, pp, context, dp, ep)
     usable = utilization * gpu_memory_gib
-    fixes = []
-    better = recommend_tp(entry, gpu_memory_gib, utilization, context)
-    if better is not None and better > tp:
-        fixes.append(f"set vllm_tensor_parallel_size to {better}")
+    if dp > 1:
+        # Copies of the model: spreading a mixture-of-experts model's experts over them may do.
+        fixes = (
+            ["set vllm_enable_expert_parallel to true"]
+            if entry.experts and not ep and fits(entry, tp, pp, context, utilization, gpu_memory_gib, dp, True)
+            else ["lower vllm_data_parallel_size"]
+        )
+    else:
+        same = f"set vllm_tensor_parallel_size to {tp}"
+        fixes = [fix for fix in layout_advice(entry, gpu_count, gpu_memory_gib, utilization, context) if fix != same]
     if kv > 0 and weights + RESERVE_GIB < usable:
         fixes.append("lower vllm_max_model_len")
-    if utilization < 0.95:
+    if utilization < 0.95 and weights + kv + RESERVE_GIB <= 0.95 * gpu_memory_gib:
         fixes.append("raise vllm_gpu_memory_utilization")
-    fixes.append("or use GPUs with more memory")
+    layout = f"vllm_tensor_parallel_size = {tp}" + (f", vllm_pipeline_parallel_size = {pp}" if pp > 1 else "")
+    layout += f", vllm_data_parallel_size = {dp}" + (" with expert parallel" if ep else "") if dp > 1 else ""
     return [
-        f"{cfg['model']!r} needs about {weights + kv + RESERVE_GIB:.1f} GiB per GPU (weights {weights:.1f}, KV cache "
-        f"for one {context}-token sequence {kv:.1f}, reserve {RESERVE_GIB:.0f}) with vllm_tensor_parallel_size = {tp} "
-        f"and vllm_pipeline_parallel_size = {pp}, but vllm_gpu_memory_utilization = {utilization} of "
-        f"{gpu_memory_gib:.1f} GiB leaves {usable:.1f} GiB: " + ", ".join(fixes)
+        f"{cfg['model']!r} ({entry.weights_gib:.0f} GiB of {entry.precision} weights) needs about "
+        f"{weights + kv + RESERVE_GIB:.1f} GiB per GPU (weights {weights:.1f}, KV cache for one {context}-token "
+        f"sequence {kv:.1f}, reserve {RESERVE_GIB:.0f}) with {layout}, but vllm_gpu_memory_utilization = "
+        f"{utilization} of {gpu_memory_gib:.1f} GiB leaves {usable:.1f} GiB: "
+        + ", ".join(fixes or ["use GPUs with more memory"])
     ]

@@ -10,7 +10,7 @@ error that names host, key, value and what would be accepted.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -19,8 +19,8 @@ from packaging.version import Version
 from pyinfra.api import State
 from pyinfra.api.exceptions import PyinfraError
 
-from glmfleet import catalog
-from glmfleet.checks import Check, control_characters, redact
+from glmfleet import catalog, groups
+from glmfleet.checks import Check, control_characters, is_ip, redact
 
 # Keys that belong to pyinfra itself (connectors and global arguments), not to glmfleet.
 PYINFRA_KEY_PREFIXES = ("ssh_", "_", "winrm_", "docker_ssh_", "local_", "chroot_", "fake_")
@@ -102,25 +102,56 @@ def all_settings() -> dict[str, Setting]:
     return {setting.name: setting for role in registered_roles() for setting in getattr(role, "SETTINGS", ())}
 
 
+def secret_keys() -> frozenset[str]:
+    return frozenset(name for name, setting in all_settings().items() if setting.secret)
+
+
 def show(setting: Setting | None, value: Any) -> str:
     """A value as an error message shows it: a secret hidden, a URL's credentials masked."""
     return "<hidden>" if setting is not None and setting.secret else redact(repr(value))
 
 
-def problems(data: Mapping[str, Any], host: str, groups: Iterable[str] = ()) -> list[str]:
-    """Every problem with one host's data, each naming host, key, value and what is accepted;
-    ``groups``: the inventory groups the host is in (a gateway's ports, say)."""
+def unknown_keys(data: Mapping[str, Any], host: str, hidden: Collection[str] = ()) -> list[str]:
+    """A problem for each key of ``data`` that is neither glmfleet's nor pyinfra's, with the key
+    it is closest to. The value is hidden where it may be a secret: one in ``hidden`` (a vaulted
+    value, say), or one whose closest key is a secret's."""
     settings = all_settings()
     found = []
     for key, value in data.items():
         if key in settings or key.startswith(PYINFRA_KEY_PREFIXES):
             continue
         hint = difflib.get_close_matches(key, settings, n=1)
+        secret = key in hidden or (hint and settings[hint[0]].secret)
         found.append(
-            f"{host}: unknown key {key} = {show(None, value)}"
+            f"{host}: unknown key {key} = {'<hidden>' if secret else show(None, value)}"
             + (f" (did you mean {hint[0]}?)" if hint else "")
             + "; see README.md for the keys glmfleet reads"
         )
+    return found
+
+
+# In another tool's inventory (Ansible's), which variables are meant for glmfleet: its keys, those
+# in the namespaces of what glmfleet alone configures there, and near misses of a key (typos) - the
+# last two refused as unknown keys. Every other variable belongs to that tool's other roles (their
+# own docker_*, pip_*, nvidia_* ...) and is left alone.
+OWN_NAMESPACES = ("vllm_", "model_", "gateway_")
+NEAR_MISS = 0.85  # difflib's ratio: vllm_prot, vlm_port, hf_tokn, mode; not docker_users, uv_python
+
+
+def meant_for_glmfleet(key: str) -> bool:
+    settings = all_settings()
+    return (
+        key in settings
+        or key.startswith(OWN_NAMESPACES)
+        or bool(difflib.get_close_matches(key, settings, n=1, cutoff=NEAR_MISS))
+    )
+
+
+def problems(data: Mapping[str, Any], host: str, groups: Iterable[str] = ()) -> list[str]:
+    """Every problem with one host's data, each naming host, key, value and what is accepted;
+    ``groups``: the inventory groups the host is in (a gateway's ports, say)."""
+    settings = all_settings()
+    found = unknown_keys(data, host)
     for key, setting in settings.items():
         if key not in data:
             continue
@@ -144,7 +175,8 @@ MERGED_BY_NAME = {"vllm_env": lambda name: name, "vllm_extra_packages": catalog.
 
 def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, Any]:
     """One host's settings, in three layers: each role's defaults, then the catalog's defaults
-    for the model (files/catalog.yaml), then what the user set, which always wins.
+    for the model (files/catalog.yaml: its settings, and the vLLM release it was checked with),
+    then what the user set, which always wins.
 
     A catalog name (``glm-4.7-flash``) becomes the model's Hugging Face repo id. The catalog's
     version-dependent defaults apply only to the real ``vllm`` package.
@@ -157,9 +189,15 @@ def values(data: Mapping[str, Any], settings: dict[str, Setting]) -> dict[str, A
         if user.get("model", "").lower() == entry.name:
             user["model"] = entry.hf
         package = user.get("vllm_package", result["vllm_package"])
+        if package == "vllm":
+            # The release the catalog checked the model with, unless the user pins one.
+            result["vllm_version"] = str(entry.vllm_checked)
         release = Version(user.get("vllm_version", result["vllm_version"])) if package == "vllm" else None
         from_catalog = entry.defaults_for(release)
     result.update(from_catalog)
+    if user.get("vllm_group") and not user.get("vllm_group_address") and is_ip(user.get("ssh_hostname")):
+        # A rank's address on the group's network: where SSH reaches it, unless the user says otherwise.
+        result["vllm_group_address"] = user["ssh_hostname"]
     for key in settings.keys() & user.keys():
         name_of = MERGED_BY_NAME.get(key)
         if key not in from_catalog or name_of is None:
@@ -217,11 +255,19 @@ def validate_inventory(inventory) -> dict[str, HostConfig]:
             found.extend(host_problems)
         else:
             configs[host.name] = HostConfig(host.name, values(data, all_settings()))
+    if not found:
+        found = groups.group_problems(configs, secret_keys())
     if found:
         raise ConfigError(format_problems(found))
     if state is not None:
         _VALIDATED[state] = configs
     return configs
+
+
+def replica_group(host) -> groups.ReplicaGroup | None:
+    """The replica group a pyinfra host is a rank of (None: it serves alone), from its
+    inventory's validated configurations."""
+    return groups.group_of(host.name, validate_inventory(host.inventory), secret_keys())
 
 
 def host_config(host) -> HostConfig:

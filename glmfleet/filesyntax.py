@@ -1,13 +1,17 @@
 """One rule per file syntax: how a value is written into each kind of file glmfleet renders
 (a systemd unit's command line, a systemd or Docker environment file, nginx's configuration,
-authorized_keys, known_hosts), so that the program that reads the file reads back exactly the
-value, or the value is refused with the reason. Control characters never get here: the
+authorized_keys, known_hosts, the flags of a Debian /etc/default file, Prometheus's and Grafana's
+YAML and JSON), so that the program that reads the file reads back exactly the value, or the
+value is refused with the reason. Control characters never get here: the
 configuration refuses them in every setting (``checks.control_characters``).
 """
 
 from __future__ import annotations
 
+import json
 import re
+
+import yaml
 
 from glmfleet import checks
 
@@ -56,6 +60,25 @@ def systemd_env_line(name: str, value: str) -> str:
     return f'{name}="' + re.sub(r'(["\\\\$`])', r"\\\1", value) + '"'
 
 
+def host_port(address: str, port: int) -> str:
+    """``host:port`` as Go's flags, URLs and Prometheus's targets take it: an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+# A word of ``$ARGS`` in ExecStart=: systemd splits the variable's value at whitespace and takes
+# each piece as it is, quotes included, so only words that need no quoting are written there.
+DEFAULTS_WORD = re.compile(r"[\w@%+=:,./~\[\]-]+")
+
+
+def debian_defaults(args: list[str]) -> str:
+    """A Debian /etc/default file for units that run ``DAEMON $ARGS``: ``ARGS="..."``, read by
+    systemd's EnvironmentFile= (and by the package's init script, as sh)."""
+    for arg in args:
+        if not DEFAULTS_WORD.fullmatch(arg):
+            raise Unwritable(f"{arg!r}: a flag in $ARGS cannot hold whitespace, quotes, $ or backslashes")
+    return "# Managed by glmfleet.\n" + systemd_env_line("ARGS", " ".join(args)) + "\n"
+
+
 # --- Docker's --env-file ---------------------------------------------------------------------
 
 
@@ -92,3 +115,29 @@ def known_hosts_host(hostname: str, port: int | str) -> str:
     if not checks.host_or_address(hostname):
         raise Unwritable(f"{hostname!r} is not a host name or IP address, which is all known_hosts may hold")
     return hostname if str(port) == "22" else f"[{hostname}]:{int(port)}"
+
+
+# --- apt preferences (apt_preferences(5)) ------------------------------------------------------
+
+
+def apt_preferences_string(value: str) -> str:
+    """A double-quoted value of a Pin: line, which has no escape for a double quote."""
+    no_line_breaks(value, "apt preferences")
+    if '"' in value:
+        raise Unwritable("an apt preferences value cannot hold a double quote")
+    return f'"{value}"'
+
+
+# --- YAML and JSON (Prometheus, Grafana) ---------------------------------------------------------
+
+
+def yaml_document(data, comment: str = "") -> str:
+    """A YAML file from plain data: every string quoted or escaped as YAML needs, so Prometheus
+    and Grafana read back exactly the values (a label, a host name, a URL)."""
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def json_document(data) -> str:
+    """A JSON file (Prometheus's file_sd targets, Grafana dashboards): JSON's own escaping."""
+    return json.dumps(data, indent=2) + "\n"

@@ -73,12 +73,8 @@ ROOT_AUTHORIZED_KEYS = f"{ROOT_SSH_DIR}/authorized_keys"
 SSH_HOST_KEY_PUB = "/etc/ssh/ssh_host_ed25519_key.pub"  # a host's key, as its peers know it
 DEFAULT_MODEL_ROOT = "/var/lib/glmfleet/models"  # model_root's default: the store peers may read
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's and Ubuntu's: pip and uv trust what the host trusts
-
-# Directories glmfleet owns by name: it makes them, and puts their owner and mode right when
-# they drift. Configured directories (venv root, state dir, model store) are made once and
-# never changed afterwards (``operations.owned_directory``).
 STAGING_DIR = STAGED_UNIT.rsplit("/", 1)[0]
-OWN_DIRS = (SECRETS_DIR, TOOLS_ROOT, BIN_DIR, SHARE_DIR, STATE_ROOT, WEIGHTS_STATE_DIR, CACHE_ROOT, STAGING_DIR)
+
 
 # --- apt, the driver -----------------------------------------------------------------------------
 
@@ -110,6 +106,70 @@ NGINX_ERROR_LOG = "/var/log/nginx/error.log"
 GATEWAY_CONFIG = "/etc/nginx/conf.d/glmfleet-gateway.conf"
 GATEWAY_KEYS = "/etc/nginx/glmfleet-gateway-keys.conf"  # root-only, read by the nginx master
 NGINX_DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
+
+# --- monitoring: Prometheus, its exporters, Grafana ---------------------------------------------
+# The Debian and Ubuntu packages' own paths and units; each reads its flags from ARGS in its
+# /etc/default file, which glmfleet writes before the package is installed (so its first start
+# already listens where configured).
+
+PROMETHEUS = "/usr/bin/prometheus"
+PROMTOOL = "/usr/bin/promtool"
+PROMETHEUS_UNIT = "prometheus.service"
+PROMETHEUS_DEFAULTS = "/etc/default/prometheus"
+PROMETHEUS_CONFIG = "/etc/prometheus/prometheus.yml"
+PROMETHEUS_RULES_NAME = "glmfleet-alerts.yml"  # beside the configuration, which names it relatively
+PROMETHEUS_RULES = f"/etc/prometheus/{PROMETHEUS_RULES_NAME}"
+# Both as rendered, side by side (the rules named relatively), checked by promtool before they
+# replace the installed ones.
+STAGED_PROMETHEUS_CONFIG = f"{STAGING_DIR}/prometheus.yml"
+STAGED_PROMETHEUS_RULES = f"{STAGING_DIR}/{PROMETHEUS_RULES_NAME}"
+# The scrape targets, one file per job (file_sd): Prometheus re-reads a changed one by itself.
+PROMETHEUS_TARGETS_DIR = "/etc/prometheus/glmfleet-targets"
+PROMETHEUS_CONSOLE = "/etc/prometheus/consoles/glmfleet.html"
+NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
+NODE_EXPORTER_UNIT = "prometheus-node-exporter.service"
+NODE_EXPORTER_DEFAULTS = "/etc/default/prometheus-node-exporter"
+# glmfleet's own gauges, read by the node exporter's textfile collector: root's, not in Debian's
+# textfile directory, which lies in the prometheus user's home (root follows no link it could plant).
+NODE_EXPORTER_TEXTFILES = f"{STATE_ROOT}/node-exporter"
+GPUS_EXPECTED = f"{NODE_EXPORTER_TEXTFILES}/glmfleet-gpus.prom"
+NGINX_EXPORTER = "/usr/bin/prometheus-nginx-exporter"
+NGINX_EXPORTER_UNIT = "prometheus-nginx-exporter.service"
+NGINX_EXPORTER_DEFAULTS = "/etc/default/prometheus-nginx-exporter"
+# nginx's stub_status page for the exporter, on loopback (a unix socket left behind by a killed
+# nginx would keep nginx from starting again).
+NGINX_STATUS_CONFIG = "/etc/nginx/conf.d/glmfleet-status.conf"
+DCGM_UNIT = "nvidia-dcgm.service"
+DCGM_EXPORTER = "/usr/bin/dcgm-exporter"
+DCGM_EXPORTER_UNIT = "nvidia-dcgm-exporter.service"
+DCGM_EXPORTER_DROPIN = f"{UNIT_DIR}/{DCGM_EXPORTER_UNIT}.d/glmfleet.conf"
+DCGM_COUNTERS = "/etc/dcgm-exporter/glmfleet-counters.csv"
+# Keeps the CUDA repository's driver packages away from a host whose driver comes from elsewhere.
+CUDA_DRIVER_PIN = "/etc/apt/preferences.d/glmfleet-cuda-repository"
+GRAFANA_UNIT = "grafana-server.service"
+GRAFANA_DROPIN = f"{UNIT_DIR}/{GRAFANA_UNIT}.d/glmfleet.conf"
+GRAFANA_DATASOURCES = "/etc/grafana/provisioning/datasources/glmfleet.yaml"
+GRAFANA_DASHBOARD_PROVIDER = "/etc/grafana/provisioning/dashboards/glmfleet.yaml"
+# vLLM's dashboards, fetched: root's (not in /var/lib/grafana, the grafana user's), one
+# directory per list of dashboard URLs, so that a changed list leaves no dashboard behind.
+GRAFANA_DASHBOARDS_ROOT = f"{STATE_ROOT}/grafana-dashboards"
+
+# Directories glmfleet owns by name: it makes them, and puts their owner and mode right when
+# they drift. Configured directories (venv root, state dir, model store) are made once and
+# never changed afterwards (``operations.owned_directory``).
+OWN_DIRS = (
+    SECRETS_DIR,
+    TOOLS_ROOT,
+    BIN_DIR,
+    SHARE_DIR,
+    STATE_ROOT,
+    WEIGHTS_STATE_DIR,
+    CACHE_ROOT,
+    STAGING_DIR,
+    PROMETHEUS_TARGETS_DIR,
+    NODE_EXPORTER_TEXTFILES,
+    GRAFANA_DASHBOARDS_ROOT,
+)
 
 # --- the official image --------------------------------------------------------------------------
 

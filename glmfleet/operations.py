@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from io import StringIO
 from pathlib import Path
@@ -13,7 +14,9 @@ from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.facts.files import Sha256File
 from pyinfra.operations import files, server, systemd
 
+from glmfleet import filesyntax
 from glmfleet.checks import redact, url_credentials, without_credentials
+from glmfleet.facts.network import ListeningPorts, port_holders
 from glmfleet.facts.packages import DebPackageStates
 from glmfleet.layout import KEYRINGS_DIR, MADE_DIRS_RECORD, NETRC, OWN_DIRS, STATE_ROOT, apt_keyring, apt_source
 from glmfleet.shell import fail_with, join, quote
@@ -167,17 +170,19 @@ def upload(
     mode: str = "644",
     name: str | None = None,
     secret: bool = False,
+    atomic: bool = False,
 ):
     """``files.put`` of a local file (a Path) or of a text, planned like ``directory`` only
     where the remote file differs in content, owner or mode; with ``secret``, ``write_secret``,
-    which never shows the content nor stages it readable. Returns the operation, or None when
-    there is nothing to do."""
+    which never shows the content nor stages it readable; with ``atomic``, the same, so that the
+    file is replaced in one rename (a program that watches it, as Prometheus its target files,
+    never reads it half written). Returns the operation, or None when there is nothing to do."""
     data = content.read_bytes() if isinstance(content, Path) else content.encode()
     wanted = {"type": "file", "user": user, "group": group, "mode": mode, "sha256": hashlib.sha256(data).hexdigest()}
     if managed["paths"].get(dest) == wanted:
         return None
     name = name or f"file {dest}"
-    if secret:
+    if secret or atomic:
         return write_secret(name, dest, data.decode(), user=user, group=group, mode=mode)
     source = str(content) if isinstance(content, Path) else StringIO(content)
     return files.put(name=name, src=source, dest=dest, user=user, group=group, mode=mode)
@@ -190,6 +195,79 @@ def unit_enabled(managed: dict, unit: str, name: str | None = None, running: boo
     if state.get("enabled") and (not running or state.get("running")):
         return None
     return systemd.service(name=name or f"{unit} enabled", service=unit, running=running or None, enabled=True)
+
+
+def port_taken(listeners: list, port: int, key: str, unit: str) -> bool:
+    """Stop the host, naming who holds it, where a service other than ``unit`` or a process
+    outside any service holds ``port`` (set by ``key``; ``listeners``: the ListeningPorts answer)."""
+    holders = port_holders(listeners, port, unit)
+    if holders:
+        stop_host(
+            name=f"stop: {key} {port} is taken",
+            reason=f"{key} = {port} is already in use by {' and '.join(holders)}: set {key} to a free port, or stop what holds it",
+        )
+    return bool(holders)
+
+
+@dataclass(frozen=True)
+class PackagedDaemon:
+    """A daemon from the distribution's package whose unit runs ``binary $ARGS``, ARGS read from
+    a Debian /etc/default file: Prometheus and its exporters on Debian and Ubuntu."""
+
+    package: str
+    binary: str
+    unit: str
+    defaults: str
+
+
+def daemon_installed(managed: dict, daemon: PackagedDaemon, args: list[str], name: str) -> list:
+    """The daemon's flags (``args``) written, then its package installed where missing: the
+    flags go first, so that the package's own first start already listens where they say
+    (apt keeps a configuration file that is there before its package). Planned only where
+    ``managed`` (ManagedPaths of the binary and the defaults file) shows something to do;
+    returns the operations planned, after which ``service_running`` (re)starts it."""
+    flags = upload(managed, daemon.defaults, filesyntax.debian_defaults(args), name=f"{name} flags {daemon.defaults}")
+    installed = None
+    if daemon.binary not in managed["paths"]:
+        installed = apt_install(name=f"{name}: {daemon.package}", packages={daemon.package: None})
+    return planned(flags, installed)
+
+
+def listening_check(unit: str, port: int, journal_lines: int, timeout_s: int = 300) -> str:
+    """Wait until ``unit``'s own process listens on ``port`` (another host's or process's
+    listener does not count); a unit that fails meanwhile, or never listens, fails the host with
+    systemd's status and the journal's last lines."""
+    listeners = ListeningPorts().command(port=port)
+    journal = join(["journalctl", "--unit", unit, "--lines", str(journal_lines), "--no-pager", "--quiet"])
+    quoted = quote(unit)
+    return (
+        f"for i in $(seq {timeout_s * 10}); do {listeners} | grep -qx {quote(f'{port} {unit}')} && exit 0; "
+        f"systemctl is-failed --quiet {quoted} && break; sleep 0.1; done; "
+        f"echo {quote(f'{unit} does not listen on port {port}:')} >&2; systemctl status --no-pager --lines 0 {quoted} >&2; "
+        f"echo {quote(f'--- last lines of the {unit} journal:')} >&2; {journal} >&2; exit 1"
+    )
+
+
+def service_running(
+    managed: dict, unit: str, changes: list, port: int, journal_lines: int, name: str, files: tuple[str, ...] = ()
+):
+    """The service enabled and (re)started where ``changes`` (its package, its flags) were
+    planned, where it is not running or not enabled, or where it started before one of its
+    ``files`` last changed; then waited for until it listens on ``port`` (``listening_check``).
+    Returns the operation, or None where it runs what is on disk and nothing changes."""
+    state = managed["units"].get(unit, {})
+    started = state.get("started")
+    stale = started is not None and any((managed["mtimes"].get(path) or 0) > started for path in files)
+    if not changes and not stale and state.get("enabled") and state.get("running"):
+        return None
+    quoted = quote(unit)
+    return server.shell(
+        name=f"{name}: (re)start {unit}",
+        commands=[
+            f"systemctl enable --quiet {quoted} && systemctl reset-failed {quoted} 2>/dev/null; systemctl restart {quoted}; "
+            + listening_check(unit, port, journal_lines)
+        ],
+    )
 
 
 def planned(*ops) -> list:
@@ -207,28 +285,33 @@ def render_apt_source(url: str, suite: str, components: list[str], keyring: str)
     return "\n".join(lines) + "\n"
 
 
-def fetch_key_command(key_url: str, keyring: str, key_sha256: str | None) -> str:
-    """Download a repository key next to its place, check its sha256 when pinned, then move it
-    in: a key that fails the check never reaches apt. Credentials of the URL come from the
-    root-only netrc (``layout.NETRC``, curl's ``--netrc-file``), never from the command line."""
-    partial = quote(f"{keyring}.partial")
-    url = quote(without_credentials(key_url))
-    if url_credentials(key_url):
-        download = f"curl -fsSL --netrc-file {quote(NETRC)} -o {partial} {url}"
+def fetch_command(url: str, dest: str, sha256: str | None = None) -> str:
+    """Download ``url`` next to ``dest``, check its sha256 when pinned, then move it in (mode
+    644): a file that fails the check never takes the place. Credentials of the URL come from
+    the root-only netrc (``layout.NETRC``, curl's ``--netrc-file``), never from the command line."""
+    partial = quote(f"{dest}.partial")
+    quoted_url = quote(without_credentials(url))
+    if url_credentials(url):
+        download = f"curl -fsSL --netrc-file {quote(NETRC)} -o {partial} {quoted_url}"
     else:
         download = (
-            f"{{ if command -v curl >/dev/null; then curl -fsSL -o {partial} {url}; "
-            f"else wget -q -O {partial} {url}; fi; }}"
+            f"{{ if command -v curl >/dev/null; then curl -fsSL -o {partial} {quoted_url}; "
+            f"else wget -q -O {partial} {quoted_url}; fi; }}"
         )
-    steps = [f"mkdir -p {quote(KEYRINGS_DIR)}", download]
-    if key_sha256:
+    steps = [download]
+    if sha256:
         steps.append(
-            f"{{ echo {quote(f'{key_sha256}  {keyring}.partial')} | sha256sum --check --status || "
+            f"{{ echo {quote(f'{sha256}  {dest}.partial')} | sha256sum --check --status || "
             f"{{ found=$(sha256sum < {partial} | cut -d' ' -f1); rm -f {partial}; "
-            f"printf '%s has sha256 %s, pinned %s\\n' {quote(redact(key_url))} \"$found\" {quote(key_sha256)} >&2; exit 1; }}; }}"
+            f"printf '%s has sha256 %s, pinned %s\\n' {quote(redact(url))} \"$found\" {quote(sha256)} >&2; exit 1; }}; }}"
         )
-    steps.append(f"chmod 644 {partial} && mv -f {partial} {quote(keyring)}")
+    steps.append(f"chmod 644 {partial} && mv -f {partial} {quote(dest)}")
     return " && ".join(steps)
+
+
+def fetch_key_command(key_url: str, keyring: str, key_sha256: str | None) -> str:
+    """A repository key fetched into its keyring (``fetch_command``): a key that fails its pin never reaches apt."""
+    return f"mkdir -p {quote(KEYRINGS_DIR)} && " + fetch_command(key_url, keyring, key_sha256)
 
 
 def apt_repository_question(repo: str) -> list[str]:

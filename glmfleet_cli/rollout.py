@@ -4,7 +4,9 @@ For each batch (a canary first): build what is slow to build while the hosts sti
 them out of the gateway's pool, wait for their in-flight requests, apply the deploy's own roles
 (restart, verify with a real request), and put them back. A host that fails to verify is rolled
 back to its known-good state and verified again; the rollout stops once more hosts failed than
---max-fail allows.
+--max-fail allows. A replica group (several hosts serving one model) is one unit of a batch:
+its ranks leave the pool, restart, verify and roll back together, and --max-fail counts it
+once.
 
 Which hosts are done is read from the hosts themselves: a host the deploy would not change and
 that serves is at the target, so running the same command again after a stop resumes it.
@@ -21,6 +23,7 @@ from pyinfra import host
 from pyinfra.api import Inventory
 from pyinfra.context import ctx_host, ctx_state
 
+from glmfleet.config import replica_group
 from glmfleet.facts.vllm import VllmStatus
 from glmfleet_cli.runner import Run, UsageError, load_inventory, select
 from roles import serving_host
@@ -127,6 +130,18 @@ def update_host():
     return serving_host()
 
 
+def units_of(inventory: Inventory, targets: list[str]) -> list[tuple[str, ...]]:
+    """What a rollout moves as one: a host, or every rank of its replica group (in rank order,
+    each group once, where any of its ranks is a target)."""
+    units: list[tuple[str, ...]] = []
+    for name in targets:
+        group = replica_group(inventory.get_host(name))
+        unit = group.ranks if group is not None else (name,)
+        if unit not in units:
+            units.append(unit)
+    return units
+
+
 @dataclass
 class Rollout:
     inventory: Inventory
@@ -136,16 +151,31 @@ class Rollout:
     results: dict[str, HostResult] = field(default_factory=dict)
     out_of_pool: set[str] = field(default_factory=set)
     last_step: float = 0.0
+    units: list[tuple[str, ...]] = field(default_factory=list)
+
+    def unit_of(self, name: str) -> tuple[str, ...]:
+        return next(unit for unit in self.units if name in unit)
 
     @property
     def gateways(self) -> list[str]:
         return [h.name for h in self.inventory.groups.get(GATEWAY_GROUP, [])]
 
     def failed_count(self) -> int:
-        return sum(r.failed for r in self.results.values())
+        """Failed units: a replica group counts once, however many of its ranks failed."""
+        return sum(any(self.results[name].failed for name in unit if name in self.results) for unit in self.units)
 
     def fail(self, name: str, result: str, why: str) -> None:
         self.results[name].result, self.results[name].failed, self.results[name].why = result, True, why
+
+    def fail_with_group(self, names: list[str]) -> list[str]:
+        """Every rank of a group one of ``names`` is in fails with it; returns them all."""
+        failed = list(names)
+        for name in names:
+            for rank in self.unit_of(name):
+                if rank not in failed:
+                    self.fail(rank, "FAILED with its replica group", f"rank {name} of its group failed")
+                    failed.append(rank)
+        return failed
 
     def edit_pool(self) -> str | None:
         """Render every gateway's pool without the hosts out of it; returns why it failed."""
@@ -180,7 +210,11 @@ class Rollout:
                     pending.append(name)
                 if not serves:
                     self.out_of_pool.add(name)
-        return pending
+        # A group is pending, and out of the pool, as a whole.
+        for unit in self.units:
+            if set(unit) & set(pending):
+                pending += [name for name in unit if name not in pending and not self.results[name].failed]
+        return [name for unit in self.units for name in unit if name in pending]
 
     def step(self, text: str) -> None:
         """Progress, with the time since the previous step."""
@@ -202,7 +236,8 @@ class Rollout:
                 else:
                     self.fail(name, "FAILED while staging (unchanged)", why)
                 self.say(f"  {name} failed: {first_line(why)}")
-        staged = [name for name in batch if not self.results[name].failed]
+        unstaged = self.fail_with_group([name for name in batch if self.results[name].failed])
+        staged = [name for name in batch if name not in unstaged]
         self.step(f"staged: {', '.join(staged) or 'none'}")
         self.out_of_pool.update(staged)
         if error := self.edit_pool():
@@ -233,6 +268,11 @@ class Rollout:
         updated = [name for name in staged if self.results[name].result == "updated"]
         self.step(f"drained, updated, verified: {', '.join(updated) or 'none'}")
         if failed:
+            for name in self.fail_with_group(sorted(failed)):
+                if name not in failed:
+                    failed[name] = self.results[name].why
+                    self.results[name].result = "FAILED with its replica group"
+                    self.out_of_pool.add(name)
             self.roll_back(sorted(failed))
             recovered = [name for name in failed if name not in self.out_of_pool]
             self.step(f"rolled back and verified: {', '.join(recovered) or 'none'}")
@@ -278,15 +318,20 @@ def rollout(
     """Roll the inventory out; prints progress and the per-host table; returns the exit code
     (0: every host at the target; 1: a host failed or the rollout stopped)."""
     inventory = load_inventory(inventory_path, data)
-    targets = select(inventory, limit or [])
+    units = units_of(inventory, select(inventory, limit or []))
+    targets = [name for unit in units for name in unit]
     batch_sizes(batch_spec, 1)  # a malformed --batch stops here, before any host is touched
-    plan = Rollout(inventory, targets, failure_budget(max_fail, len(targets)), say)
+    plan = Rollout(inventory, targets, failure_budget(max_fail, len(units)), say, units=units)
     started = time.monotonic()
 
     say(f"--> reading {len(targets)} hosts")
     pending = plan.survey()
-    sizes = batch_sizes(batch_spec, len(pending))
-    batches = [pending[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+    pending_units = [unit for unit in plan.units if set(unit) & set(pending)]
+    sizes = batch_sizes(batch_spec, len(pending_units))
+    batches = [
+        [name for unit in pending_units[sum(sizes[:i]) : sum(sizes[: i + 1])] for name in unit if name in pending]
+        for i in range(len(sizes))
+    ]
     say(
         f"    {len(targets) - len(pending) - plan.failed_count()} at the target, {plan.failed_count()} failed to read, "
         f"{len(pending)} to update in {len(batches)} batches ({', '.join(map(str, sizes))})"
@@ -295,7 +340,7 @@ def rollout(
     def over_budget() -> str | None:
         failed = plan.failed_count()
         if plan.exceeded(failed):
-            return f"{failed} host{'s' if failed > 1 else ''} failed, more than --max-fail {max_fail} allows"
+            return f"{failed} replica{'s' if failed > 1 else ''} failed, more than --max-fail {max_fail} allows"
         return None
 
     stop = over_budget()
@@ -318,6 +363,6 @@ def rollout(
         if r.failed and r.why:
             say(f"\n--- {r.name}: {r.result}\n{r.why.strip()}")
     failed = plan.failed_count()
-    summary = f"rollout stopped: {stop}" if stop else f"rollout complete: {failed} of {len(targets)} hosts failed"
+    summary = f"rollout stopped: {stop}" if stop else f"rollout complete: {failed} of {len(units)} replicas failed"
     say(f"\n{summary} ({time.monotonic() - started:.1f} s)")
     return 1 if stop or failed else 0

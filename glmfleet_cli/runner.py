@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
+import pyinfra
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.connect import connect_all, disconnect_all
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.operations import run_ops
-from pyinfra.api.state import BaseStateCallback
+from pyinfra.api.state import BaseStateCallback, StateStage
 from pyinfra.context import ctx_config, ctx_host, ctx_state
 from pyinfra_cli.inventory import make_inventory
 
@@ -132,6 +133,11 @@ class Run:
         connection dropped) fails alone, where pyinfra's CLI would stop everything."""
         results: dict[str, Any] = {}
         errors: dict = {}
+        # pyinfra's API numbers each host's operations, so the n-th operation of two hosts
+        # counts as one even where they differ (a head's request check and its rank's check):
+        # planned as the CLI plans, an operation is its call site, and hosts meet there.
+        self.state.set_stage(StateStage.Prepare)
+        pyinfra.is_cli = True
 
         def plan_host(host):
             try:
@@ -140,9 +146,13 @@ class Run:
             except Exception as error:  # whatever went wrong is this host's failure, reported
                 errors[host] = f"planning failed: {type(error).__name__}: {error}"
 
+        try:
+            with ctx_state.use(self.state):
+                greenlets = [self.state.pool.spawn(plan_host, host) for host in self.inventory.get_active_hosts()]
+                gevent.joinall(greenlets, raise_error=True)
+        finally:
+            pyinfra.is_cli = False
         with ctx_state.use(self.state):
-            greenlets = [self.state.pool.spawn(plan_host, host) for host in self.inventory.get_active_hosts()]
-            gevent.joinall(greenlets, raise_error=True)
             for host, why in errors.items():
                 self.plan_errors[host.name] = why
                 try:

@@ -1,10 +1,13 @@
-"""`glmfleet status`: per host, what its vLLM runs and how it is doing, in one round trip each."""
+"""`glmfleet status`: per host, what its vLLM runs and how it is doing, in one round trip each;
+a replica group as one row with its ranks under it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from glmfleet.config import replica_group
 from glmfleet.facts.vllm import VllmStatus
+from glmfleet.groups import ReplicaGroup
 from glmfleet_cli.runner import Run, load_inventory, select
 from roles.vllm_service import UNIT_PATH
 
@@ -43,6 +46,35 @@ def row(name: str, status: dict | None, unreachable: str | None = None) -> tuple
     )
 
 
+def rank_row(name: str, rank: int, status: dict | None, unreachable: str | None) -> tuple[str, ...]:
+    """A headless rank serves no API: its unit's state is its health."""
+    cells = row(f"  rank {rank} {name}", status, unreachable)
+    if status is None or status.get("unit") is None:
+        return cells
+    active = status.get("service", {}).get("ActiveState") == "active"
+    return (*cells[:5], "runs (headless)" if active else "DOWN", "-")
+
+
+def group_rows(group: ReplicaGroup, statuses: dict, unreachable: dict) -> tuple[list[tuple[str, ...]], bool]:
+    """The group's row, then one per rank; and whether the group serves: every rank up and every
+    endpoint healthy."""
+    rows, down = [], []
+    for rank, name in enumerate(group.ranks):
+        status = statuses.get(name)
+        if name in group.endpoints():
+            cells = row(f"  rank {rank} {name}", status, unreachable.get(name))
+            healthy = status is not None and status.get("health") == 200
+        else:
+            cells = rank_row(name, rank, status, unreachable.get(name))
+            healthy = status is not None and status.get("service", {}).get("ActiveState") == "active"
+        rows.append(cells)
+        if not healthy:
+            down.append(f"rank {rank} ({name})")
+    layout = "data parallel, every rank serves" if group.every_rank_serves else f"head {group.head} serves"
+    state = f"DOWN: {', '.join(down)}" if down else "serving"
+    return [(f"group {group.name}", f"{group.size} hosts, {layout}", "", "", "", state, ""), *rows], not down
+
+
 def render(rows: list[tuple[str, ...]]) -> str:
     rows = [COLUMNS, *rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
@@ -54,10 +86,25 @@ def fleet_status(
 ) -> int:
     """Print the table; returns 1 when a host is unreachable or does not serve, else 0."""
     inventory = load_inventory(inventory_path, data)
-    names = select(inventory, limit or [])
+    selected = select(inventory, limit or [])
+    # A group is shown whole: every rank of a group any selected host is in.
+    names = []
+    for name in selected:
+        group = replica_group(inventory.get_host(name))
+        names += [rank for rank in (group.ranks if group else (name,)) if rank not in names]
     with Run(inventory, names) as run:
         statuses = run.facts(VllmStatus, path=UNIT_PATH)
         unreachable = run.unreachable
-    say(render([row(name, statuses.get(name), unreachable.get(name)) for name in names]))
-    healthy = all(statuses.get(name, {}).get("health") == 200 for name in names)
+    rows, healthy, shown = [], True, set()
+    for name in names:
+        group = replica_group(inventory.get_host(name))
+        if group is None:
+            rows.append(row(name, statuses.get(name), unreachable.get(name)))
+            healthy = healthy and statuses.get(name, {}).get("health") == 200
+        elif group.name not in shown:
+            shown.add(group.name)
+            group_lines, serves = group_rows(group, statuses, unreachable)
+            rows += group_lines
+            healthy = healthy and serves
+    say(render(rows))
     return 0 if healthy else 1

@@ -32,3 +32,7 @@ gpu_servers = (
 # above (`glmfleet rollout` takes hosts out of its pool while it updates them). It checks
 # vllm_api_key; it speaks plain HTTP, like vLLM itself: keep it on a trusted network.
 gateway = (["gpu-01.example.internal"], {"gateway_listen_address": "0.0.0.0", "gateway_port": 8080})
+
+# The fleet's Prometheus, with Grafana and vLLM's dashboards: every host above then also runs the
+# node exporter and, where glmfleet manages the NVIDIA driver, DCGM's exporter (README: Monitoring).
+monitoring = (["gpu-01.example.internal"], {"grafana": True})

@@ -10,13 +10,19 @@ from glmfleet import config
 from glmfleet.config import host_config, validate_inventory
 from glmfleet.facts.engine import ask_together
 from glmfleet.operations import planned
+from glmfleet.role import deploy_function
 from roles import (
     container_toolkit,
+    dcgm_exporter,
     gateway,
+    gateway_exporter,
     glm4_patch,
+    grafana,
     model_weights,
+    node_exporter,
     nvidia_driver,
     preflight,
+    prometheus,
     site_credentials,
     verify,
     vllm_flags,
@@ -38,7 +44,10 @@ SERVING_ROLES = (
     vllm_service,
     verify,
 )
-ROLES = (*SERVING_ROLES, gateway)
+# What watches the fleet, in order: exporters on every host of a monitored fleet, Prometheus (and
+# Grafana) on the hosts of the `monitoring` group (``monitoring_roles``).
+MONITORING_ROLES = (node_exporter, dcgm_exporter, gateway_exporter, prometheus, grafana)
+ROLES = (*SERVING_ROLES, gateway, *MONITORING_ROLES)
 config.use_roles(ROLES)
 # What a rollout prepares while the host still serves (serving_host's stage_only).
 STAGING_ROLES = (preflight, vllm_venv, vllm_image, model_weights, vllm_flags)
@@ -116,3 +125,24 @@ def serving_host(stage_only=False):
         restart_when=[*runtime_changed, *new_weights, *toolkit_changed, *driver.changes]
     )
     return started, verify.verify(changes=planned(started))
+
+
+def monitoring_roles(member) -> tuple:
+    """The monitoring roles that apply to a host: none where the inventory has no
+    ``monitoring`` group; else the node exporter and (on GPU hosts, ``dcgm_exporter.enabled``)
+    DCGM everywhere, the gateway's exporter on gateways, Prometheus and Grafana on the
+    ``monitoring`` hosts."""
+    if not prometheus.monitored(member.inventory):
+        return ()
+    applied = [node_exporter, dcgm_exporter]
+    if gateway.GATEWAY_GROUP in member.groups:
+        applied.append(gateway_exporter)
+    if prometheus.MONITORING_GROUP in member.groups:
+        applied += [prometheus, grafana]
+    return tuple(applied)
+
+
+def monitoring_host(applied: tuple) -> None:
+    """Apply the monitoring roles ``monitoring_roles`` chose for this host, in their order."""
+    for role in applied:
+        deploy_function(role)()

@@ -1,8 +1,9 @@
 """gateway: one OpenAI-compatible entry point for the fleet, nginx from the distribution.
 
-It runs on the hosts of the inventory group ``gateway``; its upstreams are every host of the
-inventory (every host serves), one upstream per served model name. A rollout takes a host out of
-the pool (``down``) before draining it and puts it back once it is verified.
+It runs on the hosts of the inventory group ``gateway``; its upstreams are every serving endpoint
+of the inventory (a host, or the API servers of a replica group), one upstream per served model
+name. A rollout takes a host (or a whole group) out of the pool (``down``) before draining it
+and puts it back once it is verified.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from glmfleet import FILES, checks, filesyntax
-from glmfleet.config import HostConfig, Setting, documented, host_config
+from glmfleet.config import HostConfig, Setting, documented, host_config, replica_group
 from glmfleet.facts.engine import Question, ask_together
-from glmfleet.facts.network import ListeningPorts
+from glmfleet.facts.network import ListeningPorts, port_holders
 from glmfleet.facts.paths import ManagedPaths
 from glmfleet.layout import (
     GATEWAY_CONFIG as CONFIG_PATH,
@@ -106,28 +107,37 @@ def combination_problems(cfg: dict, groups: frozenset[str] = frozenset()) -> lis
     return found
 
 
-def upstream_address(name: str, data: dict, cfg: HostConfig) -> str:
-    """Where the gateway reaches a host's vLLM: its listen address, or for a wildcard the
-    address pyinfra reaches the host at."""
-    address = cfg.vllm_host
+def reach_address(name: str, data: dict, listen_address: str, port: int) -> str:
+    """Where other hosts reach a server that listens on ``listen_address`` and ``port`` of the
+    host ``name`` (pyinfra ``data``): that address, or for a wildcard the address pyinfra
+    reaches the host at."""
+    address = listen_address
     if address in ("0.0.0.0", "::"):
         address = data.get("ssh_hostname") or name
-    if ":" in address:
-        address = f"[{address}]"
-    return f"{address}:{cfg.vllm_port}"
+    return filesyntax.host_port(address, port)
+
+
+def upstream_address(name: str, data: dict, cfg: HostConfig) -> str:
+    """Where the gateway reaches a host's vLLM."""
+    return reach_address(name, data, cfg.vllm_host, cfg.vllm_port)
 
 
 def pool(inventory, out_of_pool=frozenset()) -> list[dict]:
-    """The upstreams: per served model name (in inventory order), its hosts and whether each
-    is in the pool."""
+    """The upstreams: per served model name (in inventory order), its endpoints (a host, or a
+    replica group's API servers) and whether each is in the pool: a group's endpoints only while
+    none of its ranks is out of it."""
     models: dict[str, list[dict]] = {}
     for member in inventory:
         cfg = host_config(member)
+        group = replica_group(member)
+        if group is not None and member.name not in group.endpoints():
+            continue  # a headless rank serves no API
+        ranks = group.ranks if group is not None else (member.name,)
         models.setdefault(served_model_name(cfg), []).append(
             {
                 "host": member.name,
                 "address": upstream_address(member.name, member.data.dict(), cfg),
-                "in_pool": member.name not in out_of_pool,
+                "in_pool": not set(ranks) & set(out_of_pool),
             }
         )
     return [
@@ -218,13 +228,7 @@ def gateway(out_of_pool=frozenset()):
     cfg = host_config(host)
     answers = ask_together(host, questions(cfg))
     managed = answers["managed"]
-    holders = sorted(
-        {
-            unit or "a process outside any systemd service"
-            for port, unit in answers["listeners"]
-            if port == cfg.gateway_port and unit != NGINX_UNIT
-        }
-    )
+    holders = port_holders(answers["listeners"], cfg.gateway_port, NGINX_UNIT)
     if holders:
         stop_host(
             name=f"stop: gateway_port {cfg.gateway_port} is taken",

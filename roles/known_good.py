@@ -12,8 +12,9 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
-from glmfleet.config import HostConfig, host_config
+from glmfleet.config import HostConfig, host_config, replica_group
 from glmfleet.facts.engine import ask
+from glmfleet.facts.paths import ManagedPaths
 from glmfleet.facts.vllm import VllmServes, VllmUnit, vllm_status_command
 from glmfleet.layout import (
     COMPLETE_MARKER,
@@ -26,7 +27,7 @@ from glmfleet.layout import (
     UNIT_PATH,
 )
 from glmfleet.shell import quote
-from roles.verify import argv_for, wait_command
+from roles.verify import argv_for, rank_check_command, wait_command
 
 
 def keep_command(cfg: HostConfig) -> str:
@@ -72,10 +73,19 @@ def restore_command(cfg: HostConfig) -> str:
     )
 
 
+def headless() -> bool:
+    """Whether this host is a rank of a replica group that serves no API."""
+    group = replica_group(host)
+    return group is not None and host.name not in group.endpoints()
+
+
 def serves(unit: dict | None) -> bool:
-    """Whether the host serves as this parsed unit defines serving: its port, its model name."""
+    """Whether the host serves as this parsed unit defines serving: its port, its model name;
+    for a headless rank of a replica group, whether its unit runs."""
     if not unit:
         return False
+    if headless():
+        return bool(ask(host, ManagedPaths, paths=[], units=[UNIT])["units"].get(UNIT, {}).get("running"))
     return ask(host, VllmServes, verify_argv=argv_for(unit["base_url"], unit["served_model_name"]))["ok"]
 
 
@@ -102,6 +112,8 @@ def drain():
     (``--shutdown-timeout``), and this wait costs nothing when the host is already idle.
     """
     cfg = host_config(host)
+    if headless():
+        return  # the head holds the group's requests
     server.shell(
         name="wait until no request is in flight",
         commands=[vllm_status_command("wait-idle", UNIT_PATH, "--deadline", str(cfg.vllm_shutdown_timeout))],
@@ -122,8 +134,12 @@ def roll_back():
     server.shell(name="restore the known-good unit, environment and venv", commands=[restore_command(cfg)])
     if known_good is None:
         return None
-    return server.shell(
-        name="verify the rolled-back host serves",
-        commands=[wait_command(cfg, argv_for(known_good["base_url"], known_good["served_model_name"]))],
-        _timeout=cfg.vllm_ready_timeout + 120,
-    )
+    group = replica_group(host)
+    if group is None or host.name in group.endpoints():
+        return server.shell(
+            name="verify the rolled-back host serves",
+            commands=[wait_command(cfg, argv_for(known_good["base_url"], known_good["served_model_name"]))],
+            _timeout=cfg.vllm_ready_timeout + 120,
+        )
+    # Below the heads' check: runs once the group's head served (or failed to) again.
+    return server.shell(name="verify every rolled-back rank runs", commands=[rank_check_command(cfg, group)])

@@ -7,9 +7,10 @@ from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from glmfleet import compat
-from glmfleet.config import HostConfig, host_config
+from glmfleet.config import HostConfig, host_config, replica_group
 from glmfleet.facts.engine import Question, ask_together
-from glmfleet.facts.network import ListeningPorts
+from glmfleet.facts.gpu import gpu_generation
+from glmfleet.facts.network import ListeningPorts, NetworkInterfaces
 from glmfleet.layout import UNIT
 from glmfleet.shell import fail_with
 from roles.nvidia_driver import driver_problems, gpu_question
@@ -28,12 +29,16 @@ def gpu_facts(gpu: dict) -> dict:
     return {
         "gpu_count": len(smi) or None,
         "gpu_memory_mib": min(memory, default=None),
+        "gpu_generation": gpu_generation(gpu),
         "driver_cuda_version": gpu["cuda_version"],
     }
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    return {"gpu": gpu_question(cfg), "listeners": Question(ListeningPorts, {"port": cfg.vllm_port})}
+    asked = {"gpu": gpu_question(cfg), "listeners": Question(ListeningPorts, {"port": cfg.vllm_port})}
+    if cfg.vllm_group_interface:
+        asked["interfaces"] = Question(NetworkInterfaces, {})
+    return asked
 
 
 def fail_command(problems: list[str]) -> str:
@@ -59,7 +64,15 @@ def preflight():
         cfg, driver_cuda_version=gpus["driver_cuda_version"]
     ):
         logger.warning(f"{host.name}: {warning}")
-    problems = compat.host_problems(cfg, **gpus, listeners=answers["listeners"], own_unit=UNIT)
+    group = replica_group(host)
+    problems = compat.host_problems(
+        cfg,
+        **gpus,
+        listeners=answers["listeners"],
+        own_unit=UNIT,
+        group_hosts=group.size if group else 1,
+        interfaces=answers.get("interfaces"),
+    )
     if cfg.nvidia_driver_source != "none":
         problems += driver_problems(cfg, answers["gpu"])
     if problems:

@@ -7,12 +7,13 @@ from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from glmfleet import FILES, checks
-from glmfleet.config import HostConfig, Setting, documented, host_config
+from glmfleet.config import HostConfig, Setting, documented, host_config, replica_group
 from glmfleet.connection import NotForwarded, connect_on_host
 from glmfleet.facts.engine import Question, ask, ask_together
 from glmfleet.facts.output import host_script
 from glmfleet.facts.paths import ManagedPaths
 from glmfleet.facts.vllm import VllmServes
+from glmfleet.groups import ReplicaGroup
 from glmfleet.layout import ENV_FILE, UNIT, VERIFY_SCRIPT
 from glmfleet.layout import local_url as url_of
 from glmfleet.operations import upload
@@ -60,7 +61,7 @@ def wait_command(cfg: HostConfig, argv: list[str]) -> str:
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
     """The real request is among them only where the controller cannot make it (``serving_now``)."""
-    asked = {"managed": Question(ManagedPaths, {"paths": [VERIFY_SCRIPT]})}
+    asked = {"managed": Question(ManagedPaths, {"paths": [VERIFY_SCRIPT], "units": [UNIT]})}
     if connect_on_host(host) is None:
         asked["serving"] = Question(VllmServes, {"verify_argv": verify_argv(cfg)})
     return asked
@@ -100,19 +101,48 @@ def verify(changes=()):
     The same check runs once while planning (``serving_now``); on a host that already serves
     and where none of ``changes`` is planned, that is the whole check and no operation is
     planned. Otherwise the check waits up to ``vllm_ready_timeout`` and, on failure, fails the
-    host with the last lines of the unit's journal. Returns the check, or None where it was
-    not planned.
+    host with the last lines of the unit's journal. A rank of a replica group that serves no
+    API (headless) is checked after its head's request: its unit still runs. Returns the check,
+    or None where it was not planned.
     """
     cfg = host_config(host)
     answers = ask_together(host, questions(cfg))
     upload(answers["managed"], VERIFY_SCRIPT, SOURCE, mode="755", name="verify script")
-    serving = serving_now(cfg)
+    group = replica_group(host)
+    headless = group is not None and host.name not in group.endpoints()
+    running = bool(answers["managed"]["units"].get(UNIT, {}).get("running"))
+    serving = {"ok": running} if headless else serving_now(cfg)
     if serving["ok"] and not changes:
         return None
-    return server.shell(
-        # One name on every host: pyinfra merges an operation's names across hosts.
+    fresh = lambda: not serving["ok"] or any(op.did_change() for op in changes)  # noqa: E731
+    # One name on every host: pyinfra merges an operation's names across hosts.
+    request = server.shell(
         name="verify a real request is served",
-        commands=[wait_command(cfg, verify_argv(cfg))],
-        _if=lambda: not serving["ok"] or any(op.did_change() for op in changes),
+        commands=[":" if headless else wait_command(cfg, verify_argv(cfg))],
+        _if=(lambda: False) if headless else fresh,
         _timeout=cfg.vllm_ready_timeout + 120,
+    )
+    if group is None:
+        return request
+    # Every rank plans both checks at the same call sites, so pyinfra orders each rank's check
+    # after every head's request (a rank's own request step is skipped): a rank that died
+    # while its head loaded is found.
+    ranks = server.shell(
+        name="verify every rank of the replica group runs", commands=[rank_check_command(cfg, group)], _if=fresh
+    )
+    return ranks if headless else request
+
+
+def rank_check_command(cfg: HostConfig, group: ReplicaGroup) -> str:
+    """A headless rank serves no API: it is up when its unit still runs once its head served,
+    and has not been restarted by systemd since it was last (re)started (``NRestarts`` counts
+    systemd's own restarts since the last explicit start); else the host fails, named with its
+    rank and group, with the unit's journal."""
+    rank = group.rank_of(cfg.host)
+    journal = join(["journalctl", "--unit", UNIT, "--lines", str(cfg.verify_journal_lines), "--no-pager", "--quiet"])
+    why = f"rank {rank} of replica group {group.name} (head {group.head}) is not running, or died since its start"
+    unit = quote(UNIT)
+    return (
+        f'{{ systemctl is-active --quiet {unit} && [ "$(systemctl show --property NRestarts --value {unit})" = 0 ]; }} '
+        f"|| {{ echo {quote(why)}; echo {quote(JOURNAL_HEADER)}; {journal}; exit 1; }}"
     )

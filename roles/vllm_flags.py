@@ -11,11 +11,14 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from glmfleet import FILES
-from glmfleet.config import HostConfig, host_config
+from glmfleet.config import HostConfig, host_config, replica_group
 from glmfleet.facts.engine import Question, ask_together
+from glmfleet.facts.gpu import gpu_generation
+from glmfleet.groups import ReplicaGroup
 from glmfleet.layout import FLAGS_SCRIPT as SCRIPT
 from glmfleet.layout import UNIT_PATH
 from glmfleet.shell import assignments, join, quote
+from roles.nvidia_driver import gpu_question
 from roles.vllm_image import image_ref
 from roles.vllm_service import FLAG_KEYS, render_unit, serve_args, service_question
 from roles.vllm_venv import venv_dir, venv_name, venvs_question
@@ -26,18 +29,18 @@ SOURCE = FILES / "check_vllm_flags.py"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
-def guard_argument(cfg: HostConfig) -> list[str]:
+def guard_argument(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> list[str]:
     """``--guard`` for the check: the flags glmfleet's keys own and where vllm_extra_args begin,
     so that vLLM's own parser says whether any extra argument, however spelt, sets one of them."""
     owned = sorted({flag for flag in FLAG_KEYS if flag.startswith("--") and flag != "--config"})
-    extra_from = len(serve_args(cfg)) - len(cfg.vllm_extra_args)
+    extra_from = len(serve_args(cfg, generation, group)) - len(cfg.vllm_extra_args)
     return ["--guard", json.dumps({"flags": owned, "extra_from": extra_from}, separators=(",", ":"))]
 
 
-def check_command(cfg: HostConfig) -> str:
+def check_command(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> str:
     """The pinned vLLM's own python runs the check, offline, on what follows `vllm serve`: the
     venv's, or the image's in a throwaway container without network or GPU."""
-    args = [*guard_argument(cfg), "--", *serve_args(cfg)]
+    args = [*guard_argument(cfg, generation, group), "--", *serve_args(cfg, generation, group)]
     if cfg.vllm_runtime == "image":
         env = [arg for name, value in OFFLINE.items() for arg in ("--env", f"{name}={value}")]
         docker = [
@@ -59,7 +62,11 @@ def check_command(cfg: HostConfig) -> str:
 def questions(cfg: HostConfig) -> dict[str, Question]:
     if cfg.vllm_package != "vllm":
         return {}
-    return {"service": service_question(cfg), **({"venvs": venvs_question(cfg)} if cfg.vllm_runtime == "venv" else {})}
+    return {
+        "service": service_question(cfg),
+        "gpu": gpu_question(cfg),
+        **({"venvs": venvs_question(cfg)} if cfg.vllm_runtime == "venv" else {}),
+    }
 
 
 @deploy("check vLLM flags")
@@ -78,9 +85,12 @@ def vllm_flags():
         return
     answers = ask_together(host, questions(cfg))
     unit = answers["service"]["paths"].get(UNIT_PATH, {})
-    if unit.get("sha256") == hashlib.sha256(render_unit(cfg).encode()).hexdigest():
+    generation, group = gpu_generation(answers["gpu"]), replica_group(host)
+    if unit.get("sha256") == hashlib.sha256(render_unit(cfg, generation, group).encode()).hexdigest():
         # The unit names the image; a venv switch leaves it alone.
         if cfg.vllm_runtime == "image" or answers["venvs"]["current"] == venv_name(cfg):
             return
     files.put(name="vLLM flag check script", src=str(SOURCE), dest=SCRIPT, mode="755")
-    server.shell(name=f"vllm serve flags accepted by vLLM {cfg.vllm_version}", commands=[check_command(cfg)])
+    server.shell(
+        name=f"vllm serve flags accepted by vLLM {cfg.vllm_version}", commands=[check_command(cfg, generation)]
+    )

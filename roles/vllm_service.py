@@ -14,10 +14,12 @@ from pyinfra.api.util import get_template
 from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from glmfleet import FILES, catalog, checks, filesyntax
-from glmfleet.config import HostConfig, Setting, documented, host_config
-from glmfleet.facts.engine import Question, ask_together
+from glmfleet import FILES, catalog, checks, compat, filesyntax
+from glmfleet.config import HostConfig, Setting, documented, host_config, replica_group
+from glmfleet.facts.engine import Question, ask, ask_together
+from glmfleet.facts.gpu import gpu_generation
 from glmfleet.facts.paths import ManagedPaths
+from glmfleet.groups import ReplicaGroup
 from glmfleet.layout import (
     CONTAINER,
     ENV_FILE,
@@ -34,6 +36,7 @@ from glmfleet.layout import (
 )
 from glmfleet.operations import directory, planned, unit_enabled, upload
 from glmfleet.shell import join, quote
+from roles.nvidia_driver import gpu_question
 from roles.vllm_image import docker_run
 from roles.vllm_venv import venv_bin
 
@@ -52,6 +55,30 @@ def is_model(value) -> bool:
 
 
 mm_limits = checks.mapping(checks.word(), checks.int_in(0, 10**6), "a mapping such as {'image': 4, 'video': 1}")
+speculative_config = checks.mapping(
+    checks.word(),
+    checks.Check(lambda v: type(v) in (str, int, float, bool) and not checks.control_characters(v), ""),
+    "a mapping of vLLM's speculative-config fields to strings, numbers or booleans, such as "
+    "{'method': 'mtp', 'num_speculative_tokens': 3}; {} turns the catalog's off",
+)
+# vLLM's --kv-cache-dtype choices from 0.22.0 to 0.33.0 (CacheDType, vllm/config/cache.py); the
+# host's own vLLM parser refuses one its release lacks.
+KV_CACHE_DTYPES = (
+    "auto",
+    "bfloat16",
+    "float16",
+    "fp8",
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "fp8_inc",
+    "fp8_ds_mla",
+    "fp8_per_token_head",
+    "int8_per_token_head",
+    "int4_per_token_head",
+    "nvfp4",
+    "nvfp4_4over6",
+    "nvfp4_ds_mla",
+)
 
 SETTINGS = (
     Setting(
@@ -79,6 +106,38 @@ SETTINGS = (
         1,
         "pipeline stages; GPUs used = tensor x pipeline parallel size",
         checks.int_in(1, 64),
+    ),
+    Setting(
+        "vllm_data_parallel_size",
+        1,
+        "copies of the model on one host, each on tensor x pipeline parallel GPUs, behind one API server",
+        checks.int_in(1, 64),
+    ),
+    Setting(
+        "vllm_enable_expert_parallel",
+        False,
+        "spread a mixture-of-experts model's experts over the GPUs instead of slicing each (the catalog "
+        "sets it per model)",
+        checks.boolean,
+    ),
+    Setting(
+        "vllm_speculative_config",
+        None,
+        "speculative decoding, as vLLM's --speculative-config (the catalog turns on the model's own MTP "
+        "layers where its recipe does)",
+        checks.optional(speculative_config),
+    ),
+    Setting(
+        "vllm_kv_cache_dtype",
+        None,
+        "KV-cache dtype (default: the catalog's for the host's GPU generation, else vLLM's auto)",
+        checks.optional(checks.one_of(*KV_CACHE_DTYPES)),
+    ),
+    Setting(
+        "vllm_chat_template_content_format",
+        None,
+        "how message content reaches the chat template (the catalog sets 'string' where the model needs it)",
+        checks.optional(checks.one_of("auto", "string", "openai")),
     ),
     Setting(
         "vllm_max_model_len",
@@ -151,6 +210,58 @@ SETTINGS = (
         checks.int_in(0, 3600),
     ),
     Setting("vllm_start_timeout", 1800, "seconds a start (weights load, compile) may take", checks.int_in(60, 86400)),
+    Setting(
+        "vllm_group",
+        None,
+        "the replica group this host is a rank of: one model served by several hosts (README: Several hosts "
+        "per replica); None: the host serves alone",
+        checks.optional(checks.matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", "a name of letters, digits, . _ -")),
+    ),
+    Setting(
+        "vllm_group_rank",
+        0,
+        "this host's rank in its replica group: 0 is the head, the others follow in order",
+        checks.int_in(0, 255),
+    ),
+    Setting(
+        "vllm_group_address",
+        None,
+        "the address the group's other ranks reach this host on (VLLM_HOST_IP; default: its inventory "
+        "address, where that is an IP)",
+        checks.optional(checks.Check(checks.is_ip, "an IP address")),
+    ),
+    Setting(
+        "vllm_group_interface",
+        None,
+        "the network interface NCCL and Gloo use between the group's hosts (NCCL_SOCKET_IFNAME, "
+        "GLOO_SOCKET_IFNAME); None: their own choice",
+        checks.optional(checks.matches(r"[A-Za-z0-9_.:-]{1,15}", "an interface name such as 'eth0' or 'ib0'")),
+    ),
+    Setting(
+        "vllm_group_master_port",
+        29501,
+        "TCP port on the group's head where every rank joins (--master-port; tensor and pipeline parallel groups)",
+        checks.int_in(1, 65535),
+    ),
+    Setting(
+        "vllm_group_rpc_port",
+        29550,
+        "TCP port on the group's head for data parallel ranks (--data-parallel-rpc-port)",
+        checks.int_in(1, 65535),
+    ),
+    Setting(
+        "vllm_group_join_timeout",
+        600,
+        "seconds a rank waits for the whole group to join (--distributed-timeout-seconds)",
+        checks.int_in(30, 86400),
+    ),
+    Setting(
+        "vllm_engine_ready_timeout",
+        None,
+        "seconds vLLM waits for its engine to load and get ready (VLLM_ENGINE_READY_TIMEOUT_S, vLLM >= 0.14; "
+        "default: vllm_start_timeout, where vLLM's own is 600)",
+        checks.optional(checks.int_in(60, 86400)),
+    ),
 )
 
 # Flags a key already renders: given again in vllm_extra_args they would silently conflict.
@@ -162,6 +273,29 @@ FLAG_KEYS = {
     "-tp": "vllm_tensor_parallel_size",
     "--pipeline-parallel-size": "vllm_pipeline_parallel_size",
     "-pp": "vllm_pipeline_parallel_size",
+    "--data-parallel-size": "vllm_data_parallel_size",
+    "-dp": "vllm_data_parallel_size",
+    "--enable-expert-parallel": "vllm_enable_expert_parallel",
+    "-ep": "vllm_enable_expert_parallel",
+    "--speculative-config": "vllm_speculative_config",
+    # vLLM 0.22's shorthands for speculative-config fields.
+    "--spec-method": "vllm_speculative_config",
+    "--spec-model": "vllm_speculative_config",
+    "--spec-tokens": "vllm_speculative_config",
+    "--kv-cache-dtype": "vllm_kv_cache_dtype",
+    # A replica group's flags (glmfleet/groups.py renders them per rank).
+    "--nnodes": "vllm_group",
+    "--node-rank": "vllm_group_rank",
+    "--master-addr": "vllm_group_address",
+    "--master-port": "vllm_group_master_port",
+    "--headless": "vllm_group_rank",
+    "--data-parallel-size-local": "vllm_group",
+    "--data-parallel-start-rank": "vllm_group_rank",
+    "--data-parallel-address": "vllm_group_address",
+    "--data-parallel-rpc-port": "vllm_group_rpc_port",
+    "--data-parallel-hybrid-lb": "vllm_group",
+    "--distributed-timeout-seconds": "vllm_group_join_timeout",
+    "--chat-template-content-format": "vllm_chat_template_content_format",
     "--tool-call-parser": "vllm_tool_call_parser",
     "--enable-auto-tool-choice": "vllm_enable_auto_tool_choice",
     "--reasoning-parser": "vllm_reasoning_parser",
@@ -176,6 +310,8 @@ FLAG_KEYS = {
     # A config file can set any flag, the API key included: what it sets is unknowable here.
     "--config": "the keys glmfleet reads (vllm_extra_args take the flags themselves)",
 }
+# vLLM's own flags that begin another's name: argparse takes an exact name before a prefix.
+FLAGS_NAMED_LIKE_A_PREFIX = {"--chat-template"}
 # Variables glmfleet sets itself, or that hold secrets and belong in the secret keys.
 ENV_KEYS = {
     "VLLM_API_KEY": "vllm_api_key",
@@ -185,6 +321,10 @@ ENV_KEYS = {
     "HF_HOME": "vllm_state_dir",
     "VLLM_CACHE_ROOT": "vllm_state_dir",
     "HOME": "vllm_state_dir",
+    "VLLM_ENGINE_READY_TIMEOUT_S": "vllm_engine_ready_timeout",
+    "VLLM_HOST_IP": "vllm_group_address",
+    "NCCL_SOCKET_IFNAME": "vllm_group_interface",
+    "GLOO_SOCKET_IFNAME": "vllm_group_interface",
 }
 
 
@@ -210,7 +350,7 @@ def guarded_flag(arg: str) -> str | None:
     base = flag.split(".", 1)[0]
     if base in FLAG_KEYS:
         return base
-    if base.startswith("--") and len(base) > 3:
+    if base.startswith("--") and len(base) > 3 and base not in FLAGS_NAMED_LIKE_A_PREFIX:
         return next((guarded for guarded in FLAG_KEYS if guarded.startswith(base)), None)
     return None
 
@@ -247,16 +387,26 @@ def drains_on_stop(cfg: HostConfig) -> bool:
     return Version(cfg.vllm_version).release >= (0, 18)
 
 
-def vllm_command(cfg: HostConfig) -> list[str]:
+def vllm_command(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> list[str]:
     """The unit's ExecStart, as an argv: ``vllm serve`` with the configured flags, from the venv
-    or inside the container."""
+    or inside the container; ``generation``: the host's GPU generation, where known; ``group``:
+    the replica group the host is a rank of."""
     if cfg.vllm_runtime == "image":
-        return [*docker_run(cfg), "serve", *serve_args(cfg)]
-    return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg)]
+        return [*docker_run(cfg), "serve", *serve_args(cfg, generation, group)]
+    return [venv_bin(cfg, "vllm"), "serve", *serve_args(cfg, generation, group)]
 
 
-def serve_args(cfg: HostConfig) -> list[str]:
-    """What follows ``vllm serve``: the model and the configured flags."""
+def kv_cache_dtype(cfg: HostConfig, generation: str | None) -> str | None:
+    """The configured KV-cache dtype, else the catalog's for the host's GPU generation."""
+    if cfg.vllm_kv_cache_dtype:
+        return cfg.vllm_kv_cache_dtype
+    entry = catalog.find(cfg.model)
+    return entry.kv_cache_dtype.get(generation) if entry is not None and generation else None
+
+
+def serve_args(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> list[str]:
+    """What follows ``vllm serve``: the model and the configured flags, and this host's rank of
+    its replica group."""
     argv = [
         model_dir(cfg),
         "--host",
@@ -272,6 +422,17 @@ def serve_args(cfg: HostConfig) -> list[str]:
     ]
     if cfg.vllm_pipeline_parallel_size > 1:
         argv += ["--pipeline-parallel-size", str(cfg.vllm_pipeline_parallel_size)]
+    if cfg.vllm_data_parallel_size > 1:
+        argv += ["--data-parallel-size", str(cfg.vllm_data_parallel_size)]
+    if cfg.vllm_enable_expert_parallel:
+        argv.append("--enable-expert-parallel")
+    if cfg.vllm_speculative_config:
+        argv += ["--speculative-config", json.dumps(cfg.vllm_speculative_config, separators=(",", ":"))]
+    dtype = kv_cache_dtype(cfg, generation)
+    if dtype:
+        argv += ["--kv-cache-dtype", dtype]
+    if cfg.vllm_chat_template_content_format:
+        argv += ["--chat-template-content-format", cfg.vllm_chat_template_content_format]
     if cfg.vllm_max_model_len:
         argv += ["--max-model-len", str(cfg.vllm_max_model_len)]
     if cfg.vllm_trust_remote_code:
@@ -286,11 +447,21 @@ def serve_args(cfg: HostConfig) -> list[str]:
         argv += ["--limit-mm-per-prompt", json.dumps(cfg.vllm_limit_mm_per_prompt, separators=(",", ":"))]
     if drains_on_stop(cfg):
         argv += ["--shutdown-timeout", str(cfg.vllm_shutdown_timeout)]
+    if group is not None and group.size > 1:
+        argv += [*group.serve_args(cfg.host), "--distributed-timeout-seconds", str(cfg.vllm_group_join_timeout)]
     return argv + list(cfg.vllm_extra_args)
 
 
-def vllm_environment(cfg: HostConfig) -> dict[str, str]:
-    """The unit's EnvironmentFile: caches on persistent paths, secrets, and ``vllm_env``."""
+def reads_engine_ready_timeout(cfg: HostConfig) -> bool:
+    """Whether the vLLM release reads VLLM_ENGINE_READY_TIMEOUT_S: left out elsewhere, where it
+    would only draw vLLM's "unknown variable" warning (a stand-in package is assumed current)."""
+    release = compat.vllm_release(cfg)
+    return release is None or bool(catalog.vllm_facts().reads_env("VLLM_ENGINE_READY_TIMEOUT_S", release))
+
+
+def vllm_environment(cfg: HostConfig, group: ReplicaGroup | None = None) -> dict[str, str]:
+    """The unit's EnvironmentFile: caches on persistent paths, secrets, a rank's network, and
+    ``vllm_env``."""
     env = {
         "HOME": cfg.vllm_state_dir,
         **state_subdirs(cfg.vllm_state_dir),
@@ -300,6 +471,13 @@ def vllm_environment(cfg: HostConfig) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if reads_engine_ready_timeout(cfg):
+        env["VLLM_ENGINE_READY_TIMEOUT_S"] = str(cfg.vllm_engine_ready_timeout or cfg.vllm_start_timeout)
+    if group is not None and group.size > 1:
+        env.update(group.environment(cfg.host, cfg.vllm_group_interface))
+        # Every rank's environment names the whole group's settings: a change to any rank restarts
+        # every rank in the same run (vLLM's ranks do not rejoin a restarted head by themselves).
+        env["GLMFLEET_GROUP_REVISION"] = group.revision
     if cfg.vllm_api_key:
         env["VLLM_API_KEY"] = cfg.vllm_api_key
     env.update(cfg.vllm_env)
@@ -325,10 +503,10 @@ def service_question(cfg: HostConfig) -> Question:
 
 
 def questions(cfg: HostConfig) -> dict[str, Question]:
-    return {"managed": service_question(cfg)}
+    return {"managed": service_question(cfg), "gpu": gpu_question(cfg)}
 
 
-def render_unit(cfg: HostConfig) -> str:
+def render_unit(cfg: HostConfig, generation: str | None = None, group: ReplicaGroup | None = None) -> str:
     return get_template(str(TEMPLATE)).render(
         runtime=cfg.vllm_runtime,
         container=CONTAINER,
@@ -336,7 +514,9 @@ def render_unit(cfg: HostConfig) -> str:
         user=VLLM_USER,
         state_dir=filesyntax.systemd_word(cfg.vllm_state_dir),
         env_file=ENV_FILE,
-        exec_start=filesyntax.systemd_command_line(vllm_command(cfg)),
+        exec_start=filesyntax.systemd_command_line(vllm_command(cfg, generation, group)),
+        # A headless rank whose engine died may exit with status 0 (vLLM's run_headless returns).
+        restart="always" if group is not None and cfg.host not in group.endpoints() else "on-failure",
         exec_start_pre=filesyntax.systemd_command_line(weights_check_argv(cfg)),
         restart_sec=15,
         start_timeout=cfg.vllm_start_timeout,
@@ -378,6 +558,21 @@ def started_before_its_files(managed: dict, cfg: HostConfig) -> bool:
     return started is not None and any(mtime is not None and mtime > started for mtime in changed)
 
 
+# Ranks restarted together start within seconds of each other; a head that systemd brought back
+# after a crash starts at least RestartSec (15 s) after them.
+GROUP_START_SLACK_S = 10
+
+
+def started_before_its_head(state: dict, group: ReplicaGroup) -> bool:
+    """A rank that started before its group's head runs did (a head that crashed and came back):
+    vLLM's ranks wait on the head they joined and never rejoin, so the rank restarts."""
+    if host.name == group.head or state.get("started") is None:
+        return False
+    head = ask(host.inventory.get_host(group.head), ManagedPaths, paths=[], units=[UNIT])
+    head_started = head["units"].get(UNIT, {}).get("started")
+    return head_started is not None and head_started > state["started"] + GROUP_START_SLACK_S
+
+
 @deploy("vLLM service")
 @documented(SETTINGS)
 def vllm_service(restart_when=()):
@@ -397,7 +592,9 @@ def vllm_service(restart_when=()):
     converged host plans no operation at all.
     """
     cfg = host_config(host)
-    managed = ask_together(host, questions(cfg))["managed"]
+    group = replica_group(host)
+    answers = ask_together(host, questions(cfg))
+    managed = answers["managed"]
     state = managed["units"].get(UNIT, {})
     was_active = state.get("running", False)
 
@@ -405,13 +602,13 @@ def vllm_service(restart_when=()):
     env = upload(
         managed,
         ENV_FILE,
-        render_env_file(vllm_environment(cfg), cfg.vllm_runtime),
+        render_env_file(vllm_environment(cfg, group), cfg.vllm_runtime),
         mode="600",
         name=f"environment file {ENV_FILE}",
         secret=True,
     )
     unit = None
-    rendered = render_unit(cfg)
+    rendered = render_unit(cfg, gpu_generation(answers["gpu"]), group)
     if managed["paths"].get(UNIT_PATH, {}).get("sha256") != hashlib.sha256(rendered.encode()).hexdigest():
         directory(managed, STAGING_DIR, name="glmfleet staging dir")
         files.put(
@@ -430,7 +627,11 @@ def vllm_service(restart_when=()):
         systemd.daemon_reload(name="systemd daemon-reload")
     unit_enabled(managed, UNIT)
     changed = planned(env, unit, dropins, *restart_when)
-    stale = was_active and (state.get("need_reload") or started_before_its_files(managed, cfg))
+    stale = was_active and (
+        state.get("need_reload")
+        or started_before_its_files(managed, cfg)
+        or (group is not None and started_before_its_head(state, group))
+    )
     if was_active and not changed and not stale:
         return None
     return server.shell(

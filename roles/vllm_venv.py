@@ -9,7 +9,8 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
-from glmfleet import checks
+from glmfleet import catalog, checks, compat
+from glmfleet.checks import without_credentials
 from glmfleet.config import HostConfig, Setting, documented, host_config
 from glmfleet.credentials import tool_environment
 from glmfleet.facts.engine import Question, ask_together
@@ -47,7 +48,13 @@ SETTINGS = (
         "the distribution that provides the `vllm` command (tests install a test double)",
         checks.package_name,
     ),
-    Setting("vllm_version", "0.22.0", "exact version of vllm_package to install", checks.version("0.22.0")),
+    Setting(
+        "vllm_version",
+        "0.33.0",
+        "exact version of vllm_package to install (default: the release the catalog checked the model with; "
+        "this one for a model the catalog does not know)",
+        checks.version("0.33.0"),
+    ),
     Setting(
         "vllm_extra_packages",
         [],
@@ -88,6 +95,14 @@ SETTINGS = (
         checks.list_of(checks.url, "a list of http(s) or file URLs"),
     ),
     Setting(
+        "vllm_flashinfer_index_url",
+        "https://flashinfer.ai/whl",
+        "where FlashInfer's precompiled kernels come from (its wheel index, or a mirror of it), installed "
+        "with vLLM from 0.32 on so that a host without internet starts without fetching them; None: "
+        "FlashInfer fetches or compiles them at the first start",
+        checks.optional(checks.http_url),
+    ),
+    Setting(
         "pip_find_links",
         [],
         "directories or pages of wheels to install from",
@@ -98,6 +113,32 @@ SETTINGS = (
 
 def requirements(cfg: HostConfig) -> list[str]:
     return [f"{cfg.vllm_package}=={cfg.vllm_version}", *cfg.vllm_extra_packages]
+
+
+def flashinfer_kernels_command(cfg: HostConfig, python: str) -> str | None:
+    """FlashInfer's own ``download-kernels`` (what ``vllm download-kernels`` runs, from vLLM 0.32)
+    with the configured index: the kernels FlashInfer would otherwise download or compile at
+    the first start go into the venv now. None where the release ships them or has no such
+    command (catalog: vllm.flashinfer_kernels). FlashInfer installs them with the uv on PATH."""
+    release = compat.vllm_release(cfg)
+    facts = catalog.vllm_facts()
+    if release is None or not cfg.vllm_flashinfer_index_url or facts.flashinfer_kernels_for(release) != "download":
+        return None
+    cuda = facts.cuda_runtime_for(release)
+    index = without_credentials(cfg.vllm_flashinfer_index_url).rstrip("/")
+    env = {"FLASHINFER_DISABLE_VERSION_CHECK": "1", "PATH": f"{tool_dir('uv', cfg.uv_version)}/bin:/usr/bin:/bin"}
+    return f"{assignments(env)} " + join(
+        [
+            python,
+            "-m",
+            "flashinfer",
+            "download-kernels",
+            "--cubin-index-url",
+            index,
+            "--jit-cache-index-url",
+            f"{index}/cu{cuda.major}{cuda.minor}",
+        ]
+    )
 
 
 def venv_name(cfg: HostConfig) -> str:
@@ -215,8 +256,9 @@ def vllm_venv(switch=True):
                 # without it every start compiles vLLM and torch again (H100: 93.5 s -> 52.9 s warm).
                 f"{uv_env} {quote(uv)} pip install --quiet --compile-bytecode --python {quote(python)} "
                 f"{join(index_args(cfg))} {join(requirements(cfg))} && "
-                f"{join([python, '-c', IMPORT_CHECK, cfg.vllm_package, cfg.vllm_version])} > {quote(f'{target}/{COMPLETE_MARKER}.new')} && "
-                f"mv -f -- {quote(f'{target}/{COMPLETE_MARKER}.new')} {quote(f'{target}/{COMPLETE_MARKER}')}"
+                + (f"{uv_env} {kernels} && " if (kernels := flashinfer_kernels_command(cfg, python)) else "")
+                + f"{join([python, '-c', IMPORT_CHECK, cfg.vllm_package, cfg.vllm_version])} > {quote(f'{target}/{COMPLETE_MARKER}.new')} && "
+                + f"mv -f -- {quote(f'{target}/{COMPLETE_MARKER}.new')} {quote(f'{target}/{COMPLETE_MARKER}')}"
             ],
         )
 

@@ -9,6 +9,7 @@ import re
 
 from pyinfra.api import FactBase
 
+from glmfleet.catalog import GENERATIONS
 from glmfleet.facts.output import SECTION, split_sections
 from glmfleet.layout import DKMS_SIGNING_KEYS, EFI_SECURE_BOOT_VAR
 
@@ -20,6 +21,17 @@ NVSWITCH_CLASS = "0680"
 # NVIDIA assigns PCI device ids in order of generation: 0x23xx Hopper, 0x26xx-0x28xx Ada,
 # 0x29xx and up Blackwell (GB100/GB20x) and later, which only the open kernel modules drive.
 FIRST_OPEN_ONLY_DEVICE = 0x2900
+# Compute capability (major, minor) -> generation; and, before a driver answers, the PCI device
+# id ranges of each generation (NVIDIA numbers its chips in order: GA100 0x20xx, GA10x
+# 0x22xx-0x25xx, GH100 0x23xx, AD10x 0x26xx-0x28xx, GB1xx/GB20x from 0x29xx; pci.ids).
+COMPUTE_GENERATIONS = ((7, 0, "volta"), (7, 5, "turing"), (8, 0, "ampere"), (8, 9, "ada"), (9, 0, "hopper"))
+DEVICE_GENERATIONS = (
+    (0x2000, "ampere"),
+    (0x2300, "hopper"),
+    (0x2400, "ampere"),
+    (0x2600, "ada"),
+    (0x2900, "blackwell"),
+)
 SMI_QUERY = "index,name,pci.bus_id,driver_version,memory.total,persistence_mode,compute_cap"
 
 
@@ -69,6 +81,42 @@ def parse_smi_query(lines: list[str]) -> list[dict] | None:
             }
         )
     return gpus or None
+
+
+def generation_of_compute_capability(capability: str) -> str | None:
+    """``8.0`` -> ampere, ``9.0`` -> hopper, ``10.0`` or ``12.0`` -> blackwell."""
+    match = re.fullmatch(r"(\d+)\.(\d+)", capability.strip())
+    if not match:
+        return None
+    major, minor = int(match[1]), int(match[2])
+    if major >= 10:
+        return "blackwell"
+    found = None
+    for first_major, first_minor, name in COMPUTE_GENERATIONS:
+        if (major, minor) >= (first_major, first_minor):
+            found = name
+    return found
+
+
+def generation_of_device(device: str) -> str | None:
+    """The generation of a PCI device id (hex, as lspci prints it); None before Ampere."""
+    found = None
+    for first, name in DEVICE_GENERATIONS:
+        if int(device, 16) >= first:
+            found = name
+    return found
+
+
+def gpu_generation(gpu: dict) -> str | None:
+    """The oldest generation among a host's GPUs (what every rank must run on), from nvidia-smi's
+    compute capability, else from the PCI device ids; None without GPUs or when unknown."""
+    smi = gpu.get("smi") or []
+    found = [generation_of_compute_capability(card["compute_cap"]) for card in smi if card.get("compute_cap")]
+    if not found:
+        found = [generation_of_device(device["device"]) for device in gpu.get("gpus", [])]
+    if not found or None in found:
+        return None
+    return min(found, key=GENERATIONS.index)
 
 
 def parse_cuda_version(lines: list[str]) -> str | None:

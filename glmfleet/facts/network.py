@@ -49,3 +49,32 @@ class ListeningPorts(FactBase):
             if port.isdigit():
                 listeners.append((int(port), None if unit == "-" else unit))
         return listeners
+
+
+def port_holders(listeners: list[tuple[int, str | None]], port: int, own_unit: str) -> list[str]:
+    """Who other than ``own_unit`` holds ``port`` (the ``ListeningPorts`` answer), in words: a
+    service, or a process outside any service."""
+    return sorted(
+        {
+            unit or "a process outside any systemd service"
+            for held, unit in listeners
+            if held == port and unit != own_unit
+        }
+    )
+
+
+class NetworkInterfaces(FactBase):
+    """The names of the host's network interfaces (``/sys/class/net``), sorted.
+
+    .. code:: python
+
+        ["eth0", "ib0", "lo"]
+    """
+
+    default = list
+
+    def command(self) -> str:
+        return "ls -1 /sys/class/net"
+
+    def process(self, output):
+        return sorted(line.strip() for line in output if line.strip())

@@ -79,9 +79,9 @@ def main_pid(name: str) -> str:
 
 
 def completions_served(name: str) -> int:
-    """The host's vLLM's count of requests it answered, from /metrics."""
-    metrics = get(f"http://127.0.0.1:{vllm_port(name)}/metrics", API_KEY)[1].decode()
-    return int(float(re.search(r"^vllm:request_success_total\{.*\} (\S+)$", metrics, re.MULTILINE)[1]))
+    """The host's vLLM's count of requests it answered, from /metrics (one series per finish reason)."""
+    metrics = get(f"http://127.0.0.1:{vllm_port(name)}/metrics")[1].decode()
+    return int(sum(float(v) for v in re.findall(r"^vllm:request_success_total\{.*\} (\S+)$", metrics, re.MULTILINE)))
 
 
 def healthy(name: str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from glmfleet.config import resolve
 from roles.glm4_patch import ORIGINAL_SHA256, PATCHED_SHA256
 from roles.vllm_venv import venv_name
 from tests.support.fleettools import ROOT, fleet_host, pyinfra
+from tests.support.pkgindex import download_wheels
 
 pytestmark = pytest.mark.fleet
 
@@ -36,23 +36,7 @@ RECIPE = {
 def wheel(version: str) -> Path:
     """vLLM's wheel from PyPI, downloaded once into .whl/."""
     found = sorted(WHEELS.glob(f"vllm-{version}-*.whl"))
-    if not found:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--dest",
-                str(WHEELS),
-                f"vllm=={version}",
-            ],
-            check=True,
-        )
-        found = sorted(WHEELS.glob(f"vllm-{version}-*.whl"))
-    return found[0]
+    return found[0] if found else download_wheels([f"vllm=={version}"], WHEELS)[0]
 
 
 def install_without_deps(host_name: str, data: dict) -> str:

@@ -96,7 +96,10 @@ def run_role(host: str, role: str, data: dict, timeout: int = 900):
 
 
 def failed_steps(run, name: str) -> list[str]:
-    return [op["name"] for op in run.results["operations"] if name in op["error"]]
+    """The one operation that failed on a run limited to one host: the last it started (pyinfra
+    stops a host at its first error, and prints no results once no host is left)."""
+    assert run.returncode != 0 and "No hosts remaining" in run.stderr, run.stderr[-4000:]
+    return run.started()[-1:]
 
 
 def held(host) -> set[str]:
@@ -247,4 +250,4 @@ def test_image_runtime_loads_the_shipped_archive_and_writes_its_unit(fleet, repo
     again = pyinfra(inventory, str(deploy_file), "--limit", name, data=data)
     # The unit is not active, so the service role starts it again, and that fails again.
     # Nothing else is planned: no upload, no load.
-    assert again.planned(name) == ["vLLM service | (re)start vllm.service"], again.planned(name)
+    assert again.started() == ["vLLM service | (re)start vllm.service"], again.stderr[-4000:]

@@ -192,7 +192,7 @@ def test_failing_host_stops_the_rollout_and_is_rolled_back(deployed, hosts, data
         "FAILED, rolled back",
         "not reached (rollout stopped)",
     ]
-    assert "rollout stopped: 1 host failed, more than --max-fail 0 allows" in run.stdout
+    assert "rollout stopped: 1 replica failed, more than --max-fail 0 allows" in run.stdout
     # Why, with the failing host's journal tail.
     assert rows(run.stdout)[broken][4].startswith("not serving after 15 s")
     assert "--- last lines of the vllm.service journal:" in run.stdout
@@ -243,7 +243,7 @@ def test_host_powered_off_mid_rollout_counts_against_max_fail(deployed, hosts, d
         )
         assert returncode == 1, stdout
         assert [result(stdout, name) for name in hosts] == ["updated", "FAILED: unreachable", "updated", "updated"]
-        assert "rollout complete: 1 of 4 hosts failed" in stdout
+        assert "rollout complete: 1 of 4 replicas failed" in stdout
         assert not in_pool(hosts, lost)
     finally:
         localfleet.start_host(lost)
@@ -269,7 +269,7 @@ def test_a_host_down_before_the_rollout_stops_it_before_any_change(deployed, hos
     finally:
         localfleet.start_host(down)
     assert run.returncode == 1, run.stdout + run.stderr[-3000:]
-    assert "rollout stopped: 1 host failed, more than --max-fail 0 allows" in run.stdout
+    assert "rollout stopped: 1 replica failed, more than --max-fail 0 allows" in run.stdout
     assert result(run.stdout, down) == "FAILED: unreachable"
     assert [result(run.stdout, name) for name in hosts[:3]] == ["not reached (rollout stopped)"] * 3
     assert {name: main_pid(name) for name in hosts[:3]} == pids

@@ -13,7 +13,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from glmfleet.layout import weights_state_file as state_path
 from tests.support.fleettools import TEST_DOUBLE, deploy
 from tests.support.fleettools import fleet_host as remote
 from tests.support.hub_mirror import file_sha256
-from tests.support.pkgindex import PackageIndex
+from tests.support.pkgindex import PackageIndex, download_wheels
 from tests.support.weights_fixtures import REPO_ID, SHARDS, deploy_weights, digests, inventory, shards
 
 pytestmark = pytest.mark.fleet
@@ -47,20 +46,7 @@ def hosts(fleet):
 def hub_cli_index(tmp_path_factory):
     """huggingface_hub and its dependencies, served on loopback, as a mirror-only site has them."""
     wheels = tmp_path_factory.mktemp("hub-cli-wheels")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--only-binary=:all:",
-            "--dest",
-            str(wheels),
-            f"huggingface_hub=={HF_CLI_VERSION}",
-        ],
-        check=True,
-    )
+    download_wheels([f"huggingface_hub=={HF_CLI_VERSION}"], wheels, dependencies=True)
     with PackageIndex(wheels) as index:
         yield index.url
 

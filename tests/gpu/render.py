@@ -37,7 +37,7 @@ MODEL_DIR = "/opt/glmfleet/models/tiny-glm4"
 # Everything else stays at the roles' defaults: the command is the one a fleet host would run.
 SMOKE_DATA = {
     "model_dir": MODEL_DIR,
-    # The smoke makes its model in place (make_tiny_glm4.py): the weights role would only verify
+    # The smoke makes its model in place (make_tiny_glm.py): the weights role would only verify
     # it ('path'); a revision names that one checkpoint.
     "model_source": "path",
     "model_revision": "7e57" * 10,
@@ -50,6 +50,7 @@ SMOKE_DATA = {
 
 
 def render(data: dict, out: Path) -> dict:
+    from glmfleet import catalog
     from glmfleet.config import resolve
     from glmfleet.layout import COMPLETE_MARKER
     from roles import verify, vllm_service, vllm_venv
@@ -83,6 +84,8 @@ def render(data: dict, out: Path) -> dict:
         "ENV_FILE": vllm_service.ENV_FILE,
         "VERIFY_SCRIPT": verify.VERIFY_SCRIPT,
         "MODEL_DIR": cfg.model_dir or "",
+        # The architecture of the tiny checkpoint make_tiny_glm.py makes: the catalog's for the model.
+        "ARCHITECTURE": catalog.find(cfg.model).architecture,
         "SERVED_NAME": vllm_service.served_model_name(cfg),
         "PORT": str(cfg.vllm_port),
         "BASE_URL": verify.local_url(cfg),

@@ -6,7 +6,7 @@
 #   smoke.sh stage FILE...    move pieces of the wheel bundle into $STAGE (a host with no network
 #                             receives the bundle in pieces of at most 64 MiB)
 #   smoke.sh install          join + check the bundle, build the venv the role would, switch `current`
-#   smoke.sh model            make the tiny GLM-4 checkpoint at the rendered model_dir
+#   smoke.sh model            make the tiny checkpoint of the rendered model's architecture at its model_dir
 #   smoke.sh bytecode         compile .pyc for the venv and the host's site-packages (see README)
 #   smoke.sh fresh-cache      empty VLLM_CACHE_ROOT and the Triton / inductor caches (cold again)
 #   smoke.sh serve DIR        cold start, verify, warm start, verify, bench (serve_smoke.py)
@@ -129,7 +129,7 @@ cmd_model() {
     load_rendered
     [ -n "$MODEL_DIR" ] || { log "rendered config has no model_dir"; exit 2; }
     rm -rf "$MODEL_DIR"
-    "$VENV_CURRENT_BIN/python" "$HERE/make_tiny_glm4.py" "$MODEL_DIR"
+    "$VENV_CURRENT_BIN/python" "$HERE/make_tiny_glm.py" "$MODEL_DIR" --architecture "$ARCHITECTURE"
     chmod -R a+rX "$MODEL_DIR" "$(dirname "$MODEL_DIR")"
 }
 

@@ -107,16 +107,12 @@ def test_flag_check_runs_the_pinned_venvs_python_on_the_units_arguments():
         ({"vllm_version": "0.8.4"}, True),
         ({"vllm_version": "0.8.5"}, False),
         ({"vllm_version": "0.22.0"}, False),
+        ({}, False),
         ({"vllm_package": "vllm-test-double", "vllm_version": "0.8.4"}, False),
     ],
 )
 def test_only_vllm_084_is_patched(data, patched):
-    assert (
-        glm4_patch.needs_patch(
-            resolve({"model": "glm-4-9b-0414", "vllm_extra_packages": ["transformers==4.51.3"], **data})
-        )
-        is patched
-    )
+    assert glm4_patch.needs_patch(resolve({"model": "glm-4-9b-0414", **data})) is patched
 
 
 def test_patch_file_states_the_checksums_the_role_passes():
@@ -183,12 +179,18 @@ def test_gpu_checks_wait_for_a_driver_that_answers():
     assert gpu_facts(gpu_fact_from("nodriver")) == {
         "gpu_count": None,
         "gpu_memory_mib": None,
+        "gpu_generation": None,
         "driver_cuda_version": None,
     }
 
 
 def test_gpu_checks_read_count_memory_and_cuda_from_a_real_h200():
-    assert gpu_facts(gpu_fact_from("h200")) == {"gpu_count": 1, "gpu_memory_mib": 143771, "driver_cuda_version": "13.0"}
+    assert gpu_facts(gpu_fact_from("h200")) == {
+        "gpu_count": 1,
+        "gpu_memory_mib": 143771,
+        "gpu_generation": "hopper",
+        "driver_cuda_version": "13.0",
+    }
 
 
 @pytest.mark.parametrize(
@@ -196,7 +198,10 @@ def test_gpu_checks_read_count_memory_and_cuda_from_a_real_h200():
     [
         ({"model": "glm-4.7-flash"}, None),
         ({"model": "glm-4.7-flash", "vllm_tensor_parallel_size": 2}, "needs 2 GPUs, the host has 1"),
-        ({"model": "glm-4.5-air"}, "'zai-org/GLM-4.5-Air' needs about"),
+        ({"model": "glm-4.5-air"}, "'zai-org/GLM-4.5-Air' (206 GiB of bf16 weights) needs about"),
+        # FP8 weights on Hopper: fine; one H200 holds GLM-4.5-Air-FP8 with a shorter context.
+        ({"model": "glm-4.5-air-fp8", "vllm_max_model_len": 32768}, None),
+        ({"model": "glm-5-fp8"}, "or span 6 hosts of 1 such GPUs"),
         ({"model": "glm-4-9b-0414", "vllm_version": "0.19.1"}, None),  # CUDA 12.8 torch on a CUDA 13.0 driver
     ],
 )
@@ -213,6 +218,7 @@ def test_gpu_checks_take_the_smallest_gpu():
     assert gpu_facts({"smi": cards, "cuda_version": "12.8"}) == {
         "gpu_count": 3,
         "gpu_memory_mib": 49152,
+        "gpu_generation": None,
         "driver_cuda_version": "12.8",
     }
 
@@ -308,3 +314,33 @@ def test_verify_checks_again_after_a_planned_change_though_the_host_served():
     assert [op.name for op in plan(restart_then_verify, {"model_revision": "0" * 40}, serving)][-1] == (
         "verify vLLM serves | verify a real request is served"
     )
+
+
+@pytest.mark.parametrize(
+    ("version", "fetched"),
+    [("0.22.0", False), ("0.31.0", False), ("0.32.0", True), ("0.33.0", True)],
+)
+def test_flashinfer_kernels_are_installed_with_the_venv_where_the_release_would_fetch_them_at_start(version, fetched):
+    """From 0.32 the venv build runs FlashInfer's own download-kernels against the configured
+    mirror (its credentials in the netrc, never on the command line); 0.22 .. 0.25 ship them with
+    the wheel; 0.26 .. 0.31 have no command for it (README: air-gapped sites)."""
+    from roles.vllm_venv import vllm_venv
+    from tests.support.planning import plan
+
+    data = {
+        "model": "glm-5.1",
+        "vllm_version": version,
+        "vllm_flashinfer_index_url": "https://mirror-user:s3cret@mirror.example/flashinfer/",
+        "vllm_extra_packages": ["transformers==5.16.1"] if version < "0.32.0" else [],
+    }
+    ops = plan(vllm_venv, data, {"command -v useradd": ["/usr/sbin/useradd"]})
+    build = next(op for op in ops if op.name.startswith("vLLM venv | build venv"))
+    command = " ".join(build.commands)
+    assert ("-m flashinfer download-kernels" in command) is fetched
+    assert "s3cret" not in command and "mirror-user" not in command
+    if fetched:
+        assert (
+            "--cubin-index-url https://mirror.example/flashinfer --jit-cache-index-url "
+            "https://mirror.example/flashinfer/cu130" in command
+        )
+        assert command.index("download-kernels") < command.index("import os, sys")  # before the marker

@@ -18,11 +18,13 @@ from pyinfra.context import ctx_host, ctx_state
 from glmfleet import config
 from glmfleet.config import HostConfig, all_settings, values
 from glmfleet.operations import _run_live
-from roles import gateway, prepare_control_node, serving_host
+from glmfleet.role import deploy_function
+from roles import MONITORING_ROLES, gateway, prepare_control_node, serving_host
 from roles.known_good import keep_command, restore_command
 from roles.verify import verify_argv, wait_command
 from roles.vllm_flags import check_command
 from roles.vllm_venv import switch_command
+from tests.support.paths import FIXTURES
 from tests.support.planning import fake_host, gpu_host
 
 # What each hostile value carries after its marker: everything sh treats as syntax.
@@ -52,6 +54,14 @@ STEERING = {
     "vllm_image_archive",
     # An address that a known_hosts line cannot hold stops the run (filesyntax.known_hosts_host).
     "model_peer_address",
+    # Listen addresses go into $ARGS words and units, which refuse what an IP address cannot hold
+    # (filesyntax.debian_defaults); the paired release is split into its two versions.
+    "node_exporter_listen_address",
+    "gateway_exporter_listen_address",
+    "dcgm_exporter_listen_address",
+    "prometheus_listen_address",
+    "grafana_listen_address",
+    "dcgm_exporter_release",
 }
 SECRETS = {name for name, setting in all_settings().items() if setting.secret}
 
@@ -67,10 +77,11 @@ def hostile(name: str, index: int):
         return {"GLMFLEET_HOSTILE": payload}
     if name == "vllm_limit_mm_per_prompt":
         return {payload: 1}
+    if setting.check.urls and "placeholder" in setting.accepted:  # formatted: braces doubled to stay literal
+        url = "https://mirror.example/" + payload.replace("{", "{{").replace("}", "}}")
+        return [url] if isinstance(default, list) else url
     if isinstance(default, list):
         return [f"https://mirror.example/{payload}" if setting.check.urls else payload]
-    if setting.check.urls and "placeholders" in setting.accepted:  # formatted: braces doubled to stay literal
-        return "https://mirror.example/" + payload.replace("{", "{{").replace("}", "}}")
     if setting.check.urls:
         return f"https://mirror.example/{payload}"
     if isinstance(default, str) and default.startswith("/") or name in ("model_dir",):
@@ -306,6 +317,21 @@ def test_the_gateway_and_a_rollouts_commands_keep_hostile_values_literal():
     for command in commands + builders:
         assert injected(command) == [], command
     assert any(MARKER.search(command) for command in builders)
+
+
+def test_the_monitoring_roles_keep_hostile_values_literal():
+    """Every monitoring role planned on a GPU host (a driver runs: DCGM's CUDA build is known)
+    with Grafana on: its repository, key and dashboard URLs, versions and paths stay literal."""
+    cuda = (FIXTURES / "h100" / "nvidia-smi-version.txt").read_text().splitlines()
+    rendered = []
+    for role in MONITORING_ROLES:
+        scenario = {"model_revision": "a" * 40, "grafana": True, "responses": gpu_host(cuda=cuda)}
+        commands, cfg = plan_hostile(scenario, deploy_function(role))
+        assert commands, f"{role.__name__} planned nothing"
+        for command in commands:
+            assert injected(command) == [], command
+        rendered += commands
+    assert MARKER.search("\n".join(rendered)), "no hostile value reached a command: the test tests nothing"
 
 
 @pytest.mark.parametrize("name", sorted(STEERING - {"model_control_dir", "model_peer_key", "vllm_image_archive"}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +63,12 @@ class Run:
     def results(self) -> dict:
         return json.loads(self.stdout)["results"]
 
+    def started(self) -> list[str]:
+        """The operations pyinfra started, from its log: what a run that lost its only host ran
+        (pyinfra then ends with "No hosts remaining!" and prints no --json results)."""
+        log = re.sub(r"\x1b\[[0-9;]*m", "", self.stderr)
+        return re.findall(r"^--> Starting operation: (.+?)\s*$", log, re.M)
+
     def planned(self, host: str) -> list[str]:
         """The operations planned on a host, whether they changed anything or not."""
         return [
@@ -97,6 +104,11 @@ def pyinfra(
         *args,
         *data_args(data or {}),
     ]
+    return run_from_root(command, env, timeout)
+
+
+def run_from_root(command: list[str], env: dict | None, timeout: int) -> Run:
+    """A command of the project's venv, from the project root, with this checkout importable."""
     completed = subprocess.run(
         command,
         cwd=ROOT,
@@ -114,16 +126,7 @@ def deploy(inventory: str | Path = "inventory/local.py", **kwargs) -> Run:
 
 def glmfleet(*args: str, data: dict | None = None, env: dict | None = None, timeout: int = 900) -> Run:
     """The `glmfleet` command from the project root, as a user runs it."""
-    command = [str(Path(sys.executable).parent / "glmfleet"), *args, *data_args(data or {})]
-    completed = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
-    return Run(completed.returncode, completed.stdout, completed.stderr)
+    return run_from_root([str(Path(sys.executable).parent / "glmfleet"), *args, *data_args(data or {})], env, timeout)
 
 
 def write_inventory(

@@ -63,20 +63,33 @@ def build_test_double_wheel(directory: Path) -> Path:
         return Path(shutil.move(wheel, directory / wheel.name))
 
 
-def download_wheels(requirements: Iterable[str], directory: Path) -> list[Path]:
-    """Download a wheel for each requirement (e.g. "uv==0.13.9") into directory.
+def download_wheels(requirements: Iterable[str], directory: Path, dependencies: bool = False) -> list[Path]:
+    """Download a wheel for each requirement (e.g. "uv==0.13.9") into directory, and with
+    ``dependencies`` every wheel they need.
 
-    Wheels only, no dependencies, for this machine's platform -- the local
-    fleet's hosts run on it. pip reads its usual configuration, so a mirror
-    configured for pip is used; with none, wheels come from PyPI.
+    Wheels only, for this machine's platform -- the local fleet's hosts run on it. pip reads
+    its usual configuration, so a mirror configured for pip is used; with none, wheels come
+    from PyPI.
     """
     requirements = list(requirements)
     directory.mkdir(parents=True, exist_ok=True)
     if not requirements:
         return []
-    with tempfile.TemporaryDirectory(prefix="pkgindex-download-") as out:
+    with tempfile.TemporaryDirectory(prefix="pkgindex-download-", dir=directory.parent) as out:
+        only = [] if dependencies else ["--no-deps"]
         _run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", out, *requirements]
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                *only,
+                "--only-binary=:all:",
+                "--dest",
+                out,
+                *requirements,
+            ]
         )
         return [Path(shutil.move(wheel, directory / wheel.name)) for wheel in sorted(Path(out).glob("*.whl"))]
 

@@ -32,16 +32,17 @@ class PlannedOp:
     commands: list[str]
 
 
-def connected(hosts: list[tuple[str, dict]]) -> Inventory:
-    """An inventory of ``hosts`` (name and data each), its State made and every host connected."""
-    inventory = Inventory((hosts, {}))
+def connected(hosts: list[tuple[str, dict]], groups: dict[str, list[str]] | None = None) -> Inventory:
+    """An inventory of ``hosts`` (name and data each) and ``groups`` (name to host names), its
+    State made and every host connected."""
+    inventory = Inventory((hosts, {}), **{name: (members, {}) for name, members in (groups or {}).items()})
     connect_all(State(inventory, Config()))
     return inventory
 
 
-def fake_host(data: dict, responses: dict) -> tuple[State, Host]:
-    """A connected fake host with ``data``, whose commands answer with ``responses`` (a command
-    substring, or compiled pattern, to its stdout lines), and its State."""
+def fake_host(data: dict, responses: dict, groups: tuple[str, ...] = ()) -> tuple[State, Host]:
+    """A connected fake host with ``data``, in inventory ``groups``, whose commands answer with
+    ``responses`` (a command substring, or compiled pattern, to its stdout lines), and its State."""
     responses = {**responses, "uname -s": ["Linux"]}
     inventory = connected(
         [
@@ -55,14 +56,15 @@ def fake_host(data: dict, responses: dict) -> tuple[State, Host]:
                     "fake_delay_jitter": 0,
                 },
             )
-        ]
+        ],
+        {group: ["@fake/gpu-1"] for group in groups},
     )
     return inventory.state, inventory.get_host("@fake/gpu-1")
 
 
-def plan(deploy, data: dict, responses: dict, **deploy_kwargs) -> list[PlannedOp]:
+def plan(deploy, data: dict, responses: dict, groups: tuple[str, ...] = (), **deploy_kwargs) -> list[PlannedOp]:
     """The operations ``deploy`` plans for one fake host (``fake_host``)."""
-    state, host = fake_host(data, responses)
+    state, host = fake_host(data, responses, groups)
     prepare_control_node(state.inventory)  # as deploy.py does before planning
     add_deploy(state, deploy, **deploy_kwargs)
     with ctx_state.use(state), ctx_host.use(host):
@@ -104,6 +106,7 @@ def gpu_host(
     secure_boot="SecureBoot disabled",
     headers_candidate="5.15.0-125.135",
     signing_keys=(),
+    cuda=(),
 ):
     return {
         GPU_HOST_MARKER: sectioned_output(
@@ -113,7 +116,7 @@ def gpu_host(
             headers_candidate=[headers_candidate],
             pci=list(pci),
             smi=[],
-            cuda=[],
+            cuda=list(cuda),
             module=list(module),
             modules=[],
             secure_boot=[secure_boot],

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import yaml
+from packaging.version import Version
 
 from glmfleet import catalog, compat
 from glmfleet.config import ConfigError, resolve
@@ -26,15 +27,37 @@ ISSUE_MODELS = {
     "zai-org/GLM-4.7": "glm-4.7",
     "zai-org/GLM-4.7-Flash": "glm-4.7-flash",
 }
+MODELS_OF_2026 = {
+    "zai-org/GLM-4.5-FP8": "glm-4.5-fp8",
+    "zai-org/GLM-4.5-Air-FP8": "glm-4.5-air-fp8",
+    "zai-org/GLM-4.6-FP8": "glm-4.6-fp8",
+    "zai-org/GLM-4.7-FP8": "glm-4.7-fp8",
+    "zai-org/GLM-4.6V": "glm-4.6v",
+    "zai-org/GLM-4.6V-FP8": "glm-4.6v-fp8",
+    "zai-org/GLM-4.6V-Flash": "glm-4.6v-flash",
+    "zai-org/GLM-OCR": "glm-ocr",
+    "zai-org/GLM-5": "glm-5",
+    "zai-org/GLM-5-FP8": "glm-5-fp8",
+    "zai-org/GLM-5.1": "glm-5.1",
+    "zai-org/GLM-5.1-FP8": "glm-5.1-fp8",
+    "zai-org/GLM-5.2": "glm-5.2",
+    "zai-org/GLM-5.2-FP8": "glm-5.2-fp8",
+    "zai-org/GLM-5.3": "glm-5.3",
+    "zai-org/GLM-5.3-BF16": "glm-5.3-bf16",
+    "zai-org/GLM-5.3-Flash": "glm-5.3-flash",
+}
+ALL_MODELS = {**ISSUE_MODELS, **MODELS_OF_2026}
 
 
-@pytest.mark.parametrize(("repo", "name"), ISSUE_MODELS.items())
+@pytest.mark.parametrize(("repo", "name"), ALL_MODELS.items())
 def test_every_glm_model_is_found_by_name_and_by_each_repo_id(repo, name):
     entry = catalog.find(name)
     assert entry is not None and entry.name == name
     assert catalog.find(repo) is entry
     assert catalog.find(name.upper()) is entry
-    assert catalog.find(entry.modelscope) is entry and entry.modelscope.startswith("ZhipuAI/")
+    assert entry.modelscope is None or (
+        catalog.find(entry.modelscope) is entry and entry.modelscope.startswith("ZhipuAI/")
+    )
 
 
 def test_unknown_models_are_not_guessed():
@@ -42,22 +65,26 @@ def test_unknown_models_are_not_guessed():
     assert catalog.find("glm-4") is None
 
 
-@pytest.mark.parametrize("name", ISSUE_MODELS.values())
-def test_each_model_deploys_with_its_catalog_defaults_on_the_default_vllm(name):
+@pytest.mark.parametrize("name", ALL_MODELS.values())
+def test_each_model_resolves_to_a_complete_profile_on_the_release_the_catalog_checked(name):
     cfg = resolve({"model": name})  # raises if the catalog's own defaults break a rule
-    assert cfg.model == catalog.find(name).hf
-
-
-@pytest.mark.parametrize("name", ISSUE_MODELS.values())
-def test_recommended_tensor_parallel_sizes_are_the_smallest_that_fit(name):
     entry = catalog.find(name)
-    assert set(entry.recommended_tp) == {24, 48, 80, 141}
-    for memory_gib, tp in entry.recommended_tp.items():
-        assert tp == compat.recommend_tp(entry, memory_gib)
-        if tp is not None:
-            assert entry.attention_heads is None or entry.attention_heads % tp == 0
-            assert compat.fits(entry, tp, 1, entry.context, 0.9, memory_gib)
-            assert tp == 1 or not compat.fits(entry, tp // 2, 1, entry.context, 0.9, memory_gib)
+    assert cfg.model == entry.hf
+    assert cfg.vllm_version == str(entry.vllm_checked) and entry.vllm_checked >= entry.vllm_min
+    assert Version(cfg.vllm_version) not in catalog.vllm_facts().broken
+    assert entry.weights_gib is not None, "the capacity check needs a size"
+
+
+@pytest.mark.parametrize("memory_gib", [24, 48, 80, 141, 180])
+@pytest.mark.parametrize("name", ALL_MODELS.values())
+def test_the_recommended_tensor_parallel_size_is_the_smallest_that_fits(name, memory_gib):
+    entry = catalog.find(name)
+    tp = compat.recommend_tp(entry, memory_gib)
+    if tp is None:
+        assert not compat.fits(entry, 8, 1, entry.context, 0.9, memory_gib) or entry.attention_heads % 8
+    else:
+        assert compat.divides_heads(entry, tp) and compat.fits(entry, tp, 1, entry.context, 0.9, memory_gib)
+        assert tp == 1 or not compat.fits(entry, tp // 2, 1, entry.context, 0.9, memory_gib)
 
 
 def test_every_catalog_default_is_a_value_its_setting_accepts():
@@ -110,7 +137,9 @@ def test_a_catalog_name_is_a_valid_model_and_becomes_the_hub_repo():
     assert argv[argv.index("--tool-call-parser") + 1] == "glm47"
     assert argv[argv.index("--reasoning-parser") + 1] == "glm45"
     assert "--enable-auto-tool-choice" in argv
-    assert cfg.vllm_extra_packages == ["transformers==5.23.0"]
+    # vLLM 0.33's wheel itself asks for transformers 5.16 or later: no pin of glmfleet's
+    assert cfg.vllm_version == "0.33.0" and cfg.vllm_extra_packages == []
+    assert resolve({"model": "glm-4.7-flash", "vllm_version": "0.22.0"}).vllm_extra_packages == ["transformers==5.23.0"]
 
 
 def test_a_repo_id_the_user_gives_is_served_as_given():
@@ -178,7 +207,8 @@ def test_user_environment_adds_to_the_catalogs_and_wins_per_variable(user, expec
     ],
 )
 def test_user_pins_add_to_the_catalogs_and_win_per_package(user, expected):
-    assert resolve({"model": "glm-4.7-flash", "vllm_extra_packages": user}).vllm_extra_packages == expected
+    data = {"model": "glm-4.7-flash", "vllm_version": "0.22.0", "vllm_extra_packages": user}
+    assert resolve(data).vllm_extra_packages == expected
 
 
 def test_a_setting_the_user_sets_wins_even_when_it_unsets_the_catalogs():
@@ -198,3 +228,74 @@ def test_a_stand_in_package_gets_the_flags_but_none_of_vllms_version_defaults():
 def test_multimodal_limits_render_as_vllm_reads_them():
     argv = vllm_command(resolve({"model": "glm-4.5v"}))
     assert argv[argv.index("--limit-mm-per-prompt") + 1] == '{"image":4,"video":1}'
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_glm_5_1_gets_its_whole_profile_from_one_key():
+    cfg = resolve({"model": "glm-5.1", "vllm_tensor_parallel_size": 8, "model_revision": "a" * 40})
+    argv = vllm_command(cfg, "hopper")
+    assert cfg.vllm_version == "0.33.0"
+    assert (flag(argv, "--tool-call-parser"), flag(argv, "--reasoning-parser")) == ("glm47", "glm45")
+    assert flag(argv, "--speculative-config") == '{"method":"mtp","num_speculative_tokens":3}'
+    assert flag(argv, "--chat-template-content-format") == "string"
+    assert "--enable-expert-parallel" in argv and "--trust-remote-code" not in argv
+    assert "--kv-cache-dtype" not in argv  # vLLM's own choice: no recipe asks otherwise for GLM-5.1
+
+
+@pytest.mark.parametrize(
+    ("generation", "dtype"), [("hopper", "fp8"), ("blackwell", "fp8_e4m3"), ("ampere", None), (None, None)]
+)
+def test_the_kv_cache_dtype_follows_the_recipe_for_the_hosts_gpu_generation(generation, dtype):
+    argv = vllm_command(resolve({"model": "glm-5.2-fp8"}), generation)
+    assert flag(argv, "--kv-cache-dtype") == dtype
+    # the user's choice wins on every generation
+    assert (
+        flag(
+            vllm_command(resolve({"model": "glm-5.2-fp8", "vllm_kv_cache_dtype": "auto"}), generation),
+            "--kv-cache-dtype",
+        )
+        == "auto"
+    )
+
+
+def test_mtp_follows_the_recipe_and_the_user_turns_it_off_or_on():
+    assert flag(vllm_command(resolve({"model": "glm-5.2"})), "--speculative-config") == (
+        '{"method":"mtp","num_speculative_tokens":5}'
+    )
+    assert "--speculative-config" not in vllm_command(resolve({"model": "glm-5.2", "vllm_speculative_config": {}}))
+    assert "--speculative-config" not in vllm_command(resolve({"model": "glm-5"}))  # opt-in in its recipe
+    mtp = {"method": "mtp", "num_speculative_tokens": 1}
+    assert flag(vllm_command(resolve({"model": "glm-5", "vllm_speculative_config": mtp})), "--speculative-config") == (
+        '{"method":"mtp","num_speculative_tokens":1}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "timeout"),
+    [
+        ({"vllm_version": "0.13.0", "model": "x/y"}, None),  # that release does not read the variable
+        ({"vllm_version": "0.14.0", "model": "x/y"}, "1800"),  # vllm_start_timeout: vLLM gives up no sooner
+        ({"vllm_version": "0.14.0", "model": "x/y", "vllm_start_timeout": 7200}, "7200"),
+        ({"vllm_version": "0.14.0", "model": "x/y", "vllm_engine_ready_timeout": 900}, "900"),
+    ],
+)
+def test_the_engine_ready_timeout_reaches_vllm_where_the_release_reads_it(data, timeout):
+    from roles.vllm_service import vllm_environment
+
+    assert vllm_environment(resolve(data)).get("VLLM_ENGINE_READY_TIMEOUT_S") == timeout
+
+
+def test_a_users_pin_wins_over_the_catalogs_release_and_is_checked():
+    assert resolve({"model": "glm-5.2", "vllm_version": "0.25.1"}).vllm_version == "0.25.1"
+    with pytest.raises(ConfigError, match="needs vLLM 0.23.0 or later; vllm_version = '0.22.0'"):
+        resolve({"model": "glm-5.2", "vllm_version": "0.22.0"})
+
+
+def test_readme_shows_the_catalog_as_it_is():
+    from glmfleet_cli.models import models_table
+
+    readme = open("README.md", encoding="utf-8").read()
+    assert models_table() in readme, "README.md's model table is stale: paste `glmfleet models`"

@@ -17,6 +17,7 @@ from pyinfra_cli.inventory import make_inventory
 
 from glmfleet.config import validate_inventory
 from glmfleet_cli.main import build_parser
+from tests.support.entry_points import metadata_dir
 from tests.support.paths import ROOT
 
 BIN = Path(sys.executable).parent
@@ -57,6 +58,7 @@ def test_every_documented_command_line_works_as_written(command, monkeypatch):
     if argv[0] == "glmfleet":
         build_parser().parse_args(argv[1:])
     elif argv[0] == "pyinfra":
+        monkeypatch.syspath_prepend(str(metadata_dir()))  # the @ansible connector, as pyproject.toml declares it
         with ctx_state.use(State()):
             inventory = make_inventory(argv[1], override_data={}, cwd=str(ROOT))
         if argv[1] != "inventory/local.py":  # local.py lists the fleet's hosts that are up: none here

@@ -71,7 +71,47 @@ DATA_RULES = [
         {"model": "glm-4.7-flash", "vllm_extra_packages": ["transformers==4.57.6"]},
         "model = 'zai-org/GLM-4.7-Flash' needs transformers>=5; vllm_extra_packages pins transformers==4.57.6: pin a version that matches >=5",
     ),
-    ({"model": "glm-4.7-flash", "vllm_extra_packages": ["transformers==5.23.0"]}, None),
+    ({"model": "glm-4.7-flash", "vllm_version": "0.22.0", "vllm_extra_packages": ["transformers==5.23.0"]}, None),
+    (
+        {"model": "glm-4.7-flash", "vllm_extra_packages": ["transformers==5.23.0"]},
+        "pins transformers==5.23.0, which vLLM 0.33.0 refuses (its wheel requires transformers<5.21.0,>=5.16.1)",
+    ),
+    (
+        {"model": "glm-5.2", "vllm_extra_packages": ["transformers==5.8.0"]},
+        "model = 'zai-org/GLM-5.2' needs transformers>=5.9.0; vllm_extra_packages pins transformers==5.8.0",
+    ),
+    ({"model": "glm-5.2", "vllm_extra_packages": ["transformers==5.20.2"]}, None),
+    # the 2026 models: the release each needs, releases that cannot be installed, new keys
+    ({"model": "glm-5.1"}, None),
+    (
+        {"model": "glm-5.1", "vllm_version": "0.19.0"},
+        "model = 'zai-org/GLM-5.1' (GlmMoeDsaForCausalLM) needs vLLM 0.19.1 or later",
+    ),
+    ({"model": "glm-5.3", "vllm_version": "0.31.0"}, "needs vLLM 0.32.0 or later; vllm_version = '0.31.0'"),
+    ({"model": "glm-5.3", "vllm_version": "0.32.0"}, None),
+    ({"model": "glm-5.3-flash", "vllm_version": "0.29.0"}, "(Glm5NextForConditionalGeneration) needs vLLM 0.30.0"),
+    (
+        {"model": "glm-5.1", "vllm_version": "0.34.0"},
+        "vllm_version = '0.34.0' cannot be installed: its wheel pins flashinfer-python==0.7.3, which PyPI does not "
+        "offer (0.7.2.post1 and 0.7.4 only, checked 2026-12-07): no index resolves it; set vllm_version to 0.33.0",
+    ),
+    (
+        {"model": "x/y", "vllm_version": "0.23.0", "vllm_reasoning_parser": "glm47"},
+        "vllm_reasoning_parser = 'glm47' first ships in vLLM 0.24.0",
+    ),
+    ({"model": "x/y", "vllm_version": "0.24.0", "vllm_reasoning_parser": "glm47"}, None),
+    (
+        {"model": "x/y", "vllm_version": "0.13.0", "vllm_engine_ready_timeout": 3600},
+        "vllm_engine_ready_timeout = 3600 needs vLLM 0.14.0 or later (VLLM_ENGINE_READY_TIMEOUT_S)",
+    ),
+    ({"model": "x/y", "vllm_version": "0.14.0", "vllm_engine_ready_timeout": 3600}, None),
+    (
+        {"model": "x/y", "vllm_extra_args": ["--speculative_config.method=mtp"]},
+        "vllm_extra_args contains '--speculative_config.method' (vLLM reads it as '--speculative-config'); "
+        "set vllm_speculative_config instead",
+    ),
+    ({"model": "x/y", "vllm_extra_args": ["--kv-cache-dtype", "fp8"]}, "set vllm_kv_cache_dtype instead"),
+    ({"model": "x/y", "vllm_extra_args": ["-dp", "2"]}, "set vllm_data_parallel_size instead"),
     (
         {"model": "glm-4.7-flash", "vllm_version": "0.19.0"},
         "needs transformers>=5, which vLLM 0.19.0 refuses (its wheel requires transformers<5): set vllm_version to 0.19.1 or later",
@@ -132,6 +172,25 @@ WARNING_RULES = [
     ),
     ({"model": "x/y", "vllm_version": "0.11.0", "vllm_extra_packages": ["transformers==4.56.2"]}, None),
     ({"model": "x/y", "vllm_version": "0.12.0"}, None),
+    # variables a release no longer reads
+    (
+        {"model": "x/y", "vllm_version": "0.24.0", "vllm_env": {"VLLM_USE_FLASHINFER_MOE_FP4": "1"}},
+        "vllm_env sets VLLM_USE_FLASHINFER_MOE_FP4, which vLLM 0.24.0 no longer reads (gone since 0.24.0)",
+    ),
+    ({"model": "x/y", "vllm_version": "0.23.0", "vllm_env": {"VLLM_USE_FLASHINFER_MOE_FP4": "1"}}, None),
+    (
+        {"model": "x/y", "vllm_version": "0.22.0", "vllm_env": {"VLLM_USE_V1": "1"}},
+        "vllm_env sets VLLM_USE_V1, which vLLM 0.22.0 no longer reads (gone since 0.11.1): it does nothing",
+    ),
+    (
+        {
+            "model": "x/y",
+            "vllm_version": "0.11.0",
+            "vllm_env": {"VLLM_USE_V1": "1"},
+            "vllm_extra_packages": ["transformers==4.56.2"],
+        },
+        None,
+    ),
 ]
 
 
@@ -158,9 +217,9 @@ HOST_RULES = [
         {"model": "glm-4.5-air", "vllm_tensor_parallel_size": 2},
         {"gpu_memory_mib": 80 * GIB_MIB},
         # 205.8 GiB / 2; 46 layers x 4 of 8 KV heads x 128 x (K, V) x 2 bytes x 131072 tokens = 11.5 GiB
-        "'zai-org/GLM-4.5-Air' needs about 115.4 GiB per GPU (weights 102.9, KV cache for one 131072-token sequence 11.5, "
-        "reserve 1) with vllm_tensor_parallel_size = 2 and vllm_pipeline_parallel_size = 1, but vllm_gpu_memory_utilization = 0.9 "
-        "of 80.0 GiB leaves 72.0 GiB: set vllm_tensor_parallel_size to 4, raise vllm_gpu_memory_utilization, or use GPUs with more memory",
+        "'zai-org/GLM-4.5-Air' (206 GiB of bf16 weights) needs about 115.4 GiB per GPU (weights 102.9, KV cache for "
+        "one 131072-token sequence 11.5, reserve 1) with vllm_tensor_parallel_size = 2, but "
+        "vllm_gpu_memory_utilization = 0.9 of 80.0 GiB leaves 72.0 GiB: set vllm_tensor_parallel_size to 4",
     ),
     ({"model": "glm-4.5-air", "vllm_tensor_parallel_size": 4}, {"gpu_memory_mib": 80 * GIB_MIB}, None),
     (
@@ -173,6 +232,56 @@ HOST_RULES = [
         {"gpu_memory_mib": 80 * GIB_MIB},
         "leaves 60.0 GiB: set vllm_tensor_parallel_size to 2, raise vllm_gpu_memory_utilization",
     ),
+    # GLM-5-FP8 (744 B parameters, one byte each; 78 layers x one 576-wide latent x 2 bytes x 202752 tokens)
+    (
+        {"model": "glm-5-fp8", "vllm_tensor_parallel_size": 8},
+        {"gpu_count": 8, "gpu_memory_mib": 80 * GIB_MIB, "gpu_generation": "hopper"},
+        "'zai-org/GLM-5-FP8' (693 GiB of fp8 weights) needs about 104.6 GiB per GPU (weights 86.6, KV cache for one "
+        "202752-token sequence 17.0, reserve 1) with vllm_tensor_parallel_size = 8, but vllm_gpu_memory_utilization "
+        "= 0.9 of 80.0 GiB leaves 72.0 GiB: use 8 GPUs of at least 116 GiB in one host, or span 2 hosts of 8 such "
+        "GPUs with one replica group",
+    ),
+    (
+        {"model": "glm-5-fp8", "vllm_tensor_parallel_size": 8},
+        {"gpu_count": 8, "gpu_memory_mib": 141 * GIB_MIB, "gpu_generation": "hopper"},
+        None,
+    ),
+    # data parallel copies the model; with expert parallel its experts spread over every copy
+    (
+        {"model": "glm-5-fp8", "vllm_data_parallel_size": 8, "vllm_enable_expert_parallel": False},
+        {"gpu_count": 8, "gpu_memory_mib": 141 * GIB_MIB},
+        "needs about 710.9 GiB per GPU (weights 692.9, KV cache for one 202752-token sequence 17.0, reserve 1) "
+        "with vllm_tensor_parallel_size = 1, vllm_data_parallel_size = 8, but vllm_gpu_memory_utilization = 0.9 of "
+        "141.0 GiB leaves 126.9 GiB: set vllm_enable_expert_parallel to true",
+    ),
+    (
+        {"model": "glm-5-fp8", "vllm_data_parallel_size": 8, "vllm_enable_expert_parallel": True},
+        {"gpu_count": 8, "gpu_memory_mib": 141 * GIB_MIB},
+        None,
+    ),
+    (
+        {"vllm_tensor_parallel_size": 2, "vllm_data_parallel_size": 4},
+        {"gpu_count": 4},
+        "vllm_tensor_parallel_size = 2 × vllm_pipeline_parallel_size = 1 × vllm_data_parallel_size = 4 needs 8 GPUs, the host has 4",
+    ),
+    # GPU generations: FP8 weights need Ada or later, the DSA models Hopper or Blackwell
+    (
+        {"model": "glm-4.5-air-fp8", "vllm_tensor_parallel_size": 2},
+        {"gpu_generation": "ampere"},
+        "model = 'zai-org/GLM-4.5-Air-FP8' is an FP8 checkpoint, and this host's GPUs (Ampere) have no FP8: serve "
+        "'glm-4.5-air' (zai-org/GLM-4.5-Air) instead, or use Ada, Hopper or Blackwell GPUs",
+    ),
+    ({"model": "glm-4.5-air-fp8"}, {"gpu_generation": "ada"}, None),
+    ({"model": "glm-4.5-air"}, {"gpu_generation": "ampere"}, None),
+    (
+        {"model": "glm-5"},
+        {"gpu_generation": "ampere"},
+        "model = 'zai-org/GLM-5' (GlmMoeDsaForCausalLM) runs on vLLM kernels for Hopper or Blackwell GPUs only; this "
+        "host's are Ampere",
+    ),
+    ({"model": "glm-5"}, {"gpu_generation": "ada"}, "runs on vLLM kernels for Hopper or Blackwell GPUs only"),
+    ({"model": "glm-5"}, {"gpu_generation": "blackwell"}, None),
+    ({"model": "glm-5"}, {"gpu_generation": "hopper"}, None),
     ({"model": "glm-4-32b-0414", "vllm_gpu_memory_utilization": 0.9}, {"gpu_memory_mib": 80 * GIB_MIB}, None),
     ({"model": "glm-4-9b-chat"}, {"gpu_memory_mib": 24 * GIB_MIB}, "KV cache for one 131072-token sequence 5.0"),
     ({"model": "glm-4-9b-chat", "vllm_max_model_len": 8192}, {"gpu_memory_mib": 24 * GIB_MIB}, None),

@@ -10,6 +10,7 @@ from pyinfra.api import Config, State
 from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
+from glmfleet import catalog
 from glmfleet.config import ConfigError, all_settings, host_config, resolve, settings_table, validate_inventory
 from roles.model_weights import sync_argv
 from roles.vllm_service import render_env_file, render_unit, vllm_command, vllm_environment
@@ -26,9 +27,13 @@ def load(tmp_path, inventory: str, group_data: dict[str, str] | None = None, ove
 
 
 def test_defaults_fill_every_declared_key():
+    """Each role's default, but the vLLM release: the one the catalog checked the model with."""
     cfg = resolve({})
     for name, setting in all_settings().items():
-        assert cfg[name] == setting.default
+        if name != "vllm_version":
+            assert cfg[name] == setting.default
+    assert cfg.vllm_version == str(catalog.find(all_settings()["model"].default).vllm_checked)
+    assert resolve({"model": "owner/not-in-the-catalog"}).vllm_version == all_settings()["vllm_version"].default
 
 
 def test_precedence_host_over_group_over_all(tmp_path):
@@ -218,9 +223,9 @@ def test_shutdown_timeout_only_where_vllm_drains(version, drains):
 
 
 def test_exec_start_quotes_what_systemd_would_split_or_expand():
-    cfg = resolve({"vllm_extra_args": ["--chat-template-content-format", "a b", "--x", "50%$HOME"]})
+    cfg = resolve({"vllm_extra_args": ["--chat-template", "a b", "--x", "50%$HOME"]})
     exec_start = next(line for line in render_unit(cfg).splitlines() if line.startswith("ExecStart="))
-    assert exec_start.endswith('--chat-template-content-format "a b" --x 50%%$$HOME')
+    assert exec_start.endswith('--chat-template "a b" --x 50%%$$HOME')
 
 
 def test_readme_documents_every_key():

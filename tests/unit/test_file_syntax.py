@@ -62,6 +62,8 @@ def test_control_characters_are_refused_by_every_file_and_every_setting(value):
         lambda v: filesyntax.systemd_env_line("K", v),
         lambda v: filesyntax.docker_env_line("K", v),
         filesyntax.authorized_keys_option,
+        lambda v: filesyntax.debian_defaults([v]),
+        filesyntax.apt_preferences_string,
     ):
         with pytest.raises(filesyntax.Unwritable):
             write(value)
@@ -107,3 +109,33 @@ def test_known_hosts_names_exactly_one_host(host, port, line):
 def test_known_hosts_refuses_patterns_and_lists(host):
     with pytest.raises(filesyntax.Unwritable):
         filesyntax.known_hosts_host(host, 22)
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_prometheus_and_grafana_files_read_back_every_value(value):
+    """YAML (prometheus.yml, Grafana's provisioning) and JSON (file_sd targets) as their readers
+    parse them: labels, host names and URLs come back exactly."""
+    import json
+
+    import yaml
+
+    data = {"labels": {"host": value}, "targets": [f"{value}:9100"]}
+    assert yaml.safe_load(filesyntax.yaml_document(data, f"about {value}")) == data
+    assert json.loads(filesyntax.json_document([data])) == [data]
+
+
+def test_debian_defaults_take_only_words_systemd_splits_as_written():
+    text = filesyntax.debian_defaults(["--web.listen-address=[::1]:9100", "--storage.tsdb.retention.time=15d"])
+    assert text.splitlines()[1] == 'ARGS="--web.listen-address=[::1]:9100 --storage.tsdb.retention.time=15d"'
+    for value in [word for word in HOSTILE if word not in ("plain", "=eq=", "ünïcode", "50%", "%n")]:
+        with pytest.raises(filesyntax.Unwritable, match=r"\$ARGS"):
+            filesyntax.debian_defaults([f"--flag={value}"])
+
+
+def test_apt_preferences_values_refuse_a_double_quote():
+    assert filesyntax.apt_preferences_string("developer.download.nvidia.com") == '"developer.download.nvidia.com"'
+    with pytest.raises(filesyntax.Unwritable, match="double quote"):
+        filesyntax.apt_preferences_string('a"b')
+    assert (
+        filesyntax.host_port("::1", 9090) == "[::1]:9090" and filesyntax.host_port("10.0.0.1", 9090) == "10.0.0.1:9090"
+    )

@@ -73,3 +73,11 @@ def test_sysfs_listing_agrees_with_the_facts_pci_section():
         ("0000:00:06.0", "device=0x2330", "class=0x030200")
     ]
     assert section(capture("gpuhost-fact.txt"), "pci") == ["sysfs 0000:00:06.0 0x030200 0x2330"]
+
+
+def test_the_h100s_generation_reads_the_same_from_the_driver_and_from_the_pci_bus():
+    from glmfleet.facts.gpu import gpu_generation
+
+    fact = GpuHost().process(capture("gpuhost-fact.txt"))
+    assert gpu_generation(fact) == "hopper"  # compute capability 9.0
+    assert gpu_generation({**fact, "smi": None}) == "hopper"  # before a driver answers: device 0x2330

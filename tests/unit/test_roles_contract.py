@@ -44,5 +44,9 @@ def test_setting_names_are_unique_and_prefixed_by_what_they_configure():
         "pip_",
         "uv_",
         "verify_",
+        "node_exporter_",
+        "dcgm_",
+        "prometheus_",
+        "grafana",
     )
     assert [name for name in names if not name.startswith(prefixes)] == []

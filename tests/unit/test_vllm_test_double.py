@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import pkgindex
 from tests.support.fleettools import UV_VERSION, wait_for
@@ -129,10 +130,12 @@ class Double:
         return self
 
     def metric(self, name: str) -> float:
-        """The value of the one series of metric name on /metrics."""
+        """The value of metric name on /metrics, summed over its series (a counter of requests
+        has one per finish reason)."""
         text = self.get("/metrics").body.decode()
-        (value,) = re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
-        return float(value)
+        values = re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE)
+        assert values, f"no {name} on /metrics"
+        return sum(map(float, values))
 
 
 @pytest.fixture
@@ -461,8 +464,10 @@ def test_unknown_fail_mode_is_refused(start_double):
 
 def test_metrics_count_in_flight_requests(start_double):
     double = start_double(MODEL, "--served-model-name", *SERVED, VLLM_TEST_DOUBLE_LATENCY="1.5").wait_until_healthy()
-    # vLLM labels its metrics with the first served model name.
-    assert f'vllm:num_requests_running{{model_name="{SERVED[0]}"}} 0' in double.get("/metrics").body.decode()
+    # vLLM labels its metrics with the first served model name and the engine's index.
+    assert (
+        f'vllm:num_requests_running{{engine="0",model_name="{SERVED[0]}"}} 0.0' in double.get("/metrics").body.decode()
+    )
     assert double.metric("vllm:num_requests_waiting") == 0
     hello = chat([{"role": "user", "content": "hi"}])
     requests = [in_background(lambda: double.post("/v1/chat/completions", hello)) for _ in range(2)]
@@ -472,6 +477,45 @@ def test_metrics_count_in_flight_requests(start_double):
         assert request["result"].status == 200
     assert double.metric("vllm:num_requests_running") == 0
     assert double.metric("vllm:request_success_total") == 2
+    assert metric_sample(double, "vllm:request_success_total", finished_reason="stop") == 2
+    assert metric_sample(double, "vllm:e2e_request_latency_seconds_count") == 2
+    assert metric_sample(double, "vllm:e2e_request_latency_seconds_bucket", le="1.0") == 0
+    assert metric_sample(double, "vllm:e2e_request_latency_seconds_bucket", le="2.0") == 2
+    # "hi": one prompt token and one generated, per request.
+    assert double.metric("vllm:prompt_tokens_total") == double.metric("vllm:generation_tokens_total") == 2
+
+
+def metric_sample(double: Double, name: str, **labels: str) -> float:
+    """One sample of /metrics, read by prometheus_client's own parser of the text format."""
+    text = double.get("/metrics").body.decode()
+    (value,) = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    return value
+
+
+def test_metrics_are_vllms_names_types_and_labels(start_double):
+    """What Prometheus and the alert rules read: vLLM's metric families and types (counters with
+    their _total), each sample labelled with the served model name and the engine index."""
+    double = start_double(MODEL, "--served-model-name", *SERVED).wait_until_healthy()
+    families = {family.name: family for family in text_string_to_metric_families(double.get("/metrics").body.decode())}
+    assert {name: family.type for name, family in families.items()} == {
+        "vllm:num_requests_running": "gauge",
+        "vllm:num_requests_waiting": "gauge",
+        "vllm:kv_cache_usage_perc": "gauge",
+        "vllm:prompt_tokens": "counter",
+        "vllm:generation_tokens": "counter",
+        "vllm:request_success": "counter",
+        "vllm:e2e_request_latency_seconds": "histogram",
+    }
+    for family in families.values():
+        for sample in family.samples:
+            assert {"model_name": SERVED[0], "engine": "0"}.items() <= sample.labels.items()
+    reasons = {sample.labels["finished_reason"] for sample in families["vllm:request_success"].samples}
+    assert reasons == {"stop", "length", "abort"}
 
 
 # --- SIGTERM -------------------------------------------------------------------

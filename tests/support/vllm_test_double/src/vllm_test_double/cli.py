@@ -7,9 +7,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import vllm_test_double
+from vllm_test_double.group import Group, membership
 from vllm_test_double.server import DoubleHTTPServer, EngineState, ServeConfig
 
 log = logging.getLogger("vllm_test_double")
@@ -107,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tool-call-parser")
     serve.add_argument("--reasoning-parser")
     serve.add_argument("--enable-auto-tool-choice", action="store_true")
+    # vLLM's multi-node runtime (vllm_test_double.group imitates what a deployer sees of it).
+    serve.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    serve.add_argument("--nnodes", "-n", type=int, default=1)
+    serve.add_argument("--node-rank", "-r", type=int, default=0)
+    serve.add_argument("--master-addr", default="127.0.0.1")
+    serve.add_argument("--master-port", type=int, default=29501)
+    serve.add_argument("--headless", action="store_true", help="serve no API: a rank of a group, not its head")
+    serve.add_argument("--distributed-timeout-seconds", type=float)
+    serve.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    serve.add_argument("--data-parallel-size-local", "-dpl", type=int)
+    serve.add_argument("--data-parallel-start-rank", "-dpr", type=int)
+    serve.add_argument("--data-parallel-address", "-dpa")
+    serve.add_argument("--data-parallel-rpc-port", "-dpp", type=int, default=29550)
+    serve.add_argument("--data-parallel-hybrid-lb", "-dph", action="store_true")
     serve.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -168,35 +184,108 @@ def serve(parser: argparse.ArgumentParser, args: argparse.Namespace, unrecognize
     # inherits the mask and only the sigwait calls below receive them; no
     # signal handler can interrupt a thread that holds a lock.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    member = membership(args)
+    group = Group(member) if member else None
+    if args.headless:
+        if group is None or member.is_head:
+            log.error("--headless runs a rank of a multi-node group: give --nnodes and a --node-rank above 0")
+            return 2
+        log.info(
+            "Launching vLLM (test double) headless rank %d, head at %s:%d", member.rank, member.address, member.port
+        )
+        return _run_headless(group, knobs)
     state = EngineState()
     try:
-        # Bound before the engine "loads", as vLLM binds its port early.
-        server = DoubleHTTPServer((args.host, args.port), config, state)
+        # Bound before the engine "loads", as vLLM binds its port early; a head listens only once
+        # its group has joined.
+        server = DoubleHTTPServer((args.host, args.port), config, state, listen=group is None)
     except OSError as error:
         log.error("Could not bind %s:%s: %s", args.host, args.port, error)
         return 1
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True).start()
-    log.info("Starting vLLM API server (test double) on http://%s:%d", args.host, server.server_address[1])
     try:
-        return _run_engine(server, state, knobs, args.shutdown_timeout)
+        if group is not None:
+            joined = _wait_for(group.join)
+            if joined is None:
+                return 0
+            if not joined:
+                return 1
+            server.server_activate()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True).start()
+        log.info("Starting vLLM API server (test double) on http://%s:%d", args.host, server.server_address[1])
+        return _run_engine(server, state, knobs, args.shutdown_timeout, group)
     finally:
         server.server_close()
+        if group is not None:
+            group.close()
+
+
+def _wait_for(join) -> bool | None:
+    """Run ``join`` while stop signals are honoured: its result, or None on a stop signal."""
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(join()), name="group-join", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        if signal.sigtimedwait(STOP_SIGNALS, 0.2) is not None:
+            log.info("Stopped while the group was joining")
+            return None
+    return result[0]
+
+
+def _run_headless(group: Group, knobs: DoubleKnobs) -> int:
+    joined = _wait_for(group.join)
+    if not joined:
+        return 0 if joined is None else 1
+    if knobs.fail == "exit":
+        signum = _wait_for_stop(group, knobs.startup_delay_s)
+        if signum is None:
+            log.error("RuntimeError: WorkerProc initialization failed (%s=exit)", ENV_FAIL)
+            return 1
+    else:
+        signum = _wait_for_stop(group)
+    if signum is None:
+        log.error("RuntimeError: %s", group.why)
+        return 1
+    log.info("Received %s, shutting down", signal.Signals(signum).name)
+    group.close()
+    return 0
+
+
+def _wait_for_stop(group: Group | None, seconds: float | None = None):
+    """The stop signal received within ``seconds`` (None: no limit), or None once the group
+    lost a member (or the time passed)."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while group is None or not group.lost.is_set():
+        left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+        if left <= 0:
+            return None
+        received = signal.sigtimedwait(STOP_SIGNALS, left)
+        if received is not None:
+            return received.si_signo
+    return None
 
 
 def _run_engine(
-    server: DoubleHTTPServer, state: EngineState, knobs: DoubleKnobs, shutdown_timeout_s: float | None
+    server: DoubleHTTPServer,
+    state: EngineState,
+    knobs: DoubleKnobs,
+    shutdown_timeout_s: float | None,
+    group: Group | None = None,
 ) -> int:
-    received = signal.sigtimedwait(STOP_SIGNALS, knobs.startup_delay_s)
-    if received is None:
+    signum = _wait_for_stop(group, knobs.startup_delay_s)
+    if signum is None and group is not None and group.lost.is_set():
+        log.error("RuntimeError: Engine core initialization failed: %s", group.why)
+        return 1
+    if signum is None:
         if knobs.fail == "exit":
             log.error("RuntimeError: Engine core initialization failed (%s=exit)", ENV_FAIL)
             return 1
         if knobs.fail != "unhealthy":
             state.loaded.set()
             log.info("Application startup complete.")
-        signum = signal.sigwait(STOP_SIGNALS)
-    else:
-        signum = received.si_signo
+        signum = _wait_for_stop(group)
+        if signum is None:
+            log.error("RuntimeError: the engine died: %s", group.why)
+            return 1
     log.info("Received %s, shutting down", signal.Signals(signum).name)
     server.shutdown()
     server.server_close()  # new connections are refused from here on

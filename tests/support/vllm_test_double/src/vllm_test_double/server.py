@@ -32,14 +32,25 @@ class ServeConfig:
     version: str
 
 
+# vLLM's finish reasons, each counted from zero as vLLM does; and its e2e latency buckets (s).
+FINISH_REASONS = ("stop", "length", "abort")
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+E2E_BUCKETS += (960.0, 1920.0, 7680.0)
+# Each request in flight holds this share of the pretend engine's KV cache.
+KV_CACHE_PER_REQUEST = 1 / 16
+
+
 class EngineState:
-    """Whether the pretend engine has loaded, and the request counts /metrics shows."""
+    """Whether the pretend engine has loaded, and the counts /metrics shows."""
 
     def __init__(self) -> None:
         self.loaded = threading.Event()
         self._lock = threading.Lock()
         self._running = 0
-        self._succeeded = 0
+        self._succeeded = dict.fromkeys(FINISH_REASONS, 0)
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._latencies: list[float] = []
 
     @contextmanager
     def running_request(self):
@@ -51,13 +62,63 @@ class EngineState:
             with self._lock:
                 self._running -= 1
 
-    def record_success(self) -> None:
+    def record_success(self, finish_reasons: list[str], usage: dict, seconds: float) -> None:
         with self._lock:
-            self._succeeded += 1
+            for reason in finish_reasons:
+                self._succeeded[reason] += 1
+            self._prompt_tokens += usage["prompt_tokens"]
+            self._generation_tokens += usage["completion_tokens"]
+            self._latencies.append(seconds)
 
-    def counts(self) -> tuple[int, int]:
+    def render_metrics(self, model_name: str) -> str:
+        """The engine's metrics as vLLM's /metrics renders them (prometheus_client's text format):
+        names, types and help as vLLM's, labelled with the served model name and the engine
+        index, counters with their ``_total``."""
         with self._lock:
-            return self._running, self._succeeded
+            running, succeeded = self._running, dict(self._succeeded)
+            prompt, generation, latencies = self._prompt_tokens, self._generation_tokens, list(self._latencies)
+        labels = {"engine": "0", "model_name": model_name}
+        metrics = [
+            (
+                "vllm:num_requests_running",
+                "gauge",
+                "Number of requests in model execution batches.",
+                [(labels, running)],
+            ),
+            ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", [(labels, 0)]),
+            (
+                "vllm:kv_cache_usage_perc",
+                "gauge",
+                "KV-cache usage. 1 means 100 percent usage.",
+                [(labels, min(1.0, running * KV_CACHE_PER_REQUEST))],
+            ),
+            ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", [(labels, prompt)]),
+            (
+                "vllm:generation_tokens_total",
+                "counter",
+                "Number of generation tokens processed.",
+                [(labels, generation)],
+            ),
+            (
+                "vllm:request_success_total",
+                "counter",
+                "Count of successfully processed requests.",
+                [({**labels, "finished_reason": reason}, count) for reason, count in succeeded.items()],
+            ),
+        ]
+        lines = []
+        for name, kind, text, samples in metrics:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{_labels(sample_labels)} {float(value)!r}" for sample_labels, value in samples]
+        name = "vllm:e2e_request_latency_seconds"
+        lines += [f"# HELP {name} Histogram of e2e request latency in seconds.", f"# TYPE {name} histogram"]
+        for bound in (*E2E_BUCKETS, float("inf")):
+            below = sum(latency <= bound for latency in latencies)
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f"{name}_bucket{_labels({**labels, 'le': le})} {float(below)!r}")
+        lines.append(f"{name}_count{_labels(labels)} {float(len(latencies))!r}")
+        lines.append(f"{name}_sum{_labels(labels)} {float(sum(latencies))!r}")
+        return "\n".join(lines) + "\n"
 
 
 class ApiError(Exception):
@@ -72,12 +133,21 @@ class ApiError(Exception):
 class DoubleHTTPServer(ThreadingHTTPServer):
     """Threaded server that counts open connections, so shutdown can drain them."""
 
-    def __init__(self, address: tuple[str, int], config: ServeConfig, state: EngineState):
+    def __init__(self, address: tuple[str, int], config: ServeConfig, state: EngineState, listen: bool = True):
+        """``listen`` False: bind only, as vLLM's head does until its group has joined (a client
+        is refused); ``server_activate`` listens later."""
         self.config = config
         self.state = state
         self._open_requests = 0
         self._idle = threading.Condition()
-        super().__init__(address, RequestHandler)
+        super().__init__(address, RequestHandler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            if listen:
+                self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
 
     # Counted in the accept loop, before the worker thread exists, so a
     # shutdown that starts right after an accept still waits for it.
@@ -170,20 +240,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._send_json(200, {"version": self.server.config.version})
 
     def _metrics(self, _body: bytes) -> None:
-        running, succeeded = self.server.state.counts()
         # vLLM labels its metrics with the first served model name.
-        label = f'{{model_name="{_escape_label(self.server.config.served_model_names[0])}"}}'
-        text = (
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
-            "# TYPE vllm:num_requests_running gauge\n"
-            f"vllm:num_requests_running{label} {running}\n"
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
-            "# TYPE vllm:num_requests_waiting gauge\n"
-            f"vllm:num_requests_waiting{label} 0\n"
-            "# HELP vllm:request_success_total Count of successfully processed requests.\n"
-            "# TYPE vllm:request_success_total counter\n"
-            f"vllm:request_success_total{label} {succeeded}\n"
-        )
+        text = self.server.state.render_metrics(self.server.config.served_model_names[0])
         self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def _models(self, _body: bytes) -> None:
@@ -214,7 +272,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         texts = [(m.get("role"), _content_text(m.get("content"))) for m in messages]
         last_user_text = next((text for role, text in reversed(texts) if role == "user"), "")
         reply, finish_reason = _echo(last_user_text, max_tokens)
-        self._generate()
+        usage = _usage(" ".join(text for _, text in texts), reply)
+        self._generate([finish_reason], usage)
         self._send_json(
             200,
             {
@@ -231,7 +290,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                         "stop_reason": None,
                     }
                 ],
-                "usage": _usage(" ".join(text for _, text in texts), reply),
+                "usage": usage,
             },
         )
 
@@ -244,7 +303,8 @@ class RequestHandler(BaseHTTPRequestHandler):
                 400, "`prompt` must be a string or a non-empty list of strings.", "BadRequestError", "prompt"
             )
         replies = [_echo(p, max_tokens) for p in prompts]
-        self._generate()
+        usage = _usage(" ".join(prompts), " ".join(text for text, _ in replies))
+        self._generate([reason for _, reason in replies], usage)
         self._send_json(
             200,
             {
@@ -256,7 +316,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                     {"index": i, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": None}
                     for i, (text, reason) in enumerate(replies)
                 ],
-                "usage": _usage(" ".join(prompts), " ".join(text for text, _ in replies)),
+                "usage": usage,
             },
         )
 
@@ -289,16 +349,17 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise ApiError(400, "max_tokens must be a positive integer.", "BadRequestError", "max_tokens")
         return request, model, max_tokens
 
-    def _generate(self) -> None:
+    def _generate(self, finish_reasons: list[str], usage: dict) -> None:
         """Stand in for the engine: hold the request for the configured latency."""
         config, state = self.server.config, self.server.state
+        started = time.monotonic()
         with state.running_request():
             time.sleep(config.latency_s)
             if config.fail_requests:
                 raise ApiError(
                     500, "EngineCore encountered an issue (VLLM_TEST_DOUBLE_FAIL=error).", "InternalServerError"
                 )
-        state.record_success()
+        state.record_success(finish_reasons, usage, time.monotonic() - started)
 
     # --- responses and logging ----------------------------------------------
 
@@ -350,6 +411,11 @@ def _usage(prompt: str, completion: str) -> dict:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def _labels(labels: dict[str, str]) -> str:
+    """``{name="value",...}`` in name order, values escaped as the text format wants."""
+    return "{" + ",".join(f'{name}="{_escape_label(value)}"' for name, value in sorted(labels.items())) + "}"
 
 
 def _escape_label(value: str) -> str:
