@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+import roles  # noqa: F401  (hands the roles' settings to the configuration model)
 from devfleet import localfleet
 from glmfleet import shell
 from glmfleet.config import resolve
