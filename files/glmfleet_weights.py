@@ -600,9 +600,15 @@ def sync(args) -> None:
 # --- a host's part in a fan-out ----------------------------------------------------------------
 
 INCOMING = ".glmfleet/incoming"
-# rsync gives up on a peer that sends nothing for this long (a cut link), so that the control node
-# can ask another; what arrived stays staged, and the next copy, from any peer, appends to it.
+# A copy from a peer that answers nothing (a cut link) fails, so that the control node can ask
+# another; what arrived stays staged, and the next copy, from any peer, appends to it. ssh finds
+# the silence: its probes go unanswered for PEER_ALIVE_INTERVAL_S x PEER_ALIVE_COUNT. rsync's own
+# --timeout does not, on the receiving side: its keepalives still go into ssh's buffer, which
+# counts as I/O (measured: a 25 s cut only stalled the copies). It still ends a peer's rsync that
+# hangs while its ssh answers.
 PEER_IO_TIMEOUT_S = 20
+PEER_ALIVE_INTERVAL_S = 5
+PEER_ALIVE_COUNT = 3
 PEER_CONNECT_TIMEOUT_S = 10
 # One ssh connection to each peer carries every copy from it; closed when this host's part ends,
 # or this long after its last copy should the part end without closing it.
@@ -822,6 +828,7 @@ class Agent:
         ssh = (
             f"ssh -p {port} -i {a.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
             f"-o UserKnownHostsFile={a.known_hosts} -o Compression=no -o ConnectTimeout={PEER_CONNECT_TIMEOUT_S} "
+            f"-o ServerAliveInterval={PEER_ALIVE_INTERVAL_S} -o ServerAliveCountMax={PEER_ALIVE_COUNT} "
             f"-o ControlMaster=auto -o ControlPath={a.connections} -o ControlPersist={PEER_CONNECTION_KEPT_S}"
         )
         # No -z: weights do not compress. Arrives root's and world-readable (umask 022), as the peer's is.

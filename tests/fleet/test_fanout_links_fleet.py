@@ -190,7 +190,7 @@ def test_a_link_cut_mid_transfer_is_ridden_out_and_the_copy_resumes(hosts, setti
             assert time.monotonic() < deadline, f"{cut} received nothing"
             time.sleep(0.1)
         localfleet.set_link(cut, False)
-        time.sleep(25)  # longer than a copy waits on a silent peer (PEER_IO_TIMEOUT_S)
+        time.sleep(25)  # longer than a copy waits on a silent peer (PEER_ALIVE_INTERVAL_S x PEER_ALIVE_COUNT)
         localfleet.set_link(cut, True)
 
     output, sent = fan_out(hosts, settings, cfg, tmp_path, hosts[1:], during=cut_while_it_receives)
