@@ -27,6 +27,7 @@ from tests.support.fleettools import (
     deploy,
     gateway_port,
     glmfleet,
+    test_model_settings,
     write_inventory,
 )
 from tests.support.pkgindex import PackageIndex, fill_index_dir
@@ -86,6 +87,8 @@ def main() -> int:
         with PackageIndex(wheels) as index:
             data = {key: value for key, value in TEST_DOUBLE.items() if key != "vllm_ready_timeout"}
             data["pip_index_url"] = index.url
+            # The catalog's models want a pinned revision: the fleet tests' small checkpoint has one.
+            data.update(test_model_settings(Path(workdir) / "model"))
             for hosts in sorted(args.hosts):
                 measure(hosts, data, env, Path(workdir))
     return 0
