@@ -9,9 +9,9 @@ A host passes on each file as soon as it has verified it, while it still receive
 seed hands on what the origin delivers as it lands, and every file is copied from whichever host
 holds it. Each host receives one copy at a time and gives one at a time, so every copy runs at
 the speed of both links, and the rarest file goes first (counting copies under way): new files
-spread from the seed in doubling steps while older ones move between the other hosts. The whole
-fleet then takes about S/B for S bytes on links of bandwidth B, against log2(N) x S/B for whole
-copies in doubling rounds (benchmarks/RESULTS.md).
+spread from the seed in doubling steps while older ones move between the other hosts. The aim
+is about S/B for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in
+doubling rounds; how near it came, measured beside the rounds: benchmarks/RESULTS.md.
 
 A peer whose copy did not match the manifest gives nothing more until it has hashed its files
 again; a peer that failed (a cut link) is asked again later, with a growing pause. A member that
