@@ -1,12 +1,17 @@
-"""Benchmark: model weights to 4 and 8 fleet hosts, fan-out against every host pulling from the
-origin, both against the raw copy throughput of the same bytes on this machine (the physical
-limit here: every host's disk is this machine's disk).
+"""Benchmark: model weights fanned out to 4, 8 and 16 linked hosts, every host's link capped at the
+same rate B, against S/B (S: the checkpoint's bytes), the least any scheme needs, since each host
+takes S bytes through its own link; and against the doubling rounds that the fan-out was before
+issue 25 (whole copies, 1 -> 2 -> 4 -> ... holders), measured in the same run.
 
-    python -m benchmarks.weights_fanout --size-gb 1 --hosts 4 8
+    GLMFLEET_FLEET_SLOT=4 python -m benchmarks.weights_fanout --size-gb 0.6 --rate-mbit 40 --hosts 4 8 16
 
-Makes a multi-GB checkpoint, serves it with olah on loopback (the origin), brings up the local
-fleet (export the fleet slot's variables first, see CONVENTIONS), runs the real deploy of the
-weights role, and appends the figures to benchmarks/RESULTS.md. Not a test: nothing asserts.
+Makes the checkpoint (shards of --shard-mb), brings up linked hosts (``localfleet up --links``) and
+shapes each one's link with tc, then for each fleet size runs the real deploy of the weights role,
+``model_source: peer`` seeded from the control node: once as the project was at BASELINE (exported
+with ``git archive``: the doubling rounds), once as it is. After each run every host's copy is
+checked (the vLLM unit's own check). The origin's egress is what the machine sent onto the fleet's
+bridge (the control node pushes the seed's copy; pyinfra's own traffic is in it). Appends the
+figures to benchmarks/RESULTS.md; takes the fleet down. Not a test: nothing asserts.
 """
 
 from __future__ import annotations
@@ -17,180 +22,235 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
+import roles  # noqa: F401  (hands the roles' settings to the configuration model)
 from devfleet import localfleet
-from glmfleet.layout import WEIGHTS_STATE_DIR as STATE_DIR
-from tests.support.fleettools import fleet_host
-from tests.support.hub_mirror import OlahServer, publish
+from glmfleet import shell
+from glmfleet.config import resolve
+from glmfleet.layout import model_dir, weights_check_argv, weights_state_file
+from roles.model_weights.control import manifest_argv
 from tests.support.model_maker import make_checkpoint
-from tests.support.pkgindex import PackageIndex, download_wheels
 
 ROOT = Path(__file__).resolve().parent.parent
-REPO_ID = "glmfleet-bench/glm-shaped"
-HF_CLI_VERSION = "2.4.0"
+# main before issue 25: whole copies host to host in doubling rounds.
+BASELINE = "46dc556267f43c472ee9aef8881645ba8c8523aa"
+MODEL = "glmfleet-bench/glm-shaped"
+REVISION = "be7c" * 10  # with the control source a revision only names the files
 
 
 def tree_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and ".glmfleet" not in p.parts)
 
 
-def raw_copy_rate(source: Path, scratch: Path) -> float:
-    """Bytes/s of `cp` of the checkpoint plus `sync`: what this machine's disk does at best."""
-    target = scratch / "raw-copy"
-    shutil.rmtree(target, ignore_errors=True)
-    started = time.monotonic()
-    subprocess.run(["cp", "-r", "--reflink=never", str(source), str(target)], check=True)
-    subprocess.run(["sync"], check=True)
-    seconds = time.monotonic() - started
-    shutil.rmtree(target)
-    return tree_size(source) / seconds
+def ssh(name: str, command: str) -> subprocess.CompletedProcess:
+    host = next(h for h in localfleet.load_hosts() if h["name"] == name)
+    return subprocess.run([*localfleet.ssh_argv(host), command], capture_output=True, text=True)
 
 
-def deploy(inventory: Path, data: dict) -> float:
+def write_inventory(path: Path, names: list[str]) -> Path:
+    """Plain host data, so that the baseline's tree reads it too."""
+    hosts = [(name, data) for name, data in localfleet.inventory_hosts() if name in names]
+    path.write_text(f"local_fleet = {hosts!r}\n")
+    return path
+
+
+def deploy(tree: Path, inventory: Path, data: dict, control_dir: Path) -> tuple[float, str]:
     args = []
     for key, value in data.items():
         args += ["--data", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     started = time.monotonic()
     process = subprocess.run(
         [str(Path(sys.executable).parent / "pyinfra"), "-y", str(inventory), "tests/support/deploy_weights.py", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree), "GLMFLEET_CONTROL_DIR": str(control_dir)},
         capture_output=True,
         text=True,
     )
     seconds = time.monotonic() - started
     if process.returncode != 0:
-        sys.exit(f"deploy failed:\n{process.stderr[-4000:]}")
-    return seconds
+        print(process.stderr[-3000:], file=sys.stderr)
+    return seconds, process.stderr
 
 
-def inventory(path: Path, names: list[str]) -> Path:
-    path.write_text(
-        "from devfleet.localfleet import inventory_hosts\n"
-        f"local_fleet = [(name, data) for name, data in inventory_hosts() if name in {names!r}]\n"
-    )
-    return path
-
-
-def wipe(names: list[str], model_dir: str) -> None:
-    """Each host back to no copy (over SSH: the hosts' roots are overlays in namespaces of their own)."""
+def wipe(names: list[str], cfg) -> None:
     for name in names:
-        fleet_host(name).run_test(f"rm -rf {model_dir} {STATE_DIR}/*")
+        ssh(name, shell.join(["rm", "-rf", model_dir(cfg), weights_state_file(cfg)]))
 
 
-def served_bytes(olah_log: Path, mark: int, sizes: dict[str, int]) -> int:
-    import re
+class Traffic:
+    """Samples what the hosts' links received while a deploy runs: the transfer window is from
+    the first sample that moved a megabyte into the hosts to the last one that did (pyinfra's
+    connecting, planning and final checks move far less)."""
 
-    lines = olah_log.read_text().splitlines()[mark:]
-    return sum(
-        sizes.get(m.group(1), 0)
-        for line in lines
-        if (m := re.search(r'"GET /[^ ]+/resolve/[0-9a-f]{40}/([^ ]+) HTTP', line))
-    )
+    STEP_BYTES = 10**6
+    INTERVAL_S = 0.5
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.moving: list[float] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def total(self) -> int:
+        return sum(localfleet.link_bytes(name)["received"] for name in self.names)
+
+    def sample(self) -> None:
+        last = self.total()
+        while not self.stopping.wait(self.INTERVAL_S):
+            now = self.total()
+            if now - last >= self.STEP_BYTES:
+                self.moving.append(time.monotonic())
+            last = now
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join()
+
+    def window_s(self) -> float:
+        return self.moving[-1] - self.moving[0] + self.INTERVAL_S if self.moving else 0.0
+
+
+def busy_jiffies() -> tuple[int, int]:
+    user, nice, system, idle, iowait, irq, softirq, *_ = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return user + nice + system + irq + softirq, idle + iowait
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=1)
-    parser.add_argument("--hosts", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--workdir", default="/var/tmp/glmfleet-bench")
+    parser.add_argument("--size-gb", type=float, default=0.6)
+    parser.add_argument("--shard-mb", type=float, default=8, help="shard size (MB)")
+    parser.add_argument("--rate-mbit", type=float, default=40, help="every host's link, each way (Mbit/s)")
+    parser.add_argument("--hosts", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--schemes", nargs="+", default=["rounds", "swarm"], choices=["rounds", "swarm"])
+    parser.add_argument("--workdir", default="/var/tmp/glmfleet-bench-fanout")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
 
-    checkpoint = work / f"checkpoint-{args.size_gb}g"
+    checkpoint = work / f"checkpoint-{args.size_gb}g-{args.shard_mb}mb"
     if not (checkpoint / "config.json").exists():
-        # 100 MB shards: olah holds each file it serves in memory, and 8 hosts x 8 workers read at once.
-        make_checkpoint(checkpoint, size_bytes=int(args.size_gb * 10**9), shard_bytes=100 * 10**6)
+        make_checkpoint(checkpoint, size_bytes=int(args.size_gb * 10**9), shard_bytes=int(args.shard_mb * 10**6))
     size = tree_size(checkpoint)
-    sizes = {p.name: p.stat().st_size for p in checkpoint.iterdir() if p.is_file()}
-    shutil.rmtree(work / "mirrors", ignore_errors=True)
-    revision = publish(checkpoint, work / "mirrors", REPO_ID)
-    rate = raw_copy_rate(checkpoint, work)
-    print(f"checkpoint {size / 1e9:.2f} GB; raw copy on this machine {rate / 1e6:.0f} MB/s", flush=True)
+    shards = len(list(checkpoint.glob("*.safetensors")))
+    rate = args.rate_mbit * 10**6 / 8  # tc's mbit: 10^6 bit/s
+    limit = size / rate
+    print(
+        f"checkpoint {size / 1e9:.2f} GB in {shards} shards; links {args.rate_mbit} Mbit/s; S/B {limit:.0f} s",
+        flush=True,
+    )
 
-    wheels = Path(tempfile.mkdtemp(prefix="bench-wheels-"))
-    download_wheels([f"huggingface_hub=={HF_CLI_VERSION}"], wheels, dependencies=True)
-    localfleet.up(max(args.hosts))
-    names = [h["name"] for h in localfleet.load_hosts()][: max(args.hosts)]
-    model_dir = "/srv/bench-model"
+    baseline = work / "baseline"
+    if not (baseline / "roles").is_dir():
+        baseline.mkdir(exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive.stdout, check=True)
+    trees = {"rounds": baseline, "swarm": ROOT}
+    control_dir = work / "control"
+    control_dir.mkdir(mode=0o700, exist_ok=True)
+
+    localfleet.up(max(args.hosts), links=True)
+    names = [h["name"] for h in localfleet.load_hosts() if h["network"] == "linked"][: max(args.hosts)]
+    for name in names:
+        localfleet.shape(name, rate_mbit=args.rate_mbit)
+    data = {
+        "model": MODEL,
+        "model_revision": REVISION,
+        "model_source": "peer",
+        "model_peer_seed": "control",
+        "model_control_dir": str(checkpoint),
+        "model_disk_margin_gb": 1,
+        "model_progress_interval": 30,
+    }
+    cfg = resolve(data)
+    # Warm-up: the weights script and its directories on every host, so the runs move weights only.
+    deploy(ROOT, write_inventory(work / "inventory.py", names), {**data, "model_include": ["config.json"]}, control_dir)
+    # The control node keeps a directory's manifest once made: the warm-up's names config.json
+    # alone. Made again for every file before the runs, so no run pays for hashing the checkpoint.
+    shutil.rmtree(checkpoint / ".glmfleet")
+    subprocess.run(manifest_argv(cfg), check=True, stdout=subprocess.DEVNULL)
+
     rows = []
-    with OlahServer(work / "mirrors", work / "olah") as origin, PackageIndex(wheels) as index:
-        base = {
-            "model": REPO_ID,
-            "model_revision": revision,
-            "hf_endpoint": origin.url,
-            "hf_cli_version": HF_CLI_VERSION,
-            "pip_index_url": index.url,
-            "model_dir": model_dir,
-            "model_disk_margin_gb": 4,
-            "model_progress_interval": 30,
-        }
-        # Warm-up: the hub CLI, rsync and the transfer key on every host, so the timed runs move weights only.
-        warm = {**base, "model_include": ["config.json"], "model_dir": "/srv/bench-warmup"}
-        deploy(inventory(work / "inv.py", names), {**warm, "model_source": "peer", "model_peer_seed": "hf"})
-        deploy(inventory(work / "inv.py", names), {**warm, "model_source": "hf"})
-        log = work / "olah" / "olah.log"
-        # The origin's own rate, for reference: one host alone.
-        runs = [(1, "one host from the origin", {**base, "model_source": "hf"})]
-        for count in args.hosts:
-            runs += [
-                (count, "peer fan-out", {**base, "model_source": "peer"}),
-                (count, "every host from the origin", {**base, "model_source": "hf"}),
-            ]
-        for count, mode, data in runs:
-            group = names[:count]
-            wipe(names, model_dir)
+    for count in args.hosts:
+        group = names[:count]
+        inventory = write_inventory(work / "inventory.py", group)
+        for scheme in args.schemes:
+            wipe(names, cfg)
             subprocess.run(["sync"], check=True)
-            mark = len(log.read_text().splitlines())
-            seconds = deploy(inventory(work / "inv.py", group), data)
-            delivered = size * count
-            limit_seconds = delivered / rate
+            sent_before, links_before = localfleet.bridge_bytes()["sent"], [localfleet.link_bytes(n) for n in group]
+            cpu_before, hosts_cpu_before = busy_jiffies(), [localfleet.host_cpu_seconds(n) or 0 for n in group]
+            with Traffic(group) as traffic:
+                seconds, output = deploy(trees[scheme], inventory, data, control_dir)
+            cpu_after = busy_jiffies()
+            busy = (cpu_after[0] - cpu_before[0]) / max(1, sum(cpu_after) - sum(cpu_before))
+            hosts_cpu = sum(localfleet.host_cpu_seconds(n) or 0 for n in group) - sum(hosts_cpu_before)
+            received = [localfleet.link_bytes(n)["received"] - b["received"] for n, b in zip(group, links_before)]
+            verified = sum(ssh(n, shell.join(weights_check_argv(cfg))).returncode == 0 for n in group)
             rows.append(
                 {
                     "hosts": count,
-                    "mode": mode,
-                    "bytes": delivered,
+                    "scheme": scheme,
                     "seconds": round(seconds, 1),
-                    "from_origin": served_bytes(log, mark, sizes),
-                    "limit_seconds": round(limit_seconds, 1),
-                    "ratio_to_limit": round(limit_seconds / seconds, 3),
+                    "limit_seconds": round(limit, 1),
+                    "ratio": round(limit / seconds, 3),
+                    "transfer_seconds": round(traffic.window_s(), 1),
+                    "transfer_ratio": round(limit / max(traffic.window_s(), 0.1), 3),
+                    "from_origin_gb": round((localfleet.bridge_bytes()["sent"] - sent_before) / 1e9, 2),
+                    "received_gb_mean": round(statistics.mean(received) / 1e9, 2),
+                    "verified": f"{verified}/{count}",
+                    "machine_busy": round(busy, 2),
+                    "hosts_cpu_s": round(hosts_cpu, 1),
+                    "load": os.getloadavg()[0],
                 }
             )
             print(rows[-1], flush=True)
-        wipe(names, model_dir)
+            (work / f"deploy-{scheme}-{count}.log").write_text(output)
+    wipe(names, cfg)
     localfleet.down()
 
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    machine = (
+        f"{platform.node()}: {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    )
     lines = [
         "",
-        f"## Model weights fan-out ({datetime.date.today().isoformat()})",
+        f"## Model weights fan-out on shaped links ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)",
         "",
-        f"Machine: {machine}; every host's disk is this machine's disk. Checkpoint {size / 1e9:.2f} GB "
-        f"({len([n for n in sizes if n.endswith('.safetensors')])} shards); origin: olah on loopback; raw copy "
-        f"(`cp` + `sync` of the same bytes): {rate / 1e6:.0f} MB/s. Seconds are the whole `pyinfra` run "
-        "(connect, facts, transfer, sha256 of every copy). Ratio to the limit: the seconds the raw copy "
-        "rate needs for the bytes delivered, over the seconds taken.",
+        f"Machine: {machine}, shared with other sessions. Linked local-fleet hosts (own network "
+        f"namespaces on a bridge), every link shaped to {args.rate_mbit} Mbit/s each way (tc tbf). "
+        f"Checkpoint {size / 1e9:.2f} GB in {shards} shards, pushed to the seed by the control node. "
+        f"S/B = {limit:.0f} s. Seconds: the whole `pyinfra` run of the weights role (connect, facts, "
+        "key, transfers, sha256 of every copy, key withdrawn). Ratio: S/B over the seconds taken. "
+        "Transfer: from the first half second in which the hosts' links took in a megabyte to the last "
+        "(the copies alone, without pyinfra's connecting and planning), and S/B over it. "
+        f"rounds: the project at {BASELINE[:12]} (whole copies in doubling rounds); swarm: this tree. "
+        "From the origin: bytes the machine sent onto the fleet's bridge during the run. Machine busy: "
+        "the share of both cores busy (everything on the machine), hosts' CPU: the CPU seconds the "
+        "hosts' cgroups used.",
         "",
-        "| hosts | mode | bytes delivered | bytes from the origin | seconds | raw-copy seconds | ratio to the limit |",
-        "|---|---|---|---|---|---|---|",
+        "| hosts | scheme | seconds | S/B | ratio | transfer s | transfer ratio | from the origin | received per host | verified | machine busy | hosts' CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['hosts']} | {row['mode']} | {row['bytes'] / 1e9:.2f} GB | {row['from_origin'] / 1e9:.2f} GB | "
-            f"{row['seconds']} | {row['limit_seconds']} | {row['ratio_to_limit']} |"
+            f"| {row['hosts']} | {row['scheme']} | {row['seconds']} | {row['limit_seconds']} | {row['ratio']} | "
+            f"{row['transfer_seconds']} | {row['transfer_ratio']} | "
+            f"{row['from_origin_gb']} GB | {row['received_gb_mean']} GB | {row['verified']} | "
+            f"{row['machine_busy']:.0%} | {row['hosts_cpu_s']} s |"
         )
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    if not results.exists():
-        results.write_text("# Benchmark results\n\nEach section: machine, date, what was measured.\n")
-    with open(results, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    with open(ROOT / "benchmarks" / "RESULTS.md", "a") as results:
+        results.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    shutil.rmtree(work / "baseline", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,23 @@
 """The local test fleet: Debian 12 hosts booted with systemd inside systemd-nspawn.
 
 Each host's root is an overlay of one cached, read-only base root filesystem and a directory of
-the host's own, runs systemd as PID 1 and an sshd that listens on its own port on 127.0.0.1
-(the hosts share the machine's network namespace), so pyinfra and the tests reach it over real
-SSH. A supervisor process per host mounts the overlay in a mount namespace of its own (so no
+the host's own, runs systemd as PID 1 and an sshd, so pyinfra and the tests reach it over real
+SSH. Two kinds of host, by network:
+
+- shared (the default): the host shares the machine's network namespace; its sshd listens on a
+  port of its own on 127.0.0.1 (fleetN-01, fleetN-02, ...).
+- linked (``up --links``): the host has a network namespace of its own, joined to a bridge the
+  fleet makes (``glmfleetN``, 10.77.N.0/24, the machine itself at .254) by a veth pair; it listens
+  on the ports production hosts use (sshd on 22, vLLM on 8000) at its own address, and its link
+  can be shaped with tc (``shape``: rate with tbf both ways, delay and loss with netem where the
+  kernel has it) or cut (``link NAME down``). Its network reaches only the fleet's hosts and the
+  machine (fleetN-n01, fleetN-n02, ...). A supervisor process per host mounts the overlay in a mount namespace of its own (so no
 mount outlives it) and boots the container again when its systemd reboots, as a real machine
 would.
 
-    python -m devfleet.localfleet up [--hosts N]    # idempotent
+    python -m devfleet.localfleet up [--hosts N] [--links]    # idempotent
+    python -m devfleet.localfleet shape NAME|all [--rate MBIT] [--delay MS] [--loss PCT]
+    python -m devfleet.localfleet link NAME up|down
     python -m devfleet.localfleet status
     python -m devfleet.localfleet down [--destroy]
 
@@ -15,7 +25,8 @@ Made for machines whose PID 1 is not systemd (our development VMs and CI); needs
 `make fleet-deps`. Only the standard library is used: this runs before the project's venv exists.
 
 Several fleets can run side by side on one machine: GLMFLEET_FLEET_SLOT=N (0-9, default 0)
-gives slot N its own state dir, host names (fleetN-01) and port ranges (N*100 above slot 0's).
+gives slot N its own state dir, host names (fleetN-01), port ranges (N*100 above slot 0's) and
+linked hosts' network (10.77.N.0/24).
 
 State lives in GLMFLEET_FLEET_DIR (default /var/lib/glmfleet-localfleet, -slotN for slot N):
 
@@ -24,8 +35,10 @@ State lives in GLMFLEET_FLEET_DIR (default /var/lib/glmfleet-localfleet, -slotN 
     base-<hash>.log         mmdebstrap's output
     id_ed25519[.pub]        the SSH key that logs in as root on every host
     known_hosts             each host's own ed25519 host key, for strict host key checking
-    hosts.json              [{"name", "ssh_port", "vllm_port", "ssh_key", "known_hosts", "base",
-                              "upper", "console_log"}, ...] for every host created, up or not
+    hosts.json              [{"name", "network" ("shared" or "linked"), "address", "ssh_port",
+                              "vllm_port", "ssh_key", "known_hosts", "base", "upper",
+                              "console_log", "link" (a linked host's shaping)}, ...] for every
+                              host created, up or not
     hosts/<name>/upper/     every file the host has written: its root is base + upper
     hosts/<name>/work/      overlayfs's work directory
     hosts/<name>/root/      where the supervisor mounts the root (seen only in its namespace:
@@ -39,6 +52,7 @@ import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
@@ -46,20 +60,33 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 DEFAULT_FLEET_DIR = "/var/lib/glmfleet-localfleet"
 FIRST_SSH_PORT = 2201
-# The hosts share the machine's network: vLLM's default port 8000 would collide between them.
+# Shared hosts share the machine's network: vLLM's default port 8000 would collide between them.
 FIRST_VLLM_PORT = 8001
 MAX_HOSTS = 99  # host names have two digits
+# Linked hosts: production's ports, each host at its own address.
+LINKED_SSH_PORT = 22
+LINKED_VLLM_PORT = 8000
+# 10.77.N.0/24 for slot N: the machine (the bridge) at .254, host K at .K. Checked against the
+# machine's own addresses and routes before the bridge is made.
+LINKED_NETWORK = "10.77.{slot}.0/24"
+BRIDGE_HOST_NUMBER = 254
+# tbf's bucket: 64 KiB skbs come through a veth with GSO, so the burst must hold several; its queue:
+# 50 ms at the rate (tc-tbf(8)).
+TBF_BURST_BYTES = 256 * 1024
+TBF_LATENCY_MS = 50
 
 DEBIAN_COMPONENTS = "main contrib non-free non-free-firmware"  # the NVIDIA role needs non-free
 MMDEBSTRAP_ARGS = [
     "--variant=minbase",
-    "--include=systemd,systemd-sysv,dbus,openssh-server,python3,python3-venv,iproute2,sudo,ca-certificates,curl",
+    # rsync: linked hosts reach no archive, and the weights role copies with it.
+    "--include=systemd,systemd-sysv,dbus,openssh-server,python3,python3-venv,iproute2,sudo,ca-certificates,curl,rsync",
     "bookworm",
 ]
 # Given explicitly: without a mirror argument mmdebstrap reads sources from a non-tty stdin.
@@ -78,7 +105,7 @@ MASKED_UNITS = [
     "fstrim.timer",
 ]
 EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
-REQUIRED_TOOLS = ["mmdebstrap", "systemd-nspawn", "unshare", "mount", "ssh", "ssh-keygen"]
+REQUIRED_TOOLS = ["mmdebstrap", "systemd-nspawn", "unshare", "mount", "ssh", "ssh-keygen", "ip", "tc"]
 
 # systemd-nspawn exits with this status when the container's systemd reboots (systemd-nspawn(1)).
 CONTAINER_REBOOTED = 133
@@ -111,9 +138,22 @@ def fleet_dir() -> Path:
     return Path(os.environ.get("GLMFLEET_FLEET_DIR", default))
 
 
-def host_name(index: int) -> str:
+def host_name(index: int, linked: bool = False) -> str:
     slot = fleet_slot()
-    return f"fleet{slot}-{index:02d}" if slot else f"fleet-{index:02d}"
+    return f"fleet{slot if slot else ''}-{'n' if linked else ''}{index:02d}"
+
+
+def linked_network() -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(LINKED_NETWORK.format(slot=fleet_slot()))
+
+
+def bridge_name() -> str:
+    return f"glmfleet{fleet_slot()}"
+
+
+def bridge_address() -> str:
+    """The machine's own address on the linked hosts' network: where they reach a server it runs."""
+    return str(linked_network()[BRIDGE_HOST_NUMBER])
 
 
 # --- the Python API -------------------------------------------------------------------------
@@ -124,9 +164,9 @@ def load_hosts() -> list[dict]:
     return [host for host in _read_hosts() if is_up(host)]
 
 
-def up(count: int = 2) -> list[dict]:
-    """Makes fleet-01..fleet-<count> up and ready, leaving hosts already up as they are;
-    returns every host that is up."""
+def up(count: int = 2, links: bool = False) -> list[dict]:
+    """Makes hosts 1..count of one kind (shared, or with ``links`` linked: see the module's
+    docstring) up and ready, leaving hosts already up as they are; returns every host that is up."""
     if not 1 <= count <= MAX_HOSTS:
         raise FleetError(f"--hosts must be between 1 and {MAX_HOSTS}, not {count}")
     _check_machine()
@@ -139,11 +179,13 @@ def up(count: int = 2) -> list[dict]:
             print(f"localfleet: recreating the hosts in {fleet_dir()} on the current base", flush=True)
             _down(destroy=True)
         _ensure_ssh_key()
+        if links:
+            _ensure_bridge()
         hosts = {host["name"]: host for host in _read_hosts()}
-        wanted = [host_name(index) for index in range(1, count + 1)]
+        wanted = [host_name(index, links) for index in range(1, count + 1)]
         for index, name in enumerate(wanted, start=1):
             if name not in hosts:
-                hosts[name] = _create_host(base, name, index)
+                hosts[name] = _create_host(base, name, index, links)
                 _write_hosts(list(hosts.values()))
         for name in wanted:
             if not is_up(hosts[name]):
@@ -162,6 +204,7 @@ def _down(destroy: bool) -> None:
     hosts = _read_hosts()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
         list(pool.map(_stop, hosts))
+    _remove_bridge()
     if destroy:
         shutil.rmtree(fleet_dir() / "hosts", ignore_errors=True)
         _write_hosts([])
@@ -177,6 +220,8 @@ def start_host(name: str) -> None:
     """Boot one host that was created before and wait until it is ready."""
     with _fleet_lock():
         host = _host(name)
+        if host["network"] == "linked":
+            _ensure_bridge()
         if not is_up(host):
             _start_supervisor(host)
         try:
@@ -195,7 +240,7 @@ def inventory_hosts() -> list[tuple[str, dict]]:
         (
             host["name"],
             {
-                "ssh_hostname": "127.0.0.1",
+                "ssh_hostname": host["address"],
                 "ssh_port": host["ssh_port"],
                 "ssh_user": "root",
                 "ssh_key": host["ssh_key"],
@@ -266,7 +311,7 @@ def ssh_argv(host: dict) -> list[str]:
         "StrictHostKeyChecking=yes",
         "-o",
         "LogLevel=ERROR",
-        "root@127.0.0.1",
+        f"root@{host['address']}",
     ]
 
 
@@ -279,9 +324,11 @@ def _hosts_file() -> Path:
 
 def _read_hosts() -> list[dict]:
     try:
-        return json.loads(_hosts_file().read_text())
+        hosts = json.loads(_hosts_file().read_text())
     except FileNotFoundError:
         return []
+    # Hosts written before linked hosts existed are shared ones.
+    return [{"network": "shared", "address": "127.0.0.1", **host} for host in hosts]
 
 
 def _write_hosts(hosts: list[dict]) -> None:
@@ -290,8 +337,14 @@ def _write_hosts(hosts: list[dict]) -> None:
     temporary.write_text(json.dumps(hosts, indent=2) + "\n")
     temporary.replace(_hosts_file())
     # Rewritten with hosts.json so a re-created host's new key replaces the old one.
-    known_hosts = "".join(f"[127.0.0.1]:{host['ssh_port']} {_host_public_key(host)}\n" for host in hosts)
+    known_hosts = "".join(f"{_known_hosts_name(host)} {_host_public_key(host)}\n" for host in hosts)
     (fleet_dir() / "known_hosts").write_text(known_hosts)
+
+
+def _known_hosts_name(host: dict) -> str:
+    """How ssh names the host in known_hosts: ``[address]:port`` unless the port is 22."""
+    port = host["ssh_port"]
+    return host["address"] if port == 22 else f"[{host['address']}]:{port}"
 
 
 def _host(name: str) -> dict:
@@ -394,20 +447,28 @@ def _ensure_ssh_key() -> None:
     _ssh_key().chmod(0o600)
 
 
-def _create_host(base: Path, name: str, index: int) -> dict:
+def _create_host(base: Path, name: str, index: int, linked: bool) -> dict:
     """A new host: an empty upper layer over the base, holding what makes it a distinct machine.
     An overlay rather than a copy of the base: on our 2-core VM, 16 copies took 21-66 s to
     create and 35 s to delete (4.6 GB), against milliseconds; base files share page cache."""
-    ssh_port = FIRST_SSH_PORT + 100 * fleet_slot() + index - 1
+    if linked:
+        address, ssh_port, vllm_port = str(linked_network()[index]), LINKED_SSH_PORT, LINKED_VLLM_PORT
+    else:
+        offset = 100 * fleet_slot() + index - 1
+        address, ssh_port, vllm_port = "127.0.0.1", FIRST_SSH_PORT + offset, FIRST_VLLM_PORT + offset
     host_dir = fleet_dir() / "hosts" / name
     shutil.rmtree(host_dir, ignore_errors=True)
     for layer in ("upper", "work", "root"):
         (host_dir / layer).mkdir(parents=True)
     _write_host_identity(base, host_dir / "upper", name, ssh_port)
+    if linked:
+        _write_link_unit(base, host_dir / "upper", f"{address}/{linked_network().prefixlen}")
     return {
         "name": name,
+        "network": "linked" if linked else "shared",
+        "address": address,
         "ssh_port": ssh_port,
-        "vllm_port": FIRST_VLLM_PORT + 100 * fleet_slot() + index - 1,
+        "vllm_port": vllm_port,
         "ssh_key": str(_ssh_key()),
         "known_hosts": str(fleet_dir() / "known_hosts"),
         "base": str(base),
@@ -441,9 +502,11 @@ def _write_host_identity(base: Path, upper: Path, name: str, ssh_port: int) -> N
         ],
         check=True,
     )
+    # A shared host listens on loopback alone, on its own port; a linked one as a production host does.
+    listen = "ListenAddress 127.0.0.1\n" if ssh_port != LINKED_SSH_PORT else ""
     (_upper_dir(base, upper, "etc/ssh/sshd_config.d") / "glmfleet-localfleet.conf").write_text(
         f"Port {ssh_port}\n"
-        "ListenAddress 127.0.0.1\n"
+        f"{listen}"
         "HostKey /etc/ssh/ssh_host_ed25519_key\n"
         "PermitRootLogin prohibit-password\n"
         "PasswordAuthentication no\n"
@@ -451,6 +514,30 @@ def _write_host_identity(base: Path, upper: Path, name: str, ssh_port: int) -> N
     authorized_keys = _upper_dir(base, upper, "root/.ssh") / "authorized_keys"
     shutil.copyfile(f"{_ssh_key()}.pub", authorized_keys)
     authorized_keys.chmod(0o600)
+
+
+def _write_link_unit(base: Path, upper: Path, address: str) -> None:
+    """A linked host's address on host0, the container's end of the veth that systemd-nspawn
+    makes (--network-bridge): set by a unit before the network is up, as a host's own network
+    configuration would. No default route: anything beyond the fleet's network is unreachable
+    at once, not after a timeout."""
+    unit = "glmfleet-link.service"
+    (_upper_dir(base, upper, "etc/systemd/system") / unit).write_text(
+        "[Unit]\n"
+        "Description=glmfleet local fleet: this host's address on the fleet bridge\n"
+        "DefaultDependencies=no\n"
+        "Before=network-pre.target network.target ssh.service\n"
+        "Wants=network-pre.target\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        "RemainAfterExit=yes\n"
+        f"ExecStart=/usr/sbin/ip address replace {address} dev host0\n"
+        "ExecStart=/usr/sbin/ip link set host0 up\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+    wants = _upper_dir(base, upper, "etc/systemd/system/multi-user.target.wants")
+    (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
 
 
 def _upper_dir(base: Path, upper: Path, relative: str) -> Path:
@@ -517,7 +604,7 @@ def _supervisor_pid(host: dict) -> int | None:
 
 
 def _start_supervisor(host: dict) -> None:
-    if _port_in_use(host["ssh_port"]):
+    if host["network"] == "shared" and _port_in_use(host["ssh_port"]):
         raise FleetError(f"{host['name']}: port 127.0.0.1:{host['ssh_port']} is taken by another process")
     package_parent = str(Path(__file__).resolve().parent.parent)
     with open(host["console_log"], "w") as console:
@@ -588,6 +675,183 @@ def _wait_exit(host: dict, timeout_s: float) -> bool:
     return True
 
 
+# --- linked hosts' network: the bridge, each host's veth, shaping -----------------------------
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run_net(["ip", *args], check)
+
+
+def _tc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run_net(["tc", *args], check)
+
+
+def _run_net(argv: list[str], check: bool) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise FleetError(f"`{' '.join(argv)}` failed: {result.stderr.strip()}")
+    return result
+
+
+def _interface_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def _ensure_bridge() -> None:
+    """The linked hosts' bridge with the machine's address on it; refused where the network
+    would overlap one the machine already has (its traffic must never leave for the outside)."""
+    bridge, network = bridge_name(), linked_network()
+    if not _interface_exists(bridge):
+        for route in json.loads(_ip("-json", "route", "show", "table", "all").stdout):
+            destination = route.get("dst", "")
+            if destination in ("default", "") or ":" in destination or route.get("type") not in (None, "unicast"):
+                continue
+            if ipaddress.IPv4Network(destination, strict=False).overlaps(network):
+                raise FleetError(
+                    f"the linked hosts' network {network} overlaps the machine's route {destination} "
+                    f"(dev {route.get('dev')}): use another GLMFLEET_FLEET_SLOT"
+                )
+        _ip("link", "add", bridge, "type", "bridge")
+    _ip("address", "replace", f"{bridge_address()}/{network.prefixlen}", "dev", bridge)
+    _ip("link", "set", bridge, "up")
+
+
+def _remove_bridge() -> None:
+    if _interface_exists(bridge_name()):
+        _ip("link", "delete", bridge_name())
+
+
+def host_interface(host: dict) -> str:
+    """The machine's end of a linked host's veth (systemd-nspawn names it vb-MACHINE)."""
+    return f"vb-{host['name']}"
+
+
+def _ifb_interface(host: dict) -> str:
+    """Where a linked host's upload is shaped: what the host sends arrives as ingress on its
+    veth, which tc can only police, so it is redirected to an ifb device and shaped leaving it."""
+    return f"ifb-{host['name']}"
+
+
+def shape(name: str, rate_mbit: float | None = None, delay_ms: float | None = None, loss_pct: float | None = None):
+    """Set a linked host's link: ``rate_mbit`` both ways (tbf), ``delay_ms`` and ``loss_pct`` each
+    way (netem); None for each leaves the link unshaped. Kept with the host: applied again at
+    every boot, and at once if it is up."""
+    link = {"rate_mbit": rate_mbit, "delay_ms": delay_ms, "loss_pct": loss_pct}
+    for key, value in link.items():
+        if value is not None and not value > 0:
+            raise FleetError(f"{key} must be a number > 0, not {value!r}")
+    with _fleet_lock():
+        hosts = _read_hosts()
+        host = next((h for h in hosts if h["name"] == name), None)
+        if host is None or host["network"] != "linked":
+            raise FleetError(f"{name} is not a linked host of {_hosts_file()}: `up --links` makes them")
+        previous, host["link"] = host.get("link", {}), {key: value for key, value in link.items() if value is not None}
+        if is_up(host) and _interface_exists(host_interface(host)):
+            try:
+                _apply_link(host)
+            except FleetError:
+                host["link"] = previous
+                _apply_link(host)
+                raise
+        _write_hosts(hosts)
+
+
+def set_link(name: str, carrier: bool) -> None:
+    """Cut a linked host's link (as a pulled cable: its connections stall, its address stays)
+    or restore it."""
+    host = _host(name)
+    if host["network"] != "linked":
+        raise FleetError(f"{name} is not a linked host: only those have a link to cut")
+    _ip("link", "set", host_interface(host), "up" if carrier else "down")
+
+
+def link_bytes(name: str) -> dict[str, int]:
+    """Bytes through a linked host's link since its boot: ``sent`` by the host, ``received`` by it."""
+    statistics = Path("/sys/class/net", host_interface(_host(name)), "statistics")
+    # The veth's machine end: what it receives the host sent.
+    return {
+        "sent": int((statistics / "rx_bytes").read_text()),
+        "received": int((statistics / "tx_bytes").read_text()),
+    }
+
+
+def bridge_bytes() -> dict[str, int]:
+    """Bytes the machine itself sent to and received from the linked hosts (servers it runs for
+    them: a hub, a package index, pushes from the control node)."""
+    statistics = Path("/sys/class/net", bridge_name(), "statistics")
+    return {"sent": int((statistics / "tx_bytes").read_text()), "received": int((statistics / "rx_bytes").read_text())}
+
+
+def _shaping_qdiscs(link: dict) -> list[list[str]]:
+    """tc's qdiscs for one direction of a link, each as what follows ``tc qdisc add dev DEVICE``:
+    tbf for the rate, netem under it (or alone) for delay and loss."""
+    netem = []
+    if link.get("delay_ms"):
+        netem += ["delay", f"{link['delay_ms']}ms"]
+    if link.get("loss_pct"):
+        netem += ["loss", f"{link['loss_pct']}%"]
+    qdiscs = []
+    if link.get("rate_mbit"):
+        rate = ["rate", f"{link['rate_mbit']}mbit", "burst", str(TBF_BURST_BYTES), "latency", f"{TBF_LATENCY_MS}ms"]
+        qdiscs.append(["root", "handle", "1:", "tbf", *rate])
+    if netem:
+        qdiscs.append([*(["parent", "1:1", "handle", "10:"] if qdiscs else ["root", "handle", "1:"]), "netem", *netem])
+    return qdiscs
+
+
+def _apply_link(host: dict) -> None:
+    """Shape both directions of the host's veth, from the machine's side (the host cannot undo
+    it): egress of its veth end is what the host receives; ingress, redirected to the host's
+    ifb device, what it sends."""
+    veth, ifb = host_interface(host), _ifb_interface(host)
+    qdiscs = _shaping_qdiscs(host.get("link", {}))
+    for device in (veth, ifb):
+        _tc("qdisc", "delete", "dev", device, "root", check=False)
+    _tc("qdisc", "delete", "dev", veth, "ingress", check=False)
+    if not qdiscs:
+        if _interface_exists(ifb):
+            _ip("link", "delete", ifb)
+        return
+    if not _interface_exists(ifb):
+        _ip("link", "add", ifb, "type", "ifb")
+    _ip("link", "set", ifb, "up")
+    _tc("qdisc", "add", "dev", veth, "handle", "ffff:", "ingress")
+    _tc(
+        "filter", "add", "dev", veth, "parent", "ffff:", "protocol", "all",
+        "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", ifb,
+    )  # fmt: skip
+    for device in (veth, ifb):
+        for qdisc in qdiscs:
+            result = _tc("qdisc", "add", "dev", device, *qdisc, check=False)
+            if result.returncode != 0:
+                no_netem = "netem" in qdisc and "unknown" in result.stderr.lower()
+                raise FleetError(
+                    f"{host['name']}: `tc qdisc add dev {device} {' '.join(qdisc)}` failed: {result.stderr.strip()}"
+                    + (
+                        "; this kernel has no netem: delay and loss cannot be emulated here (rate can)"
+                        if no_netem
+                        else ""
+                    )
+                )
+
+
+def _apply_link_when_up(name: str, nspawn: subprocess.Popen) -> None:
+    """Shape a booting host's new veth as soon as systemd-nspawn has made it, in a thread (the
+    supervisor waits on the container meanwhile)."""
+
+    def apply():
+        host = _host(name)
+        while nspawn.poll() is None and not _interface_exists(host_interface(host)):
+            time.sleep(0.05)
+        if nspawn.poll() is None:
+            try:
+                _apply_link(_host(name))
+            except FleetError as error:
+                print(f"localfleet: {error}", flush=True)
+
+    threading.Thread(target=apply, daemon=True).start()
+
+
 # --- the per-host supervisor (runs in its own session, output to the console log) -----------
 
 
@@ -619,6 +883,9 @@ def _supervise(name: str) -> int:
     try:
         while not stopping:
             nspawn = subprocess.Popen(_boot_argv(host))
+            if host["network"] == "linked":
+                # Each boot makes a new veth: shape it as the host's link is set.
+                _apply_link_when_up(name, nspawn)
             status = nspawn.wait()
             if status != CONTAINER_REBOOTED:
                 return status
@@ -626,6 +893,8 @@ def _supervise(name: str) -> int:
         return 0
     finally:
         _leave_cgroups(cgroups)
+        if host["network"] == "linked":
+            _ip("link", "delete", _ifb_interface(host), check=False)
 
 
 def _request_poweroff(nspawn_pid: int) -> None:
@@ -663,6 +932,8 @@ def _nspawn_argv(host: dict) -> list[str]:
         "--register=no",
         "--keep-unit",
         "--console=read-only",
+        # A network namespace of its own, its veth's other end on the fleet's bridge.
+        *([f"--network-bridge={bridge_name()}"] if host["network"] == "linked" else []),
     ]
 
 
@@ -729,9 +1000,11 @@ def _print_status() -> None:
         print(f"no hosts in {fleet_dir()}")
     for host in hosts:
         state = "up" if is_up(host) else "down"
+        link = " ".join(f"{key}={value}" for key, value in host.get("link", {}).items())
         print(
-            f"{host['name']}  {state:4}  ssh 127.0.0.1:{host['ssh_port']}  "
-            f"vllm 127.0.0.1:{host['vllm_port']}  {Path(host['upper']).parent}"
+            f"{host['name']}  {state:4}  ssh {host['address']}:{host['ssh_port']}  "
+            f"vllm {host['address']}:{host['vllm_port']}  {Path(host['upper']).parent}"
+            + (f"  link: {link}" if link else "")
         )
 
 
@@ -742,6 +1015,17 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     up_parser = commands.add_parser("up", help="create and boot hosts, wait until ready")
     up_parser.add_argument("--hosts", type=int, default=2, help="number of hosts (default 2)")
+    up_parser.add_argument(
+        "--links", action="store_true", help="linked hosts: each in its own network namespace on the fleet's bridge"
+    )
+    shape_parser = commands.add_parser("shape", help="shape linked hosts' links (no option: unshaped)")
+    shape_parser.add_argument("name", help="a linked host, or 'all' for every linked host")
+    shape_parser.add_argument("--rate", type=float, help="Mbit/s each way")
+    shape_parser.add_argument("--delay", type=float, help="ms each way (needs netem in the kernel)")
+    shape_parser.add_argument("--loss", type=float, help="percent of packets each way (needs netem)")
+    link_parser = commands.add_parser("link", help="cut a linked host's link, or restore it")
+    link_parser.add_argument("name")
+    link_parser.add_argument("state", choices=("up", "down"))
     down_parser = commands.add_parser("down", help="power off every host")
     down_parser.add_argument(
         "--destroy", action="store_true", help="also delete the hosts' root filesystems (the base stays)"
@@ -753,8 +1037,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "up":
-            up(args.hosts)
+            up(args.hosts, links=args.links)
             _print_status()
+        elif args.command == "shape":
+            names = (
+                [args.name] if args.name != "all" else [h["name"] for h in _read_hosts() if h["network"] == "linked"]
+            )
+            for name in names:
+                shape(name, args.rate, args.delay, args.loss)
+            _print_status()
+        elif args.command == "link":
+            set_link(args.name, args.state == "up")
         elif args.command == "down":
             down(destroy=args.destroy)
         elif args.command == "status":

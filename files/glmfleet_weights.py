@@ -32,8 +32,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -427,61 +429,6 @@ class ModelScope(Source):
         return manifest
 
 
-class Peers(Source):
-    """rsync over SSH from hosts that already hold the revision, first listed first; the
-    manifest comes along (a peer's copy is verified here all the same)."""
-
-    def __init__(self, args):
-        super().__init__(args)
-        self.peer = None
-
-    def rsync(self, peer: str, *paths: str) -> subprocess.CompletedProcess:
-        address, port = peer.rsplit(":", 1)
-        ssh = (
-            f"ssh -p {port} -i {self.args.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
-            f"-o UserKnownHostsFile={self.args.known_hosts} -o Compression=no -o ConnectTimeout=10"
-        )
-        # No -z: weights do not compress. Partial files wait in .rsync-partial/ and resume. Files
-        # arrive root's and world-readable, as the peer's are.
-        argv = [
-            "rsync",
-            "--archive",
-            "--no-owner",
-            "--no-group",
-            "--chmod=Du=rwx,Dgo=rx,Fu=rw,Fgo=r",
-            "--partial-dir=.rsync-partial",
-            "--exclude=/.cache/",
-            *self.args.rsync_option,
-            "-e",
-            ssh,
-            *[f"root@{address}:{self.args.peer_path}/{p}" for p in paths],
-            str(self.args.dir) + "/",
-        ]
-        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
-
-    def sizes(self) -> dict[str, int]:
-        failures = []
-        for peer in self.args.peer:
-            process = self.rsync(peer, MANIFEST)
-            if process.returncode == 0:
-                self.peer = peer
-                # rsync put the file at DIR/manifest.json: it belongs in .glmfleet/
-                (self.args.dir / ".glmfleet").mkdir(exist_ok=True)
-                os.replace(self.args.dir / "manifest.json", self.args.dir / MANIFEST)
-                return {path: entry["size"] for path, entry in read_manifest(self.args.dir)["files"].items()}
-            failures.append(f"{peer}: {process.stderr.strip().splitlines()[-1:] or process.returncode}")
-        raise Failure("no peer holds the revision's manifest (" + "; ".join(failures) + ")")
-
-    def fetch(self) -> None:
-        process = self.rsync(self.peer, "")
-        if process.returncode != 0:
-            kind, advice = classify(process.stderr)
-            raise Failure(f"rsync from {self.peer} failed: {kind}: {advice}\n{process.stderr.strip()[-2000:]}")
-
-    def manifest(self) -> dict:
-        return read_manifest(self.args.dir)
-
-
 class Given(Source):
     """``path`` (already on the host) and ``control`` (pushed by the control node): nothing to
     fetch here; the manifest is the one in the directory (or the hub tree hf left there)."""
@@ -498,7 +445,7 @@ class Given(Source):
         return read_manifest(a.dir) or manifest_from_hub_tree(a.dir, a.model, a.revision, a.include, a.exclude)
 
 
-SOURCES = {"hf": Hub, "modelscope": ModelScope, "peer": Peers, "control": Given, "path": Given}
+SOURCES = {"hf": Hub, "modelscope": ModelScope, "control": Given, "path": Given}
 
 
 # --- the steps ---------------------------------------------------------------------------------
@@ -535,6 +482,14 @@ def preflight(args, sizes: dict[str, int] | None) -> None:
     args.expected = missing
 
 
+def mismatch(target: Path, entry: dict) -> str | None:
+    """What of ``target`` differs from its manifest entry ("size", "sha256", "git_blob"), or None."""
+    kind = "sha256" if "sha256" in entry else "git_blob"
+    if target.stat().st_size != entry["size"]:
+        return "size"
+    return None if digest_file(target, kind) == entry[kind] else kind
+
+
 def verify(args, state: State, manifest: dict, everything: bool) -> list[str]:
     """Hash what is not known good; delete what is wrong (report it, with ``--source path``,
     whose files are not ours to delete). Returns the files missing or wrong."""
@@ -548,20 +503,35 @@ def verify(args, state: State, manifest: dict, everything: bool) -> list[str]:
             continue
         if not everything and verified.get(path) == seen:
             continue
-        kind = "sha256" if "sha256" in entry else "git_blob"
-        if seen[0] == entry["size"] and digest_file(target, kind) == entry[kind]:
+        wrong = mismatch(target, entry)
+        if wrong is None:
             verified[path] = seen
         else:
-            mismatch = "size" if seen[0] != entry["size"] else kind
             if args.source == "path":
-                print(f"{path}: {mismatch} does not match the manifest", flush=True)
+                print(f"{path}: {wrong} does not match the manifest", flush=True)
             else:
-                print(f"{path}: {mismatch} does not match the manifest; removed", flush=True)
+                print(f"{path}: {wrong} does not match the manifest; removed", flush=True)
                 target.unlink()
             verified.pop(path, None)
             bad.append(path)
         state.save()
     return bad
+
+
+def mark_complete(state: State, args, manifest: dict) -> None:
+    state.save(
+        complete=True,
+        model=args.model,
+        revision=args.revision,
+        manifest=manifest_digest(manifest),
+        files=len(manifest["files"]),
+        bytes=sum(e["size"] for e in manifest["files"].values()),
+    )
+    print(
+        f"{args.model}@{args.revision[:12]}: complete, {len(manifest['files'])} files verified against the manifest "
+        f"({manifest['origin']})",
+        flush=True,
+    )
 
 
 def sync(args) -> None:
@@ -574,7 +544,6 @@ def sync(args) -> None:
     origin = {
         "hf": f"the hub ({source.env.get('HF_ENDPOINT', 'huggingface.co')})",
         "modelscope": "ModelScope",
-        "peer": "a peer",
         "control": "the control node",
         "path": "this host",
     }[args.source]
@@ -603,7 +572,7 @@ def sync(args) -> None:
     bad = []
     for attempt in (1, 2) if args.phase == "all" and args.source not in ("control", "path") else ():
         print(
-            f"{label}: fetching {human(args.expected)} from {f'peer {source.peer}' if args.source == 'peer' else origin}",
+            f"{label}: fetching {human(args.expected)} from {origin}",
             flush=True,
         )
         with Progress(args.dir, args.expected, args.progress_interval, label) as progress:
@@ -625,18 +594,299 @@ def sync(args) -> None:
     bad = verify(args, state, manifest, everything=False)
     if bad:
         raise Failure(f"{len(bad)} file(s) of {label} are missing or do not match the manifest: {', '.join(bad)}")
-    state.save(
-        complete=True,
-        model=args.model,
-        revision=args.revision,
-        manifest=manifest_digest(manifest),
-        files=len(manifest["files"]),
-        bytes=sum(e["size"] for e in manifest["files"].values()),
-    )
-    print(
-        f"{label}: complete, {len(manifest['files'])} files verified against the manifest ({manifest['origin']})",
-        flush=True,
-    )
+    mark_complete(state, args, manifest)
+
+
+# --- a host's part in a fan-out ----------------------------------------------------------------
+
+INCOMING = ".glmfleet/incoming"
+# A copy from a peer that answers nothing (a cut link) fails, so that the control node can ask
+# another; what arrived stays staged, and the next copy, from any peer, appends to it. ssh finds
+# the silence: its probes go unanswered for PEER_ALIVE_INTERVAL_S x PEER_ALIVE_COUNT. rsync's own
+# --timeout does not, on the receiving side: its keepalives still go into ssh's buffer, which
+# counts as I/O (measured: a 25 s cut only stalled the copies). It still ends a peer's rsync that
+# hangs while its ssh answers.
+PEER_IO_TIMEOUT_S = 20
+PEER_ALIVE_INTERVAL_S = 5
+PEER_ALIVE_COUNT = 3
+PEER_CONNECT_TIMEOUT_S = 10
+# One ssh connection to each peer carries every copy from it; closed when this host's part ends,
+# or this long after its last copy should the part end without closing it.
+PEER_CONNECTION_KEPT_S = 10
+
+
+def safe_relative(path: str) -> bool:
+    """A manifest's file name that stays inside the model directory and out of glmfleet's own."""
+    parts = Path(path).parts
+    return bool(parts) and not Path(path).is_absolute() and ".." not in parts and not path.startswith(NOT_MODEL_FILES)
+
+
+class Agent:
+    """This host's part in a fan-out (``swarm``), driven by the control node over standard input
+    and output, one JSON object a line each way; words for people go to standard error.
+
+    The control node says (``do``): ``manifest`` (the revision's, to a host that has none),
+    ``fetch`` (one file from one peer), ``recheck`` (hash every file again: a peer received one of
+    ours wrong), ``origin_done`` (its push to this host, the seed, ended), ``leave``, ``stop``.
+    This host says (``event``): ``hello`` (complete or not, the manifest it has), ``ready`` (the
+    manifest, the files verified here, the disk checked: it may receive), ``verified`` (a file is
+    in place and verified), ``failed`` (a copy failed; ``bad``: the peer's bytes did not match
+    the manifest), ``rechecked`` (the files a recheck found wrong and removed), ``origin`` (the
+    seed's fetch from the origin ended, with the error if it failed), ``complete``.
+
+    A copy from a peer lands in DIR/.glmfleet/incoming/, is hashed there and only then moved to
+    its place: no peer is ever offered a byte that was not verified here. An interrupted copy is
+    appended to by the next one, from whichever peer (rsync --append-verify)."""
+
+    def __init__(self, args):
+        self.args = args
+        args.dir = Path(args.dir)
+        self.label = f"{args.model}@{args.revision[:12]}"
+        self.state = State(Path(args.state), args.key)
+        self.manifest: dict | None = None
+        self.complete = False
+        self.origin_running = False
+        self.status = 1
+        self.progress: Progress | None = None
+        self.peers_used: set[tuple[str, str]] = set()
+        self.state_lock = threading.Lock()  # the state file, the manifest
+        self.sweep_lock = threading.Lock()  # one pass over the files at a time
+        self.send_lock = threading.Lock()
+        # The protocol keeps standard output; whatever is printed for people goes to standard error.
+        self.channel = os.fdopen(os.dup(1), "w")
+        sys.stdout = sys.stderr
+
+    def send(self, event: str, **fields) -> None:
+        with self.send_lock:
+            self.channel.write(json.dumps({"event": event, **fields}) + "\n")
+            self.channel.flush()
+
+    def verified(self) -> list[str]:
+        with self.state_lock:
+            return sorted(path for path in self.manifest["files"] if path in self.state.data["verified"])
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        a = self.args
+        if os.getsid(0) != os.getpid():  # sshd makes it a session leader: its group is its own
+            os.setpgrp()  # a process group of its own, ended with it (see the end)
+        safe_directory(a.dir)
+        known = Given(a).manifest()
+        known = known if known and known["revision"] == a.revision else None
+        if known and completion(self.state.data, a.key, lambda path: stat_of(a.dir / path))["complete"]:
+            self.manifest, self.complete = known, True
+            self.send("hello", complete=True, manifest=known, verified=sorted(known["files"]))
+        else:
+            # Withdrawn first: whatever happens from here on, an unfinished host is not complete.
+            self.state.save(complete=False)
+            (a.dir / ".glmfleet").mkdir(parents=True, exist_ok=True)
+            self.send("hello", complete=False, manifest=known)
+            if a.origin in ("hf", "modelscope"):
+                # What is here is checked before the origin is asked (a wrong file is removed,
+                # so it is fetched again), then the disk.
+                if known:
+                    verify(a, self.state, known, a.verify == "always")
+                source = SOURCES[a.origin](a)
+                preflight(a, source.sizes())
+                self.start_origin(lambda: self.fetch_origin(source))
+            elif a.origin == "control":
+                self.start_origin(None)  # the control node pushes, once this host is ready
+        for line in sys.stdin:
+            message = json.loads(line)
+            what = message.pop("do")
+            if what == "manifest":
+                self.adopt(message["manifest"], check=True)
+            elif what == "fetch":
+                threading.Thread(target=self.fetch, args=(message["path"], message["peer"]), daemon=True).start()
+            elif what == "recheck":
+                threading.Thread(target=self.recheck, daemon=True).start()
+            elif what == "origin_done":
+                self.origin_running = False
+            elif what == "stop":
+                print(f"{self.label}: {message['why']}", flush=True)
+                break
+            elif what == "leave":
+                self.status = 0 if self.complete else 1
+                break
+        else:  # the control node is gone
+            self.status = 0 if self.complete else 1
+        # The hub CLI and rsync end with this host's part: nothing keeps writing once it has left;
+        # no connection to a peer stays open (ssh keeps its control masters apart from the group).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.killpg(0, signal.SIGTERM)
+        for address, port in self.peers_used:
+            subprocess.run(
+                ["ssh", "-o", f"ControlPath={a.connections}", "-p", port, "-O", "exit", f"root@{address}"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=PEER_CONNECT_TIMEOUT_S,
+            )
+        return self.status
+
+    def adopt(self, manifest: dict, check: bool) -> None:
+        """Take the revision's manifest; with ``check``, verify what is here against it first
+        (removing what is wrong) and check the disk has room for the rest."""
+        a = self.args
+        wrong = [path for path in manifest["files"] if not safe_relative(path)]
+        if manifest["revision"] != a.revision or wrong:
+            raise Failure(f"refused a manifest of {manifest['revision']} with file names {wrong[:3]}")
+        with self.state_lock:
+            self.manifest = manifest
+            write_json(a.dir / MANIFEST, manifest)
+            if check:
+                verify(a, self.state, manifest, a.verify == "always")
+                preflight(a, {path: entry["size"] for path, entry in manifest["files"].items()})
+        self.send("ready", manifest=manifest, verified=self.verified())
+        if self.progress is None:
+            self.progress = Progress(a.dir, getattr(a, "expected", 0), a.progress_interval, self.label).__enter__()
+        self.maybe_complete()
+
+    def start_origin(self, fetch) -> None:
+        self.origin_running = True
+        print(f"{self.label}: the seed: fetching from the origin and handing on each verified file", flush=True)
+        if fetch:
+            threading.Thread(target=fetch, daemon=True).start()
+        threading.Thread(target=self.watch_origin, daemon=True).start()
+
+    def fetch_origin(self, source: Source) -> None:
+        """The hub CLI, as ``sync`` runs it: twice at most, for what is missing or wrong."""
+        try:
+            for _attempt in (1, 2):
+                source.fetch()
+                if self.manifest is None:  # modelscope: known only once every file is here
+                    self.adopt(source.manifest(), check=False)
+                self.sweep()
+                if not self.missing():
+                    break
+        except Failure as failure:
+            print(f"{self.label}: {failure}", flush=True)
+        self.origin_running = False
+
+    def watch_origin(self) -> None:
+        """Hash each file the origin delivers as soon as it is whole at its place (the hub CLIs
+        and rsync move a file there only once it is), while the origin runs; say how it ended."""
+        a = self.args
+        while True:
+            running = self.origin_running
+            if self.manifest is None and a.origin != "control":  # the control node sends its own
+                known = Given(a).manifest()  # hf writes the hub's tree before the first file
+                if known and known["revision"] == a.revision:
+                    self.adopt(known, check=False)
+            self.sweep()
+            if not running:
+                break
+            time.sleep(0.5)
+        missing = self.missing() if self.manifest else ["the manifest"]
+        error = f"{len(missing)} file(s) still missing or wrong: {', '.join(missing[:5])}" if missing else None
+        self.send("origin", error=error)
+
+    def missing(self) -> list[str]:
+        with self.state_lock:
+            return sorted(set(self.manifest["files"]) - set(self.state.data["verified"]))
+
+    def sweep(self) -> None:
+        if self.manifest is None:
+            return
+        with self.sweep_lock:
+            for path in self.missing():
+                target = self.args.dir / path
+                if target.is_file() and target.stat().st_size == self.manifest["files"][path]["size"]:
+                    self.check_in(path, target, None)
+
+    def check_in(self, path: str, target: Path, peer: str | None) -> bool:
+        """Hash a file against the manifest; the wrong one is removed, the right one recorded in
+        its place (from the staging directory, where a peer's copy lands)."""
+        wrong = mismatch(target, self.manifest["files"][path])
+        if wrong:
+            print(f"{path}{f' from {peer}' if peer else ''}: {wrong} does not match the manifest; removed", flush=True)
+            target.unlink()
+            return False
+        final = self.args.dir / path
+        if target != final:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(target, final)
+        with self.state_lock:
+            self.state.data["verified"][path] = stat_of(final)
+            self.state.save()
+        self.send("verified", path=path, peer=peer)
+        self.maybe_complete()
+        return True
+
+    def fetch(self, path: str, peer: str) -> None:
+        a = self.args
+        staged = a.dir / INCOMING / path
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        if staged.is_file() and staged.stat().st_size >= self.manifest["files"][path]["size"]:
+            # Whole before an interruption, never moved to its place: hashed, not fetched again.
+            if self.check_in(path, staged, None):
+                return
+        elif staged.is_file():
+            print(f"{path}: resuming after {human(staged.stat().st_size)} staged by an earlier copy", flush=True)
+        address, port = peer.rsplit(":", 1)
+        self.peers_used.add((address, port))
+        ssh = (
+            f"ssh -p {port} -i {a.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
+            f"-o UserKnownHostsFile={a.known_hosts} -o Compression=no -o ConnectTimeout={PEER_CONNECT_TIMEOUT_S} "
+            f"-o ServerAliveInterval={PEER_ALIVE_INTERVAL_S} -o ServerAliveCountMax={PEER_ALIVE_COUNT} "
+            f"-o ControlMaster=auto -o ControlPath={a.connections} -o ControlPersist={PEER_CONNECTION_KEPT_S}"
+        )
+        # No -z: weights do not compress. Arrives root's and world-readable (umask 022), as the peer's is.
+        argv = [
+            "rsync",
+            "--append-verify",
+            f"--timeout={PEER_IO_TIMEOUT_S}",
+            *a.rsync_option,
+            "-e",
+            ssh,
+            f"root@{address}:{a.peer_path}/{path}",
+            str(staged),
+        ]
+        # rsync's errors go to a file, not a pipe: the ssh that starts a peer's kept connection
+        # stays in the background holding its standard error, and a pipe would not end with rsync.
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+            errors.seek(0)
+            error = errors.read().decode(errors="replace")
+        if process.returncode != 0:
+            why = (error.strip().splitlines() or [f"rsync exit {process.returncode}"])[-1]
+            self.send("failed", path=path, peer=peer, bad=False, why=f"{classify(error)[0]}: {why}")
+        elif not self.check_in(path, staged, peer):
+            self.send("failed", path=path, peer=peer, bad=True, why="does not match the manifest")
+
+    def recheck(self) -> None:
+        """A peer received a file from here that did not match: hash every file again (a disk
+        going bad, a file changed in place without its stat changing); the wrong ones go."""
+        lost = []
+        with self.sweep_lock:
+            for path in self.verified():
+                target = self.args.dir / path
+                wrong = mismatch(target, self.manifest["files"][path]) if target.is_file() else "file"
+                if wrong:
+                    print(f"{path}: {wrong} does not match the manifest on a recheck; removed", flush=True)
+                    target.unlink(missing_ok=True)
+                    lost.append(path)
+            with self.state_lock:
+                for path in lost:
+                    self.state.data["verified"].pop(path, None)
+                if lost:
+                    self.complete = False
+                    self.state.save(complete=False)
+        self.send("rechecked", lost=lost)
+
+    def maybe_complete(self) -> None:
+        a = self.args
+        with self.state_lock:
+            if self.complete or self.manifest is None:
+                return
+            verified = self.state.data["verified"]
+            if any(path not in verified or verified[path] != stat_of(a.dir / path) for path in self.manifest["files"]):
+                return
+            mark_complete(self.state, a, self.manifest)
+            self.complete = True
+        if self.progress:
+            self.progress.__exit__()
+        self.send("complete")
 
 
 def report_state(args) -> dict:
@@ -674,21 +924,38 @@ def main(argv: list[str] | None = None) -> int:
     p_sync.add_argument(
         "--env-file", help="a JSON object of the CLI's environment (endpoint, token): never on a command line"
     )
-    p_sync.add_argument("--peer", action="append", default=[], help="ADDRESS:PORT of a peer that holds the revision")
-    p_sync.add_argument("--peer-path", help="the directory on the peers, as their rrsync sees it")
-    p_sync.add_argument("--peer-key", help="the fleet's transfer key")
-    p_sync.add_argument("--known-hosts", help="the peers' host keys")
-    p_sync.add_argument(
+    p_sync.add_argument("--margin-bytes", type=int, default=0)
+    p_sync.add_argument("--verify", choices=("changed", "always"), default="changed")
+    p_sync.add_argument("--progress-interval", type=float, default=10)
+    common(p_swarm := commands.add_parser("swarm", help="this host's part in a fan-out, driven by the control node"))
+    p_swarm.set_defaults(source="peer")
+    p_swarm.add_argument("--model", required=True)
+    p_swarm.add_argument("--revision", required=True)
+    p_swarm.add_argument(
+        "--origin",
+        choices=("hf", "modelscope", "control"),
+        help="this host is the seed: it fetches from the origin (control: the control node pushes)",
+    )
+    p_swarm.add_argument("--include", action="append", default=[])
+    p_swarm.add_argument("--exclude", action="append", default=[])
+    p_swarm.add_argument("--cli", help="the hf or modelscope executable (the seed)")
+    p_swarm.add_argument("--cli-home", default="/var/cache/glmfleet/hub", help="the CLI's own cache and settings")
+    p_swarm.add_argument("--env-file", help="a JSON object of the CLI's environment (endpoint, token)")
+    p_swarm.add_argument("--peer-path", required=True, help="the model directory on the peers, as their rrsync sees it")
+    p_swarm.add_argument("--peer-key", required=True, help="the fleet's transfer key")
+    p_swarm.add_argument("--known-hosts", required=True, help="the peers' host keys")
+    p_swarm.add_argument("--connections", required=True, help="ssh's ControlPath for the connections to peers")
+    p_swarm.add_argument(
         "--bwlimit",
         dest="rsync_option",
         action="append",
         default=[],
         type=lambda v: f"--bwlimit={v}",
-        help="rsync's --bwlimit (KiB/s) for copies from peers",
+        help="rsync's --bwlimit (KiB/s) for each copy from a peer",
     )
-    p_sync.add_argument("--margin-bytes", type=int, default=0)
-    p_sync.add_argument("--verify", choices=("changed", "always"), default="changed")
-    p_sync.add_argument("--progress-interval", type=float, default=10)
+    p_swarm.add_argument("--margin-bytes", type=int, default=0)
+    p_swarm.add_argument("--verify", choices=("changed", "always"), default="changed")
+    p_swarm.add_argument("--progress-interval", type=float, default=10)
     p_manifest = commands.add_parser(
         "manifest", help="write DIR/.glmfleet/manifest.json (hub tree if hf left one, else sha256 of each file)"
     )
@@ -713,6 +980,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         elif args.command == "sync":
             sync(args)
+        elif args.command == "swarm":
+            return Agent(args).run()
         elif args.command == "manifest":
             directory = Path(args.dir)
             manifest = manifest_from_hub_tree(

@@ -38,6 +38,9 @@ HUB_ENV_FILE = f"{SECRETS_DIR}/hub.env"  # the hub CLIs' environment: token, end
 NETRC = f"{SECRETS_DIR}/netrc"  # credentials of package indexes and key URLs, out of every argv
 PEER_KEY = f"{SECRETS_DIR}/peer_ed25519"  # the fleet's transfer key (private)
 PEER_KNOWN_HOSTS = f"{SECRETS_DIR}/peer_known_hosts"
+# ssh's control sockets (ControlPath) of a fan-out's copies: one connection to each peer, kept
+# between files (a new one cost 0.34 s a file, a session on a kept one 0.09 s: benchmarks/RESULTS.md).
+PEER_CONNECTIONS = f"{SECRETS_DIR}/peer-%C"
 KNOWN_GOOD_DIR = f"{SECRETS_DIR}/known-good"  # a rollout's copy of what last served (holds the env file)
 KNOWN_GOOD_UNIT = f"{KNOWN_GOOD_DIR}/{UNIT}"
 KNOWN_GOOD_ENV = f"{KNOWN_GOOD_DIR}/vllm.env"

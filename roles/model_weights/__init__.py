@@ -8,12 +8,11 @@ needs (the hub CLI in its own small venv, rsync, for a fan-out the fleet's trans
 reads the state as a fact, and runs it only where the revision is not complete, so a converged
 host does no hashing and no transfer.
 
-With ``model_source: peer`` the hosts of one model revision fetch it once: one seed host (or
-an already complete host) gets it from the origin, then every complete host hands it to one
-more host per round (1 -> 2 -> 4 -> ...), by rsync over SSH with a key that may only read the
-model store, authorized only while the fan-out runs. The rounds are pyinfra operations:
-pyinfra runs each operation on every host before the next, which is the barrier between
-rounds; see ``fanout.fanout_rounds``.
+With ``model_source: peer`` the hosts of one model revision fetch it once: one seed host gets
+it from the origin (where no host holds it yet) and every host passes on each file as soon as it
+has verified it, while it still receives others, as the control node's scheduler directs
+(``swarm``): by rsync over SSH with a key that may only read the model store, authorized only
+while the fan-out runs.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from glmfleet.layout import (
     DEFAULT_MODEL_ROOT,
     HUB_CLI_HOME,
     HUB_ENV_FILE,
+    PEER_CONNECTIONS,
     PEER_KEY,
     PEER_KNOWN_HOSTS,
     RSYNC,
@@ -145,7 +145,8 @@ SETTINGS = (
         "model_transfer_limit_mbps",
         None,
         "cap (MB/s) for each copy between hosts and from the control node, so copies "
-        "leave bandwidth to serving traffic (rsync --bwlimit)",
+        "leave bandwidth to serving traffic (rsync --bwlimit); in a fan-out a host takes one copy and gives one "
+        "at a time, so this caps each host's fan-out traffic each way",
         checks.optional(checks.number_in(0, 100_000, "a number > 0")),
     ),
     Setting("model_progress_interval", 10, "seconds between progress lines of a transfer", checks.int_in(1, 3600)),
@@ -295,9 +296,20 @@ def hub_environment(cfg: HostConfig, source: str) -> dict[str, str]:
     return env
 
 
-def sync_argv(cfg: HostConfig, source: str, phase: str = "all", peers: list[str] = ()) -> list[str]:
+def selection_args(cfg: HostConfig) -> list[str]:
+    return [arg for pattern in cfg.model_include for arg in ("--include", pattern)] + [
+        arg for pattern in cfg.model_exclude for arg in ("--exclude", pattern)
+    ]
+
+
+def hub_args(cfg: HostConfig, source: str) -> list[str]:
+    """What the host script needs to run a hub CLI; the token and endpoint only as a file name."""
+    return ["--cli", cli_bin(cfg, source), "--env-file", HUB_ENV_FILE] if source in ("hf", "modelscope") else []
+
+
+def sync_argv(cfg: HostConfig, source: str, phase: str = "all") -> list[str]:
     """The host script's command line for one fetch; secrets only as file names."""
-    argv = [
+    return [
         WEIGHTS_SCRIPT,
         "sync",
         *weights_state_args(cfg),
@@ -317,35 +329,56 @@ def sync_argv(cfg: HostConfig, source: str, phase: str = "all", peers: list[str]
         str(cfg.model_progress_interval),
         "--cli-home",
         HUB_CLI_HOME,
+        *selection_args(cfg),
+        *hub_args(cfg, source),
     ]
-    for pattern in cfg.model_include:
-        argv += ["--include", pattern]
-    for pattern in cfg.model_exclude:
-        argv += ["--exclude", pattern]
-    if source in ("hf", "modelscope"):
-        argv += ["--cli", cli_bin(cfg, source), "--env-file", HUB_ENV_FILE]
-    if source == "peer":
-        argv += [
-            "--peer-path",
-            model_dir_in_store(cfg),
-            "--peer-key",
-            PEER_KEY,
-            "--known-hosts",
-            PEER_KNOWN_HOSTS,
-            *control.rsync_limit(cfg),
-        ]
-        for peer in peers:
-            argv += ["--peer", peer]
-    return argv
 
 
-def fetch_steps(cfg: HostConfig, source: str, peers: list[str] = ()) -> list:
+def swarm_argv(cfg: HostConfig, seed_origin: str | None, sudo: bool) -> list[str]:
+    """The host script's command line for a member's part in a fan-out (the seed's with its origin)."""
+    return [
+        *(["sudo", "-n"] if sudo else []),
+        WEIGHTS_SCRIPT,
+        "swarm",
+        *weights_state_args(cfg),
+        "--model",
+        source_repo(cfg, seed_origin or cfg.model_peer_seed),
+        "--revision",
+        cfg.model_revision,
+        *(["--origin", seed_origin] if seed_origin else []),
+        "--margin-bytes",
+        str(int(cfg.model_disk_margin_gb * 10**9)),
+        "--verify",
+        cfg.model_verify,
+        "--progress-interval",
+        str(cfg.model_progress_interval),
+        "--cli-home",
+        HUB_CLI_HOME,
+        *selection_args(cfg),
+        *hub_args(cfg, seed_origin),
+        "--peer-path",
+        model_dir_in_store(cfg),
+        "--peer-key",
+        PEER_KEY,
+        "--known-hosts",
+        PEER_KNOWN_HOSTS,
+        "--connections",
+        PEER_CONNECTIONS,
+        *control.rsync_limit(cfg),
+    ]
+
+
+def sudo_here() -> bool:
+    return bool((host.current_op_global_arguments or {}).get("_sudo") or host.data.get("_sudo"))
+
+
+def fetch_steps(cfg: HostConfig, source: str) -> list:
     """The commands that bring this host's copy to complete from ``source``."""
     if source != "control":
-        return [join(sync_argv(cfg, source, peers=peers))]
+        return [join(sync_argv(cfg, source))]
     # The manifest travels first (``control.prepare`` made it), so the host checks its disk
     # against the model's size before any weight is pushed.
-    sudo = bool((host.current_op_global_arguments or {}).get("_sudo") or host.data.get("_sudo"))
+    sudo = sudo_here()
     target = model_dir(cfg)
     manifest = control.manifest_path(cfg)
     return [
@@ -412,11 +445,12 @@ def model_weights():
     if not cfg.model_dir:
         owned_directory(managed, cfg.model_root, "model_root")
 
-    # Which source this host fetches from in this run: its own origin, or (peer) the seed's
-    # origin for the seed and rsync from a peer for everyone else.
-    if peer_plan:
-        schedule = {receiver: source for round_ in peer_plan.rounds for receiver, source in round_}
-        source = (origin(cfg) if schedule.get(host.name, "") is None else "peer") if host.name in schedule else None
+    # Which origin this host fetches from in this run: its own, or in a fan-out the seed's (the
+    # seed alone), everyone else copying from peers.
+    if peer_plan and peer_plan.fanout:
+        source = origin(cfg) if peer_plan.seed == host.name else None
+    elif peer_plan:  # a lone member
+        source = None if fact["complete"] else origin(cfg)
     else:
         source = None if fact["complete"] else cfg.model_source
 
@@ -435,9 +469,9 @@ def model_weights():
     if cfg.model_source in ("peer", "control") and RSYNC not in fact["tools"]:
         ensure_debs(["rsync"])
 
-    roles_here = fanout.roles_in(peer_plan, host.name) if peer_plan else set()
-    if peer_plan and peer_plan.rounds:
-        changed = _peer_rounds(cfg, peer_plan, managed, roles_here)
+    in_fanout = bool(peer_plan and peer_plan.fanout)
+    if in_fanout:
+        changed = _fanout(cfg, peer_plan, managed, source)
     else:
         changed = (
             []
@@ -450,50 +484,44 @@ def model_weights():
         )
     # A host that takes no part in a fan-out keeps no transfer key, authorized or private (an
     # earlier run that stopped half way, or the key this repository once published).
-    if not roles_here and (fact["authorized"] or PEER_KEY in managed["paths"]):
+    if not in_fanout and (fact["authorized"] or PEER_KEY in managed["paths"]):
         server.shell(name="no transfer key on this host", commands=[fanout.withdraw_command()])
     return changed
 
 
-def _peer_rounds(cfg: HostConfig, plan: fanout.FanoutPlan, managed: dict, roles_here: set[str]) -> list:
-    """The fan-out: the transfer key authorized on the hosts that give (alone: every other
-    glmfleet key line goes) and handed to those that receive from a peer, one operation per
-    round on every member, and the key withdrawn again at the end; a member that neither gives
-    nor receives is not touched."""
+def _fanout(cfg: HostConfig, plan: fanout.FanoutPlan, managed: dict, seed_origin: str | None) -> list:
+    """A member's fan-out: the transfer key authorized here (alone: every other glmfleet key line
+    goes) and handed to this host, this host's part run under the control node's scheduler
+    (``swarm``), and the key withdrawn again once every member's part has ended (pyinfra ends an
+    operation on every host before the next). Every member takes part: a complete one gives,
+    and hashes its copy again should a peer find a file from it wrong."""
     private_key, public_key = control.key_pair(cfg)
-    if "receiver" in roles_here:
-        directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")
-        write_secret("fleet transfer key", PEER_KEY, private_key)
-        files.put(
-            name="peers' host keys",
-            src=StringIO(fanout.known_hosts(plan)),
-            dest=PEER_KNOWN_HOSTS,
-            user="root",
-            group="root",
-            mode="644",
+    directory(managed, SECRETS_DIR, mode="700", name="root-only secrets dir")
+    write_secret("fleet transfer key", PEER_KEY, private_key)
+    files.put(
+        name="peers' host keys",
+        src=StringIO(fanout.known_hosts(plan)),
+        dest=PEER_KNOWN_HOSTS,
+        user="root",
+        group="root",
+        mode="644",
+    )
+    server.shell(
+        name="transfer key may read the model store (rrsync -ro), for this fan-out",
+        commands=[fanout.authorize_command(fanout.authorized_line(cfg, public_key))],
+    )
+    sudo = sudo_here()
+    push = None
+    if seed_origin == "control":  # the control node pushes to the seed while it hands on what it got
+        push = control.push_argv(
+            host.data, host.name, cfg.model_control_dir, model_dir(cfg), sudo, control.rsync_limit(cfg)
         )
-    if "giver" in roles_here:
-        server.shell(
-            name="transfer key may read the model store (rrsync -ro), for this fan-out",
-            commands=[fanout.authorize_command(fanout.authorized_line(cfg, public_key))],
-        )
-    changed = []
-    # The same operations on every host, one per round: pyinfra finishes an operation on all
-    # hosts before it starts the next, so a round only copies from hosts done in earlier ones.
-    for number in host.loop(range(len(plan.rounds))):
-        pairs = dict(plan.rounds[number])
-        steps = []
-        if host.name in pairs:
-            giver = pairs[host.name]
-            steps = (
-                fetch_steps(cfg, origin(cfg))
-                if giver is None
-                else fetch_steps(cfg, "peer", peers=fanout.givers_of(plan, host.name, giver))
-            )
-        # One name on every host: pyinfra shows an operation once, whoever runs what in it.
-        op = live_steps(name=f"weights round {number + 1}/{len(plan.rounds)}", steps=steps)
-        if steps:
-            changed.append(op)
-    if roles_here:
-        server.shell(name="transfer key withdrawn after the fan-out", commands=[fanout.withdraw_command()])
-    return changed
+    part = live_steps(
+        name="weights fan-out",
+        steps=[
+            (plan.fanout.take_part, swarm_argv(cfg, seed_origin, sudo), push, cfg.model_progress_interval),
+        ],
+    )
+    server.shell(name="transfer key withdrawn after the fan-out", commands=[fanout.withdraw_command()])
+    # A complete member's part changes no weights: its vLLM keeps serving.
+    return [part] if host.name in plan.pending else []

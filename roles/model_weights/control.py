@@ -148,8 +148,8 @@ def rsync_limit(cfg: HostConfig) -> list[str]:
     )
 
 
-def push_argv(host_data, host_name: str, src: str, dest: str, sudo: bool, limit: list[str] = ()) -> list[str]:
-    """rsync from the control node to a host over the host's own SSH settings (as pyinfra's)."""
+def ssh_argv(host_data) -> list[str]:
+    """ssh to a host with the host's own SSH settings (as pyinfra's), up to the remote command."""
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", "Compression=no"]
     if host_data.get("ssh_known_hosts_file"):
         ssh += ["-o", f"UserKnownHostsFile={host_data.get('ssh_known_hosts_file')}"]
@@ -159,7 +159,16 @@ def push_argv(host_data, host_name: str, src: str, dest: str, sudo: bool, limit:
         ssh += ["-p", str(host_data.get("ssh_port"))]
     if host_data.get("ssh_key"):
         ssh += ["-i", str(host_data.get("ssh_key"))]
+    return ssh
+
+
+def ssh_target(host_data, host_name: str) -> str:
     user = f"{host_data.get('ssh_user')}@" if host_data.get("ssh_user") else ""
+    return f"{user}{host_data.get('ssh_hostname') or host_name}"
+
+
+def push_argv(host_data, host_name: str, src: str, dest: str, sudo: bool, limit: list[str] = ()) -> list[str]:
+    """rsync from the control node to a host over the host's own SSH settings (as pyinfra's)."""
     return [
         "rsync",
         "--archive",
@@ -170,10 +179,10 @@ def push_argv(host_data, host_name: str, src: str, dest: str, sudo: bool, limit:
         "--no-inc-recursive",
         *limit,
         "--rsh",
-        shell.join(ssh),
+        shell.join(ssh_argv(host_data)),
         *(["--rsync-path", "sudo rsync"] if sudo else []),
         f"{src.rstrip('/')}/",
-        f"{user}{host_data.get('ssh_hostname') or host_name}:{dest}/",
+        f"{ssh_target(host_data, host_name)}:{dest}/",
     ]
 
 

@@ -1,6 +1,6 @@
-"""The peer fan-out's plan: who copies from whom, round by round, computed once per run from
-every member's weights fact; and the transfer key's lines in a host's authorized_keys, which
-exist only while a fan-out runs."""
+"""The peer fan-out's plan, made once per run from every member's weights fact (who holds the
+revision, who fetches it, the seed), its scheduler (``swarm``), and the transfer key's lines in a
+host's authorized_keys, which exist only while a fan-out runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from weakref import WeakKeyDictionary
 
+from gevent.event import AsyncResult
 from gevent.pool import Pool
 from pyinfra import host
 from pyinfra.api import State
@@ -27,37 +28,27 @@ from glmfleet.layout import (
     weights_state_file,
 )
 from glmfleet.shell import join, quote
-from roles.model_weights.control import KEY_COMMENT, PUBLISHED_KEY
-
-
-def fanout_rounds(complete: list[str], pending: list[str]) -> list[list[tuple[str, str | None]]]:
-    """Who copies from whom, round by round: ``[[(receiver, source), ...], ...]``.
-
-    Every host that holds the revision hands it to one host that does not, so the holders
-    double each round. With no holder, round 0 is the first pending host fetching from the
-    origin (source ``None``): the one copy the whole fleet reads from the origin."""
-    holders, waiting, rounds = list(complete), list(pending), []
-    if not holders and waiting:
-        seed = waiting.pop(0)
-        rounds.append([(seed, None)])
-        holders.append(seed)
-    while waiting:
-        this_round = [(waiting.pop(0), source) for source in holders[: len(waiting)]]
-        rounds.append(this_round)
-        holders += [receiver for receiver, _ in this_round]
-    return rounds
+from roles.model_weights.control import KEY_COMMENT, PUBLISHED_KEY, manifest_path
+from roles.model_weights.swarm import Fanout
 
 
 @dataclass
 class FanoutPlan:
-    rounds: list[list[tuple[str, str | None]]] = field(default_factory=list)
+    """A peer group's fan-out in this run: who holds the revision, who fetches it, which of them
+    fetches from the origin (the seed, where no member holds it yet), and the run's scheduler
+    (None where nothing is copied between hosts)."""
+
+    complete: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    seed: str | None = None
     # host name -> "address:port" other hosts reach its sshd on, and its ssh host key
     addresses: dict[str, str] = field(default_factory=dict)
     host_keys: dict[str, str] = field(default_factory=dict)
     facts: dict[str, dict] = field(default_factory=dict)
+    fanout: Fanout | None = None
 
 
-_plans: WeakKeyDictionary[State, dict[str, FanoutPlan]] = WeakKeyDictionary()
+_plans: WeakKeyDictionary[State, AsyncResult] = WeakKeyDictionary()
 
 
 def fanout_group(cfg: HostConfig) -> str:
@@ -78,31 +69,56 @@ def weights_question(cfg: HostConfig, tools: list[str]) -> Question:
 
 
 def fanout_plans(tools_of) -> dict[str, FanoutPlan]:
-    """Every peer group's rounds, computed once per deploy from every host's state (one fact
-    per host), so each host plans the same rounds. ``tools_of(cfg)``: the tools the weights
-    fact looks for (as the role asks it, so the question is asked once)."""
+    """Every peer group's fan-out, planned once per deploy from every host's state (one fact
+    per host), so each host plans the same, and all share one scheduler. ``tools_of(cfg)``: the
+    tools the weights fact looks for (as the role asks it, so the question is asked once)."""
     run = host.state  # the run's own State: pyinfra's `state` is one proxy for every run
     if run not in _plans:
-        groups: dict[str, list] = {}
-        for target in run.inventory:  # (the inventory context is unset under pyinfra's API)
-            cfg = host_config(target)
-            if cfg.model_source == "peer":
-                groups.setdefault(fanout_group(cfg), []).append((target, cfg))
-        plans = {}
-        for group, members in groups.items():
-            answers = members_weights(run, [(target, weights_question(cfg, tools_of(cfg))) for target, cfg in members])
-            plan = FanoutPlan()
-            complete, pending = [], []
-            for (target, cfg), fact in zip(members, answers):
-                plan.facts[target.name] = fact
-                (complete if fact["complete"] else pending).append(target.name)
-                address = cfg.model_peer_address or target.data.get("ssh_hostname") or target.name
-                plan.addresses[target.name] = f"{address}:{target.data.get('ssh_port') or 22}"
-                plan.host_keys[target.name] = fact["host_key"]
-            plan.rounds = fanout_rounds(complete, pending)
-            plans[group] = plan
-        _plans[run] = plans
-    return _plans[run]
+        # Made once, by the first host that plans: asking the members yields to the other hosts'
+        # planning, which waits here for the same plan rather than make a scheduler of its own.
+        _plans[run] = AsyncResult()
+        try:
+            _plans[run].set(_plan_groups(run, tools_of))
+        except Exception as error:
+            _plans[run].set_exception(error)
+    return _plans[run].get()
+
+
+def _plan_groups(run: State, tools_of) -> dict[str, FanoutPlan]:
+    groups: dict[str, list] = {}
+    for target in run.inventory:  # (the inventory context is unset under pyinfra's API)
+        cfg = host_config(target)
+        # A host outside --limit runs none of the fan-out, nor authorizes the key to give.
+        if cfg.model_source == "peer" and run.is_host_in_limit(target):
+            groups.setdefault(fanout_group(cfg), []).append((target, cfg))
+    plans = {}
+    for group, members in groups.items():
+        answers = members_weights(run, [(target, weights_question(cfg, tools_of(cfg))) for target, cfg in members])
+        plan = FanoutPlan()
+        for (target, cfg), fact in zip(members, answers):
+            plan.facts[target.name] = fact
+            (plan.complete if fact["complete"] else plan.pending).append(target.name)
+            address = cfg.model_peer_address or target.data.get("ssh_hostname") or target.name
+            plan.addresses[target.name] = f"{address}:{target.data.get('ssh_port') or 22}"
+            plan.host_keys[target.name] = fact["host_key"]
+        # A fan-out needs someone to copy to: a lone member without a copy fetches from the origin.
+        if plan.pending and (plan.complete or len(plan.pending) > 1):
+            cfg = members[0][1]
+            # No member holds it: the first that fetches takes the one copy from the origin.
+            plan.seed = None if plan.complete else plan.pending[0]
+            from_control = plan.seed and cfg.model_peer_seed == "control"
+            plan.fanout = Fanout(
+                {
+                    "addresses": plan.addresses,
+                    "complete": set(plan.complete),
+                    "seed": plan.seed,
+                    "manifest": json.loads(manifest_path(cfg).read_text()) if from_control else None,
+                    # pyinfra runs an operation on at most PARALLEL hosts at once
+                    "leave_when_complete": run.config.PARALLEL < len(members),
+                }
+            )
+        plans[group] = plan
+    return plans
 
 
 def members_weights(run: State, members: list) -> list[dict]:
@@ -123,31 +139,6 @@ def members_weights(run: State, members: list) -> list[dict]:
     if failed is not None:
         raise failed
     return answers
-
-
-def seed_of(plan: FanoutPlan) -> str:
-    """The host every receiver falls back to: the one that fetched from the origin, or the first holder."""
-    return plan.rounds[0][0][1] or plan.rounds[0][0][0]
-
-
-def givers_of(plan: FanoutPlan, receiver: str, giver: str) -> list[str]:
-    """Where a receiver copies from: its assigned giver first, the seed should that one fail."""
-    seed = seed_of(plan)
-    return [plan.addresses[giver]] + ([plan.addresses[seed]] if seed not in (giver, receiver) else [])
-
-
-def roles_in(plan: FanoutPlan, name: str) -> set[str]:
-    """What a member does in this run's fan-out: "giver" (its store read by peers, through the
-    transfer key), "receiver" (it copies from peers, with the key); nothing for a member that
-    is complete and gives to no one."""
-    pairs = [pair for round_ in plan.rounds for pair in round_]
-    from_peers = [(receiver, giver) for receiver, giver in pairs if giver is not None]
-    roles = set()
-    if any(receiver == name for receiver, _ in from_peers):
-        roles.add("receiver")
-    if from_peers and (name == seed_of(plan) or any(giver == name for _, giver in from_peers)):
-        roles.add("giver")
-    return roles
 
 
 def known_hosts(plan: FanoutPlan) -> str:

@@ -60,19 +60,21 @@ def test_an_unfinished_host_installs_the_cli_writes_the_token_and_fetches_live()
 
 def test_a_lone_peer_host_is_its_own_seed_from_the_origin():
     ops = plan(model_weights, {**PIN, "model_source": "peer", "ssh_hostname": "10.0.0.1"}, weights_host(None))
-    assert "model weights | weights round 1/1" in names(ops)
+    assert "model weights | fetch zai-org/GLM-4-9B-0414@0123456789ab from hf" in names(ops)
     # It copies from no peer and no peer copies from it: no transfer key is authorized or handed over.
     assert not [n for n in names(ops) if "transfer key" in n], names(ops)
     assert not [n for n in names(ops) if "install huggingface_hub" in n]  # the fact saw the CLI installed
 
 
 def test_each_run_plans_its_own_fanout_and_a_complete_group_sets_up_no_transfer():
-    """A rollout makes several runs in one process: each plans the rounds from its own facts.
-    A group whose every copy is complete plans no key, host keys or rounds."""
+    """A rollout makes several runs in one process: each plans the fan-out from its own facts.
+    A group whose every copy is complete plans no key, host keys or fan-out."""
     peer = {**PIN, "model_source": "peer", "ssh_hostname": "10.0.0.1"}
-    assert "model weights | weights round 1/1" in names(plan(model_weights, peer, weights_host(None)))
+    assert "model weights | fetch zai-org/GLM-4-9B-0414@0123456789ab from hf" in names(
+        plan(model_weights, peer, weights_host(None))
+    )
     ops = plan(model_weights, peer, weights_host(COMPLETE))
-    assert not [n for n in names(ops) if "key" in n or "round" in n or "ssh" in n], names(ops)
+    assert not [n for n in names(ops) if "key" in n or "fan-out" in n or "fetch" in n], names(ops)
 
 
 def test_an_unpinned_revision_stops_the_run_before_any_host_is_touched():
@@ -145,19 +147,3 @@ def test_an_error_asking_a_member_fails_the_fanout_once_without_a_stray_tracebac
         with pytest.raises(ValueError, match="a state file this glmfleet cannot read"):
             fanout_plans(tools)
     assert "Traceback" not in capfd.readouterr().err
-
-
-def test_the_transfer_key_goes_only_to_the_hosts_that_give_and_receive():
-    from roles.model_weights.fanout import FanoutPlan, roles_in
-
-    plan = FanoutPlan(rounds=[[("c", "a")], [("d", "a"), ("e", "c")]])  # a and b complete; c, d, e copy
-    assert {name: roles_in(plan, name) for name in "abcde"} == {
-        "a": {"giver"},
-        "b": set(),
-        "c": {"receiver", "giver"},
-        "d": {"receiver"},
-        "e": {"receiver"},
-    }
-    seeded = FanoutPlan(rounds=[[("a", None)], [("b", "a")]])  # a fetches from the origin, then gives
-    assert roles_in(seeded, "a") == {"giver"} and roles_in(seeded, "b") == {"receiver"}
-    assert roles_in(FanoutPlan(rounds=[[("a", None)]]), "a") == set()

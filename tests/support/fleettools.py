@@ -159,7 +159,7 @@ def fleet_host(name: str):
     """A pytest-testinfra host for one fleet host, over the same SSH pyinfra uses."""
     host = next(h for h in localfleet.load_hosts() if h["name"] == name)
     return testinfra.get_host(
-        f"ssh://root@127.0.0.1:{host['ssh_port']}",
+        f"ssh://root@{host['address']}:{host['ssh_port']}",
         ssh_identity_file=host["ssh_key"],
         ssh_extra_args="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
     )

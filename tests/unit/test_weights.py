@@ -20,7 +20,6 @@ from glmfleet.facts.weights import ModelWeights
 from glmfleet.layout import model_dir as model_path
 from glmfleet.layout import weights_state_file as state_path
 from roles.model_weights import hub_environment, sync_argv
-from roles.model_weights.fanout import fanout_rounds
 from tests.support.hub_mirror import file_sha256, git
 from tests.support.hub_refusals import HubRefusal
 from tests.support.weights_fixtures import HF_CLI, REPO_ID, SCRIPT, sync
@@ -79,32 +78,6 @@ def tmpfs(tmp_path):
 
 
 # --- schedule and configuration -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("complete", "pending", "sizes"),
-    [
-        (0, 8, [1, 1, 2, 4]),  # a seed from the origin, then 1 -> 2 -> 4 -> 8 holders
-        (0, 4, [1, 1, 2]),
-        (0, 1, [1]),
-        (1, 7, [1, 2, 4]),  # a complete host is the seed: nothing from the origin
-        (3, 5, [3, 2]),
-        (2, 0, []),
-    ],
-)
-def test_fanout_rounds_double_the_holders_each_round(complete, pending, sizes):
-    done = [f"c{i}" for i in range(complete)]
-    waiting = [f"p{i}" for i in range(pending)]
-    rounds = fanout_rounds(done, waiting)
-    assert [len(r) for r in rounds] == sizes
-    holders = set(done)
-    from_origin = [receiver for r in rounds for receiver, source in r if source is None]
-    assert len(from_origin) == (1 if not done and waiting else 0)
-    for round_ in rounds:
-        givers = [source for _, source in round_ if source is not None]
-        assert set(givers) <= holders and len(givers) == len(set(givers))  # each holder gives once a round
-        holders |= {receiver for receiver, _ in round_}
-    assert holders == set(done) | set(waiting)
 
 
 @pytest.mark.parametrize("revision", ["main", "v1.0", "abc123", "A" * 40])

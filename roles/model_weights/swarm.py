@@ -1,0 +1,363 @@
+"""The fan-out's scheduler, on the control node: which host copies which file from which peer.
+
+Every member of a fan-out runs its part (``glmfleet-weights swarm``, files/glmfleet_weights.py)
+under the control node, which tells it what to fetch and hears what it holds, one JSON line each
+way over the deploy's own SSH connection to that host. The copies themselves go host to host,
+by rsync over SSH with the fleet's transfer key, which may only read the model store.
+
+A host passes on each file as soon as it has verified it, while it still receives others: the
+seed hands on what the origin delivers as it lands, and every file is copied from whichever host
+holds it. Each host receives one copy at a time and gives one at a time, so every copy runs at
+the speed of both links, and the rarest file goes first (counting copies under way): new files
+spread from the seed in doubling steps while older ones move between the other hosts. The aim
+is about S/B for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in
+doubling rounds; how near it came, measured beside the rounds: benchmarks/RESULTS.md.
+
+A peer whose copy did not match the manifest gives nothing more until it has hashed its files
+again; a peer that failed (a cut link) is asked again later, with a growing pause. A member that
+waits for files no host holds, while nothing is under way, is stopped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gevent import sleep, spawn
+from gevent.queue import Queue
+from gevent.subprocess import PIPE, Popen
+from pyinfra.api.output import echo
+
+from glmfleet import shell
+from roles.model_weights.control import push, ssh_argv, ssh_target
+
+# A peer that failed to give a file (its link cut, say) is not asked by that receiver again for
+# this long, doubled with each further failure.
+FIRST_PAUSE_S = 2.0
+LONGEST_PAUSE_S = 60.0
+
+
+@dataclass
+class Member:
+    name: str
+    address: str  # where the others reach its sshd: "host:port"
+    joined: bool = False  # its part runs
+    ready: bool = False  # it has the manifest and room: it may receive
+    complete: bool = False
+    left: bool = False  # its part ended (it may still give: its sshd serves until the key goes)
+    failed: str | None = None
+    have: set[str] = field(default_factory=set)
+    fetching: tuple[str, str] | None = None  # (file, giver)
+    giving: int = 0
+    distrusted: bool = False  # gave a file that did not match: gives nothing until rechecked
+    pauses: dict[str, tuple[float, float]] = field(default_factory=dict)  # giver -> (until, last pause)
+
+
+class Swarm:
+    """One fan-out's state. ``send(name, message)`` hands a message to a member's part; the
+    caller feeds back what each part says (``event``) and when it ends (``ended``), and calls
+    ``tick`` now and then so that paused peers are asked again."""
+
+    def __init__(
+        self,
+        addresses: dict[str, str],
+        complete: set[str],
+        seed: str | None,
+        manifest: dict | None,
+        send: Callable[[str, dict], None],
+        leave_when_complete: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.members = {name: Member(name, address) for name, address in addresses.items()}
+        self.seed = seed
+        self.manifest = manifest
+        self.send = send
+        # A pyinfra pool smaller than the fleet runs some parts only once others have ended:
+        # then a complete member leaves at once rather than wait for those.
+        self.leave_when_complete = leave_when_complete
+        self.clock = clock
+        self.origin_running = seed is not None
+        # Who the manifest came from: None for the control node's own (given here), sent to
+        # every member; the seed that learnt it from the hub needs it from no one.
+        self.manifest_from: str | None = None
+        self.origin_error: str | None = None
+        self.copies = 0  # files copied between hosts (for the summary)
+        self.rejected = 0
+        for name in complete:
+            self.members[name].complete = True
+
+    # -- what the parts say ---------------------------------------------------------------------
+
+    def event(self, name: str, event: dict) -> list[str]:
+        """Take one message from a member's part; returns lines worth showing the person deploying."""
+        member, kind, said = self.members[name], event["event"], []
+        if kind == "hello":
+            member.joined = True
+            if event["complete"]:
+                member.complete = member.ready = True
+                member.have = set(event["verified"])
+                self.learn(event["manifest"], name)
+            elif self.manifest and name != self.manifest_from:
+                self.send(name, {"do": "manifest", "manifest": self.manifest})
+        elif kind == "ready":
+            member.ready = True
+            member.have |= set(event["verified"])
+            if name == self.seed:
+                self.learn(event["manifest"], name)
+        elif kind == "verified":
+            member.have.add(event["path"])
+            if member.fetching and member.fetching[0] == event["path"]:
+                giver = self.end_copy(member)
+                member.pauses.pop(giver.name, None)
+                self.copies += 1
+        elif kind == "failed" and member.fetching:
+            giver = self.end_copy(member)
+            if event["bad"]:
+                self.rejected += 1
+                said.append(
+                    f"{event['path']} from {giver.name} did not match the manifest: {giver.name} hashes its copy again"
+                )
+                giver.distrusted = True
+                if giver.joined and not giver.left:
+                    self.send(giver.name, {"do": "recheck"})
+            else:
+                said.append(f"copying {event['path']} from {giver.name} failed ({event['why']}): asking another peer")
+                _until, last = member.pauses.get(giver.name, (0.0, FIRST_PAUSE_S / 2))
+                pause = min(last * 2, LONGEST_PAUSE_S)
+                member.pauses[giver.name] = (self.clock() + pause, pause)
+        elif kind == "rechecked":
+            member.have -= set(event["lost"])
+            member.distrusted = False
+            if event["lost"]:
+                member.complete = False
+                said.append(f"{name} removed {len(event['lost'])} file(s) that did not match; it fetches them again")
+        elif kind == "origin":
+            self.origin_running = False
+            self.origin_error = event["error"]
+        elif kind == "complete":
+            member.complete = True
+            member.have = set(self.manifest["files"]) if self.manifest else member.have
+        self.tick()
+        return said
+
+    def ended(self, name: str, ok: bool, why: str | None = None) -> None:
+        member = self.members[name]
+        member.left, member.joined = True, True
+        if not ok:
+            member.failed = why or "its part failed"
+            if member.fetching:
+                self.end_copy(member)
+            if name == self.seed and self.origin_running:
+                self.origin_running = False
+                self.origin_error = f"the seed {name} failed"
+        self.tick()
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Give every idle receiver its next copy; let parts leave or stop them when the fan-out
+        is over for them."""
+        self.assign()
+        running = [m for m in self.members.values() if m.joined and not m.left]
+        if all(m.joined for m in self.members.values()) and all(m.complete or m.left for m in self.members.values()):
+            for member in running:
+                self.leave(member)
+        elif self.leave_when_complete:
+            for member in running:
+                if member.complete:
+                    self.leave(member)
+        if not self.under_way():
+            for member in running:
+                missing = sorted(set(self.manifest["files"]) - member.have) if self.manifest else []
+                if member.ready and missing and not member.fetching and not self.paused(member):
+                    why = f"no host holds a verified copy of {len(missing)} file(s) ({', '.join(missing[:3])})"
+                    self.send(
+                        member.name,
+                        {"do": "stop", "why": why + (f": {self.origin_error}" if self.origin_error else "")},
+                    )
+                    member.left, member.failed = True, why
+
+    def assign(self) -> None:
+        if self.manifest is None:
+            return
+        files = sorted(self.manifest["files"])
+        # The seed takes nothing from peers while the origin delivers to it: both would write one file.
+        receivers = [
+            m
+            for m in self.members.values()
+            if m.ready
+            and not m.complete
+            and not m.left
+            and not m.fetching
+            and not (m.name == self.seed and self.origin_running)
+        ]
+        random.shuffle(receivers)
+        for receiver in receivers:
+            now, best = self.clock(), None
+            for path in files:
+                if path in receiver.have:
+                    continue
+                givers = [
+                    giver
+                    for giver in self.members.values()
+                    if giver is not receiver
+                    and path in giver.have
+                    and not giver.distrusted
+                    and giver.giving == 0
+                    and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
+                ]
+                if givers:
+                    rarity = self.holders(path)
+                    key = (rarity, random.random())
+                    if best is None or key < best[0]:
+                        best = (key, path, random.choice(givers))
+            if best:
+                _key, path, giver = best
+                receiver.fetching = (path, giver.name)
+                giver.giving += 1
+                self.send(receiver.name, {"do": "fetch", "path": path, "peer": giver.address})
+
+    def holders(self, path: str) -> int:
+        """How many hold the file or are getting it: the fewer, the sooner it is copied."""
+        return sum(path in m.have or (m.fetching or ("",))[0] == path for m in self.members.values())
+
+    def learn(self, manifest: dict | None, source: str) -> None:
+        """The revision's manifest, from the seed or a complete member: to every member waiting for one."""
+        if manifest is None or self.manifest is not None:
+            return
+        self.manifest, self.manifest_from = manifest, source
+        for member in self.members.values():
+            if member.joined and not member.left and not member.ready and member.name != self.seed:
+                self.send(member.name, {"do": "manifest", "manifest": manifest})
+
+    def leave(self, member: Member) -> None:
+        member.left = True
+        self.send(member.name, {"do": "leave"})
+
+    # -- what it knows --------------------------------------------------------------------------
+
+    def under_way(self) -> bool:
+        """Something that may yet give a member a file it lacks: the origin, a copy, a recheck,
+        a member that has not joined or not got its manifest."""
+        return (
+            self.origin_running
+            or any(m.fetching for m in self.members.values())
+            or any(m.distrusted and m.joined and not m.left for m in self.members.values())
+            or any(not m.joined or (not m.ready and not m.left) for m in self.members.values())
+        )
+
+    def paused(self, member: Member) -> bool:
+        return any(until > self.clock() for until, _pause in member.pauses.values())
+
+    def end_copy(self, receiver: Member) -> Member:
+        giver = self.members[receiver.fetching[1]]
+        giver.giving -= 1
+        receiver.fetching = None
+        return giver
+
+    def summary(self) -> str:
+        members = self.members.values()
+        return (
+            f"{sum(m.complete for m in members)} of {len(self.members)} hosts complete, "
+            f"{self.copies} file copies between hosts" + (f", {self.rejected} rejected" if self.rejected else "")
+        )
+
+
+# --- running it: each member's part over SSH, in the member's own greenlet ----------------------
+
+# The control node's session with a member's part: a host silent this long (a link cut for good)
+# fails; shorter cuts are ridden out, as its copies are.
+PART_ALIVE_INTERVAL_S = 15
+PART_ALIVE_COUNT = 8
+TICK_S = 1.0
+
+
+class Fanout:
+    """One fan-out on the control node: the scheduler and every member's part (an ssh process).
+    Messages to a part go through a queue that one greenlet per part writes out, so the
+    scheduler never yields to another greenlet half way through a decision."""
+
+    def __init__(self, swarm_arguments: dict):
+        self.swarm = Swarm(**swarm_arguments, send=self.send)
+        self.queues: dict[str, Queue] = {}
+        self.ticker = None
+
+    def send(self, name: str, message: dict) -> None:
+        if name in self.queues:
+            self.queues[name].put((json.dumps(message) + "\n").encode())
+
+    def take_part(self, state, host, argv: list[str], push: list[str] | None, interval: int) -> bool:
+        """A pyinfra step (``live_steps``): run this member's part until the fan-out is over for
+        it; with ``push`` (the seed, from a control directory) push the files once it is ready."""
+        prefix = host.print_prefix
+        process = Popen(
+            [
+                *ssh_argv(host.data),
+                "-o",
+                f"ServerAliveInterval={PART_ALIVE_INTERVAL_S}",
+                "-o",
+                f"ServerAliveCountMax={PART_ALIVE_COUNT}",
+                ssh_target(host.data, host.name),
+                shell.join(argv),
+            ],
+            stdin=PIPE,
+            stdout=PIPE,
+            stderr=PIPE,
+        )
+        self.queues[host.name] = Queue()
+        writer = spawn(self.write, host.name, process)
+        reader = spawn(self.show, prefix, process.stderr)
+        if self.ticker is None:
+            self.ticker = spawn(self.tick, state)
+        pusher = None
+        for line in process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                echo(f"{prefix}fan-out: not a message: {line[:200]!r}", err=True)
+                continue
+            for said in self.swarm.event(host.name, event):
+                echo(f"{prefix}fan-out: {said}", err=True)
+            if push and event["event"] == "ready" and pusher is None:
+                pusher = spawn(self.push, state, host, push, interval)
+        process.wait()
+        reader.join()
+        writer.kill()
+        if pusher:
+            pusher.kill()
+        ok = process.returncode == 0
+        self.swarm.ended(host.name, ok, None if ok else f"its part ended with status {process.returncode}")
+        echo(f"{prefix}fan-out: {self.swarm.summary()}", err=True)
+        return ok
+
+    def write(self, name: str, process) -> None:
+        for data in self.queues[name]:
+            try:
+                process.stdin.write(data)
+                process.stdin.flush()
+            except OSError:  # the part has ended
+                return
+
+    @staticmethod
+    def show(prefix: str, stream) -> None:
+        """The part's words for people: progress, files that did not match, failures."""
+        for line in stream:
+            echo(f"{prefix}{line.decode(errors='replace').rstrip()}", err=True)
+
+    def push(self, state, host, argv: list[str], interval: int) -> None:
+        ok = push(state, host, argv, interval)
+        self.send(host.name, {"do": "origin_done", "ok": ok})
+
+    def tick(self, state) -> None:
+        """Paused peers are asked again once their pause is over; a member that pyinfra failed
+        before its part began (its hub CLI did not install, say) will not join."""
+        while not all(m.left for m in self.swarm.members.values()):
+            sleep(TICK_S)
+            failed = {failed_host.name for failed_host in state.failed_hosts}
+            for member in self.swarm.members.values():
+                if not member.joined and member.name in failed:
+                    self.swarm.ended(member.name, False, "it failed before the fan-out")
+            self.swarm.tick()

@@ -1,0 +1,207 @@
+"""The fan-out's scheduler (roles/model_weights/swarm.py) against simulated hosts.
+
+Each simulated host answers the scheduler as the host script's part does (files/glmfleet_weights.py,
+``Agent``): a copy takes size / bandwidth of simulated time, a seed receives the origin's files one
+after another; a host may give bad bytes, lose its link or never join. The fleet tests drive the
+real parts on real hosts (tests/fleet/test_fanout_links_fleet.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+import pytest
+
+from roles.model_weights.swarm import Swarm
+
+FILES = {f"model-{n:05d}.safetensors": 10 for n in range(1, 13)}
+MANIFEST = {"revision": "r" * 40, "files": {path: {"size": size} for path, size in FILES.items()}}
+
+
+class Fleet:
+    """Simulated members; ``run`` plays the fan-out to its end and returns the simulated time."""
+
+    def __init__(self, names, complete=(), seed=None, manifest_from_control=False, bandwidth=None, bad=()):
+        self.now = 0.0
+        self.queue, self.order = [], itertools.count()
+        self.names = list(names)
+        self.bandwidth = bandwidth or {}
+        self.bad = set(bad)  # hosts whose stored bytes are wrong (a disk gone bad) until rechecked
+        self.have = {name: set(FILES) if name in complete else set() for name in names}
+        self.ended, self.sent, self.giving = {}, [], {name: 0 for name in names}
+        self.from_origin, self.copies = [], []
+        self.down: set[str] = set()
+        self.swarm = Swarm(
+            addresses={name: f"{name}:22" for name in names},
+            complete=set(complete),
+            seed=seed,
+            manifest=MANIFEST if manifest_from_control else None,
+            send=self.receive,
+            clock=lambda: self.now,
+        )
+
+    def at(self, delay, action, *args, **kwargs):
+        heapq.heappush(self.queue, (self.now + delay, next(self.order), action, args, kwargs))
+
+    def say(self, name, event, **fields):
+        if name not in self.ended:
+            self.swarm.event(name, {"event": event, **fields})
+
+    # -- what a part does with what the scheduler sends --------------------------------------
+
+    def receive(self, name, message):
+        self.sent.append((name, message))
+        what = message["do"]
+        if what == "manifest":
+            self.at(0, self.say, name, "ready", manifest=message["manifest"], verified=sorted(self.have[name]))
+        elif what == "fetch":
+            self.at(0, self.fetch, name, message["path"], message["peer"].split(":")[0])
+        elif what == "recheck":
+            self.bad.discard(name)
+            lost = sorted(self.have[name])
+            self.have[name] = set()
+            self.at(1, self.say, name, "rechecked", lost=lost)
+        elif what in ("leave", "stop"):
+            self.ended[name] = what if what == "leave" and self.have[name] == set(FILES) else message.get("why", what)
+
+    def fetch(self, name, path, giver):
+        if name in self.down or giver in self.down:
+            self.at(20, self.say, name, "failed", path=path, peer=f"{giver}:22", bad=False, why="timeout")
+            return
+        self.giving[giver] += 1
+        assert self.giving[giver] == 1, f"{giver} gives two copies at once"
+        rate = min(self.bandwidth.get(name, 1.0), self.bandwidth.get(giver, 1.0))
+        self.at(FILES[path] / rate, self.fetched, name, path, giver)
+
+    def fetched(self, name, path, giver):
+        self.giving[giver] -= 1
+        if giver in self.bad:
+            self.say(name, "failed", path=path, peer=f"{giver}:22", bad=True, why="does not match the manifest")
+            return
+        self.copies.append((name, path, giver))
+        self.got(name, path, f"{giver}:22")
+
+    def got(self, name, path, peer):
+        self.have[name].add(path)
+        self.say(name, "verified", path=path, peer=peer)
+        if self.have[name] == set(FILES):
+            self.say(name, "complete")
+
+    def origin(self, name, paths):
+        if paths:
+            self.from_origin.append(paths[0])
+            self.got(name, paths[0], None)
+            self.at(FILES[paths[0]], self.origin, name, paths[1:])
+        else:
+            self.say(name, "origin", error=None)
+
+    # -- playing it ----------------------------------------------------------------------------
+
+    def join(self, name):
+        complete = self.have[name] == set(FILES)
+        self.say(name, "hello", complete=complete, manifest=MANIFEST if complete else None, verified=sorted(FILES))
+        if name == self.swarm.seed and not self.swarm.manifest:
+            self.say(name, "ready", manifest=MANIFEST, verified=[])
+            self.at(FILES[sorted(FILES)[0]], self.origin, name, sorted(FILES))
+
+    def run(self, joining=None, limit=10_000):
+        for name in self.names if joining is None else joining:
+            self.join(name)
+        while self.queue and len(self.ended) < len(self.names):
+            self.now, _, action, args, kwargs = heapq.heappop(self.queue)
+            assert self.now < limit, "the fan-out did not end"
+            action(*args, **kwargs)
+            self.swarm.tick()
+        return self.now
+
+
+def test_one_copy_from_the_origin_and_every_host_complete():
+    fleet = Fleet([f"h{n}" for n in range(8)], seed="h0")
+    fleet.run()
+    assert sorted(fleet.from_origin) == sorted(FILES)  # the seed's: each file once
+    assert fleet.ended == {name: "leave" for name in fleet.names}
+    assert all(fleet.have[name] == set(FILES) for name in fleet.names)
+    assert len(fleet.copies) == 7 * len(FILES)  # every other host took each file once
+
+
+def test_hosts_hand_on_files_while_they_still_receive():
+    """The others copy from each other, not only from the seed, and start before the seed has it all."""
+    fleet = Fleet([f"h{n}" for n in range(8)], seed="h0")
+    fleet.run()
+    givers = {giver for _, _, giver in fleet.copies}
+    assert len(givers) > 4
+    first_copy_done = min(n for n, (_, _, giver) in enumerate(fleet.copies) if giver != "h0")
+    assert first_copy_done < len(FILES), "peers began to give only after the seed had every file"
+
+
+def test_complete_members_give_and_nothing_comes_from_the_origin():
+    fleet = Fleet(["a", "b", "c", "d"], complete=["a", "b"])
+    fleet.run()
+    assert fleet.from_origin == []
+    assert fleet.have["c"] == fleet.have["d"] == set(FILES)
+    assert fleet.ended == {name: "leave" for name in "abcd"}
+
+
+def test_the_control_nodes_manifest_goes_to_every_member_the_seed_first():
+    fleet = Fleet(["a", "b"], seed="a", manifest_from_control=True)
+    for name in "ab":
+        fleet.say(name, "hello", complete=False, manifest=None)
+    assert [name for name, message in fleet.sent if message["do"] == "manifest"] == ["a", "b"]
+
+
+def test_a_peer_that_gave_bad_bytes_gives_nothing_more_until_it_has_hashed_its_copy_again():
+    fleet = Fleet(["good", "rotten", "c", "d"], complete=["good", "rotten"], bad=["rotten"])
+    fleet.run()
+    rechecks = [name for name, message in fleet.sent if message["do"] == "recheck"]
+    assert rechecks == ["rotten"]
+    assert fleet.swarm.rejected >= 1
+    assert all(fleet.have[name] == set(FILES) for name in fleet.names)  # rotten fetched its files again
+    assert fleet.from_origin == []
+
+
+def test_a_cut_link_pauses_that_peer_and_the_copy_goes_on_from_another():
+    fleet = Fleet(["a", "b", "c", "d"], complete=["a", "b"])
+    fleet.down.add("a")
+    fleet.at(60, fleet.down.discard, "a")
+    fleet.run()
+    assert all(fleet.have[name] == set(FILES) for name in fleet.names)
+    failures = [m for _, m in fleet.sent if m["do"] == "fetch" and m["peer"] == "a:22"]
+    assert failures, "the cut peer was never tried"
+
+
+def test_a_slow_host_does_not_hold_the_others_back():
+    fleet = Fleet([f"h{n}" for n in range(6)], seed="h0", bandwidth={"h5": 0.2})
+    fleet.run()
+    assert all(fleet.have[name] == set(FILES) for name in fleet.names)
+    # h5 took at most its share as a giver: the others did not wait on its link.
+    assert sum(giver == "h5" for _, _, giver in fleet.copies) <= len(FILES)
+
+
+def test_a_member_waiting_for_files_no_host_holds_is_stopped_with_the_reason():
+    fleet = Fleet(["seed", "b"], seed="seed")
+    fleet.join("b")
+    fleet.say("seed", "hello", complete=False, manifest=None)
+    fleet.say("seed", "ready", manifest=MANIFEST, verified=[])
+    fleet.say("seed", "origin", error="the hub answered 404")
+    fleet.swarm.ended("seed", False, "its part ended with status 1")
+    fleet.run(joining=[])
+    assert fleet.ended["b"].startswith("no host holds a verified copy of 12 file(s)")
+    assert "the hub answered 404" in fleet.ended["b"]
+
+
+def test_complete_members_stay_until_every_member_has_joined_and_finished():
+    fleet = Fleet(["a", "b", "c"], complete=["a"])
+    fleet.join("a")
+    assert fleet.ended == {}  # b and c have not joined: a may yet be asked to hash its copy again
+    fleet.swarm.ended("c", False, "it failed before the fan-out")
+    fleet.run(joining=["b"])
+    assert fleet.ended == {"a": "leave", "b": "leave"}
+
+
+@pytest.mark.parametrize("hosts", [4, 8, 16])
+def test_each_host_receives_one_copy_at_a_time(hosts):
+    fleet = Fleet([f"h{n}" for n in range(hosts)], seed="h0")
+    fleet.run()  # Fleet.fetch asserts each giver gives one copy at a time
+    fetching = [m for _, m in fleet.sent if m["do"] == "fetch"]
+    assert len(fetching) == (hosts - 1) * len(FILES)
