@@ -233,12 +233,18 @@ def daemon_installed(managed: dict, daemon: PackagedDaemon, args: list[str], nam
     return planned(flags, installed)
 
 
+def journal_tail(unit: str, lines: int) -> str:
+    """The shell command that prints the last ``lines`` lines of ``unit``'s journal, for a
+    failure's message."""
+    return join(["journalctl", "--unit", unit, "--lines", str(lines), "--no-pager", "--quiet"])
+
+
 def listening_check(unit: str, port: int, journal_lines: int, timeout_s: int = 300) -> str:
     """Wait until ``unit``'s own process listens on ``port`` (another host's or process's
     listener does not count); a unit that fails meanwhile, or never listens, fails the host with
     systemd's status and the journal's last lines."""
     listeners = ListeningPorts().command(port=port)
-    journal = join(["journalctl", "--unit", unit, "--lines", str(journal_lines), "--no-pager", "--quiet"])
+    journal = journal_tail(unit, journal_lines)
     quoted = quote(unit)
     return (
         f"for i in $(seq {timeout_s * 10}); do {listeners} | grep -qx {quote(f'{port} {unit}')} && exit 0; "

@@ -16,7 +16,7 @@ from glmfleet.facts.vllm import VllmServes
 from glmfleet.groups import ReplicaGroup
 from glmfleet.layout import ENV_FILE, UNIT, VERIFY_SCRIPT
 from glmfleet.layout import local_url as url_of
-from glmfleet.operations import upload
+from glmfleet.operations import journal_tail, upload
 from glmfleet.shell import join, quote
 from roles.vllm_service import served_model_name
 
@@ -55,7 +55,7 @@ def argv_for(base_url: str, served_name: str) -> list[str]:
 def wait_command(cfg: HostConfig, argv: list[str]) -> str:
     """Wait up to vllm_ready_timeout for the check to pass; on failure show the unit's journal."""
     wait = join([*argv, "--deadline", str(cfg.vllm_ready_timeout)])
-    journal = join(["journalctl", "--unit", UNIT, "--lines", str(cfg.verify_journal_lines), "--no-pager", "--quiet"])
+    journal = journal_tail(UNIT, cfg.verify_journal_lines)
     return f"{wait} || {{ echo {quote(JOURNAL_HEADER)}; {journal}; exit 1; }}"
 
 
@@ -139,7 +139,7 @@ def rank_check_command(cfg: HostConfig, group: ReplicaGroup) -> str:
     systemd's own restarts since the last explicit start); else the host fails, named with its
     rank and group, with the unit's journal."""
     rank = group.rank_of(cfg.host)
-    journal = join(["journalctl", "--unit", UNIT, "--lines", str(cfg.verify_journal_lines), "--no-pager", "--quiet"])
+    journal = journal_tail(UNIT, cfg.verify_journal_lines)
     why = f"rank {rank} of replica group {group.name} (head {group.head}) is not running, or died since its start"
     unit = quote(UNIT)
     return (

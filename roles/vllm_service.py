@@ -34,7 +34,7 @@ from glmfleet.layout import (
     state_subdirs,
     weights_check_argv,
 )
-from glmfleet.operations import directory, planned, unit_enabled, upload
+from glmfleet.operations import directory, journal_tail, planned, unit_enabled, upload
 from glmfleet.shell import join, quote
 from roles.nvidia_driver import gpu_question
 from roles.vllm_image import docker_run
@@ -532,7 +532,7 @@ def restart_command(cfg: HostConfig) -> str:
     load) fails the host with systemd's own words and the journal's last lines. reset-failed
     clears the start limit a crash loop before this deploy may have hit."""
     unit = quote(UNIT)
-    journal = join(["journalctl", "--unit", UNIT, "--lines", str(cfg.verify_journal_lines), "--no-pager", "--quiet"])
+    journal = journal_tail(UNIT, cfg.verify_journal_lines)
     return (
         f"systemctl reset-failed {unit} 2>/dev/null; systemctl restart {unit} || "
         f"{{ systemctl status --no-pager --lines 0 {unit} >&2; echo {quote(f'--- last lines of the {UNIT} journal:')} >&2; "
