@@ -307,6 +307,23 @@ def hub_args(cfg: HostConfig, source: str) -> list[str]:
     return ["--cli", cli_bin(cfg, source), "--env-file", HUB_ENV_FILE] if source in ("hf", "modelscope") else []
 
 
+def fetch_args(cfg: HostConfig, source: str | None) -> list[str]:
+    """What every fetch of the host script takes, a sync's or a fan-out member's: the disk margin,
+    the verification, progress, the file selection and the hub CLI."""
+    return [
+        "--margin-bytes",
+        str(int(cfg.model_disk_margin_gb * 10**9)),
+        "--verify",
+        cfg.model_verify,
+        "--progress-interval",
+        str(cfg.model_progress_interval),
+        "--cli-home",
+        HUB_CLI_HOME,
+        *selection_args(cfg),
+        *hub_args(cfg, source),
+    ]
+
+
 def sync_argv(cfg: HostConfig, source: str, phase: str = "all") -> list[str]:
     """The host script's command line for one fetch; secrets only as file names."""
     return [
@@ -321,16 +338,7 @@ def sync_argv(cfg: HostConfig, source: str, phase: str = "all") -> list[str]:
         source,
         "--phase",
         phase,
-        "--margin-bytes",
-        str(int(cfg.model_disk_margin_gb * 10**9)),
-        "--verify",
-        cfg.model_verify,
-        "--progress-interval",
-        str(cfg.model_progress_interval),
-        "--cli-home",
-        HUB_CLI_HOME,
-        *selection_args(cfg),
-        *hub_args(cfg, source),
+        *fetch_args(cfg, source),
     ]
 
 
@@ -346,16 +354,7 @@ def swarm_argv(cfg: HostConfig, seed_origin: str | None, sudo: bool) -> list[str
         "--revision",
         cfg.model_revision,
         *(["--origin", seed_origin] if seed_origin else []),
-        "--margin-bytes",
-        str(int(cfg.model_disk_margin_gb * 10**9)),
-        "--verify",
-        cfg.model_verify,
-        "--progress-interval",
-        str(cfg.model_progress_interval),
-        "--cli-home",
-        HUB_CLI_HOME,
-        *selection_args(cfg),
-        *hub_args(cfg, seed_origin),
+        *fetch_args(cfg, seed_origin),
         "--peer-path",
         model_dir_in_store(cfg),
         "--peer-key",
