@@ -43,7 +43,15 @@ def test_model_settings(directory: Path) -> dict:
 
     if not (directory / "config.json").exists():
         make_checkpoint(directory, size_bytes=100 * 2**20, shard_bytes=40 * 2**20)
-    return {"model_source": "control", "model_control_dir": str(directory), "model_revision": TEST_MODEL_REVISION}
+    return {
+        "model_source": "control",
+        "model_control_dir": str(directory),
+        "model_revision": TEST_MODEL_REVISION,
+        # The local fleet's hosts share the control machine's disk, which the fleet's own venvs and
+        # copies fill as a run goes on: the default margin (sized for real checkpoints) would refuse
+        # a 100 MB fetch on a machine with a few GB free, as it did in CI.
+        "model_disk_margin_gb": 0.2,
+    }
 
 
 test_model_settings.__test__ = False  # a helper, not a test
