@@ -206,7 +206,7 @@ def _down(destroy: bool) -> None:
         list(pool.map(_stop, hosts))
     _remove_bridge()
     if destroy:
-        shutil.rmtree(fleet_dir() / "hosts", ignore_errors=True)
+        remove_tree(fleet_dir() / "hosts")
         _write_hosts([])
 
 
@@ -405,7 +405,7 @@ def _ensure_base() -> Path:
 def _build_base(base: Path, ca_hooks: list[str]) -> None:
     log = base.with_suffix(".log")
     partial = base.with_suffix(".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_tree(partial)
     print(f"localfleet: building the base root filesystem in {base} (log: {log})", flush=True)
     with open(log, "w") as log_file:
         result = subprocess.run(
@@ -415,7 +415,7 @@ def _build_base(base: Path, ca_hooks: list[str]) -> None:
             stderr=subprocess.STDOUT,
         )
     if result.returncode != 0:
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_tree(partial)
         raise FleetError(f"mmdebstrap failed (exit {result.returncode}); see {log}")
     # Each host makes its own host key: the overlay cannot hide these without whiteouts.
     for shared_key in (partial / "etc" / "ssh").glob("ssh_host_*"):
@@ -425,12 +425,23 @@ def _build_base(base: Path, ca_hooks: list[str]) -> None:
     partial.rename(base)
 
 
+def remove_tree(path: Path, check: bool = False) -> None:
+    """``rm -rf``, in a child process, never into a host's mounted root (--one-file-system).
+    Not shutil.rmtree: in a process that pyinfra has patched with gevent (the tests' own),
+    gevent's os.close defers closing a directory to its event loop, which a long rmtree never
+    lets run, so every directory of the tree stays open until it ends: a host that had installed
+    vLLM (10^5 directories) ran the test session out of file descriptors (issue 18)."""
+    result = subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise FleetError(f"could not remove {path}: {result.stderr.strip()}")
+
+
 def _remove_unused_bases(keep: Path) -> None:
     """Bases built from other arguments, once no host's overlay sits on them any more."""
     in_use = {keep.name} | {Path(host["base"]).name for host in _read_hosts()}
     for base in fleet_dir().glob("base-*"):
         if base.is_dir() and base.name not in in_use:
-            shutil.rmtree(base)
+            remove_tree(base, check=True)
             base.with_suffix(".log").unlink(missing_ok=True)
 
 
@@ -457,7 +468,7 @@ def _create_host(base: Path, name: str, index: int, linked: bool) -> dict:
         offset = 100 * fleet_slot() + index - 1
         address, ssh_port, vllm_port = "127.0.0.1", FIRST_SSH_PORT + offset, FIRST_VLLM_PORT + offset
     host_dir = fleet_dir() / "hosts" / name
-    shutil.rmtree(host_dir, ignore_errors=True)
+    remove_tree(host_dir)
     for layer in ("upper", "work", "root"):
         (host_dir / layer).mkdir(parents=True)
     _write_host_identity(base, host_dir / "upper", name, ssh_port)
