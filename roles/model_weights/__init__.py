@@ -363,7 +363,7 @@ def swarm_argv(cfg: HostConfig, seed_origin: str | None, sudo: bool) -> list[str
         PEER_KNOWN_HOSTS,
         "--connections",
         PEER_CONNECTIONS,
-        *control.rsync_limit(cfg),
+        *(["--transfer-limit", str(cfg.model_transfer_limit_mbps * 10**6)] if cfg.model_transfer_limit_mbps else []),
     ]
 
 
@@ -506,7 +506,7 @@ def _fanout(cfg: HostConfig, plan: fanout.FanoutPlan, managed: dict, seed_origin
         mode="644",
     )
     server.shell(
-        name="transfer key may read the model store (rrsync -ro), for this fan-out",
+        name="transfer key may read the model store's model files, for this fan-out",
         commands=[fanout.authorize_command(fanout.authorized_line(cfg, public_key))],
     )
     sudo = sudo_here()

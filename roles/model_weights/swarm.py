@@ -2,16 +2,18 @@
 
 Every member of a fan-out runs its part (``glmfleet-weights swarm``, files/glmfleet_weights.py)
 under the control node, which tells it what to fetch and hears what it holds, one JSON line each
-way over the deploy's own SSH connection to that host. The copies themselves go host to host,
-by rsync over SSH with the fleet's transfer key, which may only read the model store.
+way over the deploy's own SSH connection to that host. The copies themselves go host to host
+over SSH with the fleet's transfer key, whose only command gives one model file of the store
+(``glmfleet-weights give``).
 
-A host passes on each file as soon as it has verified it, while it still receives others: the
-seed hands on what the origin delivers as it lands, and every file is copied from whichever host
-holds it. Each host receives one copy at a time and gives one at a time, so every copy runs at
-the speed of both links, and the rarest file goes first (counting copies under way): new files
-spread from the seed in doubling steps while older ones move between the other hosts. The aim
-is about S/B for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in
-doubling rounds; how near it came, measured beside the rounds: benchmarks/RESULTS.md.
+A host passes on a file while it still receives it: a copy may be taken from a member that is
+itself still copying that file, its bytes handed on as they land (a chain, each link of it at
+the speed of both hosts' links), and every receiver hashes its whole copy against the manifest
+before it holds the file. The seed hands on what the origin delivers once it is whole. Each host
+receives one copy at a time and gives one at a time, and the rarest file goes first (counting
+copies under way), from a member that holds it whole where one is free. The aim is about S/B
+for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in doubling rounds;
+how near it came, measured beside the rounds: benchmarks/RESULTS.md.
 
 A peer whose copy did not match the manifest gives nothing more until it has hashed its files
 again; a peer that failed (a cut link) is asked again later, with a growing pause. A member that
@@ -204,7 +206,7 @@ class Swarm:
                     giver
                     for giver in self.members.values()
                     if giver is not receiver
-                    and path in giver.have
+                    and (path in giver.have or (giver.fetching or ("",))[0] == path)
                     and not giver.distrusted
                     and giver.giving == 0
                     and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
@@ -213,7 +215,9 @@ class Swarm:
                     rarity = self.holders(path)
                     key = (rarity, random.random())
                     if best is None or key < best[0]:
-                        best = (key, path, random.choice(givers))
+                        # A whole copy before one still arriving: that one gives no faster than it gets.
+                        holding = [giver for giver in givers if path in giver.have]
+                        best = (key, path, random.choice(holding or givers))
             if best:
                 _key, path, giver = best
                 receiver.fetching = (path, giver.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 
 import pytest
 
@@ -30,7 +31,8 @@ class Fleet:
         self.bad = set(bad)  # hosts whose stored bytes are wrong (a disk gone bad) until rechecked
         self.have = {name: set(FILES) if name in complete else set() for name in names}
         self.ended, self.sent, self.giving = {}, [], {name: 0 for name in names}
-        self.from_origin, self.copies = [], []
+        self.from_origin, self.copies, self.streamed = [], [], []
+        self.arriving = {}  # name -> (path, when its copy ends)
         self.down: set[str] = set()
         self.swarm = Swarm(
             addresses={name: f"{name}:22" for name in names},
@@ -72,10 +74,21 @@ class Fleet:
         self.giving[giver] += 1
         assert self.giving[giver] == 1, f"{giver} gives two copies at once"
         rate = min(self.bandwidth.get(name, 1.0), self.bandwidth.get(giver, 1.0))
-        self.at(FILES[path] / rate, self.fetched, name, path, giver)
+        took = FILES[path] / rate
+        if path not in self.have[giver]:  # handed on as it arrives there: ends just after the giver's copy
+            arriving, until = self.arriving[giver]
+            assert arriving == path, f"{giver} was asked for {path}, which it neither holds nor receives"
+            took = max(took, until - self.now + 0.01)
+            self.streamed.append((name, path, giver))
+        self.arriving[name] = (path, self.now + took)
+        self.at(took, self.fetched, name, path, giver)
 
     def fetched(self, name, path, giver):
         self.giving[giver] -= 1
+        del self.arriving[name]
+        if path not in self.have[giver]:  # the giver's own copy failed: it dropped what it gave
+            self.say(name, "failed", path=path, peer=f"{giver}:22", bad=False, why="the peer dropped its copy")
+            return
         if giver in self.bad:
             self.say(name, "failed", path=path, peer=f"{giver}:22", bad=True, why="does not match the manifest")
             return
@@ -205,3 +218,16 @@ def test_each_host_receives_one_copy_at_a_time(hosts):
     fleet.run()  # Fleet.fetch asserts each giver gives one copy at a time
     fetching = [m for _, m in fleet.sent if m["do"] == "fetch"]
     assert len(fetching) == (hosts - 1) * len(FILES)
+
+
+@pytest.mark.parametrize("hosts", [8, 16])
+def test_a_file_still_arriving_is_handed_on_so_the_fleet_takes_about_one_hosts_time(hosts):
+    """Chains: a host gives what it still receives, so the fleet's time is S/B plus about one
+    file, not one file per doubling step (12 files of 10 units at bandwidth 1: S/B = 120)."""
+    random.seed(hosts)
+    fleet = Fleet([f"h{n}" for n in range(hosts)], seed="h0")
+    took = fleet.run()
+    limit, one_file = sum(FILES.values()), max(FILES.values())
+    assert fleet.streamed, "no host handed on a file it was still receiving"
+    assert took <= limit + 2 * one_file, f"{took} against S/B {limit}"
+    assert all(fleet.have[name] == set(FILES) for name in fleet.names)
