@@ -635,8 +635,9 @@ class Agent:
     ``fetch`` (one file from one peer), ``recheck`` (hash every file again: a peer received one of
     ours wrong), ``origin_done`` (its push to this host, the seed, ended), ``leave``, ``stop``.
     This host says (``event``): ``hello`` (complete or not, the manifest it has), ``ready`` (the
-    manifest, the files verified here, the disk checked: it may receive), ``verified`` (a file is
-    in place and verified), ``failed`` (a copy failed; ``bad``: the peer's bytes did not match
+    manifest, the files verified here, the disk checked: it may receive), ``arriving`` (the
+    control node's push has begun a file here: it may be handed on as it lands), ``verified`` (a
+    file is verified), ``failed`` (a copy failed; ``bad``: the peer's bytes did not match
     the manifest), ``rechecked`` (the files a recheck found wrong and removed), ``origin`` (the
     seed's fetch from the origin ended, with the error if it failed), ``complete``.
 
@@ -658,6 +659,7 @@ class Agent:
         self.status = 1
         self.progress: Progress | None = None
         self.peers_used: set[tuple[str, str]] = set()
+        self.staged_verified: set[str] = set()  # verified, still staged: the origin's rsync may touch them
         self.state_lock = threading.Lock()  # the state file, the manifest
         self.sweep_lock = threading.Lock()  # one pass over the files at a time
         self.send_lock = threading.Lock()
@@ -773,16 +775,25 @@ class Agent:
         self.origin_running = False
 
     def watch_origin(self) -> None:
-        """Hash each file the origin delivers as soon as it is whole at its place (the hub CLIs
-        and rsync move a file there only once it is), while the origin runs; say how it ended."""
+        """Hash each file the origin delivers as soon as it is whole, while the origin runs; say
+        how it ended. The hub CLIs move a file to its place once it is whole. The control node's
+        rsync writes each file in place in the staging directory: its arrival is announced, so
+        that peers may take it as it lands (``give`` follows it), and a verified one stays there
+        until rsync has ended (rsync still sets its times by name), then moves to its place."""
         a = self.args
+        announced = set()
         while True:
             running = self.origin_running
             if self.manifest is None and a.origin != "control":  # the control node sends its own
                 known = Given(a).manifest()  # hf writes the hub's tree before the first file
                 if known and known["revision"] == a.revision:
                     self.adopt(known, check=False)
-            self.sweep()
+            if a.origin == "control" and self.manifest is not None:
+                for path in self.missing():
+                    if path not in announced and (a.dir / INCOMING / path).is_file():
+                        announced.add(path)
+                        self.send("arriving", path=path)
+            self.sweep(keep_staged=running)
             if not running:
                 break
             time.sleep(0.5)
@@ -794,23 +805,45 @@ class Agent:
         with self.state_lock:
             return sorted(set(self.manifest["files"]) - set(self.state.data["verified"]))
 
-    def sweep(self) -> None:
+    def sweep(self, keep_staged: bool = False) -> None:
+        """Hash what the origin delivered whole, at its place or staged; with ``keep_staged`` a
+        staged file verified stays staged (the origin may still touch it), else it moves."""
         if self.manifest is None:
             return
         with self.sweep_lock:
             for path in self.missing():
-                target = self.args.dir / path
-                if target.is_file() and target.stat().st_size == self.manifest["files"][path]["size"]:
-                    self.check_in(path, target, None)
+                size = self.manifest["files"][path]["size"]
+                for target in (self.args.dir / path, self.args.dir / INCOMING / path):
+                    if target.is_file() and target.stat().st_size == size:
+                        self.check_in(path, target, None, move=not keep_staged)
+                        break
+            if not keep_staged and self.staged_verified:
+                for path in sorted(self.staged_verified):
+                    self.place(path, self.args.dir / INCOMING / path)
+                self.staged_verified.clear()
+                self.maybe_complete()
 
-    def check_in(self, path: str, target: Path, peer: str | None) -> bool:
+    def check_in(self, path: str, target: Path, peer: str | None, move: bool = True) -> bool:
         """Hash a file against the manifest; the wrong one is removed, the right one recorded in
-        its place (from the staging directory, where a peer's copy lands)."""
+        its place (from the staging directory, where copies land; without ``move`` it stays
+        there, verified, and is given from there)."""
         wrong = mismatch(target, self.manifest["files"][path])
         if wrong:
             print(f"{path}{f' from {peer}' if peer else ''}: {wrong} does not match the manifest; removed", flush=True)
             target.unlink()
             return False
+        if move:
+            self.place(path, target)
+        else:
+            with self.state_lock:
+                self.staged_verified.add(path)
+                self.state.data["verified"][path] = stat_of(target)
+        self.send("verified", path=path, peer=peer)
+        self.maybe_complete()
+        return True
+
+    def place(self, path: str, target: Path) -> None:
+        """A verified file to its place, recorded there."""
         final = self.args.dir / path
         if target != final:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -818,9 +851,6 @@ class Agent:
         with self.state_lock:
             self.state.data["verified"][path] = stat_of(final)
             self.state.save()
-        self.send("verified", path=path, peer=peer)
-        self.maybe_complete()
-        return True
 
     def fetch(self, path: str, peer: str) -> None:
         a = self.args

@@ -217,6 +217,11 @@ def model_dir(cfg) -> str:
     return cfg.model_dir or f"{cfg.model_root}/{cfg.model.replace('/', '--')}/{cfg.model_revision}"
 
 
+def model_incoming_dir(cfg) -> str:
+    """Where copies of the model's files land before they are verified (the host script's INCOMING)."""
+    return f"{model_dir(cfg)}/.glmfleet/incoming"
+
+
 def model_dir_in_store(cfg) -> str | None:
     """The model directory relative to the model store, as a peer asks its give for it (None: outside)."""
     directory = model_dir(cfg)

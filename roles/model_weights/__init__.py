@@ -46,6 +46,7 @@ from glmfleet.layout import (
     WEIGHTS_STATE_DIR,
     model_dir,
     model_dir_in_store,
+    model_incoming_dir,
     tool_dir,
     weights_state_args,
 )
@@ -145,8 +146,8 @@ SETTINGS = (
         "model_transfer_limit_mbps",
         None,
         "cap (MB/s) for each copy between hosts and from the control node, so copies "
-        "leave bandwidth to serving traffic (rsync --bwlimit); in a fan-out a host takes one copy and gives one "
-        "at a time, so this caps each host's fan-out traffic each way",
+        "leave bandwidth to serving traffic (rsync --bwlimit; in a fan-out the receiver paces each copy); a fan-out "
+        "host takes one copy and gives one at a time, so this caps each host's fan-out traffic each way",
         checks.optional(checks.number_in(0, 100_000, "a number > 0")),
     ),
     Setting("model_progress_interval", 10, "seconds between progress lines of a transfer", checks.int_in(1, 3600)),
@@ -511,9 +512,15 @@ def _fanout(cfg: HostConfig, plan: fanout.FanoutPlan, managed: dict, seed_origin
     )
     sudo = sudo_here()
     push = None
-    if seed_origin == "control":  # the control node pushes to the seed while it hands on what it got
+    if seed_origin == "control":  # the control node pushes to the seed while it hands on what it gets
         push = control.push_argv(
-            host.data, host.name, cfg.model_control_dir, model_dir(cfg), sudo, control.rsync_limit(cfg)
+            host.data,
+            host.name,
+            cfg.model_control_dir,
+            model_incoming_dir(cfg),
+            sudo,
+            control.rsync_limit(cfg),
+            listed=True,
         )
     part = live_steps(
         name="weights fan-out",

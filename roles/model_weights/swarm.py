@@ -9,7 +9,8 @@ over SSH with the fleet's transfer key, whose only command gives one model file 
 A host passes on a file while it still receives it: a copy may be taken from a member that is
 itself still copying that file, its bytes handed on as they land (a chain, each link of it at
 the speed of both hosts' links), and every receiver hashes its whole copy against the manifest
-before it holds the file. The seed hands on what the origin delivers once it is whole. Each host
+before it holds the file. The seed hands on what the control node pushes as it lands too (what a hub delivers, once it
+is whole). Each host
 receives one copy at a time and gives one at a time, and the rarest file goes first (counting
 copies under way), from a member that holds it whole where one is free. The aim is about S/B
 for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in doubling rounds;
@@ -53,6 +54,7 @@ class Member:
     failed: str | None = None
     have: set[str] = field(default_factory=set)
     fetching: tuple[str, str] | None = None  # (file, giver)
+    arriving: str | None = None  # the file the control node's push writes here now (the seed)
     giving: int = 0
     distrusted: bool = False  # gave a file that did not match: gives nothing until rechecked
     pauses: dict[str, tuple[float, float]] = field(default_factory=dict)  # giver -> (until, last pause)
@@ -109,8 +111,12 @@ class Swarm:
             member.have |= set(event["verified"])
             if name == self.seed:
                 self.learn(event["manifest"], name)
+        elif kind == "arriving":
+            member.arriving = event["path"]
         elif kind == "verified":
             member.have.add(event["path"])
+            if member.arriving == event["path"]:
+                member.arriving = None
             if member.fetching and member.fetching[0] == event["path"]:
                 giver = self.end_copy(member)
                 member.pauses.pop(giver.name, None)
@@ -138,6 +144,7 @@ class Swarm:
                 said.append(f"{name} removed {len(event['lost'])} file(s) that did not match; it fetches them again")
         elif kind == "origin":
             self.origin_running = False
+            member.arriving = None
             self.origin_error = event["error"]
         elif kind == "complete":
             member.complete = True
@@ -206,7 +213,7 @@ class Swarm:
                     giver
                     for giver in self.members.values()
                     if giver is not receiver
-                    and (path in giver.have or (giver.fetching or ("",))[0] == path)
+                    and (path in giver.have or self.receives(giver, path))
                     and not giver.distrusted
                     and giver.giving == 0
                     and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
@@ -226,7 +233,12 @@ class Swarm:
 
     def holders(self, path: str) -> int:
         """How many hold the file or are getting it: the fewer, the sooner it is copied."""
-        return sum(path in m.have or (m.fetching or ("",))[0] == path for m in self.members.values())
+        return sum(path in m.have or self.receives(m, path) for m in self.members.values())
+
+    @staticmethod
+    def receives(member: Member, path: str) -> bool:
+        """The file lands on the member now, from a peer or the origin: it can be handed on as it does."""
+        return (member.fetching or ("",))[0] == path or member.arriving == path
 
     def learn(self, manifest: dict | None, source: str) -> None:
         """The revision's manifest, from the seed or a complete member: to every member waiting for one."""
@@ -352,7 +364,9 @@ class Fanout:
             echo(f"{prefix}{line.decode(errors='replace').rstrip()}", err=True)
 
     def push(self, state, host, argv: list[str], interval: int) -> None:
-        ok = push(state, host, argv, interval)
+        """The seed's copy from the control node: the files it does not hold yet."""
+        seed = self.swarm.members[host.name]
+        ok = push(state, host, argv, interval, sorted(set(self.swarm.manifest["files"]) - seed.have))
         self.send(host.name, {"do": "origin_done", "ok": ok})
 
     def tick(self, state) -> None:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from glmfleet.config import resolve
 from glmfleet.facts.output import host_script
+from glmfleet.layout import model_dir, model_incoming_dir
 from tests.support.weights_fixtures import SCRIPT
 
 weights = host_script("glmfleet_weights")
@@ -146,3 +148,8 @@ def test_a_receiver_keeps_to_the_transfer_limit(tmp_path):
         have = weights.receive(stream, tmp_path / "staged", 0, 2 * 10**6, 10**6)
     assert have == 2 * 10**6 and (tmp_path / "staged").read_bytes() == source.read_bytes()
     assert time.monotonic() - started >= 1.0
+
+
+def test_the_control_node_pushes_a_seed_into_the_staging_directory_the_host_script_reads():
+    cfg = resolve({"model_revision": "ab" * 20, "model_source": "peer"})
+    assert model_incoming_dir(cfg) == f"{model_dir(cfg)}/{weights.INCOMING}"
