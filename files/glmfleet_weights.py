@@ -886,7 +886,12 @@ class Agent:
             except OSError as error:  # this host's disk (full, say)
                 process.kill()
                 failure = f"writing {staged}: {error.strerror}"
-            process.wait()
+            process.stdout.close()  # a peer that sends more than the file's size is not read on
+            try:
+                process.wait(timeout=PEER_CONNECT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             errors.seek(0)
             error = errors.read().decode(errors="replace")
         if failure or have < size:
