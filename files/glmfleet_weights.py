@@ -632,7 +632,8 @@ class Agent:
     and output, one JSON object a line each way; words for people go to standard error.
 
     The control node says (``do``): ``manifest`` (the revision's, to a host that has none),
-    ``fetch`` (one file from one peer), ``recheck`` (hash every file again: a peer received one of
+    ``fetch`` (one file from one peer), ``cancel`` (drop the copy under way: its peer is slow),
+    ``recheck`` (hash every file again: a peer received one of
     ours wrong), ``origin_done`` (its push to this host, the seed, ended), ``leave``, ``stop``.
     This host says (``event``): ``hello`` (complete or not, the manifest it has), ``ready`` (the
     manifest, the files verified here, the disk checked: it may receive), ``arriving`` (the
@@ -660,6 +661,8 @@ class Agent:
         self.progress: Progress | None = None
         self.peers_used: set[tuple[str, str]] = set()
         self.staged_verified: set[str] = set()  # verified, still staged: the origin's rsync may touch them
+        self.copying: tuple[str, subprocess.Popen] | None = None  # the copy from a peer under way
+        self.copy_lock = threading.Lock()
         self.state_lock = threading.Lock()  # the state file, the manifest
         self.sweep_lock = threading.Lock()  # one pass over the files at a time
         self.send_lock = threading.Lock()
@@ -710,6 +713,10 @@ class Agent:
                 self.adopt(message["manifest"], check=True)
             elif what == "fetch":
                 threading.Thread(target=self.fetch, args=(message["path"], message["peer"]), daemon=True).start()
+            elif what == "cancel":
+                with self.copy_lock:
+                    if self.copying and self.copying[0] == message["path"]:
+                        self.copying[1].kill()  # what arrived stays staged: the next copy appends
             elif what == "recheck":
                 threading.Thread(target=self.recheck, daemon=True).start()
             elif what == "origin_done":
@@ -881,11 +888,15 @@ class Agent:
         # in the background holding its standard error, and a pipe would not end with the copy.
         with tempfile.TemporaryFile() as errors:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+            with self.copy_lock:
+                self.copying = (path, process)
             try:
                 have, failure = receive(process.stdout, staged, have, size, a.transfer_limit), None
             except OSError as error:  # this host's disk (full, say)
                 process.kill()
                 failure = f"writing {staged}: {error.strerror}"
+            with self.copy_lock:
+                self.copying = None
             process.stdout.close()  # a peer that sends more than the file's size is not read on
             try:
                 process.wait(timeout=PEER_CONNECT_TIMEOUT_S)

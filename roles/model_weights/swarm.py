@@ -41,6 +41,7 @@ from roles.model_weights.control import push, ssh_argv, ssh_target
 # this long, doubled with each further failure.
 FIRST_PAUSE_S = 2.0
 LONGEST_PAUSE_S = 60.0
+SLOW_SHARE = 0.5
 
 
 @dataclass
@@ -55,6 +56,10 @@ class Member:
     have: set[str] = field(default_factory=set)
     fetching: tuple[str, str] | None = None  # (file, giver)
     arriving: str | None = None  # the file the control node's push writes here now (the seed)
+    since: float = 0.0  # when its copy under way (from a peer or the origin) began
+    chained: bool = False  # its copy under way is handed on from a member still receiving it
+    cancelled: bool = False  # it was told to drop its copy under way (its giver is slow)
+    rate: float = 0.0  # the fastest of its copies so far, bytes/s (0: none yet)
     giving: int = 0
     distrusted: bool = False  # gave a file that did not match: gives nothing until rechecked
     pauses: dict[str, tuple[float, float]] = field(default_factory=dict)  # giver -> (until, last pause)
@@ -112,9 +117,11 @@ class Swarm:
             if name == self.seed:
                 self.learn(event["manifest"], name)
         elif kind == "arriving":
-            member.arriving = event["path"]
+            member.arriving, member.since, member.chained = event["path"], self.clock(), False
         elif kind == "verified":
             member.have.add(event["path"])
+            if member.arriving == event["path"] or (member.fetching and member.fetching[0] == event["path"]):
+                self.measure(member, event["path"])
             if member.arriving == event["path"]:
                 member.arriving = None
             if member.fetching and member.fetching[0] == event["path"]:
@@ -131,6 +138,8 @@ class Swarm:
                 giver.distrusted = True
                 if giver.joined and not giver.left:
                     self.send(giver.name, {"do": "recheck"})
+            elif member.cancelled:
+                said.append(f"{event['path']}: {giver.name} receives it slowly; the copy goes on from another peer")
             else:
                 said.append(f"copying {event['path']} from {giver.name} failed ({event['why']}): asking another peer")
                 _until, last = member.pauses.get(giver.name, (0.0, FIRST_PAUSE_S / 2))
@@ -169,6 +178,7 @@ class Swarm:
     def tick(self) -> None:
         """Give every idle receiver its next copy; let parts leave or stop them when the fan-out
         is over for them."""
+        self.reroute()
         self.assign()
         running = [m for m in self.members.values() if m.joined and not m.left]
         if all(m.joined for m in self.members.values()) and all(m.complete or m.left for m in self.members.values()):
@@ -203,7 +213,9 @@ class Swarm:
             and not m.fetching
             and not (m.name == self.seed and self.origin_running)
         ]
+        # The fastest first: a file new on the seed goes down the fastest chain.
         random.shuffle(receivers)
+        receivers.sort(key=lambda m: -m.rate if m.rate else float("-inf"))
         for receiver in receivers:
             now, best = self.clock(), None
             for path in files:
@@ -214,6 +226,9 @@ class Swarm:
                     for giver in self.members.values()
                     if giver is not receiver
                     and (path in giver.have or self.receives(giver, path))
+                    and (not self.slow(giver) or (path in giver.have and self.slow(receiver)))
+                    # While the origin delivers, the seed's one upload is what every new file waits on.
+                    and not (giver.name == self.seed and self.origin_running and self.slow(receiver))
                     and not giver.distrusted
                     and giver.giving == 0
                     and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
@@ -227,13 +242,55 @@ class Swarm:
                         best = (key, path, random.choice(holding or givers))
             if best:
                 _key, path, giver = best
-                receiver.fetching = (path, giver.name)
+                receiver.fetching, receiver.since = (path, giver.name), now
+                receiver.chained, receiver.cancelled = path not in giver.have, False
                 giver.giving += 1
                 self.send(receiver.name, {"do": "fetch", "path": path, "peer": giver.address})
+
+    def reroute(self) -> None:
+        """A copy handed on from a member that turned out slow waits on that member's link: it is
+        dropped (what arrived stays staged) and taken up again from another giver."""
+        for member in self.members.values():
+            if member.fetching and member.chained and not member.cancelled:
+                path, giver = member.fetching
+                if self.slow(self.members[giver]):
+                    member.cancelled = True
+                    self.send(member.name, {"do": "cancel", "path": path})
 
     def holders(self, path: str) -> int:
         """How many hold the file or are getting it: the fewer, the sooner it is copied."""
         return sum(path in m.have or self.receives(m, path) for m in self.members.values())
+
+    def measure(self, member: Member, path: str) -> None:
+        """A copy's speed, bytes/s. A chained copy runs no faster than its giver's own: it says
+        how slow the member is only where the giver held the file whole by the end, and was not
+        slow itself."""
+        took = self.clock() - member.since
+        if took <= 0:
+            return
+        rate = self.manifest["files"][path]["size"] / took
+        giver = self.members[member.fetching[1]] if member.fetching else None
+        upstream_bound = member.chained and giver and (path not in giver.have or self.slow(giver))
+        if not upstream_bound or not self.slow(member, rate):
+            member.rate = max(member.rate, rate)
+
+    def slow(self, member: Member, rate: float | None = None) -> bool:
+        """Its best copy ran at less than SLOW_SHARE of the members' median speed, or its first
+        copy is already late for that speed. A slow member gives only what it holds whole, and
+        only to another slow one; while the origin delivers it takes nothing from the seed, whose
+        one upload every new file waits on; copies handed on from it are dropped and go on from
+        another giver (``reroute``)."""
+        known = sorted(m.rate for m in self.members.values() if m.rate)
+        if not known:
+            return False
+        typical = known[len(known) // 2]
+        rate = member.rate if rate is None else rate
+        if rate:
+            return rate < SLOW_SHARE * typical
+        under_way = member.arriving or (member.fetching or (None,))[0]
+        return bool(under_way) and (
+            self.clock() - member.since > self.manifest["files"][under_way]["size"] / (SLOW_SHARE * typical)
+        )
 
     @staticmethod
     def receives(member: Member, path: str) -> bool:

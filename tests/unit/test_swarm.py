@@ -33,6 +33,8 @@ class Fleet:
         self.ended, self.sent, self.giving = {}, [], {name: 0 for name in names}
         self.from_origin, self.copies, self.streamed = [], [], []
         self.arriving = {}  # name -> (path, when its copy ends)
+        self.done_at = {}  # name -> when it held every file
+        self.copy_number, self.cancelled = {}, []
         self.down: set[str] = set()
         self.swarm = Swarm(
             addresses={name: f"{name}:22" for name in names},
@@ -59,6 +61,8 @@ class Fleet:
             self.at(0, self.say, name, "ready", manifest=message["manifest"], verified=sorted(self.have[name]))
         elif what == "fetch":
             self.at(0, self.fetch, name, message["path"], message["peer"].split(":")[0])
+        elif what == "cancel" and name in self.arriving:
+            self.at(0, self.cancel, name, message["path"])
         elif what == "recheck":
             self.bad.discard(name)
             lost = sorted(self.have[name])
@@ -81,9 +85,20 @@ class Fleet:
             took = max(took, until - self.now + 0.01)
             self.streamed.append((name, path, giver))
         self.arriving[name] = (path, self.now + took)
-        self.at(took, self.fetched, name, path, giver)
+        self.copy_number[name] = number = next(self.order)
+        self.at(took, self.fetched, name, path, giver, number)
 
-    def fetched(self, name, path, giver):
+    def cancel(self, name, path):
+        giver = self.swarm.members[name].fetching[1]
+        self.copy_number[name] = None  # its end, already scheduled, does not come
+        self.giving[giver] -= 1
+        del self.arriving[name]
+        self.cancelled.append((name, path, giver))
+        self.say(name, "failed", path=path, peer=f"{giver}:22", bad=False, why="cancelled")
+
+    def fetched(self, name, path, giver, number):
+        if self.copy_number.get(name) != number:
+            return
         self.giving[giver] -= 1
         del self.arriving[name]
         if path not in self.have[giver]:  # the giver's own copy failed: it dropped what it gave
@@ -99,6 +114,7 @@ class Fleet:
         self.have[name].add(path)
         self.say(name, "verified", path=path, peer=peer)
         if self.have[name] == set(FILES):
+            self.done_at[name] = self.now
             self.say(name, "complete")
 
     def origin(self, name, paths):
@@ -190,12 +206,21 @@ def test_a_cut_link_pauses_that_peer_and_the_copy_goes_on_from_another():
     assert failures, "the cut peer was never tried"
 
 
-def test_a_slow_host_does_not_hold_the_others_back():
-    fleet = Fleet([f"h{n}" for n in range(6)], seed="h0", bandwidth={"h5": 0.2})
+@pytest.mark.parametrize("slow", ["h1", "h3", "h5"])
+def test_a_slow_host_does_not_hold_the_others_back(slow):
+    """Nothing is handed on from the slow host while it receives it, nor taken from it by a fast
+    one, and a chain that formed behind it before it was found slow is dropped and goes on from
+    another giver: all down a chain would wait on its link (on the fleet, before these rules,
+    every host took as long as the slow one). The slow host first in line takes the seed's first
+    file: the others lose that file's time, once."""
+    random.seed(1)
+    fleet = Fleet([f"h{n}" for n in range(6)], seed="h0", bandwidth={slow: 0.2})
     fleet.run()
     assert all(fleet.have[name] == set(FILES) for name in fleet.names)
-    # h5 took at most its share as a giver: the others did not wait on its link.
-    assert sum(giver == "h5" for _, _, giver in fleet.copies) <= len(FILES)
+    limit = sum(FILES.values())
+    fast = {name: when for name, when in fleet.done_at.items() if name not in ("h0", slow)}
+    assert max(fast.values()) < fleet.done_at[slow]
+    assert max(fast.values()) <= 1.5 * limit, fast
 
 
 def test_a_member_waiting_for_files_no_host_holds_is_stopped_with_the_reason():
