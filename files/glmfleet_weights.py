@@ -32,7 +32,9 @@ import hashlib
 import json
 import os
 import re
+import select
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -602,17 +604,21 @@ def sync(args) -> None:
 INCOMING = ".glmfleet/incoming"
 # A copy from a peer that answers nothing (a cut link) fails, so that the control node can ask
 # another; what arrived stays staged, and the next copy, from any peer, appends to it. ssh finds
-# the silence: its probes go unanswered for PEER_ALIVE_INTERVAL_S x PEER_ALIVE_COUNT. rsync's own
-# --timeout does not, on the receiving side: its keepalives still go into ssh's buffer, which
-# counts as I/O (measured: a 25 s cut only stalled the copies). It still ends a peer's rsync that
-# hangs while its ssh answers.
-PEER_IO_TIMEOUT_S = 20
+# the silence: its probes go unanswered for PEER_ALIVE_INTERVAL_S x PEER_ALIVE_COUNT.
+PEER_IO_TIMEOUT_S = 20  # a give whose receiver takes nothing for this long ends
 PEER_ALIVE_INTERVAL_S = 5
 PEER_ALIVE_COUNT = 3
 PEER_CONNECT_TIMEOUT_S = 10
 # One ssh connection to each peer carries every copy from it; closed when this host's part ends,
 # or this long after its last copy should the part end without closing it.
 PEER_CONNECTION_KEPT_S = 10
+# A giver hands on a file it is still receiving: it waits for the next bytes this long at most
+# (its own copy resumes from another peer meanwhile, or has failed for good).
+GIVE_STALL_S = 30
+GIVE_POLL_S = 0.05
+# How ``give`` ended, for the receiver: DROPPED means the giver's copy was removed while it gave
+# it (it did not match): the bytes given so far are worthless.
+GIVE_REFUSED, GIVE_DROPPED, GIVE_STALLED = 2, 3, 4
 
 
 def safe_relative(path: str) -> bool:
@@ -626,17 +632,22 @@ class Agent:
     and output, one JSON object a line each way; words for people go to standard error.
 
     The control node says (``do``): ``manifest`` (the revision's, to a host that has none),
-    ``fetch`` (one file from one peer), ``recheck`` (hash every file again: a peer received one of
+    ``fetch`` (one file from one peer), ``cancel`` (drop the copy under way: its peer is slow),
+    ``recheck`` (hash every file again: a peer received one of
     ours wrong), ``origin_done`` (its push to this host, the seed, ended), ``leave``, ``stop``.
     This host says (``event``): ``hello`` (complete or not, the manifest it has), ``ready`` (the
-    manifest, the files verified here, the disk checked: it may receive), ``verified`` (a file is
-    in place and verified), ``failed`` (a copy failed; ``bad``: the peer's bytes did not match
+    manifest, the files verified here, the disk checked: it may receive), ``arriving`` (the
+    control node's push has begun a file here: it may be handed on as it lands), ``verified`` (a
+    file is verified), ``failed`` (a copy failed; ``bad``: the peer's bytes did not match
     the manifest), ``rechecked`` (the files a recheck found wrong and removed), ``origin`` (the
     seed's fetch from the origin ended, with the error if it failed), ``complete``.
 
-    A copy from a peer lands in DIR/.glmfleet/incoming/, is hashed there and only then moved to
-    its place: no peer is ever offered a byte that was not verified here. An interrupted copy is
-    appended to by the next one, from whichever peer (rsync --append-verify)."""
+    A copy from a peer (the peer's ``give``, over ssh) lands in DIR/.glmfleet/incoming/, is hashed
+    there and only then moved to its place. While it lands, this host may hand it on to another
+    (its own ``give`` follows the staged file), and that host hashes its whole copy in turn: a
+    byte handed on early is never trusted early, and a copy that does not match here is removed,
+    which ends every copy taken from it. An interrupted copy is appended to by the next one, from
+    whichever peer (from the staged size on)."""
 
     def __init__(self, args):
         self.args = args
@@ -649,6 +660,9 @@ class Agent:
         self.status = 1
         self.progress: Progress | None = None
         self.peers_used: set[tuple[str, str]] = set()
+        self.staged_verified: set[str] = set()  # verified, still staged: the origin's rsync may touch them
+        self.copying: tuple[str, subprocess.Popen] | None = None  # the copy from a peer under way
+        self.copy_lock = threading.Lock()
         self.state_lock = threading.Lock()  # the state file, the manifest
         self.sweep_lock = threading.Lock()  # one pass over the files at a time
         self.send_lock = threading.Lock()
@@ -699,6 +713,10 @@ class Agent:
                 self.adopt(message["manifest"], check=True)
             elif what == "fetch":
                 threading.Thread(target=self.fetch, args=(message["path"], message["peer"]), daemon=True).start()
+            elif what == "cancel":
+                with self.copy_lock:
+                    if self.copying and self.copying[0] == message["path"]:
+                        self.copying[1].kill()  # what arrived stays staged: the next copy appends
             elif what == "recheck":
                 threading.Thread(target=self.recheck, daemon=True).start()
             elif what == "origin_done":
@@ -711,8 +729,8 @@ class Agent:
                 break
         else:  # the control node is gone
             self.status = 0 if self.complete else 1
-        # The hub CLI and rsync end with this host's part: nothing keeps writing once it has left;
-        # no connection to a peer stays open (ssh keeps its control masters apart from the group).
+        # The hub CLI and the copies from peers end with this host's part: nothing keeps writing once it
+        # has left; no connection to a peer stays open (ssh keeps its control masters apart from the group).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         os.killpg(0, signal.SIGTERM)
         for address, port in self.peers_used:
@@ -764,16 +782,25 @@ class Agent:
         self.origin_running = False
 
     def watch_origin(self) -> None:
-        """Hash each file the origin delivers as soon as it is whole at its place (the hub CLIs
-        and rsync move a file there only once it is), while the origin runs; say how it ended."""
+        """Hash each file the origin delivers as soon as it is whole, while the origin runs; say
+        how it ended. The hub CLIs move a file to its place once it is whole. The control node's
+        rsync writes each file in place in the staging directory: its arrival is announced, so
+        that peers may take it as it lands (``give`` follows it), and a verified one stays there
+        until rsync has ended (rsync still sets its times by name), then moves to its place."""
         a = self.args
+        announced = set()
         while True:
             running = self.origin_running
             if self.manifest is None and a.origin != "control":  # the control node sends its own
                 known = Given(a).manifest()  # hf writes the hub's tree before the first file
                 if known and known["revision"] == a.revision:
                     self.adopt(known, check=False)
-            self.sweep()
+            if a.origin == "control" and self.manifest is not None:
+                for path in self.missing():
+                    if path not in announced and (a.dir / INCOMING / path).is_file():
+                        announced.add(path)
+                        self.send("arriving", path=path)
+            self.sweep(keep_staged=running)
             if not running:
                 break
             time.sleep(0.5)
@@ -785,23 +812,45 @@ class Agent:
         with self.state_lock:
             return sorted(set(self.manifest["files"]) - set(self.state.data["verified"]))
 
-    def sweep(self) -> None:
+    def sweep(self, keep_staged: bool = False) -> None:
+        """Hash what the origin delivered whole, at its place or staged; with ``keep_staged`` a
+        staged file verified stays staged (the origin may still touch it), else it moves."""
         if self.manifest is None:
             return
         with self.sweep_lock:
             for path in self.missing():
-                target = self.args.dir / path
-                if target.is_file() and target.stat().st_size == self.manifest["files"][path]["size"]:
-                    self.check_in(path, target, None)
+                size = self.manifest["files"][path]["size"]
+                for target in (self.args.dir / path, self.args.dir / INCOMING / path):
+                    if target.is_file() and target.stat().st_size == size:
+                        self.check_in(path, target, None, move=not keep_staged)
+                        break
+            if not keep_staged and self.staged_verified:
+                for path in sorted(self.staged_verified):
+                    self.place(path, self.args.dir / INCOMING / path)
+                self.staged_verified.clear()
+                self.maybe_complete()
 
-    def check_in(self, path: str, target: Path, peer: str | None) -> bool:
+    def check_in(self, path: str, target: Path, peer: str | None, move: bool = True) -> bool:
         """Hash a file against the manifest; the wrong one is removed, the right one recorded in
-        its place (from the staging directory, where a peer's copy lands)."""
+        its place (from the staging directory, where copies land; without ``move`` it stays
+        there, verified, and is given from there)."""
         wrong = mismatch(target, self.manifest["files"][path])
         if wrong:
             print(f"{path}{f' from {peer}' if peer else ''}: {wrong} does not match the manifest; removed", flush=True)
             target.unlink()
             return False
+        if move:
+            self.place(path, target)
+        else:
+            with self.state_lock:
+                self.staged_verified.add(path)
+                self.state.data["verified"][path] = stat_of(target)
+        self.send("verified", path=path, peer=peer)
+        self.maybe_complete()
+        return True
+
+    def place(self, path: str, target: Path) -> None:
+        """A verified file to its place, recorded there."""
         final = self.args.dir / path
         if target != final:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -809,48 +858,58 @@ class Agent:
         with self.state_lock:
             self.state.data["verified"][path] = stat_of(final)
             self.state.save()
-        self.send("verified", path=path, peer=peer)
-        self.maybe_complete()
-        return True
 
     def fetch(self, path: str, peer: str) -> None:
         a = self.args
+        size = self.manifest["files"][path]["size"]
         staged = a.dir / INCOMING / path
         staged.parent.mkdir(parents=True, exist_ok=True)
-        if staged.is_file() and staged.stat().st_size >= self.manifest["files"][path]["size"]:
+        have = staged.stat().st_size if staged.is_file() else 0
+        if have >= size:
             # Whole before an interruption, never moved to its place: hashed, not fetched again.
             if self.check_in(path, staged, None):
                 return
-        elif staged.is_file():
-            print(f"{path}: resuming after {human(staged.stat().st_size)} staged by an earlier copy", flush=True)
+            have = 0
+        elif have:
+            print(f"{path}: resuming after {human(have)} staged by an earlier copy", flush=True)
         address, port = peer.rsplit(":", 1)
         self.peers_used.add((address, port))
-        ssh = (
-            f"ssh -p {port} -i {a.peer_key} -o BatchMode=yes -o StrictHostKeyChecking=yes "
-            f"-o UserKnownHostsFile={a.known_hosts} -o Compression=no -o ConnectTimeout={PEER_CONNECT_TIMEOUT_S} "
-            f"-o ServerAliveInterval={PEER_ALIVE_INTERVAL_S} -o ServerAliveCountMax={PEER_ALIVE_COUNT} "
-            f"-o ControlMaster=auto -o ControlPath={a.connections} -o ControlPersist={PEER_CONNECTION_KEPT_S}"
-        )
-        # No -z: weights do not compress. Arrives root's and world-readable (umask 022), as the peer's is.
         argv = [
-            "rsync",
-            "--append-verify",
-            f"--timeout={PEER_IO_TIMEOUT_S}",
-            *a.rsync_option,
-            "-e",
-            ssh,
-            f"root@{address}:{a.peer_path}/{path}",
-            str(staged),
-        ]
-        # rsync's errors go to a file, not a pipe: the ssh that starts a peer's kept connection
-        # stays in the background holding its standard error, and a pipe would not end with rsync.
+            "ssh", "-p", port, "-i", a.peer_key, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={a.known_hosts}", "-o", "Compression=no",
+            "-o", f"ConnectTimeout={PEER_CONNECT_TIMEOUT_S}", "-o", f"ServerAliveInterval={PEER_ALIVE_INTERVAL_S}",
+            "-o", f"ServerAliveCountMax={PEER_ALIVE_COUNT}", "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={a.connections}", "-o", f"ControlPersist={PEER_CONNECTION_KEPT_S}",
+            f"root@{address}",
+            # What the peer's ``give`` reads (its forced command): JSON, no shell on either side.
+            json.dumps({"dir": a.peer_path, "path": path, "offset": have}),
+        ]  # fmt: skip
+        # ssh's errors go to a file, not a pipe: the ssh that starts a peer's kept connection stays
+        # in the background holding its standard error, and a pipe would not end with the copy.
         with tempfile.TemporaryFile() as errors:
-            process = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+            with self.copy_lock:
+                self.copying = (path, process)
+            try:
+                have, failure = receive(process.stdout, staged, have, size, a.transfer_limit), None
+            except OSError as error:  # this host's disk (full, say)
+                process.kill()
+                failure = f"writing {staged}: {error.strerror}"
+            with self.copy_lock:
+                self.copying = None
+            process.stdout.close()  # a peer that sends more than the file's size is not read on
+            try:
+                process.wait(timeout=PEER_CONNECT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             errors.seek(0)
             error = errors.read().decode(errors="replace")
-        if process.returncode != 0:
-            why = (error.strip().splitlines() or [f"rsync exit {process.returncode}"])[-1]
-            self.send("failed", path=path, peer=peer, bad=False, why=f"{classify(error)[0]}: {why}")
+        if failure or have < size:
+            if process.returncode == GIVE_DROPPED:
+                staged.unlink(missing_ok=True)  # what came is part of a copy that did not match
+            why = failure or (error.strip().splitlines() or [f"ssh exit {process.returncode}"])[-1]
+            self.send("failed", path=path, peer=peer, bad=False, why=why)
         elif not self.check_in(path, staged, peer):
             self.send("failed", path=path, peer=peer, bad=True, why="does not match the manifest")
 
@@ -887,6 +946,153 @@ class Agent:
         if self.progress:
             self.progress.__exit__()
         self.send("complete")
+
+
+RECEIVE_CHUNK = 1 << 20
+
+
+def receive(stream, staged: Path, have: int, size: int, limit: float | None) -> int:
+    """Append what a peer gives to the staged copy, up to the manifest's size and at most
+    ``limit`` bytes a second; returns how much is staged (less than ``size``: the stream ended)."""
+    started, first = time.monotonic(), have
+    # O_NOFOLLOW: the staging directory is root's (safe_directory), its last component too.
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    try:
+        while have < size:
+            chunk = os.read(stream.fileno(), min(RECEIVE_CHUNK, size - have))
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            have += len(chunk)
+            if limit:
+                ahead = (have - first) / limit - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    finally:
+        os.close(fd)
+    return have
+
+
+# --- giving a file to a peer (the transfer key's forced command) --------------------------------
+
+
+class Refused(Exception):
+    """A request ``give`` does not serve; the message goes to the peer."""
+
+
+def open_below(root_fd: int, relative: str) -> int:
+    """Open the regular file ``relative`` below an open directory for reading, no component a
+    link, none "." or "..": a link planted in the store is never followed, by root, out of it
+    (nor a FIFO waited on)."""
+    parts = relative.split("/")
+    if not relative or any(part in ("", ".", "..") for part in parts):
+        raise Refused(f"not a plain relative path: {relative!r}")
+    fd = os.dup(root_fd)
+    try:
+        for part in parts[:-1]:
+            next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        found = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(found).st_mode):
+        os.close(found)
+        raise Refused(f"{relative} is not a regular file")
+    return found
+
+
+def same_file(root_fd: int, relative: str, fd: int) -> bool:
+    """Whether ``relative`` (below the store) is still the open file ``fd``."""
+    try:
+        found = open_below(root_fd, relative)
+    except (OSError, Refused):
+        return False
+    try:
+        a, b = os.fstat(found), os.fstat(fd)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    finally:
+        os.close(found)
+
+
+def give(store: str, request: str, out: int) -> int:
+    """Write one file of a model directory in ``store`` to ``out``, from an offset, for a peer.
+
+    Only a file the directory's manifest names, at its place or staged in the directory's
+    incoming copies while this host still receives it: then what arrives is handed on as it
+    lands, and the wait for more bytes ends when the file is whole, removed (it did not match:
+    GIVE_DROPPED) or still for GIVE_STALL_S. Each receiver hashes its whole copy against the
+    manifest, so a byte handed on early is never trusted early."""
+    try:
+        asked = json.loads(request)
+        directory, path, offset = asked["dir"], asked["path"], asked["offset"]
+        if not (isinstance(directory, str) and isinstance(path, str) and type(offset) is int and offset >= 0):
+            raise Refused("wants dir and path (strings) and offset (a number >= 0)")
+    except (ValueError, KeyError, TypeError, Refused) as error:
+        raise Refused(f"not a request: {error}") from None
+    if any(part.startswith(".") for part in directory.split("/")) or not safe_relative(path):
+        raise Refused(f"not a model file: {directory!r} {path!r}")
+    root_fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            manifest_fd = open_below(root_fd, f"{directory}/{MANIFEST}")
+        except FileNotFoundError:
+            raise Refused(f"no manifest in {directory}") from None
+        with os.fdopen(manifest_fd) as manifest_file:
+            entry = json.load(manifest_file)["files"].get(path)
+        if entry is None or offset > entry["size"]:
+            raise Refused(f"{path} (offset {offset}) is not in the manifest of {directory}")
+        # The scheduler may ask for a copy this host has only just been told to fetch.
+        places, asked_at = [f"{directory}/{path}", f"{directory}/{INCOMING}/{path}"], time.monotonic()
+        while (fd := first_found(root_fd, places)) is None:
+            if time.monotonic() - asked_at > GIVE_STALL_S:
+                raise Refused(f"{path} is not here")
+            time.sleep(GIVE_POLL_S)
+        with os.fdopen(fd, "rb", buffering=0) as source:
+            return stream(source, entry["size"], offset, out, lambda: any(same_file(root_fd, p, fd) for p in places))
+    finally:
+        os.close(root_fd)
+
+
+def first_found(root_fd: int, places: list[str]) -> int | None:
+    for place in places:
+        try:
+            return open_below(root_fd, place)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def stream(source, size: int, offset: int, out: int, live: Callable[[], bool]) -> int:
+    """Copy ``source`` from ``offset`` to ``size`` onto ``out``, waiting for bytes not yet written
+    while ``live()`` says the file is still the one being received."""
+    source.seek(offset)
+    position, still_since = offset, time.monotonic()
+    while position < size:
+        chunk = source.read(min(RECEIVE_CHUNK, size - position))
+        if chunk:
+            still_since = time.monotonic()
+            view = memoryview(chunk)
+            while view:  # ``out`` does not block: a receiver gone silent is noticed here
+                if not select.select([], [out], [], PEER_IO_TIMEOUT_S)[1]:
+                    print(f"the receiver took nothing for {PEER_IO_TIMEOUT_S} s", file=sys.stderr)
+                    return GIVE_STALLED
+                try:
+                    view = view[os.write(out, view) :]
+                except BlockingIOError:
+                    continue
+            position += len(chunk)
+        elif not live():
+            print("this host's copy did not match the manifest and was removed", file=sys.stderr)
+            return GIVE_DROPPED
+        elif time.monotonic() - still_since > GIVE_STALL_S:
+            print(f"no new bytes here for {GIVE_STALL_S} s", file=sys.stderr)
+            return GIVE_STALLED
+        else:
+            time.sleep(GIVE_POLL_S)
+    return 0
 
 
 def report_state(args) -> dict:
@@ -941,21 +1147,18 @@ def main(argv: list[str] | None = None) -> int:
     p_swarm.add_argument("--cli", help="the hf or modelscope executable (the seed)")
     p_swarm.add_argument("--cli-home", default="/var/cache/glmfleet/hub", help="the CLI's own cache and settings")
     p_swarm.add_argument("--env-file", help="a JSON object of the CLI's environment (endpoint, token)")
-    p_swarm.add_argument("--peer-path", required=True, help="the model directory on the peers, as their rrsync sees it")
+    p_swarm.add_argument("--peer-path", required=True, help="the model directory below the peers' model store")
     p_swarm.add_argument("--peer-key", required=True, help="the fleet's transfer key")
     p_swarm.add_argument("--known-hosts", required=True, help="the peers' host keys")
     p_swarm.add_argument("--connections", required=True, help="ssh's ControlPath for the connections to peers")
-    p_swarm.add_argument(
-        "--bwlimit",
-        dest="rsync_option",
-        action="append",
-        default=[],
-        type=lambda v: f"--bwlimit={v}",
-        help="rsync's --bwlimit (KiB/s) for each copy from a peer",
-    )
+    p_swarm.add_argument("--transfer-limit", type=float, help="bytes per second at most for each copy from a peer")
     p_swarm.add_argument("--margin-bytes", type=int, default=0)
     p_swarm.add_argument("--verify", choices=("changed", "always"), default="changed")
     p_swarm.add_argument("--progress-interval", type=float, default=10)
+    p_give = commands.add_parser(
+        "give", help="the transfer key's forced command: one model file for a peer, asked in $SSH_ORIGINAL_COMMAND"
+    )
+    p_give.add_argument("--store", required=True, help="the model store: only its model directories' files are given")
     p_manifest = commands.add_parser(
         "manifest", help="write DIR/.glmfleet/manifest.json (hub tree if hf left one, else sha256 of each file)"
     )
@@ -982,6 +1185,13 @@ def main(argv: list[str] | None = None) -> int:
             sync(args)
         elif args.command == "swarm":
             return Agent(args).run()
+        elif args.command == "give":
+            os.set_blocking(sys.stdout.fileno(), False)
+            try:
+                return give(args.store, os.environ.get("SSH_ORIGINAL_COMMAND", ""), sys.stdout.fileno())
+            except (Refused, OSError) as error:
+                print(f"glmfleet-weights give: {error}", file=sys.stderr, flush=True)
+                return GIVE_REFUSED
         elif args.command == "manifest":
             directory = Path(args.dir)
             manifest = manifest_from_hub_tree(

@@ -67,7 +67,6 @@ CACHE_ROOT = "/var/cache/glmfleet"
 UV_CACHE_DIR = f"{CACHE_ROOT}/uv"
 HUB_CLI_HOME = f"{CACHE_ROOT}/hub"
 RSYNC = "/usr/bin/rsync"
-RRSYNC = "/usr/bin/rrsync"
 ROOT_SSH_DIR = "/root/.ssh"
 ROOT_AUTHORIZED_KEYS = f"{ROOT_SSH_DIR}/authorized_keys"
 SSH_HOST_KEY_PUB = "/etc/ssh/ssh_host_ed25519_key.pub"  # a host's key, as its peers know it
@@ -218,8 +217,13 @@ def model_dir(cfg) -> str:
     return cfg.model_dir or f"{cfg.model_root}/{cfg.model.replace('/', '--')}/{cfg.model_revision}"
 
 
+def model_incoming_dir(cfg) -> str:
+    """Where copies of the model's files land before they are verified (the host script's INCOMING)."""
+    return f"{model_dir(cfg)}/.glmfleet/incoming"
+
+
 def model_dir_in_store(cfg) -> str | None:
-    """The model directory relative to the model store, as peers' rrsync sees it (None: outside)."""
+    """The model directory relative to the model store, as a peer asks its give for it (None: outside)."""
     directory = model_dir(cfg)
     if directory.startswith(cfg.model_root.rstrip("/") + "/"):
         return relpath(directory, cfg.model_root)

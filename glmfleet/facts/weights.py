@@ -23,7 +23,7 @@ class ModelWeights(FactBase):
 
         {"complete": False, "reason": "files changed since verified", "changed": ["model-00003-of-00005.safetensors"],
          "tools": ["/opt/glmfleet/huggingface_hub-2.4.0/bin/hf"], "host_key": "ssh-ed25519 AAAA...",
-         "authorized": ['restrict,command="/usr/bin/rrsync -ro /var/lib/glmfleet/models" ssh-ed25519 AAAA... glmfleet-peer-transfer']}
+         "authorized": ['restrict,command="/opt/glmfleet/bin/glmfleet-weights give --store /var/lib/glmfleet/models" ssh-ed25519 AAAA... glmfleet-peer-transfer']}
     """
 
     def command(

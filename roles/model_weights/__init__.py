@@ -46,6 +46,7 @@ from glmfleet.layout import (
     WEIGHTS_STATE_DIR,
     model_dir,
     model_dir_in_store,
+    model_incoming_dir,
     tool_dir,
     weights_state_args,
 )
@@ -145,8 +146,8 @@ SETTINGS = (
         "model_transfer_limit_mbps",
         None,
         "cap (MB/s) for each copy between hosts and from the control node, so copies "
-        "leave bandwidth to serving traffic (rsync --bwlimit); in a fan-out a host takes one copy and gives one "
-        "at a time, so this caps each host's fan-out traffic each way",
+        "leave bandwidth to serving traffic (rsync --bwlimit; in a fan-out the receiver paces each copy); a fan-out "
+        "host takes one copy and gives one at a time, so this caps each host's fan-out traffic each way",
         checks.optional(checks.number_in(0, 100_000, "a number > 0")),
     ),
     Setting("model_progress_interval", 10, "seconds between progress lines of a transfer", checks.int_in(1, 3600)),
@@ -363,7 +364,7 @@ def swarm_argv(cfg: HostConfig, seed_origin: str | None, sudo: bool) -> list[str
         PEER_KNOWN_HOSTS,
         "--connections",
         PEER_CONNECTIONS,
-        *control.rsync_limit(cfg),
+        *(["--transfer-limit", str(cfg.model_transfer_limit_mbps * 10**6)] if cfg.model_transfer_limit_mbps else []),
     ]
 
 
@@ -506,14 +507,20 @@ def _fanout(cfg: HostConfig, plan: fanout.FanoutPlan, managed: dict, seed_origin
         mode="644",
     )
     server.shell(
-        name="transfer key may read the model store (rrsync -ro), for this fan-out",
+        name="transfer key may read the model store's model files, for this fan-out",
         commands=[fanout.authorize_command(fanout.authorized_line(cfg, public_key))],
     )
     sudo = sudo_here()
     push = None
-    if seed_origin == "control":  # the control node pushes to the seed while it hands on what it got
+    if seed_origin == "control":  # the control node pushes to the seed while it hands on what it gets
         push = control.push_argv(
-            host.data, host.name, cfg.model_control_dir, model_dir(cfg), sudo, control.rsync_limit(cfg)
+            host.data,
+            host.name,
+            cfg.model_control_dir,
+            model_incoming_dir(cfg),
+            sudo,
+            control.rsync_limit(cfg),
+            listed=True,
         )
     part = live_steps(
         name="weights fan-out",

@@ -167,13 +167,18 @@ def ssh_target(host_data, host_name: str) -> str:
     return f"{user}{host_data.get('ssh_hostname') or host_name}"
 
 
-def push_argv(host_data, host_name: str, src: str, dest: str, sudo: bool, limit: list[str] = ()) -> list[str]:
-    """rsync from the control node to a host over the host's own SSH settings (as pyinfra's)."""
+def push_argv(
+    host_data, host_name: str, src: str, dest: str, sudo: bool, limit: list[str] = (), listed: bool = False
+) -> list[str]:
+    """rsync from the control node to a host over the host's own SSH settings (as pyinfra's).
+    ``listed``: only the files named on standard input, each written in place in ``dest`` (a
+    fan-out seed's staging directory, whose files peers take as they land) and appended to
+    after an interruption; else into a partial directory and moved into place once whole."""
     return [
         "rsync",
         "--archive",
         *RECEIVED_MODES,
-        "--partial-dir=.rsync-partial",
+        *(["--append-verify", "--files-from=-", "--from0"] if listed else ["--partial-dir=.rsync-partial"]),
         "--exclude=/.cache/",
         "--info=progress2",
         "--no-inc-recursive",
@@ -186,9 +191,11 @@ def push_argv(host_data, host_name: str, src: str, dest: str, sudo: bool, limit:
     ]
 
 
-def push(state, host, argv: list[str], interval: int) -> bool:
-    """Run rsync here and show its progress2 line (bytes, %, rate, ETA) every ``interval`` s."""
+def push(state, host, argv: list[str], interval: int, listed: list[str] = ()) -> bool:
+    """Run rsync here and show its progress2 line (bytes, %, rate, ETA) every ``interval`` s;
+    ``listed``: the files for ``--files-from=- --from0``."""
     process = Popen(argv, stdout=PIPE, stderr=STDOUT, stdin=PIPE)
+    process.stdin.write(b"".join(os.fsencode(path) + b"\0" for path in listed))
     process.stdin.close()
     last, buffer, tail = 0.0, b"", []
     while chunk := process.stdout.read1(65536):

@@ -22,7 +22,7 @@ from glmfleet.layout import (
     PEER_KNOWN_HOSTS,
     ROOT_AUTHORIZED_KEYS,
     ROOT_SSH_DIR,
-    RRSYNC,
+    WEIGHTS_SCRIPT,
     model_dir,
     weights_selection_key,
     weights_state_file,
@@ -162,10 +162,11 @@ def known_hosts(plan: FanoutPlan) -> str:
 
 
 def authorized_line(cfg: HostConfig, public_key: str) -> str:
-    """The transfer key may only read the model store, with rsync, nothing else: no shell, no
-    forwarding, no pty (``restrict``), whatever ``model_dir`` says."""
+    """The transfer key may only read the model files of the model store, one at a time with the
+    weights script's ``give``, nothing else: no shell, no forwarding, no pty (``restrict``),
+    whatever the peer asks for (sshd hands the request to ``give`` as $SSH_ORIGINAL_COMMAND)."""
     # sshd runs the command with the user's shell: a shell command line, inside the option's quotes.
-    command = filesyntax.authorized_keys_option(join([RRSYNC, "-ro", cfg.model_root]))
+    command = filesyntax.authorized_keys_option(join([WEIGHTS_SCRIPT, "give", "--store", cfg.model_root]))
     key_type, blob = public_key.split()[:2]
     return f"restrict,command={command} {key_type} {blob} {KEY_COMMENT}"
 

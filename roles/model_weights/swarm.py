@@ -2,16 +2,19 @@
 
 Every member of a fan-out runs its part (``glmfleet-weights swarm``, files/glmfleet_weights.py)
 under the control node, which tells it what to fetch and hears what it holds, one JSON line each
-way over the deploy's own SSH connection to that host. The copies themselves go host to host,
-by rsync over SSH with the fleet's transfer key, which may only read the model store.
+way over the deploy's own SSH connection to that host. The copies themselves go host to host
+over SSH with the fleet's transfer key, whose only command gives one model file of the store
+(``glmfleet-weights give``).
 
-A host passes on each file as soon as it has verified it, while it still receives others: the
-seed hands on what the origin delivers as it lands, and every file is copied from whichever host
-holds it. Each host receives one copy at a time and gives one at a time, so every copy runs at
-the speed of both links, and the rarest file goes first (counting copies under way): new files
-spread from the seed in doubling steps while older ones move between the other hosts. The aim
-is about S/B for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in
-doubling rounds; how near it came, measured beside the rounds: benchmarks/RESULTS.md.
+A host passes on a file while it still receives it: a copy may be taken from a member that is
+itself still copying that file, its bytes handed on as they land (a chain, each link of it at
+the speed of both hosts' links), and every receiver hashes its whole copy against the manifest
+before it holds the file. The seed hands on what the control node pushes as it lands too (what a hub delivers, once it
+is whole). Each host
+receives one copy at a time and gives one at a time, and the rarest file goes first (counting
+copies under way), from a member that holds it whole where one is free. The aim is about S/B
+for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in doubling rounds;
+how near it came, measured beside the rounds: benchmarks/RESULTS.md.
 
 A peer whose copy did not match the manifest gives nothing more until it has hashed its files
 again; a peer that failed (a cut link) is asked again later, with a growing pause. A member that
@@ -38,6 +41,7 @@ from roles.model_weights.control import push, ssh_argv, ssh_target
 # this long, doubled with each further failure.
 FIRST_PAUSE_S = 2.0
 LONGEST_PAUSE_S = 60.0
+SLOW_SHARE = 0.5
 
 
 @dataclass
@@ -51,6 +55,11 @@ class Member:
     failed: str | None = None
     have: set[str] = field(default_factory=set)
     fetching: tuple[str, str] | None = None  # (file, giver)
+    arriving: str | None = None  # the file the control node's push writes here now (the seed)
+    since: float = 0.0  # when its copy under way (from a peer or the origin) began
+    chained: bool = False  # its copy under way is handed on from a member still receiving it
+    cancelled: bool = False  # it was told to drop its copy under way (its giver is slow)
+    rate: float = 0.0  # the fastest of its copies so far, bytes/s (0: none yet)
     giving: int = 0
     distrusted: bool = False  # gave a file that did not match: gives nothing until rechecked
     pauses: dict[str, tuple[float, float]] = field(default_factory=dict)  # giver -> (until, last pause)
@@ -107,8 +116,14 @@ class Swarm:
             member.have |= set(event["verified"])
             if name == self.seed:
                 self.learn(event["manifest"], name)
+        elif kind == "arriving":
+            member.arriving, member.since, member.chained = event["path"], self.clock(), False
         elif kind == "verified":
             member.have.add(event["path"])
+            if member.arriving == event["path"] or (member.fetching and member.fetching[0] == event["path"]):
+                self.measure(member, event["path"])
+            if member.arriving == event["path"]:
+                member.arriving = None
             if member.fetching and member.fetching[0] == event["path"]:
                 giver = self.end_copy(member)
                 member.pauses.pop(giver.name, None)
@@ -123,6 +138,8 @@ class Swarm:
                 giver.distrusted = True
                 if giver.joined and not giver.left:
                     self.send(giver.name, {"do": "recheck"})
+            elif member.cancelled:
+                said.append(f"{event['path']}: {giver.name} receives it slowly; the copy goes on from another peer")
             else:
                 said.append(f"copying {event['path']} from {giver.name} failed ({event['why']}): asking another peer")
                 _until, last = member.pauses.get(giver.name, (0.0, FIRST_PAUSE_S / 2))
@@ -136,6 +153,7 @@ class Swarm:
                 said.append(f"{name} removed {len(event['lost'])} file(s) that did not match; it fetches them again")
         elif kind == "origin":
             self.origin_running = False
+            member.arriving = None
             self.origin_error = event["error"]
         elif kind == "complete":
             member.complete = True
@@ -160,6 +178,7 @@ class Swarm:
     def tick(self) -> None:
         """Give every idle receiver its next copy; let parts leave or stop them when the fan-out
         is over for them."""
+        self.reroute()
         self.assign()
         running = [m for m in self.members.values() if m.joined and not m.left]
         if all(m.joined for m in self.members.values()) and all(m.complete or m.left for m in self.members.values()):
@@ -194,7 +213,9 @@ class Swarm:
             and not m.fetching
             and not (m.name == self.seed and self.origin_running)
         ]
+        # The fastest first: a file new on the seed goes down the fastest chain.
         random.shuffle(receivers)
+        receivers.sort(key=lambda m: -m.rate if m.rate else float("-inf"))
         for receiver in receivers:
             now, best = self.clock(), None
             for path in files:
@@ -204,7 +225,10 @@ class Swarm:
                     giver
                     for giver in self.members.values()
                     if giver is not receiver
-                    and path in giver.have
+                    and (path in giver.have or self.receives(giver, path))
+                    and (not self.slow(giver) or (path in giver.have and self.slow(receiver)))
+                    # While the origin delivers, the seed's one upload is what every new file waits on.
+                    and not (giver.name == self.seed and self.origin_running and self.slow(receiver))
                     and not giver.distrusted
                     and giver.giving == 0
                     and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
@@ -213,16 +237,65 @@ class Swarm:
                     rarity = self.holders(path)
                     key = (rarity, random.random())
                     if best is None or key < best[0]:
-                        best = (key, path, random.choice(givers))
+                        # A whole copy before one still arriving: that one gives no faster than it gets.
+                        holding = [giver for giver in givers if path in giver.have]
+                        best = (key, path, random.choice(holding or givers))
             if best:
                 _key, path, giver = best
-                receiver.fetching = (path, giver.name)
+                receiver.fetching, receiver.since = (path, giver.name), now
+                receiver.chained, receiver.cancelled = path not in giver.have, False
                 giver.giving += 1
                 self.send(receiver.name, {"do": "fetch", "path": path, "peer": giver.address})
 
+    def reroute(self) -> None:
+        """A copy handed on from a member that turned out slow waits on that member's link: it is
+        dropped (what arrived stays staged) and taken up again from another giver."""
+        for member in self.members.values():
+            if member.fetching and member.chained and not member.cancelled:
+                path, giver = member.fetching
+                if self.slow(self.members[giver]):
+                    member.cancelled = True
+                    self.send(member.name, {"do": "cancel", "path": path})
+
     def holders(self, path: str) -> int:
         """How many hold the file or are getting it: the fewer, the sooner it is copied."""
-        return sum(path in m.have or (m.fetching or ("",))[0] == path for m in self.members.values())
+        return sum(path in m.have or self.receives(m, path) for m in self.members.values())
+
+    def measure(self, member: Member, path: str) -> None:
+        """A copy's speed, bytes/s. A chained copy runs no faster than its giver's own: it says
+        how slow the member is only where the giver held the file whole by the end, and was not
+        slow itself."""
+        took = self.clock() - member.since
+        if took <= 0:
+            return
+        rate = self.manifest["files"][path]["size"] / took
+        giver = self.members[member.fetching[1]] if member.fetching else None
+        upstream_bound = member.chained and giver and (path not in giver.have or self.slow(giver))
+        if not upstream_bound or not self.slow(member, rate):
+            member.rate = max(member.rate, rate)
+
+    def slow(self, member: Member, rate: float | None = None) -> bool:
+        """Its best copy ran at less than SLOW_SHARE of the members' median speed, or its first
+        copy is already late for that speed. A slow member gives only what it holds whole, and
+        only to another slow one; while the origin delivers it takes nothing from the seed, whose
+        one upload every new file waits on; copies handed on from it are dropped and go on from
+        another giver (``reroute``)."""
+        known = sorted(m.rate for m in self.members.values() if m.rate)
+        if not known:
+            return False
+        typical = known[len(known) // 2]
+        rate = member.rate if rate is None else rate
+        if rate:
+            return rate < SLOW_SHARE * typical
+        under_way = member.arriving or (member.fetching or (None,))[0]
+        return bool(under_way) and (
+            self.clock() - member.since > self.manifest["files"][under_way]["size"] / (SLOW_SHARE * typical)
+        )
+
+    @staticmethod
+    def receives(member: Member, path: str) -> bool:
+        """The file lands on the member now, from a peer or the origin: it can be handed on as it does."""
+        return (member.fetching or ("",))[0] == path or member.arriving == path
 
     def learn(self, manifest: dict | None, source: str) -> None:
         """The revision's manifest, from the seed or a complete member: to every member waiting for one."""
@@ -348,7 +421,9 @@ class Fanout:
             echo(f"{prefix}{line.decode(errors='replace').rstrip()}", err=True)
 
     def push(self, state, host, argv: list[str], interval: int) -> None:
-        ok = push(state, host, argv, interval)
+        """The seed's copy from the control node: the files it does not hold yet."""
+        seed = self.swarm.members[host.name]
+        ok = push(state, host, argv, interval, sorted(set(self.swarm.manifest["files"]) - seed.have))
         self.send(host.name, {"do": "origin_done", "ok": ok})
 
     def tick(self, state) -> None:

@@ -22,7 +22,7 @@ from devfleet import localfleet
 from glmfleet import shell
 from glmfleet.config import resolve
 from glmfleet.layout import model_dir as model_path
-from glmfleet.layout import weights_check_argv, weights_state_file
+from glmfleet.layout import model_incoming_dir, weights_check_argv, weights_state_file
 from tests.support.fleettools import fleet_host as remote
 from tests.support.weights_fixtures import deploy_weights, digests, inventory, shards
 
@@ -185,8 +185,10 @@ def test_a_link_cut_mid_transfer_is_ridden_out_and_the_copy_resumes(hosts, setti
     cut = hosts[2]
 
     def cut_while_it_receives():
-        deadline = time.monotonic() + 300
-        while len(shards(cut, model_path(cfg))) < 2:
+        """Once it holds a shard and has part of another staged: a cut in the middle of a copy."""
+        deadline, incoming = time.monotonic() + 300, model_incoming_dir(cfg)
+        part = f"find {shell.quote(incoming)} -type f -size +100k 2>/dev/null | grep -q ."
+        while not (shards(cut, model_path(cfg)) and remote(cut).run(part).rc == 0):
             assert time.monotonic() < deadline, f"{cut} received nothing"
             time.sleep(0.1)
         localfleet.set_link(cut, False)

@@ -133,7 +133,7 @@ def test_second_run_changes_nothing_hashes_nothing_and_reads_nothing(first_run, 
 # (a complete one gives): that, and withdrawing the key, is all that changes on a host that copies
 # nothing.
 KEY_STEPS = {
-    "model weights | transfer key may read the model store (rrsync -ro), for this fan-out",
+    "model weights | transfer key may read the model store's model files, for this fan-out",
     "model weights | transfer key withdrawn after the fan-out",
     "model weights | fleet transfer key",
     "model weights | peers' host keys",

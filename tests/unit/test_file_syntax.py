@@ -13,6 +13,7 @@ import pytest
 from glmfleet import filesyntax
 from glmfleet.config import ConfigError, resolve
 from glmfleet.facts.output import host_script
+from glmfleet.layout import WEIGHTS_SCRIPT
 from roles.model_weights.fanout import authorized_line
 from roles.vllm_service import render_env_file, render_unit
 
@@ -85,14 +86,16 @@ def test_authorized_keys_takes_the_store_as_one_shell_word_and_refuses_quotes():
     cfg = resolve({"model_revision": "a" * 40, "model_source": "peer"})
     line = authorized_line(cfg, "ssh-ed25519 AAAAkey glmfleet-peer-transfer")
     assert line == (
-        'restrict,command="/usr/bin/rrsync -ro /var/lib/glmfleet/models" ssh-ed25519 AAAAkey glmfleet-peer-transfer'
+        f'restrict,command="{WEIGHTS_SCRIPT} give --store /var/lib/glmfleet/models" ssh-ed25519 AAAAkey '
+        "glmfleet-peer-transfer"
     )
     for value in ('a"b', "a\\b"):
         with pytest.raises(filesyntax.Unwritable, match="double quote or a backslash"):
             filesyntax.authorized_keys_option(value)
-    assert shlex.split(filesyntax.authorized_keys_option("/usr/bin/rrsync -ro '/a b'")[1:-1]) == [
-        "/usr/bin/rrsync",
-        "-ro",
+    assert shlex.split(filesyntax.authorized_keys_option(f"{WEIGHTS_SCRIPT} give --store '/a b'")[1:-1]) == [
+        WEIGHTS_SCRIPT,
+        "give",
+        "--store",
         "/a b",
     ]
 
