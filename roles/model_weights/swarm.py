@@ -9,12 +9,12 @@ over SSH with the fleet's transfer key, whose only command gives one model file 
 A host passes on a file while it still receives it: a copy may be taken from a member that is
 itself still copying that file, its bytes handed on as they land (a chain, each link of it at
 the speed of both hosts' links), and every receiver hashes its whole copy against the manifest
-before it holds the file. The seed hands on what the control node pushes as it lands too (what a hub delivers, once it
-is whole). Each host
-receives one copy at a time and gives one at a time, and the rarest file goes first (counting
-copies under way), from a member that holds it whole where one is free. The aim is about S/B
-for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in doubling rounds;
-how near it came, measured beside the rounds: benchmarks/RESULTS.md.
+before it holds the file. The seed hands on what the control node pushes as it lands too (what
+a hub delivers, once it is whole). Each host receives one copy at a time and gives one at a
+time, and the rarest file goes first (counting copies under way), from a member that holds it
+whole where one is free. A slow member is kept out of the chains (``slow``). The aim is about
+S/B for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in doubling
+rounds; how near it came, measured beside the rounds: benchmarks/RESULTS.md.
 
 A peer whose copy did not match the manifest gives nothing more until it has hashed its files
 again; a peer that failed (a cut link) is asked again later, with a growing pause. A member that
@@ -213,6 +213,7 @@ class Swarm:
             and not m.fetching
             and not (m.name == self.seed and self.origin_running)
         ]
+        slow = {m.name: self.slow(m) for m in self.members.values()}
         # The fastest first: a file new on the seed goes down the fastest chain.
         random.shuffle(receivers)
         receivers.sort(key=lambda m: -m.rate if m.rate else float("-inf"))
@@ -226,9 +227,9 @@ class Swarm:
                     for giver in self.members.values()
                     if giver is not receiver
                     and (path in giver.have or self.receives(giver, path))
-                    and (not self.slow(giver) or (path in giver.have and self.slow(receiver)))
+                    and (not slow[giver.name] or (path in giver.have and slow[receiver.name]))
                     # While the origin delivers, the seed's one upload is what every new file waits on.
-                    and not (giver.name == self.seed and self.origin_running and self.slow(receiver))
+                    and not (giver.name == self.seed and self.origin_running and slow[receiver.name])
                     and not giver.distrusted
                     and giver.giving == 0
                     and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
