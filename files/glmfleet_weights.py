@@ -830,7 +830,9 @@ class Agent:
                 self.staged_verified.clear()
                 self.maybe_complete()
 
-    def check_in(self, path: str, target: Path, peer: str | None, move: bool = True) -> bool:
+    def check_in(
+        self, path: str, target: Path, peer: str | None, move: bool = True, received: int | None = None
+    ) -> bool:
         """Hash a file against the manifest; the wrong one is removed, the right one recorded in
         its place (from the staging directory, where copies land; without ``move`` it stays
         there, verified, and is given from there)."""
@@ -845,7 +847,8 @@ class Agent:
             with self.state_lock:
                 self.staged_verified.add(path)
                 self.state.data["verified"][path] = stat_of(target)
-        self.send("verified", path=path, peer=peer)
+        # received: the bytes this copy brought (not what an earlier one staged), for its speed.
+        self.send("verified", path=path, peer=peer, received=received)
         self.maybe_complete()
         return True
 
@@ -867,13 +870,14 @@ class Agent:
         have = staged.stat().st_size if staged.is_file() else 0
         if have >= size:
             # Whole before an interruption, never moved to its place: hashed, not fetched again.
-            if self.check_in(path, staged, None):
+            if self.check_in(path, staged, None, received=0):
                 return
             have = 0
         elif have:
             print(f"{path}: resuming after {human(have)} staged by an earlier copy", flush=True)
         address, port = peer.rsplit(":", 1)
         self.peers_used.add((address, port))
+        first = have
         argv = [
             "ssh", "-p", port, "-i", a.peer_key, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
             "-o", f"UserKnownHostsFile={a.known_hosts}", "-o", "Compression=no",
@@ -910,7 +914,7 @@ class Agent:
                 staged.unlink(missing_ok=True)  # what came is part of a copy that did not match
             why = failure or (error.strip().splitlines() or [f"ssh exit {process.returncode}"])[-1]
             self.send("failed", path=path, peer=peer, bad=False, why=why)
-        elif not self.check_in(path, staged, peer):
+        elif not self.check_in(path, staged, peer, received=size - first):
             self.send("failed", path=path, peer=peer, bad=True, why="does not match the manifest")
 
     def recheck(self) -> None:

@@ -121,7 +121,7 @@ class Swarm:
         elif kind == "verified":
             member.have.add(event["path"])
             if member.arriving == event["path"] or (member.fetching and member.fetching[0] == event["path"]):
-                self.measure(member, event["path"])
+                self.measure(member, event["path"], event.get("received"))
             if member.arriving == event["path"]:
                 member.arriving = None
             if member.fetching and member.fetching[0] == event["path"]:
@@ -226,17 +226,19 @@ class Swarm:
                     giver
                     for giver in self.members.values()
                     if giver is not receiver
-                    and (path in giver.have or self.receives(giver, path))
-                    and (not slow[giver.name] or (path in giver.have and slow[receiver.name]))
+                    and (path in giver.have or (self.receives(giver, path) and not slow[giver.name]))
                     # While the origin delivers, the seed's one upload is what every new file waits on.
                     and not (giver.name == self.seed and self.origin_running and slow[receiver.name])
                     and not giver.distrusted
                     and giver.giving == 0
                     and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
                 ]
+                # A fast member takes from a slow one only what no other can give it.
+                preferred = [g for g in givers if not slow[g.name] or slow[receiver.name]]
+                givers = preferred or givers
                 if givers:
                     rarity = self.holders(path)
-                    key = (rarity, random.random())
+                    key = (not preferred, rarity, random.random())
                     if best is None or key < best[0]:
                         # A whole copy before one still arriving: that one gives no faster than it gets.
                         holding = [giver for giver in givers if path in giver.have]
@@ -262,14 +264,16 @@ class Swarm:
         """How many hold the file or are getting it: the fewer, the sooner it is copied."""
         return sum(path in m.have or self.receives(m, path) for m in self.members.values())
 
-    def measure(self, member: Member, path: str) -> None:
-        """A copy's speed, bytes/s. A chained copy runs no faster than its giver's own: it says
-        how slow the member is only where the giver held the file whole by the end, and was not
-        slow itself."""
+    def measure(self, member: Member, path: str, received: int | None) -> None:
+        """A copy's speed, bytes/s, from the bytes it brought (a resumed copy brings the rest
+        only; the origin's, the whole file). A chained copy runs no faster than its giver's own:
+        it says how slow the member is only where the giver held the file whole by the end, and
+        was not slow itself."""
         took = self.clock() - member.since
-        if took <= 0:
+        brought = self.manifest["files"][path]["size"] if received is None else received
+        if took <= 0 or brought <= 0:
             return
-        rate = self.manifest["files"][path]["size"] / took
+        rate = brought / took
         giver = self.members[member.fetching[1]] if member.fetching else None
         upstream_bound = member.chained and giver and (path not in giver.have or self.slow(giver))
         if not upstream_bound or not self.slow(member, rate):
@@ -277,8 +281,8 @@ class Swarm:
 
     def slow(self, member: Member, rate: float | None = None) -> bool:
         """Its best copy ran at less than SLOW_SHARE of the members' median speed, or its first
-        copy is already late for that speed. A slow member gives only what it holds whole, and
-        only to another slow one; while the origin delivers it takes nothing from the seed, whose
+        copy is already late for that speed. A slow member gives only what it holds whole, to a
+        fast one only what no other can give; while the origin delivers it takes nothing from the seed, whose
         one upload every new file waits on; copies handed on from it are dropped and go on from
         another giver (``reroute``)."""
         known = sorted(m.rate for m in self.members.values() if m.rate)

@@ -264,3 +264,28 @@ def test_a_file_still_arriving_is_handed_on_so_the_fleet_takes_about_one_hosts_t
     assert fleet.streamed, "no host handed on a file it was still receiving"
     assert took <= limit + one_file / 2, f"{took} against S/B {limit}"
     assert all(fleet.have[name] == set(FILES) for name in fleet.names)
+
+
+def test_a_slow_member_that_alone_holds_files_still_gives_them():
+    """Slowness is a preference: a fast member takes from a slow one what no other can give it,
+    rather than being stopped for files "no host holds" (as a benchmark run was, before)."""
+    fleet = Fleet(["a", "b", "c"], complete=["a"])
+    fleet.swarm.members["a"].rate = 0.1
+    fleet.swarm.members["b"].rate = fleet.swarm.members["c"].rate = 1.0
+    fleet.run()
+    assert fleet.ended == {name: "leave" for name in "abc"}
+    assert {giver for _, _, giver in fleet.copies} >= {"a"}
+
+
+def test_a_resumed_copy_is_timed_by_the_bytes_it_brought():
+    """A copy that finds most of its file staged brings only the rest: timed by the whole file
+    it would look ten times as fast, and every member of ordinary speed would look slow."""
+    fleet = Fleet(["a", "b"], complete=["a"])
+    fleet.swarm.event("a", {"event": "hello", "complete": True, "manifest": MANIFEST, "verified": sorted(FILES)})
+    fleet.swarm.event("b", {"event": "hello", "complete": False, "manifest": None})
+    fleet.swarm.event("b", {"event": "ready", "manifest": MANIFEST, "verified": []})
+    member = fleet.swarm.members["b"]
+    path = member.fetching[0]
+    fleet.now = 5.0
+    fleet.swarm.event("b", {"event": "verified", "path": path, "peer": "a:22", "received": 1})
+    assert member.rate == pytest.approx(1 / 5)
