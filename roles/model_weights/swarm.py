@@ -82,7 +82,6 @@ class Swarm:
     ):
         self.members = {name: Member(name, address) for name, address in addresses.items()}
         self.seed = seed
-        self.manifest = manifest
         self.send = send
         # A pyinfra pool smaller than the fleet runs some parts only once others have ended:
         # then a complete member leaves at once rather than wait for those.
@@ -93,6 +92,7 @@ class Swarm:
         # every member; the seed that learnt it from the hub needs it from no one.
         self.manifest_from: str | None = None
         self.origin_error: str | None = None
+        self.use(manifest)  # and ``measurable``: smaller copies do not tell a member's speed
         self.copies = 0  # files copied between hosts (for the summary)
         self.rejected = 0
         for name in complete:
@@ -251,12 +251,15 @@ class Swarm:
                 self.send(receiver.name, {"do": "fetch", "path": path, "peer": giver.address})
 
     def reroute(self) -> None:
-        """A copy handed on from a member that turned out slow waits on that member's link: it is
-        dropped (what arrived stays staged) and taken up again from another giver."""
+        """A copy handed on from a member that turned out slow waits on that member's link, and
+        one handed on from a member whose own copy of the file ended without it waits for bytes
+        that do not come: either is dropped (what arrived stays staged) and taken up again from
+        another giver. Down a chain, each link follows at the next tick."""
         for member in self.members.values():
             if member.fetching and member.chained and not member.cancelled:
-                path, giver = member.fetching
-                if self.slow(self.members[giver]):
+                path, name = member.fetching
+                giver = self.members[name]
+                if self.slow(giver) or not (path in giver.have or self.receives(giver, path)):
                     member.cancelled = True
                     self.send(member.name, {"do": "cancel", "path": path})
 
@@ -271,7 +274,7 @@ class Swarm:
         was not slow itself."""
         took = self.clock() - member.since
         brought = self.manifest["files"][path]["size"] if received is None else received
-        if took <= 0 or brought <= 0:
+        if took <= 0 or brought < self.measurable:
             return
         rate = brought / took
         giver = self.members[member.fetching[1]] if member.fetching else None
@@ -286,16 +289,15 @@ class Swarm:
         one upload every new file waits on; copies handed on from it are dropped and go on from
         another giver (``reroute``)."""
         known = sorted(m.rate for m in self.members.values() if m.rate)
-        if not known:
-            return False
+        if not known or (member.name == self.seed and self.origin_running):
+            return False  # the seed receives at the origin's speed, and new files come only from it
         typical = known[len(known) // 2]
         rate = member.rate if rate is None else rate
         if rate:
             return rate < SLOW_SHARE * typical
         under_way = member.arriving or (member.fetching or (None,))[0]
-        return bool(under_way) and (
-            self.clock() - member.since > self.manifest["files"][under_way]["size"] / (SLOW_SHARE * typical)
-        )
+        size = self.manifest["files"][under_way]["size"] if under_way else 0
+        return size >= self.measurable and self.clock() - member.since > size / (SLOW_SHARE * typical)
 
     @staticmethod
     def receives(member: Member, path: str) -> bool:
@@ -306,10 +308,18 @@ class Swarm:
         """The revision's manifest, from the seed or a complete member: to every member waiting for one."""
         if manifest is None or self.manifest is not None:
             return
-        self.manifest, self.manifest_from = manifest, source
+        self.use(manifest)
+        self.manifest_from = source
         for member in self.members.values():
             if member.joined and not member.left and not member.ready and member.name != self.seed:
                 self.send(member.name, {"do": "manifest", "manifest": manifest})
+
+    def use(self, manifest: dict | None) -> None:
+        self.manifest = manifest
+        sizes = sorted(entry["size"] for entry in (manifest or {"files": {}})["files"].values())
+        # A copy of a config file is all set-up time: only copies of a quarter of a typical file
+        # or more tell a member's speed.
+        self.measurable = sizes[len(sizes) // 2] / 4 if sizes else 0.0
 
     def leave(self, member: Member) -> None:
         member.left = True

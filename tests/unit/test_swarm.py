@@ -96,13 +96,17 @@ class Fleet:
         self.cancelled.append((name, path, giver))
         self.say(name, "failed", path=path, peer=f"{giver}:22", bad=False, why="cancelled")
 
-    def fetched(self, name, path, giver, number):
+    def fetched(self, name, path, giver, number, stalled=False):
         if self.copy_number.get(name) != number:
+            return
+        if path not in self.have[giver] and not stalled and self.arriving.get(giver, ("",))[0] != path:
+            # The giver's own copy ended without the file: its give waits for bytes (GIVE_STALL_S).
+            self.at(30, self.fetched, name, path, giver, number, stalled=True)
             return
         self.giving[giver] -= 1
         del self.arriving[name]
-        if path not in self.have[giver]:  # the giver's own copy failed: it dropped what it gave
-            self.say(name, "failed", path=path, peer=f"{giver}:22", bad=False, why="the peer dropped its copy")
+        if path not in self.have[giver]:
+            self.say(name, "failed", path=path, peer=f"{giver}:22", bad=False, why="no new bytes for 30 s")
             return
         if giver in self.bad:
             self.say(name, "failed", path=path, peer=f"{giver}:22", bad=True, why="does not match the manifest")
@@ -287,5 +291,29 @@ def test_a_resumed_copy_is_timed_by_the_bytes_it_brought():
     member = fleet.swarm.members["b"]
     path = member.fetching[0]
     fleet.now = 5.0
-    fleet.swarm.event("b", {"event": "verified", "path": path, "peer": "a:22", "received": 1})
-    assert member.rate == pytest.approx(1 / 5)
+    fleet.swarm.event("b", {"event": "verified", "path": path, "peer": "a:22", "received": 4})
+    assert member.rate == pytest.approx(4 / 5)
+
+
+def test_a_copy_chained_to_one_that_ended_without_the_file_is_dropped_at_once():
+    """Down a chain, a copy whose giver's own copy failed would wait for bytes that do not come
+    (the giver's ``give`` gives up after 30 s, and so on down the chain: a benchmark run lost
+    30 s so): it is dropped and taken up again from another giver."""
+    sent = []
+    swarm = Swarm(
+        addresses={name: f"{name}:22" for name in ("s", "b", "c")},
+        complete=set(),
+        seed="s",
+        manifest=MANIFEST,
+        send=lambda name, message: sent.append((name, message)),
+    )
+    for name in ("s", "b", "c"):
+        swarm.event(name, {"event": "hello", "complete": False, "manifest": None})
+        swarm.event(name, {"event": "ready", "manifest": MANIFEST, "verified": []})
+    path = sorted(FILES)[0]
+    swarm.event("s", {"event": "arriving", "path": path})
+    first = next(m for m in swarm.members.values() if m.fetching and m.fetching[1] == "s")
+    second = next(m for m in swarm.members.values() if m.fetching and m.fetching[1] == first.name)
+    assert second.chained
+    swarm.event(first.name, {"event": "failed", "path": path, "peer": "s:22", "bad": False, "why": "cut"})
+    assert (second.name, {"do": "cancel", "path": path}) in sent
