@@ -55,7 +55,9 @@ class Member:
     failed: str | None = None
     have: set[str] = field(default_factory=set)
     fetching: tuple[str, str] | None = None  # (file, giver)
-    arriving: str | None = None  # the file the control node's push writes here now (the seed)
+    # The files the control node's push has begun here (the seed), and when: rsync may begin the
+    # next before this host has hashed the last.
+    arriving: dict[str, float] = field(default_factory=dict)
     since: float = 0.0  # when its copy under way (from a peer or the origin) began
     chained: bool = False  # its copy under way is handed on from a member still receiving it
     cancelled: bool = False  # it was told to drop its copy under way (its giver is slow)
@@ -117,13 +119,13 @@ class Swarm:
             if name == self.seed:
                 self.learn(event["manifest"], name)
         elif kind == "arriving":
-            member.arriving, member.since, member.chained = event["path"], self.clock(), False
+            member.arriving[event["path"]] = self.clock()
         elif kind == "verified":
             member.have.add(event["path"])
-            if member.arriving == event["path"] or (member.fetching and member.fetching[0] == event["path"]):
-                self.measure(member, event["path"], event.get("received"))
-            if member.arriving == event["path"]:
-                member.arriving = None
+            if event["path"] in member.arriving:
+                self.measure(member, event["path"], None, member.arriving.pop(event["path"]), chained=False)
+            elif member.fetching and member.fetching[0] == event["path"]:
+                self.measure(member, event["path"], event.get("received"), member.since, member.chained)
             if member.fetching and member.fetching[0] == event["path"]:
                 giver = self.end_copy(member)
                 member.pauses.pop(giver.name, None)
@@ -153,7 +155,7 @@ class Swarm:
                 said.append(f"{name} removed {len(event['lost'])} file(s) that did not match; it fetches them again")
         elif kind == "origin":
             self.origin_running = False
-            member.arriving = None
+            member.arriving.clear()
             self.origin_error = event["error"]
         elif kind == "complete":
             member.complete = True
@@ -267,18 +269,18 @@ class Swarm:
         """How many hold the file or are getting it: the fewer, the sooner it is copied."""
         return sum(path in m.have or self.receives(m, path) for m in self.members.values())
 
-    def measure(self, member: Member, path: str, received: int | None) -> None:
+    def measure(self, member: Member, path: str, received: int | None, since: float, chained: bool) -> None:
         """A copy's speed, bytes/s, from the bytes it brought (a resumed copy brings the rest
         only; the origin's, the whole file). A chained copy runs no faster than its giver's own:
         it says how slow the member is only where the giver held the file whole by the end, and
         was not slow itself."""
-        took = self.clock() - member.since
+        took = self.clock() - since
         brought = self.manifest["files"][path]["size"] if received is None else received
         if took <= 0 or brought < self.measurable:
             return
         rate = brought / took
         giver = self.members[member.fetching[1]] if member.fetching else None
-        upstream_bound = member.chained and giver and (path not in giver.have or self.slow(giver))
+        upstream_bound = chained and giver and (path not in giver.have or self.slow(giver))
         if not upstream_bound or not self.slow(member, rate):
             member.rate = max(member.rate, rate)
 
@@ -295,14 +297,13 @@ class Swarm:
         rate = member.rate if rate is None else rate
         if rate:
             return rate < SLOW_SHARE * typical
-        under_way = member.arriving or (member.fetching or (None,))[0]
-        size = self.manifest["files"][under_way]["size"] if under_way else 0
+        size = self.manifest["files"][member.fetching[0]]["size"] if member.fetching else 0
         return size >= self.measurable and self.clock() - member.since > size / (SLOW_SHARE * typical)
 
     @staticmethod
     def receives(member: Member, path: str) -> bool:
         """The file lands on the member now, from a peer or the origin: it can be handed on as it does."""
-        return (member.fetching or ("",))[0] == path or member.arriving == path
+        return (member.fetching or ("",))[0] == path or path in member.arriving
 
     def learn(self, manifest: dict | None, source: str) -> None:
         """The revision's manifest, from the seed or a complete member: to every member waiting for one."""

@@ -122,7 +122,9 @@ class Fleet:
             self.say(name, "complete")
 
     def origin(self, name, paths):
-        """The control node's push: each file announced as it begins to land, verified once whole."""
+        """The control node's push: each file announced as it begins to land, verified once whole
+        (the next one announced first, as the host's part sees rsync begin it before it has
+        hashed the last)."""
         if paths:
             self.from_origin.append(paths[0])
             self.say(name, "arriving", path=paths[0])
@@ -133,8 +135,12 @@ class Fleet:
 
     def origin_landed(self, name, paths):
         del self.arriving[name]
-        self.got(name, paths[0], None)
-        self.origin(name, paths[1:])
+        if paths[1:]:
+            self.origin(name, paths[1:])
+            self.got(name, paths[0], None)
+        else:  # the part says the origin ended once it has hashed the last file
+            self.got(name, paths[0], None)
+            self.origin(name, [])
 
     # -- playing it ----------------------------------------------------------------------------
 
