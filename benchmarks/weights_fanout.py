@@ -172,6 +172,9 @@ def main() -> None:
         "model_progress_interval": 30,
     }
     cfg = resolve(data)
+    # The control node keeps a directory's manifest once made, whatever the file selection: one
+    # left by an interrupted run (every file) would make the warm-up move every file.
+    shutil.rmtree(checkpoint / ".glmfleet", ignore_errors=True)
     # Warm-up: the weights script and its directories on every host, so the runs move weights only.
     deploy(ROOT, write_inventory(work / "inventory.py", names), {**data, "model_include": ["config.json"]}, control_dir)
     # The control node keeps a directory's manifest once made: the warm-up's names config.json
