@@ -712,7 +712,7 @@ class Agent:
             if what == "manifest":
                 self.adopt(message["manifest"], check=True)
             elif what == "fetch":
-                threading.Thread(target=self.fetch, args=(message["path"], message["peer"]), daemon=True).start()
+                threading.Thread(target=self.copy, args=(message["path"], message["peer"]), daemon=True).start()
             elif what == "cancel":
                 with self.copy_lock:
                     if self.copying and self.copying[0] == message["path"]:
@@ -861,6 +861,15 @@ class Agent:
         with self.state_lock:
             self.state.data["verified"][path] = stat_of(final)
             self.state.save()
+
+    def copy(self, path: str, peer: str) -> None:
+        """A copy from a peer, in its own thread: whatever goes wrong is said, so that the control
+        node never waits on a copy that is gone."""
+        try:
+            self.fetch(path, peer)
+        except Exception as error:  # noqa: BLE001 (any error: the copy failed here, not the host's part)
+            print(f"{path}: the copy from {peer} failed here: {error!r}", flush=True)
+            self.send("failed", path=path, peer=peer, bad=False, why=f"{type(error).__name__}: {error}")
 
     def fetch(self, path: str, peer: str) -> None:
         a = self.args

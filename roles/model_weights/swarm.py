@@ -130,7 +130,7 @@ class Swarm:
                 giver = self.end_copy(member)
                 member.pauses.pop(giver.name, None)
                 self.copies += 1
-        elif kind == "failed" and member.fetching:
+        elif kind == "failed" and member.fetching and member.fetching[0] == event["path"]:
             giver = self.end_copy(member)
             if event["bad"]:
                 self.rejected += 1

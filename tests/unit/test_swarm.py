@@ -323,3 +323,17 @@ def test_a_copy_chained_to_one_that_ended_without_the_file_is_dropped_at_once():
     assert second.chained
     swarm.event(first.name, {"event": "failed", "path": path, "peer": "s:22", "bad": False, "why": "cut"})
     assert (second.name, {"do": "cancel", "path": path}) in sent
+
+
+def test_a_failure_said_of_another_file_does_not_end_the_copy_under_way():
+    """A host's part says a copy failed, late, after the control node gave it the next one: only
+    the copy of that file ends."""
+    fleet = Fleet(["a", "b"], complete=["a"])
+    fleet.swarm.event("a", {"event": "hello", "complete": True, "manifest": MANIFEST, "verified": sorted(FILES)})
+    fleet.swarm.event("b", {"event": "hello", "complete": False, "manifest": None})
+    fleet.swarm.event("b", {"event": "ready", "manifest": MANIFEST, "verified": []})
+    member = fleet.swarm.members["b"]
+    under_way = member.fetching
+    other = next(path for path in FILES if path != under_way[0])
+    fleet.swarm.event("b", {"event": "failed", "path": other, "peer": "a:22", "bad": False, "why": "late"})
+    assert member.fetching == under_way and fleet.swarm.members["a"].giving == 1
