@@ -58,7 +58,7 @@ class Member:
     # The files the control node's push has begun here (the seed), and when: rsync may begin the
     # next before this host has hashed the last.
     arriving: dict[str, float] = field(default_factory=dict)
-    since: float = 0.0  # when its copy under way (from a peer or the origin) began
+    since: float = 0.0  # when its copy from a peer under way began
     chained: bool = False  # its copy under way is handed on from a member still receiving it
     cancelled: bool = False  # it was told to drop its copy under way (its giver is slow)
     rate: float = 0.0  # the fastest of its copies so far, bytes/s (0: none yet)
@@ -180,8 +180,9 @@ class Swarm:
     def tick(self) -> None:
         """Give every idle receiver its next copy; let parts leave or stop them when the fan-out
         is over for them."""
-        self.reroute()
-        self.assign()
+        slow = {m.name: self.slow(m) for m in self.members.values()}  # once a pass: each sorts all speeds
+        self.reroute(slow)
+        self.assign(slow)
         running = [m for m in self.members.values() if m.joined and not m.left]
         if all(m.joined for m in self.members.values()) and all(m.complete or m.left for m in self.members.values()):
             for member in running:
@@ -201,7 +202,7 @@ class Swarm:
                     )
                     member.left, member.failed = True, why
 
-    def assign(self) -> None:
+    def assign(self, slow: dict[str, bool]) -> None:
         if self.manifest is None:
             return
         files = sorted(self.manifest["files"])
@@ -215,7 +216,6 @@ class Swarm:
             and not m.fetching
             and not (m.name == self.seed and self.origin_running)
         ]
-        slow = {m.name: self.slow(m) for m in self.members.values()}
         # The fastest first: a file new on the seed goes down the fastest chain.
         random.shuffle(receivers)
         receivers.sort(key=lambda m: -m.rate if m.rate else float("-inf"))
@@ -252,7 +252,7 @@ class Swarm:
                 giver.giving += 1
                 self.send(receiver.name, {"do": "fetch", "path": path, "peer": giver.address})
 
-    def reroute(self) -> None:
+    def reroute(self, slow: dict[str, bool]) -> None:
         """A copy handed on from a member that turned out slow waits on that member's link, and
         one handed on from a member whose own copy of the file ended without it waits for bytes
         that do not come: either is dropped (what arrived stays staged) and taken up again from
@@ -261,7 +261,7 @@ class Swarm:
             if member.fetching and member.chained and not member.cancelled:
                 path, name = member.fetching
                 giver = self.members[name]
-                if self.slow(giver) or not (path in giver.have or self.receives(giver, path)):
+                if slow[name] or not (path in giver.have or self.receives(giver, path)):
                     member.cancelled = True
                     self.send(member.name, {"do": "cancel", "path": path})
 
@@ -287,9 +287,9 @@ class Swarm:
     def slow(self, member: Member, rate: float | None = None) -> bool:
         """Its best copy ran at less than SLOW_SHARE of the members' median speed, or its first
         copy is already late for that speed. A slow member gives only what it holds whole, to a
-        fast one only what no other can give; while the origin delivers it takes nothing from the seed, whose
-        one upload every new file waits on; copies handed on from it are dropped and go on from
-        another giver (``reroute``)."""
+        fast one only what no other can give; while the origin delivers it takes nothing from the
+        seed, whose one upload every new file waits on; copies handed on from it are dropped and
+        go on from another giver (``reroute``)."""
         known = sorted(m.rate for m in self.members.values() if m.rate)
         if not known or (member.name == self.seed and self.origin_running):
             return False  # the seed receives at the origin's speed, and new files come only from it
