@@ -27,6 +27,7 @@ path`` it writes nothing at all: a file that does not match is reported, never r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -619,6 +620,11 @@ GIVE_POLL_S = 0.05
 # How ``give`` ended, for the receiver: DROPPED means the giver's copy was removed while it gave
 # it (it did not match): the bytes given so far are worthless.
 GIVE_REFUSED, GIVE_DROPPED, GIVE_STALLED = 2, 3, 4
+# Copies are read one at a time, each at the link's speed; the next one's session opens when the
+# one being read has this long left, so that its set-up (the ssh session, the peer's ``give``
+# starting) overlaps the last bytes of that one rather than leaving the link idle.
+NEXT_COPY_LEAD_S = 1.0
+NEXT_COPY_POLL_S = 0.05
 
 
 def safe_relative(path: str) -> bool:
@@ -632,7 +638,8 @@ class Agent:
     and output, one JSON object a line each way; words for people go to standard error.
 
     The control node says (``do``): ``manifest`` (the revision's, to a host that has none),
-    ``fetch`` (one file from one peer), ``cancel`` (drop the copy under way: its peer is slow),
+    ``fetch`` (one file from one peer; a second one waits behind the copy being read),
+    ``cancel`` (drop a copy: its peer is slow),
     ``recheck`` (hash every file again: a peer received one of
     ours wrong), ``origin_done`` (its push to this host, the seed, ended), ``leave``, ``stop``.
     This host says (``event``): ``hello`` (complete or not, the manifest it has), ``ready`` (the
@@ -661,8 +668,10 @@ class Agent:
         self.progress: Progress | None = None
         self.peers_used: set[tuple[str, str]] = set()
         self.staged_verified: set[str] = set()  # verified, still staged: the origin's rsync may touch them
-        self.copying: tuple[str, subprocess.Popen] | None = None  # the copy from a peer under way
+        # The copies from peers under way: file -> its ssh (None: not started yet, it waits its turn).
+        self.copying: dict[str, subprocess.Popen | None] = {}
         self.copy_lock = threading.Lock()
+        self.reading = Reading()  # the copy read now: one at a time
         self.state_lock = threading.Lock()  # the state file, the manifest
         self.sweep_lock = threading.Lock()  # one pass over the files at a time
         self.send_lock = threading.Lock()
@@ -715,8 +724,9 @@ class Agent:
                 threading.Thread(target=self.copy, args=(message["path"], message["peer"]), daemon=True).start()
             elif what == "cancel":
                 with self.copy_lock:
-                    if self.copying and self.copying[0] == message["path"]:
-                        self.copying[1].kill()  # what arrived stays staged: the next copy appends
+                    process = self.copying.pop(message["path"], None)
+                    if process:
+                        process.kill()  # what arrived stays staged: the next copy appends
             elif what == "recheck":
                 threading.Thread(target=self.recheck, daemon=True).start()
             elif what == "origin_done":
@@ -831,7 +841,13 @@ class Agent:
                 self.maybe_complete()
 
     def check_in(
-        self, path: str, target: Path, peer: str | None, move: bool = True, received: int | None = None
+        self,
+        path: str,
+        target: Path,
+        peer: str | None,
+        move: bool = True,
+        received: int | None = None,
+        took: float | None = None,
     ) -> bool:
         """Hash a file against the manifest; the wrong one is removed, the right one recorded in
         its place (from the staging directory, where copies land; without ``move`` it stays
@@ -847,8 +863,9 @@ class Agent:
             with self.state_lock:
                 self.staged_verified.add(path)
                 self.state.data["verified"][path] = stat_of(target)
-        # received: the bytes this copy brought (not what an earlier one staged), for its speed.
-        self.send("verified", path=path, peer=peer, received=received)
+        # received: the bytes this copy brought (not what an earlier one staged) in ``took``
+        # seconds of reading, for its speed.
+        self.send("verified", path=path, peer=peer, received=received, took=took)
         self.maybe_complete()
         return True
 
@@ -897,19 +914,29 @@ class Agent:
             # What the peer's ``give`` reads (its forced command): JSON, no shell on either side.
             json.dumps({"dir": a.peer_path, "path": path, "offset": have}),
         ]  # fmt: skip
+        with self.copy_lock:
+            self.copying[path] = None
         # ssh's errors go to a file, not a pipe: the ssh that starts a peer's kept connection stays
         # in the background holding its standard error, and a pipe would not end with the copy.
-        with tempfile.TemporaryFile() as errors:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+        with self.reading.place() as ticket, tempfile.TemporaryFile() as errors:
+            while not self.reading.due(ticket) and path in self.copying:
+                time.sleep(NEXT_COPY_POLL_S)
             with self.copy_lock:
-                self.copying = (path, process)
+                if path not in self.copying:
+                    self.send("failed", path=path, peer=peer, bad=False, why="cancelled before it began")
+                    return
+                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+                self.copying[path] = process
             try:
-                have, failure = receive(process.stdout, staged, have, size, a.transfer_limit), None
+                with self.reading.turn(ticket, size, have):
+                    began = time.monotonic()
+                    have, failure = receive(process.stdout, staged, have, size, a.transfer_limit, self.reading), None
             except OSError as error:  # this host's disk (full, say)
                 process.kill()
                 failure = f"writing {staged}: {error.strerror}"
+            took = time.monotonic() - began
             with self.copy_lock:
-                self.copying = None
+                self.copying.pop(path, None)
             process.stdout.close()  # a peer that sends more than the file's size is not read on
             try:
                 process.wait(timeout=PEER_CONNECT_TIMEOUT_S)
@@ -923,7 +950,7 @@ class Agent:
                 staged.unlink(missing_ok=True)  # what came is part of a copy that did not match
             why = failure or (error.strip().splitlines() or [f"ssh exit {process.returncode}"])[-1]
             self.send("failed", path=path, peer=peer, bad=False, why=why)
-        elif not self.check_in(path, staged, peer, received=size - first):
+        elif not self.check_in(path, staged, peer, received=size - first, took=took):
             self.send("failed", path=path, peer=peer, bad=True, why="does not match the manifest")
 
     def recheck(self) -> None:
@@ -964,9 +991,61 @@ class Agent:
 RECEIVE_CHUNK = 1 << 20
 
 
-def receive(stream, staged: Path, have: int, size: int, limit: float | None) -> int:
+class Reading:
+    """The copies from peers in the order they were asked for: one is read at a time, and the
+    next one's session opens once the one read has NEXT_COPY_LEAD_S left at its pace so far."""
+
+    def __init__(self):
+        self.condition = threading.Condition()
+        self.queue: list[object] = []
+        self.size = self.first = self.have = 0  # of the copy read now (size 0: none)
+        self.started = 0.0
+
+    @contextlib.contextmanager
+    def place(self):
+        """A place in the queue, for one copy, until the block ends."""
+        ticket = object()
+        with self.condition:
+            self.queue.append(ticket)
+        try:
+            yield ticket
+        finally:
+            self.leave(ticket)
+
+    def leave(self, ticket: object) -> None:
+        with self.condition:
+            if ticket in self.queue:
+                self.queue.remove(ticket)
+                self.condition.notify_all()
+
+    def due(self, ticket: object) -> bool:
+        """Whether the copy should open its session now: it is first, or next after a copy that
+        is about to end."""
+        with self.condition:
+            if self.queue[0] is ticket:
+                return True
+            if self.queue[1] is not ticket or not self.size:
+                return False
+            rate = (self.have - self.first) / max(time.monotonic() - self.started, 1e-3)
+            return rate > 0 and (self.size - self.have) / rate <= NEXT_COPY_LEAD_S
+
+    @contextlib.contextmanager
+    def turn(self, ticket: object, size: int, have: int):
+        """Wait until the copy is first; it is read until the block ends, and then the next one."""
+        with self.condition:
+            self.condition.wait_for(lambda: self.queue[0] is ticket)
+            self.size, self.first, self.have, self.started = size, have, have, time.monotonic()
+        try:
+            yield
+        finally:
+            self.size = 0
+            self.leave(ticket)
+
+
+def receive(stream, staged: Path, have: int, size: int, limit: float | None, reading: Reading) -> int:
     """Append what a peer gives to the staged copy, up to the manifest's size and at most
-    ``limit`` bytes a second; returns how much is staged (less than ``size``: the stream ended)."""
+    ``limit`` bytes a second, telling ``reading`` how far it is; returns how much is staged
+    (less than ``size``: the stream ended)."""
     started, first = time.monotonic(), have
     # O_NOFOLLOW: the staging directory is root's (safe_directory), its last component too.
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
@@ -979,6 +1058,7 @@ def receive(stream, staged: Path, have: int, size: int, limit: float | None) -> 
             while view:
                 view = view[os.write(fd, view) :]
             have += len(chunk)
+            reading.have = have
             if limit:
                 ahead = (have - first) / limit - (time.monotonic() - started)
                 if ahead > 0:

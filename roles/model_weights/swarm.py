@@ -10,9 +10,12 @@ A host passes on a file while it still receives it: a copy may be taken from a m
 itself still copying that file, its bytes handed on as they land (a chain, each link of it at
 the speed of both hosts' links), and every receiver hashes its whole copy against the manifest
 before it holds the file. The seed hands on what the control node pushes as it lands too (what
-a hub delivers, once it is whole). Each host receives one copy at a time and gives one at a
-time, and the rarest file goes first (counting copies under way), from a member that holds it
-whole where one is free. A slow member is kept out of the chains (``slow``). The aim is about
+a hub delivers, once it is whole). Each host reads one copy at a time and has its next one
+set up behind it (the control node's round trip, the ssh session, the peer's ``give`` starting
+and the hash of the last file all take time its link would otherwise spend idle); a member
+gives two copies at most, one where another member is free to give. The rarest file goes first
+(counting copies under way), from a member that holds it whole where one is free. A slow member
+is kept out of the chains (``slow``). The aim is about
 S/B for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in doubling
 rounds; how near it came, measured beside the rounds: benchmarks/RESULTS.md.
 
@@ -42,6 +45,19 @@ from roles.model_weights.control import push, ssh_argv, ssh_target
 FIRST_PAUSE_S = 2.0
 LONGEST_PAUSE_S = 60.0
 SLOW_SHARE = 0.5
+# A receiver's copies: the one it reads and the next, set up meanwhile. A giver's: two, so that
+# the next copies of the members it gives to can be set up while it gives (one where
+# model_transfer_limit_mbps caps each host's traffic each way: two read at once would pass it).
+COPIES_IN = 2
+COPIES_OUT = 2
+
+
+@dataclass
+class Copy:
+    giver: str
+    since: float  # when it was asked for, or when the copy before it ended: when it began to be read
+    chained: bool  # handed on from a member still receiving the file
+    cancelled: bool = False  # the receiver was told to drop it (its giver is slow)
 
 
 @dataclass
@@ -54,13 +70,10 @@ class Member:
     left: bool = False  # its part ended (it may still give: its sshd serves until the key goes)
     failed: str | None = None
     have: set[str] = field(default_factory=set)
-    fetching: tuple[str, str] | None = None  # (file, giver)
+    fetching: dict[str, Copy] = field(default_factory=dict)  # file -> its copy, the one read first
     # The files the control node's push has begun here (the seed), and when: rsync may begin the
     # next before this host has hashed the last.
     arriving: dict[str, float] = field(default_factory=dict)
-    since: float = 0.0  # when its copy from a peer under way began
-    chained: bool = False  # its copy under way is handed on from a member still receiving it
-    cancelled: bool = False  # it was told to drop its copy under way (its giver is slow)
     rate: float = 0.0  # the fastest of its copies so far, bytes/s (0: none yet)
     giving: int = 0
     distrusted: bool = False  # gave a file that did not match: gives nothing until rechecked
@@ -80,6 +93,7 @@ class Swarm:
         manifest: dict | None,
         send: Callable[[str, dict], None],
         leave_when_complete: bool = False,
+        copies_out: int = COPIES_OUT,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.members = {name: Member(name, address) for name, address in addresses.items()}
@@ -88,6 +102,7 @@ class Swarm:
         # A pyinfra pool smaller than the fleet runs some parts only once others have ended:
         # then a complete member leaves at once rather than wait for those.
         self.leave_when_complete = leave_when_complete
+        self.copies_out = copies_out
         self.clock = clock
         self.origin_running = seed is not None
         # Who the manifest came from: None for the control node's own (given here), sent to
@@ -105,6 +120,7 @@ class Swarm:
     def event(self, name: str, event: dict) -> list[str]:
         """Take one message from a member's part; returns lines worth showing the person deploying."""
         member, kind, said = self.members[name], event["event"], []
+        slow = {m.name: self.slow(m) for m in self.members.values()} if kind == "verified" else {}
         if kind == "hello":
             member.joined = True
             if event["complete"]:
@@ -121,17 +137,25 @@ class Swarm:
         elif kind == "arriving":
             member.arriving[event["path"]] = self.clock()
         elif kind == "verified":
-            member.have.add(event["path"])
-            if event["path"] in member.arriving:
-                self.measure(member, event["path"], None, member.arriving.pop(event["path"]), chained=False)
-            elif member.fetching and member.fetching[0] == event["path"]:
-                self.measure(member, event["path"], event.get("received"), member.since, member.chained)
-            if member.fetching and member.fetching[0] == event["path"]:
-                giver = self.end_copy(member)
+            path = event["path"]
+            member.have.add(path)
+            if path in member.arriving:
+                since = member.arriving.pop(path)
+                self.measure(member, self.manifest["files"][path]["size"], self.clock() - since, False)
+            elif path in member.fetching:
+                copy = member.fetching[path]
+                # The part times its reading of the copy; without that, from when it could begin.
+                took = event.get("took") or self.clock() - copy.since
+                upstream_bound = copy.chained and (path not in self.members[copy.giver].have or slow[copy.giver])
+                received = event.get("received")
+                brought = self.manifest["files"][path]["size"] if received is None else received
+                self.measure(member, brought, took, upstream_bound)
+                giver = self.end_copy(member, path)
                 member.pauses.pop(giver.name, None)
                 self.copies += 1
-        elif kind == "failed" and member.fetching and member.fetching[0] == event["path"]:
-            giver = self.end_copy(member)
+        elif kind == "failed" and event["path"] in member.fetching:
+            cancelled = member.fetching[event["path"]].cancelled
+            giver = self.end_copy(member, event["path"])
             if event["bad"]:
                 self.rejected += 1
                 said.append(
@@ -140,7 +164,7 @@ class Swarm:
                 giver.distrusted = True
                 if giver.joined and not giver.left:
                     self.send(giver.name, {"do": "recheck"})
-            elif member.cancelled:
+            elif cancelled:
                 said.append(f"{event['path']}: {giver.name} receives it slowly; the copy goes on from another peer")
             else:
                 said.append(f"copying {event['path']} from {giver.name} failed ({event['why']}): asking another peer")
@@ -168,8 +192,8 @@ class Swarm:
         member.left, member.joined = True, True
         if not ok:
             member.failed = why or "its part failed"
-            if member.fetching:
-                self.end_copy(member)
+            for path in list(member.fetching):
+                self.end_copy(member, path)
             if name == self.seed and self.origin_running:
                 self.origin_running = False
                 self.origin_error = f"the seed {name} failed"
@@ -213,44 +237,68 @@ class Swarm:
             if m.ready
             and not m.complete
             and not m.left
-            and not m.fetching
+            and len(m.fetching) < COPIES_IN
             and not (m.name == self.seed and self.origin_running)
         ]
-        # The fastest first: a file new on the seed goes down the fastest chain.
+        # The soonest free first: a file new on the seed goes down a chain in the order its
+        # members will be free to read it, so that none waits on a member still reading another.
         random.shuffle(receivers)
-        receivers.sort(key=lambda m: -m.rate if m.rate else float("-inf"))
+        receivers.sort(key=self.free_at)
         for receiver in receivers:
-            now, best = self.clock(), None
-            for path in files:
-                if path in receiver.have:
-                    continue
-                givers = [
-                    giver
-                    for giver in self.members.values()
-                    if giver is not receiver
-                    and (path in giver.have or (self.receives(giver, path) and not slow[giver.name]))
-                    # While the origin delivers, the seed's one upload is what every new file waits on.
-                    and not (giver.name == self.seed and self.origin_running and slow[receiver.name])
-                    and not giver.distrusted
-                    and giver.giving == 0
-                    and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
-                ]
-                # A fast member takes from a slow one only what no other can give it.
-                preferred = [g for g in givers if not slow[g.name] or slow[receiver.name]]
-                givers = preferred or givers
-                if givers:
-                    rarity = self.holders(path)
-                    key = (not preferred, rarity, random.random())
-                    if best is None or key < best[0]:
-                        # A whole copy before one still arriving: that one gives no faster than it gets.
-                        holding = [giver for giver in givers if path in giver.have]
-                        best = (key, path, random.choice(holding or givers))
-            if best:
-                _key, path, giver = best
-                receiver.fetching, receiver.since = (path, giver.name), now
-                receiver.chained, receiver.cancelled = path not in giver.have, False
-                giver.giving += 1
-                self.send(receiver.name, {"do": "fetch", "path": path, "peer": giver.address})
+            while len(receiver.fetching) < COPIES_IN and self.assign_one(receiver, files, slow):
+                pass
+
+    def assign_one(self, receiver: Member, files: list[str], slow: dict[str, bool]) -> bool:
+        """The receiver's next copy: the rarest file it lacks, from a member free to give it."""
+        now, best = self.clock(), None
+        for path in files:
+            if path in receiver.have or path in receiver.fetching:
+                continue
+            givers = [
+                giver
+                for giver in self.members.values()
+                if giver is not receiver
+                and (path in giver.have or (self.receives(giver, path) and not slow[giver.name]))
+                # While the origin delivers, the seed's upload is what every new file waits on.
+                and not (giver.name == self.seed and self.origin_running and slow[receiver.name])
+                and not giver.distrusted
+                and giver.giving < self.copies_out
+                and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
+            ]
+            # A fast member takes from a slow one only what no other can give it, and only for
+            # the copy it reads next: one set up behind another may yet find a faster giver.
+            preferred = [g for g in givers if not slow[g.name] or slow[receiver.name]]
+            if not preferred and receiver.fetching:
+                continue
+            givers = preferred or givers
+            # A member giving nothing before one that gives already: both would share its link.
+            idle = [g for g in givers if not g.giving]
+            givers = idle or givers
+            if givers:
+                key = (not preferred, not idle, self.holders(path), random.random())
+                if best is None or key < best[0]:
+                    # A whole copy before one still arriving: that one gives no faster than it gets.
+                    holding = [giver for giver in givers if path in giver.have]
+                    best = (key, path, random.choice(holding or givers))
+        if best is None:
+            return False
+        _key, path, giver = best
+        # A copy behind another begins to be read when that one ends (``end_copy``).
+        receiver.fetching[path] = Copy(giver.name, now, chained=path not in giver.have)
+        giver.giving += 1
+        self.send(receiver.name, {"do": "fetch", "path": path, "peer": giver.address})
+        return True
+
+    def free_at(self, member: Member) -> float:
+        """When the member will have read the copy it reads now, at its speed (the typical one
+        until it has one; a member reading nothing: now)."""
+        path, copy = next(iter(member.fetching.items()), ("", None))
+        if copy is None:
+            return self.clock()
+        known = sorted(m.rate for m in self.members.values() if m.rate)
+        rate = member.rate or (known[len(known) // 2] if known else 0.0)
+        size = self.manifest["files"][path]["size"]
+        return copy.since + (size / rate if rate else 0.0)
 
     def reroute(self, slow: dict[str, bool]) -> None:
         """A copy handed on from a member that turned out slow waits on that member's link, and
@@ -258,29 +306,25 @@ class Swarm:
         that do not come: either is dropped (what arrived stays staged) and taken up again from
         another giver. Down a chain, each link follows at the next tick."""
         for member in self.members.values():
-            if member.fetching and member.chained and not member.cancelled:
-                path, name = member.fetching
-                giver = self.members[name]
-                if slow[name] or not (path in giver.have or self.receives(giver, path)):
-                    member.cancelled = True
-                    self.send(member.name, {"do": "cancel", "path": path})
+            for path, copy in member.fetching.items():
+                if copy.chained and not copy.cancelled:
+                    giver = self.members[copy.giver]
+                    if slow[copy.giver] or not (path in giver.have or self.receives(giver, path)):
+                        copy.cancelled = True
+                        self.send(member.name, {"do": "cancel", "path": path})
 
     def holders(self, path: str) -> int:
         """How many hold the file or are getting it: the fewer, the sooner it is copied."""
         return sum(path in m.have or self.receives(m, path) for m in self.members.values())
 
-    def measure(self, member: Member, path: str, received: int | None, since: float, chained: bool) -> None:
+    def measure(self, member: Member, brought: int, took: float, upstream_bound: bool) -> None:
         """A copy's speed, bytes/s, from the bytes it brought (a resumed copy brings the rest
-        only; the origin's, the whole file). A chained copy runs no faster than its giver's own:
-        it says how slow the member is only where the giver held the file whole by the end, and
-        was not slow itself."""
-        took = self.clock() - since
-        brought = self.manifest["files"][path]["size"] if received is None else received
+        only; the origin's, the whole file) over the time it was read. A chained copy runs no
+        faster than its giver's own: it says how slow the member is only where the giver held
+        the file whole by the end, and was not slow itself."""
         if took <= 0 or brought < self.measurable:
             return
         rate = brought / took
-        giver = self.members[member.fetching[1]] if member.fetching else None
-        upstream_bound = chained and giver and (path not in giver.have or self.slow(giver))
         if not upstream_bound or not self.slow(member, rate):
             member.rate = max(member.rate, rate)
 
@@ -297,13 +341,22 @@ class Swarm:
         rate = member.rate if rate is None else rate
         if rate:
             return rate < SLOW_SHARE * typical
-        size = self.manifest["files"][member.fetching[0]]["size"] if member.fetching else 0
-        return size >= self.measurable and self.clock() - member.since > size / (SLOW_SHARE * typical)
+        path, copy = next(iter(member.fetching.items()), ("", None))
+        size = self.manifest["files"][path]["size"] if copy else 0
+        return size >= self.measurable and self.clock() - copy.since > size / (SLOW_SHARE * typical)
+
+    @staticmethod
+    def lands(member: Member, path: str) -> bool:
+        """The file lands on the member now, from the origin or the copy it reads (the first of
+        its copies; the next one waits behind it): it can be handed on as it does."""
+        return path in member.arriving or next(iter(member.fetching), None) == path
 
     @staticmethod
     def receives(member: Member, path: str) -> bool:
-        """The file lands on the member now, from a peer or the origin: it can be handed on as it does."""
-        return (member.fetching or ("",))[0] == path or path in member.arriving
+        """The file lands on the member now or will once the copy before it ends: it can be
+        handed on as it does (the give waits for the copy to begin)."""
+        copy = member.fetching.get(path)
+        return (copy is not None and not copy.cancelled) or path in member.arriving
 
     def learn(self, manifest: dict | None, source: str) -> None:
         """The revision's manifest, from the seed or a complete member: to every member waiting for one."""
@@ -341,10 +394,13 @@ class Swarm:
     def paused(self, member: Member) -> bool:
         return any(until > self.clock() for until, _pause in member.pauses.values())
 
-    def end_copy(self, receiver: Member) -> Member:
-        giver = self.members[receiver.fetching[1]]
+    def end_copy(self, receiver: Member, path: str) -> Member:
+        was_read = self.lands(receiver, path)
+        giver = self.members[receiver.fetching.pop(path).giver]
         giver.giving -= 1
-        receiver.fetching = None
+        if was_read and receiver.fetching:  # the next copy is read from now on
+            following = next(iter(receiver.fetching.values()))
+            following.since = max(following.since, self.clock())
         return giver
 
     def summary(self) -> str:

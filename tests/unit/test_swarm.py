@@ -1,9 +1,11 @@
 """The fan-out's scheduler (roles/model_weights/swarm.py) against simulated hosts.
 
 Each simulated host answers the scheduler as the host script's part does (files/glmfleet_weights.py,
-``Agent``): a copy takes size / bandwidth of simulated time, a seed receives the origin's files one
-after another; a host may give bad bytes, lose its link or never join. The fleet tests drive the
-real parts on real hosts (tests/fleet/test_fanout_links_fleet.py).
+``Agent``): it reads one copy at a time, a copy takes size / bandwidth of simulated time once read
+(a giver's link is not shared out between its copies here), one asked for while another is read
+is set up meanwhile (``setup``: the time from the scheduler's word to the first byte), a seed
+receives the origin's files one after another; a host may give bad bytes, lose its link or never
+join. The fleet tests drive the real parts on real hosts (tests/fleet/test_fanout_links_fleet.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 
 import pytest
 
-from roles.model_weights.swarm import Swarm
+from roles.model_weights.swarm import COPIES_IN, COPIES_OUT, Swarm
 
 FILES = {f"model-{n:05d}.safetensors": 10 for n in range(1, 13)}
 MANIFEST = {"revision": "r" * 40, "files": {path: {"size": size} for path, size in FILES.items()}}
@@ -23,16 +25,19 @@ MANIFEST = {"revision": "r" * 40, "files": {path: {"size": size} for path, size 
 class Fleet:
     """Simulated members; ``run`` plays the fan-out to its end and returns the simulated time."""
 
-    def __init__(self, names, complete=(), seed=None, manifest_from_control=False, bandwidth=None, bad=()):
-        self.now = 0.0
+    def __init__(self, names, complete=(), seed=None, manifest_from_control=False, bandwidth=None, bad=(), setup=0.0):
+        self.now, self.setup = 0.0, setup
         self.queue, self.order = [], itertools.count()
         self.names = list(names)
         self.bandwidth = bandwidth or {}
         self.bad = set(bad)  # hosts whose stored bytes are wrong (a disk gone bad) until rechecked
         self.have = {name: set(FILES) if name in complete else set() for name in names}
         self.ended, self.sent, self.giving = {}, [], {name: 0 for name in names}
+        self.most_given = dict(self.giving)  # the most copies each host gave at once
         self.from_origin, self.copies, self.streamed = [], [], []
         self.arriving = {}  # name -> (path, when its copy ends)
+        self.waiting = {name: [] for name in names}  # copies asked for: (number, path, giver, when)
+        self.reading = {name: None for name in names}  # the copy a host reads, or sets up to read
         self.done_at = {}  # name -> when it held every file
         self.copy_number, self.cancelled = {}, []
         self.down: set[str] = set()
@@ -61,7 +66,7 @@ class Fleet:
             self.at(0, self.say, name, "ready", manifest=message["manifest"], verified=sorted(self.have[name]))
         elif what == "fetch":
             self.at(0, self.fetch, name, message["path"], message["peer"].split(":")[0])
-        elif what == "cancel" and name in self.arriving:
+        elif what == "cancel":
             self.at(0, self.cancel, name, message["path"])
         elif what == "recheck":
             self.bad.discard(name)
@@ -72,39 +77,72 @@ class Fleet:
             self.ended[name] = what if what == "leave" and self.have[name] == set(FILES) else message.get("why", what)
 
     def fetch(self, name, path, giver):
+        assert len(self.swarm.members[name].fetching) <= COPIES_IN
         if name in self.down or giver in self.down:
             self.at(20, self.say, name, "failed", path=path, peer=f"{giver}:22", bad=False, why="timeout")
             return
         self.giving[giver] += 1
-        assert self.giving[giver] == 1, f"{giver} gives two copies at once"
+        self.most_given[giver] = max(self.most_given[giver], self.giving[giver])
+        assert self.giving[giver] <= COPIES_OUT, f"{giver} gives more than {COPIES_OUT} copies at once"
+        self.copy_number[(name, path)] = number = next(self.order)
+        self.waiting[name].append((number, path, giver, self.now))
+        self.next_copy(name)
+
+    def next_copy(self, name):
+        """The next copy is read once the one before it ends, and no sooner than its set-up allows."""
+        while self.reading[name] is None and self.waiting[name]:
+            number, path, giver, asked = self.waiting[name].pop(0)
+            if self.copy_number.get((name, path)) == number:  # not cancelled meanwhile
+                self.reading[name] = number
+                self.at(max(0.0, asked + self.setup - self.now), self.read, name, path, giver, number)
+
+    def done_reading(self, name):
+        self.reading[name] = None
+        self.next_copy(name)
+
+    def read(self, name, path, giver, number, waited=0.0):
+        if self.copy_number.get((name, path)) != number:  # cancelled while it was set up
+            self.done_reading(name)
+            return
+        if path not in self.have[giver] and self.arriving.get(giver, ("",))[0] != path:
+            # The giver's own copy has not begun (it waits behind another there): its give waits.
+            if waited < 30:
+                self.at(0.1, self.read, name, path, giver, number, waited + 0.1)
+                return
+            self.giving[giver] -= 1
+            self.done_reading(name)
+            self.say(name, "failed", path=path, peer=f"{giver}:22", bad=False, why="not there")
+            return
         rate = min(self.bandwidth.get(name, 1.0), self.bandwidth.get(giver, 1.0))
         took = FILES[path] / rate
         if path not in self.have[giver]:  # handed on as it arrives there: ends just after the giver's copy
-            arriving, until = self.arriving[giver]
-            assert arriving == path, f"{giver} was asked for {path}, which it neither holds nor receives"
-            took = max(took, until - self.now + 0.01)
+            took = max(took, self.arriving[giver][1] - self.now + 0.01)
             self.streamed.append((name, path, giver))
         self.arriving[name] = (path, self.now + took)
-        self.copy_number[name] = number = next(self.order)
-        self.at(took, self.fetched, name, path, giver, number)
+        self.at(took, self.fetched, name, path, giver, number, took)
 
     def cancel(self, name, path):
-        giver = self.swarm.members[name].fetching[1]
-        self.copy_number[name] = None  # its end, already scheduled, does not come
+        if path not in self.swarm.members[name].fetching:
+            return
+        giver = self.swarm.members[name].fetching[path].giver
+        self.copy_number[(name, path)] = None  # its reading or end, already scheduled, does not come
         self.giving[giver] -= 1
-        del self.arriving[name]
+        if self.arriving.get(name, ("",))[0] == path:
+            del self.arriving[name]
+            self.done_reading(name)
         self.cancelled.append((name, path, giver))
         self.say(name, "failed", path=path, peer=f"{giver}:22", bad=False, why="cancelled")
 
-    def fetched(self, name, path, giver, number, stalled=False):
-        if self.copy_number.get(name) != number:
+    def fetched(self, name, path, giver, number, took, stalled=False):
+        if self.copy_number.get((name, path)) != number:
             return
         if path not in self.have[giver] and not stalled and self.arriving.get(giver, ("",))[0] != path:
             # The giver's own copy ended without the file: its give waits for bytes (GIVE_STALL_S).
-            self.at(30, self.fetched, name, path, giver, number, stalled=True)
+            self.at(30, self.fetched, name, path, giver, number, took + 30, stalled=True)
             return
         self.giving[giver] -= 1
         del self.arriving[name]
+        self.done_reading(name)
         if path not in self.have[giver]:
             self.say(name, "failed", path=path, peer=f"{giver}:22", bad=False, why="no new bytes for 30 s")
             return
@@ -112,11 +150,11 @@ class Fleet:
             self.say(name, "failed", path=path, peer=f"{giver}:22", bad=True, why="does not match the manifest")
             return
         self.copies.append((name, path, giver))
-        self.got(name, path, f"{giver}:22")
+        self.got(name, path, f"{giver}:22", took)
 
-    def got(self, name, path, peer):
+    def got(self, name, path, peer, took=None):
         self.have[name].add(path)
-        self.say(name, "verified", path=path, peer=peer)
+        self.say(name, "verified", path=path, peer=peer, received=FILES[path] if peer else None, took=took)
         if self.have[name] == set(FILES):
             self.done_at[name] = self.now
             self.say(name, "complete")
@@ -255,9 +293,10 @@ def test_complete_members_stay_until_every_member_has_joined_and_finished():
 
 
 @pytest.mark.parametrize("hosts", [4, 8, 16])
-def test_each_host_receives_one_copy_at_a_time(hosts):
+def test_each_host_has_two_copies_at_most_each_way(hosts):
     fleet = Fleet([f"h{n}" for n in range(hosts)], seed="h0")
-    fleet.run()  # Fleet.fetch asserts each giver gives one copy at a time
+    fleet.run()  # Fleet.fetch asserts it of each receiver and giver
+    assert max(fleet.most_given.values()) == COPIES_OUT
     fetching = [m for _, m in fleet.sent if m["do"] == "fetch"]
     assert len(fetching) == (hosts - 1) * len(FILES)
 
@@ -273,6 +312,30 @@ def test_a_file_still_arriving_is_handed_on_so_the_fleet_takes_about_one_hosts_t
     limit, one_file = sum(FILES.values()), max(FILES.values())
     assert fleet.streamed, "no host handed on a file it was still receiving"
     assert took <= limit + one_file / 2, f"{took} against S/B {limit}"
+    assert all(fleet.have[name] == set(FILES) for name in fleet.names)
+
+
+@pytest.mark.parametrize("hosts", [8, 16])
+def test_the_set_up_of_each_copy_is_hidden_behind_the_copy_before_it(hosts):
+    """A copy's set-up (the scheduler's word, the ssh session, the peer's give starting) costs
+    every host that time per file where copies follow one another (12 files x 2 = 24 units
+    over S/B here); the next copy set up behind the one read, and a new file handed down a
+    chain in the order its members will be free, pays it about once."""
+    random.seed(hosts)
+    fleet = Fleet([f"h{n}" for n in range(hosts)], seed="h0", setup=2.0)
+    took = fleet.run()
+    limit, one_file = sum(FILES.values()), max(FILES.values())
+    assert took <= limit + 2.0 + one_file / 2, f"{took} against S/B {limit}"
+    assert all(fleet.have[name] == set(FILES) for name in fleet.names)
+
+
+def test_a_capped_fleet_gives_one_copy_at_a_time():
+    """With model_transfer_limit_mbps each receiver paces its copy to the cap: a host giving
+    two copies read at once would send twice it."""
+    fleet = Fleet([f"h{n}" for n in range(8)], seed="h0")
+    fleet.swarm.copies_out = 1
+    fleet.run()
+    assert max(fleet.most_given.values()) == 1
     assert all(fleet.have[name] == set(FILES) for name in fleet.names)
 
 
@@ -295,10 +358,27 @@ def test_a_resumed_copy_is_timed_by_the_bytes_it_brought():
     fleet.swarm.event("b", {"event": "hello", "complete": False, "manifest": None})
     fleet.swarm.event("b", {"event": "ready", "manifest": MANIFEST, "verified": []})
     member = fleet.swarm.members["b"]
-    path = member.fetching[0]
+    path = next(iter(member.fetching))
     fleet.now = 5.0
     fleet.swarm.event("b", {"event": "verified", "path": path, "peer": "a:22", "received": 4})
     assert member.rate == pytest.approx(4 / 5)
+
+
+def test_a_copy_is_timed_by_its_reading_where_the_part_says_it():
+    """The next copy is asked for while the one before it is read: timed from the scheduler's
+    word it would count that wait, and every member would look half as fast as it is."""
+    fleet = Fleet(["a", "b"], complete=["a"])
+    fleet.swarm.event("a", {"event": "hello", "complete": True, "manifest": MANIFEST, "verified": sorted(FILES)})
+    fleet.swarm.event("b", {"event": "hello", "complete": False, "manifest": None})
+    fleet.swarm.event("b", {"event": "ready", "manifest": MANIFEST, "verified": []})
+    member = fleet.swarm.members["b"]
+    assert len(member.fetching) == 2, "the next copy is not set up behind the first"
+    first, second = member.fetching
+    fleet.now = 10.0
+    fleet.swarm.event("b", {"event": "verified", "path": first, "peer": "a:22", "received": 10, "took": 10.0})
+    fleet.now = 20.0
+    fleet.swarm.event("b", {"event": "verified", "path": second, "peer": "a:22", "received": 10, "took": 5.0})
+    assert member.rate == pytest.approx(10 / 5)
 
 
 def test_a_copy_chained_to_one_that_ended_without_the_file_is_dropped_at_once():
@@ -318,9 +398,9 @@ def test_a_copy_chained_to_one_that_ended_without_the_file_is_dropped_at_once():
         swarm.event(name, {"event": "ready", "manifest": MANIFEST, "verified": []})
     path = sorted(FILES)[0]
     swarm.event("s", {"event": "arriving", "path": path})
-    first = next(m for m in swarm.members.values() if m.fetching and m.fetching[1] == "s")
-    second = next(m for m in swarm.members.values() if m.fetching and m.fetching[1] == first.name)
-    assert second.chained
+    first = next(m for m in swarm.members.values() if path in m.fetching and m.fetching[path].giver == "s")
+    second = next(m for m in swarm.members.values() if path in m.fetching and m.fetching[path].giver == first.name)
+    assert second.fetching[path].chained
     swarm.event(first.name, {"event": "failed", "path": path, "peer": "s:22", "bad": False, "why": "cut"})
     assert (second.name, {"do": "cancel", "path": path}) in sent
 
@@ -333,7 +413,7 @@ def test_a_failure_said_of_another_file_does_not_end_the_copy_under_way():
     fleet.swarm.event("b", {"event": "hello", "complete": False, "manifest": None})
     fleet.swarm.event("b", {"event": "ready", "manifest": MANIFEST, "verified": []})
     member = fleet.swarm.members["b"]
-    under_way = member.fetching
-    other = next(path for path in FILES if path != under_way[0])
+    under_way = dict(member.fetching)
+    other = next(path for path in FILES if path not in under_way)
     fleet.swarm.event("b", {"event": "failed", "path": other, "peer": "a:22", "bad": False, "why": "late"})
-    assert member.fetching == under_way and fleet.swarm.members["a"].giving == 1
+    assert member.fetching == under_way and fleet.swarm.members["a"].giving == len(under_way)
