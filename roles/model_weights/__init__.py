@@ -147,8 +147,8 @@ SETTINGS = (
         None,
         "cap (MB/s) for each copy between hosts and from the control node, so copies "
         "leave bandwidth to serving traffic (rsync --bwlimit; in a fan-out the receiver paces each copy); a fan-out "
-        "host reads one copy at a time and, with this set, gives one at a time, so this caps each host's fan-out "
-        "traffic each way",
+        "host reads one copy at a time and gives to one host at a time (a second where the first is slow), so this "
+        "caps each host's fan-out traffic each way",
         checks.optional(checks.number_in(0, 100_000, "a number > 0")),
     ),
     Setting("model_progress_interval", 10, "seconds between progress lines of a transfer", checks.int_in(1, 3600)),

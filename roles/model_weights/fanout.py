@@ -29,7 +29,7 @@ from glmfleet.layout import (
 )
 from glmfleet.shell import join, quote
 from roles.model_weights.control import KEY_COMMENT, PUBLISHED_KEY, manifest_path
-from roles.model_weights.swarm import COPIES_OUT, Fanout
+from roles.model_weights.swarm import Fanout
 
 
 @dataclass
@@ -115,7 +115,6 @@ def _plan_groups(run: State, tools_of) -> dict[str, FanoutPlan]:
                     "manifest": json.loads(manifest_path(cfg).read_text()) if from_control else None,
                     # pyinfra runs an operation on at most PARALLEL hosts at once
                     "leave_when_complete": run.config.PARALLEL < len(members),
-                    "copies_out": 1 if cfg.model_transfer_limit_mbps else COPIES_OUT,
                 }
             )
         plans[group] = plan

@@ -13,9 +13,9 @@ before it holds the file. The seed hands on what the control node pushes as it l
 a hub delivers, once it is whole). Each host reads one copy at a time and has its next one
 set up behind it (the control node's round trip, the ssh session, the peer's ``give`` starting
 and the hash of the last file all take time its link would otherwise spend idle); a member
-gives two copies at most, one where another member is free to give. The rarest file goes first
-(counting copies under way), from a member that holds it whole where one is free. A slow member
-is kept out of the chains (``slow``). The aim is about
+gives to one receiver at a time (``assign_one``), so a chain holds from file to file. The rarest
+file goes first (counting copies under way), from a member that holds it whole where one is
+free. A slow member is kept out of the chains (``slow``). The aim is about
 S/B for S bytes on links of bandwidth B, against log2(N) x S/B for whole copies in doubling
 rounds; how near it came, measured beside the rounds: benchmarks/RESULTS.md.
 
@@ -45,9 +45,8 @@ from roles.model_weights.control import push, ssh_argv, ssh_target
 FIRST_PAUSE_S = 2.0
 LONGEST_PAUSE_S = 60.0
 SLOW_SHARE = 0.5
-# A receiver's copies: the one it reads and the next, set up meanwhile. A giver's: two, so that
-# the next copies of the members it gives to can be set up while it gives (one where
-# model_transfer_limit_mbps caps each host's traffic each way: two read at once would pass it).
+# A receiver's copies: the one it reads and the next, set up meanwhile. A giver's: those two of
+# one receiver.
 COPIES_IN = 2
 COPIES_OUT = 2
 
@@ -93,7 +92,6 @@ class Swarm:
         manifest: dict | None,
         send: Callable[[str, dict], None],
         leave_when_complete: bool = False,
-        copies_out: int = COPIES_OUT,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.members = {name: Member(name, address) for name, address in addresses.items()}
@@ -102,7 +100,6 @@ class Swarm:
         # A pyinfra pool smaller than the fleet runs some parts only once others have ended:
         # then a complete member leaves at once rather than wait for those.
         self.leave_when_complete = leave_when_complete
-        self.copies_out = copies_out
         self.clock = clock
         self.origin_running = seed is not None
         # Who the manifest came from: None for the control node's own (given here), sent to
@@ -237,19 +234,37 @@ class Swarm:
             if m.ready
             and not m.complete
             and not m.left
-            and len(m.fetching) < COPIES_IN
+            and len(m.fetching) < self.copies_in(m, slow)
             and not (m.name == self.seed and self.origin_running)
         ]
         # The soonest free first: a file new on the seed goes down a chain in the order its
         # members will be free to read it, so that none waits on a member still reading another.
+        speed = self.typical_rate()
         random.shuffle(receivers)
-        receivers.sort(key=self.free_at)
+        receivers.sort(key=lambda m: self.free_at(m, speed))
+        gives_to = {name: [] for name in self.members}
+        for member in self.members.values():
+            for copy in member.fetching.values():
+                gives_to[copy.giver].append(member.name)
         for receiver in receivers:
-            while len(receiver.fetching) < COPIES_IN and self.assign_one(receiver, files, slow):
+            while len(receiver.fetching) < self.copies_in(receiver, slow) and self.assign_one(
+                receiver, files, slow, gives_to
+            ):
                 pass
 
-    def assign_one(self, receiver: Member, files: list[str], slow: dict[str, bool]) -> bool:
-        """The receiver's next copy: the rarest file it lacks, from a member free to give it."""
+    @staticmethod
+    def copies_in(member: Member, slow: dict[str, bool]) -> int:
+        """A slow member has no copy set up behind the one it reads: it would hold a giver's
+        second place through its long copies."""
+        return 1 if slow[member.name] else COPIES_IN
+
+    def assign_one(self, receiver: Member, files: list[str], slow: dict[str, bool], gives_to: dict) -> bool:
+        """The receiver's next copy: the rarest file it lacks, from a member free to give it:
+        one giving nothing, or giving to this receiver alone, which reads one copy at a time (two
+        read at once from one member would halve both). Down a chain, each member so has its
+        next file set up behind the one it reads, from the member it reads that one from. A slow
+        receiver has no copy set up from a member (it would hold the member's upload for two of
+        its long copies, ``copies_in``), and its giver's link is mostly free: a fast receiver may share it."""
         now, best = self.clock(), None
         for path in files:
             if path in receiver.have or path in receiver.fetching:
@@ -262,7 +277,15 @@ class Swarm:
                 # While the origin delivers, the seed's upload is what every new file waits on.
                 and not (giver.name == self.seed and self.origin_running and slow[receiver.name])
                 and not giver.distrusted
-                and giver.giving < self.copies_out
+                and (
+                    not giver.giving
+                    or (
+                        giver.giving < COPIES_OUT
+                        and (
+                            gives_to[giver.name] == [receiver.name] or all(slow[name] for name in gives_to[giver.name])
+                        )
+                    )
+                )
                 and receiver.pauses.get(giver.name, (0.0, 0.0))[0] <= now
             ]
             # A fast member takes from a slow one only what no other can give it, and only for
@@ -286,32 +309,40 @@ class Swarm:
         # A copy behind another begins to be read when that one ends (``end_copy``).
         receiver.fetching[path] = Copy(giver.name, now, chained=path not in giver.have)
         giver.giving += 1
+        gives_to[giver.name].append(receiver.name)
         self.send(receiver.name, {"do": "fetch", "path": path, "peer": giver.address})
         return True
 
-    def free_at(self, member: Member) -> float:
-        """When the member will have read the copy it reads now, at its speed (the typical one
-        until it has one; a member reading nothing: now)."""
-        path, copy = next(iter(member.fetching.items()), ("", None))
-        if copy is None:
-            return self.clock()
+    def typical_rate(self) -> float:
+        """The members' median speed, bytes/s (0: none measured yet)."""
         known = sorted(m.rate for m in self.members.values() if m.rate)
-        rate = member.rate or (known[len(known) // 2] if known else 0.0)
-        size = self.manifest["files"][path]["size"]
-        return copy.since + (size / rate if rate else 0.0)
+        return known[len(known) // 2] if known else 0.0
+
+    def read_s(self, member: Member, path: str, typical: float) -> float:
+        """How long the member takes to read a copy of the file, at its speed (else the typical one)."""
+        rate = member.rate or typical
+        return self.manifest["files"][path]["size"] / rate if rate else 0.0
+
+    def free_at(self, member: Member, typical: float) -> float:
+        """When the member will have read the copy it reads now (reading nothing: now)."""
+        path, copy = next(iter(member.fetching.items()), ("", None))
+        return max(self.clock(), copy.since + self.read_s(member, path, typical)) if copy else self.clock()
 
     def reroute(self, slow: dict[str, bool]) -> None:
         """A copy handed on from a member that turned out slow waits on that member's link, and
         one handed on from a member whose own copy of the file ended without it waits for bytes
         that do not come: either is dropped (what arrived stays staged) and taken up again from
-        another giver. Down a chain, each link follows at the next tick."""
+        another giver. Down a chain, each link follows at the next tick. A slow member's copy set
+        up behind the one it reads is dropped too: it holds a giver's second place for long."""
         for member in self.members.values():
-            for path, copy in member.fetching.items():
-                if copy.chained and not copy.cancelled:
-                    giver = self.members[copy.giver]
-                    if slow[copy.giver] or not (path in giver.have or self.receives(giver, path)):
-                        copy.cancelled = True
-                        self.send(member.name, {"do": "cancel", "path": path})
+            for n, (path, copy) in enumerate(member.fetching.items()):
+                if copy.cancelled:
+                    continue
+                giver = self.members[copy.giver]
+                orphaned = copy.chained and not (path in giver.have or self.receives(giver, path))
+                if (copy.chained and slow[copy.giver]) or orphaned or (n and slow[member.name]):
+                    copy.cancelled = True
+                    self.send(member.name, {"do": "cancel", "path": path})
 
     def holders(self, path: str) -> int:
         """How many hold the file or are getting it: the fewer, the sooner it is copied."""
