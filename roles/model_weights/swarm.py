@@ -264,7 +264,8 @@ class Swarm:
         read at once from one member would halve both). Down a chain, each member so has its
         next file set up behind the one it reads, from the member it reads that one from. A slow
         receiver has no copy set up from a member (it would hold the member's upload for two of
-        its long copies, ``copies_in``), and its giver's link is mostly free: a fast receiver may share it."""
+        its long copies, ``copies_in``), and leaves most of its giver's link free: another
+        receiver may share it."""
         now, best = self.clock(), None
         for path in files:
             if path in receiver.have or path in receiver.fetching:
