@@ -117,7 +117,6 @@ class Swarm:
     def event(self, name: str, event: dict) -> list[str]:
         """Take one message from a member's part; returns lines worth showing the person deploying."""
         member, kind, said = self.members[name], event["event"], []
-        slow = {m.name: self.slow(m) for m in self.members.values()} if kind == "verified" else {}
         if kind == "hello":
             member.joined = True
             if event["complete"]:
@@ -143,7 +142,8 @@ class Swarm:
                 copy = member.fetching[path]
                 # The part times its reading of the copy; without that, from when it could begin.
                 took = event.get("took") or self.clock() - copy.since
-                upstream_bound = copy.chained and (path not in self.members[copy.giver].have or slow[copy.giver])
+                giver = self.members[copy.giver]
+                upstream_bound = copy.chained and (path not in giver.have or self.slow(giver))
                 received = event.get("received")
                 brought = self.manifest["files"][path]["size"] if received is None else received
                 self.measure(member, brought, took, upstream_bound)
@@ -326,7 +326,7 @@ class Swarm:
 
     def free_at(self, member: Member, typical: float) -> float:
         """When the member will have read the copy it reads now (reading nothing: now)."""
-        path, copy = next(iter(member.fetching.items()), ("", None))
+        path, copy = self.read_now(member)
         return max(self.clock(), copy.since + self.read_s(member, path, typical)) if copy else self.clock()
 
     def reroute(self, slow: dict[str, bool]) -> None:
@@ -366,22 +366,20 @@ class Swarm:
         fast one only what no other can give; while the origin delivers it takes nothing from the
         seed, whose one upload every new file waits on; copies handed on from it are dropped and
         go on from another giver (``reroute``)."""
-        known = sorted(m.rate for m in self.members.values() if m.rate)
-        if not known or (member.name == self.seed and self.origin_running):
+        typical = self.typical_rate()
+        if not typical or (member.name == self.seed and self.origin_running):
             return False  # the seed receives at the origin's speed, and new files come only from it
-        typical = known[len(known) // 2]
         rate = member.rate if rate is None else rate
         if rate:
             return rate < SLOW_SHARE * typical
-        path, copy = next(iter(member.fetching.items()), ("", None))
+        path, copy = self.read_now(member)
         size = self.manifest["files"][path]["size"] if copy else 0
         return size >= self.measurable and self.clock() - copy.since > size / (SLOW_SHARE * typical)
 
     @staticmethod
-    def lands(member: Member, path: str) -> bool:
-        """The file lands on the member now, from the origin or the copy it reads (the first of
-        its copies; the next one waits behind it): it can be handed on as it does."""
-        return path in member.arriving or next(iter(member.fetching), None) == path
+    def read_now(member: Member) -> tuple[str, Copy | None]:
+        """The copy the member reads now: the first of its copies (the next one waits behind it)."""
+        return next(iter(member.fetching.items()), ("", None))
 
     @staticmethod
     def receives(member: Member, path: str) -> bool:
@@ -427,11 +425,11 @@ class Swarm:
         return any(until > self.clock() for until, _pause in member.pauses.values())
 
     def end_copy(self, receiver: Member, path: str) -> Member:
-        was_read = self.lands(receiver, path)
+        was_read = self.read_now(receiver)[0] == path
         giver = self.members[receiver.fetching.pop(path).giver]
         giver.giving -= 1
         if was_read and receiver.fetching:  # the next copy is read from now on
-            following = next(iter(receiver.fetching.values()))
+            following = self.read_now(receiver)[1]
             following.since = max(following.since, self.clock())
         return giver
 
